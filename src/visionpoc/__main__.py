@@ -1,0 +1,3 @@
+from visionpoc.cli import main
+
+raise SystemExit(main())

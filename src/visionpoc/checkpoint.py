@@ -1,0 +1,66 @@
+"""Checkpoints: model weights as safetensors (with the timm name and class count as metadata), and
+optimizer/scheduler state as a weights-only torch file. Writes are atomic; loading a truncated or
+mismatched file is a clear error, never a silent restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from visionpoc.atomic import atomic_write
+from visionpoc.errors import CheckpointError
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under torch.compile / DDP wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def save_weights(model: nn.Module, path: Path, meta: dict[str, str]) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
+
+
+def read_meta(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({e}): it is truncated or not safetensors") from e
+
+
+def load_weights(model: nn.Module, path: Path, expect: dict[str, str] | None = None) -> None:
+    """Load `path` into `model`; `expect` metadata (e.g. timm name, num_classes) must match."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    meta = read_meta(path)
+    for k, v in (expect or {}).items():
+        if k in meta and meta[k] != v:
+            raise CheckpointError(f"checkpoint {path} was saved for {k}={meta[k]!r}, not {v!r}: wrong run or model")
+    try:
+        state = load_file(str(path))
+        unwrap(model).load_state_dict(state, strict=True)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({e}): it is truncated or corrupt") from e
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {str(e)[:500]}") from e
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Optimizer/scheduler/RNG state (tensors and plain containers only)."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError/EOFError/UnpicklingError for damaged files
+        raise CheckpointError(f"training state {path} is unreadable ({e}): truncated or not ours") from e

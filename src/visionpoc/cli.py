@@ -1,0 +1,138 @@
+"""Command line: parse arguments, set up logging, call the library, print its answer. No logic here."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import sys
+from pathlib import Path
+
+from visionpoc.errors import VisionpocError
+
+log = logging.getLogger("visionpoc")
+
+
+def _default_out(kind: str) -> Path:
+    return Path("runs") / f"{kind}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
+    p.add_argument("--config", type=Path, required=config_required, help="YAML config (default: built-in PoC)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=3 --set models.1.lr=5e-5")  # fmt: skip
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<command>-<time>)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from visionpoc import __version__
+
+    parser = argparse.ArgumentParser(prog="visionpoc", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"visionpoc {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="download or check a dataset").add_subparsers(dest="data_command", required=True)
+    dl = data.add_parser("download", help="fetch and extract Stanford Dogs (resumable, atomic)")
+    dl.add_argument("--root", type=Path, default=Path("data/stanford_dogs"))
+    dl.add_argument("--base-url", default=None, help="mirror URL (also $VISIONPOC_DOGS_URL)")
+    dl.add_argument("--from", dest="from_dir", type=Path, default=None, help="folder holding the three tars")
+    ck = data.add_parser("check", help="validate a dataset tree and print what was found")
+    ck.add_argument("--root", type=Path, default=Path("data/stanford_dogs"))
+    ck.add_argument("--source", choices=["stanford_dogs", "folder"], default="stanford_dogs")
+    ck.add_argument("--json", action="store_true", help="print one JSON object")
+
+    cmp_ = sub.add_parser("compare", help="the PoC: train and compare every model of the config")
+    _add_config_args(cmp_)
+    cmp_.add_argument("--no-report", action="store_true", help="skip writing report.html / report.md")
+
+    tr = sub.add_parser("train", help="train one model of the config alone, through the same loop")
+    _add_config_args(tr, config_required=True)
+    tr.add_argument("--model", required=True, help="label of the model in the config")
+
+    rp = sub.add_parser("report", help="write report.html and report.md for a finished run")
+    rp.add_argument("run_dir", type=Path)
+    return parser
+
+
+def _data_download(args: argparse.Namespace) -> int:
+    from visionpoc.data.download import download_stanford_dogs
+
+    root = download_stanford_dogs(args.root, base_url=args.base_url, from_dir=args.from_dir)
+    print(f"Stanford Dogs ready in {root}")
+    return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from visionpoc.data.sources import read_dataset
+
+    ds = read_dataset(args.source, args.root)
+    summary = {"source": ds.source, "root": str(ds.root), "train": len(ds.train), "test": len(ds.test),
+               "classes": ds.num_classes, "class_names": ds.class_names}  # fmt: skip
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{ds.source} dataset in {ds.root}: {len(ds.train)} train / {len(ds.test)} test images, "
+              f"{ds.num_classes} classes ({', '.join(ds.class_names[:5])}{', ...' if ds.num_classes > 5 else ''})")  # fmt: skip
+    return 0
+
+
+def _run(args: argparse.Namespace, labels: list[str] | None) -> int:
+    from visionpoc.compare import format_table, run_compare
+    from visionpoc.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or _default_out(args.command)
+    results = run_compare(cfg, out, labels)
+    print(format_table(results))
+    if args.command == "compare" and not args.no_report:
+        _write_report(out)
+    print(f"results: {out / 'results.json'}")
+    return 0 if all(m.status == "ok" for m in results.models) else 1
+
+
+def _write_report(run_dir: Path) -> None:
+    try:
+        from visionpoc.report import write_report
+    except ImportError:  # the report package is optional in a minimal install
+        log.info("report module unavailable; skipping report.html")
+        return
+    html = write_report(run_dir)
+    print(f"report: {html}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")  # fmt: skip
+    try:
+        if args.command == "data":
+            return _data_download(args) if args.data_command == "download" else _data_check(args)
+        if args.command == "compare":
+            return _run(args, None)
+        if args.command == "train":
+            return _run(args, [args.model])
+        if args.command == "report":
+            _write_report(args.run_dir)
+            return 0
+    except VisionpocError as e:
+        print(f"error: {_user_message(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+def _user_message(e: Exception) -> str:
+    """The user's message, also when a DataLoader worker wrapped it in its own traceback text."""
+    msg = str(e).strip()
+    if msg.startswith("Caught "):
+        last = msg.splitlines()[-1]
+        msg = last.split(": ", 1)[1] if ": " in last else last
+    return msg
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""The PoC: read (or download) the dataset, split it once, then fine-tune every model through the same
+loop on the same splits, and write `results.json`, `results.csv`, `config.yaml` and one folder per
+model. A model that fails is recorded with its error; the others still run and are reported.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import traceback
+from pathlib import Path
+
+from visionpoc.config import Config, save_config, to_dict
+from visionpoc.data.sources import Dataset, read_dataset
+from visionpoc.data.splits import Splits, make_splits
+from visionpoc.errors import DataError, VisionpocError
+from visionpoc.results import DatasetInfo, ModelResult, RunResults, environment, save_results
+from visionpoc.train import fit, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def load_data(cfg: Config) -> tuple[Dataset, Splits]:
+    """The dataset of `cfg.data`, downloading Stanford Dogs first when allowed and absent."""
+    root = Path(cfg.data.root).expanduser()
+    if cfg.data.source == "stanford_dogs" and cfg.data.download:
+        from visionpoc.data.download import download_stanford_dogs, is_extracted
+        from visionpoc.data.sources import find_dogs_lists
+
+        if not is_extracted(root) and find_dogs_lists(root) is None:
+            log.info("Stanford Dogs not found in %s: downloading it (data.download=false turns this off)", root)
+            download_stanford_dogs(root, base_url=cfg.data.base_url)
+    ds = read_dataset(cfg.data.source, root)
+    splits = make_splits(ds, cfg.data.val_fraction, cfg.data.limit_per_class, cfg.train.seed)
+    if len(splits.train) == 0 or len(splits.test) == 0:
+        raise DataError(f"{root}: the train or test split is empty after data.limit_per_class")
+    log.info("data: %d train / %d val / %d test images, %d classes",
+             len(splits.train), len(splits.val), len(splits.test), splits.num_classes)  # fmt: skip
+    return ds, splits
+
+
+def run_compare(cfg: Config, out_dir: Path, labels: list[str] | None = None) -> RunResults:
+    """Train and score each model of `cfg` (or only `labels`); results are saved after every model."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    ds, splits = load_data(cfg)
+    device = resolve_device(cfg.train.device)
+    results = RunResults(
+        dataset=DatasetInfo(
+            source=ds.source, root=str(ds.root), train_size=len(splits.train), val_size=len(splits.val),
+            test_size=len(splits.test), num_classes=splits.num_classes, class_names=splits.class_names,
+        ),  # fmt: skip
+        models=[],
+        environment=environment(str(device), cfg.train.seed),
+        config=to_dict(cfg),
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    )
+    chosen = [cfg.model(label) for label in labels] if labels else list(cfg.models)
+    for mcfg in chosen:
+        log.info("=== %s (%s, finetune=%s)", mcfg.label, mcfg.timm, mcfg.finetune)
+        try:
+            result = fit(cfg, mcfg, splits, out_dir / mcfg.label)
+        except (KeyboardInterrupt, DataError):
+            raise  # the user stopped us, or the data is bad for every model alike
+        except Exception as e:  # one model failing (weights, OOM, a bug) must not lose the others
+            message = str(e) if isinstance(e, VisionpocError) else f"{type(e).__name__}: {e}"
+            log.error("model %s failed: %s", mcfg.label, message)
+            log.debug("%s", traceback.format_exc())
+            result = ModelResult(label=mcfg.label, timm=mcfg.timm, finetune=mcfg.finetune,
+                                 pretrained=mcfg.pretrained, status="failed", error=message)  # fmt: skip
+        results.models.append(result)
+        save_results(results, out_dir)
+    return results
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_table(results: RunResults) -> str:
+    """The seed's table (model, train time, train acc, test acc) plus top-5 and macro-F1."""
+    head = f"{'model':<16} {'train time (s)':>14} {'train acc':>9} {'val acc':>8} {'test acc':>8} {'top-5':>7} {'macro-F1':>8}"
+    lines = [head, "-" * len(head)]
+    for m in results.models:
+        if m.status != "ok":
+            lines.append(f"{m.label:<16} FAILED: {m.error}")
+            continue
+        lines.append(
+            f"{m.label:<16} {_fmt(m.train_time_s, '14.1f')} {_fmt(m.train_accuracy, '9.4f')} "
+            f"{_fmt(m.val_accuracy, '8.4f')} {_fmt(m.test_accuracy, '8.4f')} "
+            f"{_fmt(m.test_top5_accuracy, '7.4f')} {_fmt(m.test_macro_f1, '8.4f')}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,294 @@
+"""Typed settings: a tree of frozen dataclasses, loaded from YAML with `--set key=value` overrides.
+
+Unknown keys and wrong types are rejected with a message that names the key. The built-in default
+(`Config()`) is the seed's PoC: Stanford Dogs, Xception (top 10% trainable) vs ViT-B/16 (full).
+Derived values (the LR a model actually uses, the device) live in functions, not in fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from visionpoc.atomic import atomic_write_text
+from visionpoc.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["stanford_dogs", "folder"] = "stanford_dogs"
+    """`stanford_dogs` (official layout) or `folder` (root/train/<class>/*, root/test|val/<class>/*)."""
+    root: str = "data/stanford_dogs"
+    """Dataset folder."""
+    val_fraction: float = 0.1
+    """Stratified, seeded share of train held out for validation (model selection, early stopping)."""
+    limit_per_class: int | None = None
+    """Keep at most this many images per class in every split, for quick runs."""
+    download: bool = True
+    """Stanford Dogs only: download the official archives when `root` holds no dataset."""
+    base_url: str | None = None
+    """Mirror for the official archives (else $VISIONPOC_DOGS_URL, else the Stanford site)."""
+    num_workers: int | None = None
+    """DataLoader workers; null picks min(8, CPU count)."""
+    pipeline: Literal["auto", "stream", "prepared"] = "auto"
+    """`stream` decodes JPEGs every epoch; `prepared` decodes once into a uint8 store and augments on
+    the device; `auto` uses `prepared` on CUDA and `stream` on the CPU."""
+    prepared_size: int = 320
+    """Short side (pixels) of the images in the prepared store."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    label: str
+    """Short name used in tables, folders and `--model`."""
+    timm: str
+    """Full tagged timm name, e.g. `vit_base_patch16_224.orig_in21k`."""
+    pretrained: bool = True
+    """Start from the pretrained weights of the tag (false: from scratch)."""
+    finetune: Literal["full", "head", "top_fraction"] = "full"
+    """Which parameters train: all, the new head only, or the top `fraction` of layers/blocks + head."""
+    fraction: float = 0.1
+    """For `top_fraction`: share of conv layers (CNN) or blocks (transformer) that train."""
+    img_size: int | None = None
+    """Input resolution; null takes the model's pretrained input size."""
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for `timm.create_model` (e.g. depth, drop_path_rate)."""
+    pretrained_path: str | None = None
+    """Local .safetensors/.pth file to load instead of the HF hub."""
+    lr: float | None = None
+    """Peak learning rate for this model; null takes `train.lr`."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    """Passes over the training split."""
+    batch_size: int = 64
+    """Global batch size."""
+    lr: float = 1e-4
+    """Peak AdamW learning rate (after warmup), unless the model sets its own."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (not applied to biases and norms)."""
+    warmup_epochs: float = 1.0
+    """Linear warmup length before the cosine decay."""
+    min_lr: float = 1e-6
+    """Floor of the cosine schedule."""
+    label_smoothing: float = 0.1
+    """Cross-entropy label smoothing."""
+    grad_clip: float | None = 1.0
+    """Clip the gradient norm to this value; null disables."""
+    early_stop_patience: int | None = None
+    """Stop after this many epochs without a better validation accuracy; null disables."""
+    seed: int = 0
+    """Seed for Python, NumPy, torch and the data order."""
+    deterministic: bool = False
+    """Deterministic kernels: reproducible to the bit on one machine, slower on GPU."""
+    device: str = "auto"
+    """`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`."""
+    amp: bool = True
+    """bf16 autocast on CUDA (always fp32 on the CPU)."""
+    compile: bool = True
+    """`torch.compile` the model on CUDA (ignored on the CPU)."""
+    channels_last: bool = True
+    """channels_last memory format for CNNs on CUDA."""
+    eval_batch_size: int | None = None
+    """Batch size for evaluation; null takes 2 x batch_size."""
+
+
+def _default_models() -> tuple[ModelConfig, ...]:
+    return (
+        ModelConfig(
+            label="xception", timm="legacy_xception.tf_in1k", finetune="top_fraction", fraction=0.10, lr=1e-3
+        ),
+        ModelConfig(label="vit_b16", timm="vit_base_patch16_224.orig_in21k", finetune="full", lr=1e-4),
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    """Where the images come from and how they are split."""
+    models: tuple[ModelConfig, ...] = field(default_factory=_default_models)
+    """The baseline first, then the candidates; each goes through the same loop."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The shared training budget and loop settings."""
+
+    def model(self, label: str) -> ModelConfig:
+        for m in self.models:
+            if m.label == label:
+                return m
+        raise ConfigError(f"no model labelled {label!r} in the config; labels: {[m.label for m in self.models]}")
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` converted to `tp` where that is lossless, else raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: unexpected value {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return tuple(_check_type(v, item_tp, f"{key}.{i}") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in this module, not user input
+
+
+def _from_dict(cls: Any, data: Any, prefix: str) -> Any:
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"Unknown config key {where!r}; valid keys here: {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        where = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name in data:
+            kwargs[f.name] = _check_type(data[f.name], hints[f.name], where)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required config key {where!r}")
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain dict/list form of a config (tuples become lists), ready for YAML or JSON."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b=value` (or `models.0.lr=1e-3`) to the raw dict; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set train.epochs=3")
+    key, text = assignment.split("=", 1)
+    value = yaml.safe_load(text) if text.strip() else ""
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: {where!r} is not an index of a list of {len(node)} entries")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if part not in node:
+                    raise ConfigError(f"--set {key}: Unknown config key {where!r}")
+                node = node[part]
+        else:
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:i])!r} is a value, not a section")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, updated by the YAML file at `path` (if any), then by `overrides`; validated."""
+    raw = to_dict(Config())
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found: pass an existing YAML file to --config")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: the top level must be a mapping of sections")
+        for section, value in loaded.items():
+            if section in raw and isinstance(raw[section], dict) and isinstance(value, dict):
+                raw[section].update(value)
+            else:
+                raw[section] = value  # `models` replaces the default list; unknown keys fail below
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    cfg = _from_dict(Config, raw, "")
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    if not cfg.models:
+        raise ConfigError("models: the list is empty; name at least one timm model")
+    labels = [m.label for m in cfg.models]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"models: labels must be unique, got {labels}")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: {cfg.data.val_fraction} must be in [0, 1)")
+    if cfg.data.limit_per_class is not None and cfg.data.limit_per_class < 1:
+        raise ConfigError("data.limit_per_class: must be a positive integer or null")
+    for i, m in enumerate(cfg.models):
+        if not 0.0 < m.fraction <= 1.0:
+            raise ConfigError(f"models.{i}.fraction: {m.fraction} must be in (0, 1]")
+    if cfg.train.epochs < 1:
+        raise ConfigError("train.epochs: must be at least 1")
+    if cfg.train.batch_size < 1:
+        raise ConfigError("train.batch_size: must be at least 1")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config as YAML (loadable again with `load_config`)."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,131 @@
+"""Loaders: the streaming input path (decode JPEGs with PIL in DataLoader workers, timm transforms)
+and the choice between it and the prepared-store fast path.
+
+Every loader yields `(images, targets)`: float images normalized with the model's own mean/std,
+(B, 3, H, W), and int64 targets (B,). Train batches are shuffled with a seeded generator and
+augmented; evaluation batches keep the split's order, so predictions line up with its files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import timm.data
+import torch
+from torch.utils.data import DataLoader
+
+from visionpoc.config import Config
+from visionpoc.data.images import load_rgb
+from visionpoc.data.sources import Split
+from visionpoc.data.splits import Splits
+
+log = logging.getLogger(__name__)
+
+
+class Batches(Protocol):
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def __len__(self) -> int: ...
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes `split`'s files to RGB (errors name the file) and applies `transform`."""
+
+    def __init__(self, split: Split, transform: Any) -> None:
+        self.split = split
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = load_rgb(self.split.path(i))
+        return self.transform(img), int(self.split.labels[i])
+
+
+def train_transform(data_cfg: dict[str, Any]) -> Any:
+    """The `basic` augmentation: random-resized-crop and horizontal flip, then the model's normalization."""
+    return timm.data.create_transform(
+        input_size=data_cfg["input_size"],
+        is_training=True,
+        interpolation=data_cfg["interpolation"],
+        mean=data_cfg["mean"],
+        std=data_cfg["std"],
+        hflip=0.5,
+        color_jitter=None,  # type: ignore[arg-type]
+    )
+
+
+def eval_transform(data_cfg: dict[str, Any]) -> Any:
+    """Resize + center crop (the model's crop_pct) + normalize: timm's eval transform."""
+    return timm.data.create_transform(**data_cfg, is_training=False)
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32  # torch already derives a distinct seed for each worker
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def default_workers(cfg: Config) -> int:
+    if cfg.data.num_workers is not None:
+        return cfg.data.num_workers
+    return min(8, os.cpu_count() or 1)
+
+
+def stream_loader(split: Split, transform: Any, batch_size: int, shuffle: bool, cfg: Config,
+                  device: torch.device, seed: int = 0) -> DataLoader:  # fmt: skip
+    workers = default_workers(cfg)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        ImageDataset(split, transform),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=shuffle and len(split) > batch_size,  # no 1-image batch for BatchNorm to choke on
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        worker_init_fn=_seed_worker,
+        generator=generator,
+    )
+
+
+@dataclass
+class Loaders:
+    """The four passes a run needs. `train_eval` is train without augmentation (the seed's train acc)."""
+
+    train: Batches
+    train_eval: Batches
+    val: Batches
+    test: Batches
+    pipeline: str
+
+
+def resolve_pipeline(cfg: Config, device: torch.device) -> str:
+    if cfg.data.pipeline == "auto":
+        return "prepared" if device.type == "cuda" else "stream"
+    return cfg.data.pipeline
+
+
+def build_loaders(splits: Splits, data_cfg: dict[str, Any], cfg: Config, device: torch.device) -> Loaders:
+    """Loaders for one model (its own input size and normalization) over the shared splits."""
+    pipeline = resolve_pipeline(cfg, device)
+    if pipeline == "prepared":
+        from visionpoc.data.prepared import prepared_loaders
+
+        return prepared_loaders(splits, data_cfg, cfg, device)
+    bs = cfg.train.batch_size
+    ebs = cfg.train.eval_batch_size or 2 * bs
+    tt, et = train_transform(data_cfg), eval_transform(data_cfg)
+    return Loaders(
+        train=stream_loader(splits.train, tt, bs, True, cfg, device, seed=cfg.train.seed),
+        train_eval=stream_loader(splits.train, et, ebs, False, cfg, device),
+        val=stream_loader(splits.val, et, ebs, False, cfg, device),
+        test=stream_loader(splits.test, et, ebs, False, cfg, device),
+        pipeline="stream",
+    )

@@ -1,0 +1,209 @@
+"""Dataset sources: read a dataset tree into lists of (file, label) for train and test.
+
+Two sources:
+- `stanford_dogs`, the official layout: `Images/<wnid>-<breed>/<wnid>_<n>.jpg`, `Annotation/...`, and
+  `train_list.mat` / `test_list.mat` / `file_list.mat` in the root or in `lists/` (scipy.io.loadmat;
+  `file_list`, `annotation_list`, 1-based `labels`).
+- `folder`: `root/train/<class>/*` and `root/test/<class>/*` (or `root/val/` as test); classes are the
+  sorted train folder names.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from visionpoc.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+DOGS_LISTS = ("train_list.mat", "test_list.mat")
+
+
+@dataclass
+class Split:
+    """One split: image files relative to `root` and their integer labels."""
+
+    root: Path
+    files: list[str]
+    labels: np.ndarray  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def path(self, i: int) -> Path:
+        return self.root / self.files[i]
+
+    def subset(self, idx: np.ndarray) -> Split:
+        return Split(self.root, [self.files[i] for i in idx], self.labels[idx])
+
+
+@dataclass
+class Dataset:
+    """What a source yields: train and test splits and the class names (index = label)."""
+
+    source: str
+    root: Path
+    train: Split
+    test: Split
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+# ------------------------------------------------------------------------------------- stanford dogs
+
+
+def breed_name(folder: str) -> str:
+    """`n02085620-Chihuahua` -> `Chihuahua`; `n02088094-Afghan_hound` -> `Afghan hound`."""
+    name = folder.split("-", 1)[1] if "-" in folder else folder
+    return name.replace("_", " ")
+
+
+def find_dogs_lists(root: Path) -> Path | None:
+    """The folder holding the official .mat lists: `root` or `root/lists`, else None."""
+    for d in (root, root / "lists"):
+        if all((d / f).is_file() for f in DOGS_LISTS):
+            return d
+    return None
+
+
+def _read_list(mat_path: Path) -> tuple[list[str], np.ndarray]:
+    import scipy.io
+
+    try:
+        mat = scipy.io.loadmat(str(mat_path))
+    except Exception as e:  # scipy raises ValueError/TypeError/OSError depending on the damage
+        raise DataError(
+            f"cannot read {mat_path} ({e}): the list file is damaged; re-run 'visionpoc data download'"
+        ) from e
+    for key in ("file_list", "labels"):
+        if key not in mat:
+            raise DataError(f"{mat_path} has no '{key}' entry: it is not an official Stanford Dogs list")
+    files = [str(np.asarray(x).ravel()[0]) for x in np.asarray(mat["file_list"]).ravel()]
+    labels = np.asarray(mat["labels"]).ravel().astype(np.int64) - 1  # official labels are 1-based
+    if len(files) != len(labels):
+        raise DataError(f"{mat_path}: {len(files)} files but {len(labels)} labels")
+    return files, labels
+
+
+def read_stanford_dogs(root: str | Path) -> Dataset:
+    root = Path(root)
+    lists = find_dogs_lists(root)
+    if lists is None:
+        missing = [f for f in DOGS_LISTS if not (root / f).is_file() and not (root / "lists" / f).is_file()]
+        raise DataError(
+            f"{', '.join(missing)} not found in {root} or {root / 'lists'}: "
+            f"run 'visionpoc data download --root {root}' or pass the dataset folder with --root"
+        )
+    images = root / "Images"
+    if not images.is_dir():
+        raise DataError(
+            f"{images} not found: extract images.tar into {root} (or run 'visionpoc data download --root {root}')"
+        )
+    train_files, train_labels = _read_list(lists / "train_list.mat")
+    test_files, test_labels = _read_list(lists / "test_list.mat")
+
+    # class k is the folder its files live in; the official labels number folders in sorted order
+    folders: dict[int, str] = {}
+    for f, y in zip(train_files + test_files, np.concatenate([train_labels, test_labels]), strict=True):
+        folders.setdefault(int(y), f.split("/")[0])
+    num_classes = max(folders) + 1
+    absent_classes = [k + 1 for k in range(num_classes) if k not in folders]
+    if absent_classes:
+        raise DataError(f"{lists}: labels {absent_classes} have no images in either list")
+    class_names = [breed_name(folders[k]) for k in range(num_classes)]
+    ds = Dataset(
+        source="stanford_dogs",
+        root=root,
+        train=Split(images, train_files, train_labels),
+        test=Split(images, test_files, test_labels),
+        class_names=class_names,
+    )
+    _check_files_exist(ds)
+    _check_class_coverage(ds)
+    return ds
+
+
+# -------------------------------------------------------------------------------------------- folders
+
+
+def _list_images(class_dir: Path) -> list[str]:
+    return sorted(
+        str(p.relative_to(class_dir.parent))
+        for p in class_dir.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith(".")
+    )
+
+
+def read_folder(root: str | Path) -> Dataset:
+    root = Path(root)
+    train_dir = root / "train"
+    test_dir = next((d for d in (root / "test", root / "val") if d.is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        raise DataError(
+            f"{root} must hold train/<class>/* and test/<class>/* (or val/<class>/*) folders; "
+            f"found {sorted(p.name for p in root.iterdir()) if root.is_dir() else 'no such folder'}"
+        )
+    class_names = sorted(d.name for d in train_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_names:
+        raise DataError(f"{train_dir} has no class folders: put each class's images in train/<class>/")
+    index = {c: i for i, c in enumerate(class_names)}
+    unknown = sorted(d.name for d in test_dir.iterdir() if d.is_dir() and d.name not in index)
+    if unknown:
+        raise DataError(
+            f"{test_dir} has classes absent from {train_dir}: {unknown}; a model cannot learn them: "
+            "add training images for them or remove those folders"
+        )
+
+    def split(d: Path) -> Split:
+        files: list[str] = []
+        labels: list[int] = []
+        for c in class_names:
+            if (d / c).is_dir():
+                found = _list_images(d / c)
+                files += found
+                labels += [index[c]] * len(found)
+        return Split(d, files, np.asarray(labels, dtype=np.int64))
+
+    train = split(train_dir)
+    empty = [c for c in class_names if not (train.labels == index[c]).any()]
+    if empty:
+        raise DataError(f"class folders with no images in {train_dir}: {empty}; add images or remove them")
+    ds = Dataset("folder", root, train, split(test_dir), class_names)
+    _check_class_coverage(ds)
+    return ds
+
+
+# ------------------------------------------------------------------------------------------- shared
+
+
+def _check_files_exist(ds: Dataset) -> None:
+    for name, s in (("train", ds.train), ("test", ds.test)):
+        missing = [f for f in s.files if not (s.root / f).is_file()]
+        if missing:
+            raise DataError(
+                f"{len(missing)} {name} image(s) listed but absent under {s.root}, e.g. {s.root / missing[0]}: "
+                "re-extract images.tar (or run 'visionpoc data download' again)"
+            )
+
+
+def _check_class_coverage(ds: Dataset) -> None:
+    in_test = set(np.unique(ds.test.labels).tolist())
+    for k, name in enumerate(ds.class_names):
+        if k not in in_test:
+            log.warning("class %r has training images but none in the test split; it is not scored", name)
+
+
+def read_dataset(source: str, root: str | Path) -> Dataset:
+    if source == "stanford_dogs":
+        return read_stanford_dogs(root)
+    if source == "folder":
+        return read_folder(root)
+    raise DataError(f"data.source: unknown source {source!r}; use 'stanford_dogs' or 'folder'")

@@ -1,0 +1,21 @@
+"""User-facing errors. Each message names the file or key at fault and says what to do."""
+
+
+class VisionpocError(Exception):
+    """An error the user can fix; the CLI prints its message without a traceback."""
+
+
+class ConfigError(VisionpocError):
+    """A bad config file, key, type or override."""
+
+
+class DataError(VisionpocError):
+    """A missing, truncated or undecodable dataset file."""
+
+
+class WeightsError(VisionpocError):
+    """Pretrained weights that cannot be found or loaded."""
+
+
+class CheckpointError(VisionpocError):
+    """A checkpoint that is missing, truncated or belongs to another model."""

@@ -1,0 +1,104 @@
+"""Evaluation: one pass in eval mode under inference_mode, and the metrics (top-1, top-5, macro-F1,
+per-class accuracy). The number of evaluated samples is checked against the split size."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import f1_score
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass
+class EvalStats:
+    n: int
+    loss: float
+    accuracy: float
+    top5_accuracy: float
+    macro_f1: float
+    per_class_accuracy: list[float]  # NaN for classes absent from the split
+    time_s: float
+    img_s: float
+    targets: np.ndarray  # (N,)
+    probs: np.ndarray  # (N, C) float32
+
+
+def topk_accuracy(targets: np.ndarray, probs: np.ndarray, k: int) -> float:
+    k = min(k, probs.shape[1])
+    topk = np.argpartition(-probs, kth=k - 1, axis=1)[:, :k]  # (N, k), unordered
+    return float((topk == targets[:, None]).any(axis=1).mean()) if len(targets) else float("nan")
+
+
+def per_class_accuracy(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> list[float]:
+    correct = np.bincount(targets, weights=(preds == targets), minlength=num_classes)
+    total = np.bincount(targets, minlength=num_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (correct / total).tolist()  # NaN where a class has no sample
+
+
+def metrics(targets: np.ndarray, probs: np.ndarray) -> dict[str, float | list[float]]:
+    preds = probs.argmax(1)
+    labels = np.unique(targets)  # macro-F1 over the classes present in the split
+    return {
+        "accuracy": float((preds == targets).mean()) if len(targets) else float("nan"),
+        "top5_accuracy": topk_accuracy(targets, probs, 5),
+        "macro_f1": float(f1_score(targets, preds, labels=labels, average="macro", zero_division=0)),
+        "per_class_accuracy": per_class_accuracy(targets, preds, probs.shape[1]),
+    }
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    num_classes: int,
+    expected_n: int,
+    amp_dtype: torch.dtype | None = None,
+    desc: str = "eval",
+) -> EvalStats:
+    """Run `model` over `batches` and compute metrics; asserts exactly `expected_n` samples were seen."""
+    model.eval()
+    probs: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    loss_sum = 0.0
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for x, y in tqdm(batches, desc=desc, leave=False, disable=None):
+        x = x.to(device, non_blocking=True)  # (B, C, H, W)
+        y = y.to(device, non_blocking=True)  # (B,)
+        with autocast:
+            logits = model(x)  # (B, num_classes)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        probs.append(logits.softmax(1).cpu())
+        targets.append(y.cpu())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dt = time.perf_counter() - t0
+    p = torch.cat(probs).numpy() if probs else np.zeros((0, num_classes), np.float32)
+    t = torch.cat(targets).numpy() if targets else np.zeros(0, np.int64)
+    if len(t) != expected_n:
+        raise AssertionError(f"evaluated {len(t)} samples, expected exactly {expected_n}")
+    m = metrics(t, p)
+    return EvalStats(
+        n=len(t),
+        loss=loss_sum / max(1, len(t)),
+        accuracy=float(m["accuracy"]),  # type: ignore[arg-type]
+        top5_accuracy=float(m["top5_accuracy"]),  # type: ignore[arg-type]
+        macro_f1=float(m["macro_f1"]),  # type: ignore[arg-type]
+        per_class_accuracy=m["per_class_accuracy"],  # type: ignore[arg-type]
+        time_s=dt,
+        img_s=len(t) / dt if dt > 0 else float("nan"),
+        targets=t,
+        probs=p.astype(np.float32),
+    )

@@ -1,0 +1,175 @@
+"""Models: timm creation by full tagged name, pretrained weights (hub or local file), fine-tuning
+policies, preprocessing config, and size/cost figures (params, forward GFLOPs).
+
+Policies:
+- `full`: every parameter trains.
+- `head`: a linear probe; only the new classifier trains.
+- `top_fraction`: the top `fraction` of conv layers (CNN) or of transformer blocks, everything after
+  them, and the new head train. Frozen BatchNorm layers become `FrozenBatchNorm2d` (timm), so they stay
+  in eval mode and their running statistics never move.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from visionpoc.config import ModelConfig
+from visionpoc.errors import WeightsError
+
+log = logging.getLogger(__name__)
+
+
+def create_model(mcfg: ModelConfig, num_classes: int, pretrained: bool | None = None) -> nn.Module:
+    """`timm.create_model` with a new head for `num_classes`; `pretrained` overrides the config's."""
+    use_pretrained = mcfg.pretrained if pretrained is None else pretrained
+    kwargs: dict[str, Any] = dict(mcfg.model_kwargs)
+    if use_pretrained and mcfg.pretrained_path:
+        path = Path(mcfg.pretrained_path).expanduser()
+        if not path.is_file():
+            raise WeightsError(
+                f"model {mcfg.label!r}: pretrained_path {path} not found; point it to a .safetensors or .pth "
+                "state dict of the same architecture"
+            )
+        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+    if mcfg.img_size is not None:
+        kwargs["img_size"] = mcfg.img_size
+    try:
+        try:
+            return timm.create_model(mcfg.timm, pretrained=use_pretrained, num_classes=num_classes, **kwargs)
+        except TypeError as e:
+            if "img_size" not in str(e) or "img_size" not in kwargs:
+                raise
+            # CNNs take any resolution; img_size then only sets the input size of the data config
+            del kwargs["img_size"]
+            return timm.create_model(mcfg.timm, pretrained=use_pretrained, num_classes=num_classes, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise WeightsError(
+                f"model {mcfg.label!r}: timm has no model {mcfg.timm!r}; list names with "
+                "`python -c \"import timm; print(timm.list_pretrained('PATTERN*'))\"`"
+            ) from e
+        raise _weights_error(mcfg, e) if use_pretrained else e
+    except (OSError, ValueError, ConnectionError) as e:
+        if not use_pretrained:
+            raise
+        raise _weights_error(mcfg, e) from e
+
+
+def _weights_error(mcfg: ModelConfig, e: Exception) -> WeightsError:
+    if mcfg.pretrained_path:
+        return WeightsError(f"model {mcfg.label!r}: cannot load {mcfg.pretrained_path}: {e}")
+    cfg = timm.models.get_pretrained_cfg(mcfg.timm)
+    hub = getattr(cfg, "hf_hub_id", None) or getattr(cfg, "url", None) or mcfg.timm
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return WeightsError(
+        f"model {mcfg.label!r}: could not fetch the pretrained weights of {mcfg.timm!r} (looked for {hub} "
+        f"in the HF hub cache {HF_HUB_CACHE}, then online): {type(e).__name__}: {e}. Fix: run once with "
+        f"internet access to fill the cache, or download the weights file and set "
+        f"`pretrained_path: FILE` on this model, or `pretrained: false` to train from scratch"
+    )
+
+
+def data_config(model: nn.Module, mcfg: ModelConfig) -> dict[str, Any]:
+    """The model's own preprocessing (input size, mean/std, crop, interpolation) from timm."""
+    cfg = timm.data.resolve_model_data_config(model)
+    if mcfg.img_size is not None:
+        cfg["input_size"] = (3, mcfg.img_size, mcfg.img_size)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------- fine-tuning
+
+
+def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules that own parameters or buffers directly, in definition (≈ forward) order."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if name and (any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)))
+    ]
+
+
+def _classifier_prefixes(model: nn.Module) -> list[str]:
+    names = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
+    return [names] if isinstance(names, str) else list(names)
+
+
+def _first_trainable(model: nn.Module, fraction: float) -> str:
+    """Name of the first module of the trainable top: a block for transformers, else a conv layer."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) > 0:
+        k = max(1, math.ceil(fraction * len(blocks)))
+        return f"blocks.{len(blocks) - k}"
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise WeightsError(
+            f"{type(model).__name__} has neither `blocks` nor conv layers: use finetune 'full' or 'head'"
+        )
+    k = max(1, math.ceil(fraction * len(convs)))
+    return convs[len(convs) - k]
+
+
+def apply_finetune(model: nn.Module, mcfg: ModelConfig) -> None:
+    """Set `requires_grad` per the policy and freeze BatchNorm statistics of frozen layers."""
+    if mcfg.finetune == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return
+    heads = _classifier_prefixes(model)
+
+    def in_head(name: str) -> bool:
+        return any(name == h or name.startswith(h + ".") for h in heads)
+
+    trainable: set[str] = set()
+    leaves = _leaves(model)
+    if mcfg.finetune == "top_fraction":
+        cut = _first_trainable(model, mcfg.fraction)
+        pos = {n: i for i, (n, _) in enumerate(model.named_modules())}
+        trainable = {n for n, _ in leaves if pos[n] >= pos[cut]}
+    trainable |= {n for n, _ in leaves if in_head(n)}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, m in leaves:
+        if name in trainable:
+            for p in m.parameters():
+                p.requires_grad_(True)
+    frozen = [n for n, _ in leaves if n not in trainable]
+    timm.utils.freeze(model, frozen)  # params off, BatchNorm -> FrozenBatchNorm2d (eval-mode stats)
+    for name, m in leaves:  # freeze() may not reach params of frozen parents; re-assert the top
+        if name in trainable:
+            for p in m.parameters():
+                p.requires_grad_(True)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(all parameters, trainable parameters)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def forward_gflops(model: nn.Module, input_size: tuple[int, int, int], device: torch.device) -> float:
+    """Forward GFLOPs for one image (torch.utils.flop_counter; a multiply-add counts as 2 FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, *input_size, device=device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops() / 1e9
+
+
+def pretrained_info(model: nn.Module) -> tuple[str | None, str | None]:
+    """(pretrained tag, licence) from the model's pretrained config, when timm has them."""
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    return cfg.get("tag"), cfg.get("license")

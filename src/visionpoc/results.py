@@ -1,0 +1,236 @@
+"""Results as data: the dataclasses behind `results.json`, prediction files, and the environment record.
+
+Training writes these; the report and the service only read them. Nothing here imports the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from visionpoc.atomic import atomic_write, atomic_write_json, atomic_write_text
+
+RESULTS_FILE = "results.json"
+PREDICTIONS_FILE = "test_predictions.npz"
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    train_accuracy: float  # running accuracy on augmented batches, not the clean pass
+    val_loss: float | None
+    val_accuracy: float | None
+    val_top5_accuracy: float | None
+    lr: float
+    epoch_train_time_s: float
+    cumulative_train_time_s: float
+    train_img_s: float
+
+
+@dataclass
+class ModelResult:
+    label: str
+    timm: str
+    finetune: str
+    pretrained: bool
+    status: str = "ok"  # "ok" or "failed"
+    error: str | None = None
+    fraction: float | None = None
+    img_size: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    epochs: int = 0  # planned
+    epochs_run: int = 0
+    best_epoch: int | None = None
+    data_pipeline: str | None = None
+    train_time_s: float | None = None  # steady-state training steps, CUDA-synchronized, no eval
+    warmup_s: float | None = None  # first step(s): compilation and allocator warm-up
+    eval_time_s: float | None = None
+    train_accuracy: float | None = None  # clean pass over train, no augmentation (the seed's column)
+    val_accuracy: float | None = None
+    test_accuracy: float | None = None
+    test_top5_accuracy: float | None = None
+    test_macro_f1: float | None = None
+    test_per_class_accuracy: list[float] = field(default_factory=list)
+    params: int | None = None
+    trainable_params: int | None = None
+    fwd_gflops: float | None = None  # one image, forward pass, at img_size
+    train_img_s: float | None = None
+    eval_img_s: float | None = None
+    latency_ms_b1: float | None = None  # measured forward latency at batch 1
+    peak_memory_gib: float | None = None
+    peak_memory_kind: str | None = None  # "cuda_max_allocated" or "process_max_rss"
+    pretrained_tag: str | None = None
+    license: str | None = None
+    history: list[EpochRecord] = field(default_factory=list)
+
+
+@dataclass
+class DatasetInfo:
+    source: str
+    root: str
+    train_size: int
+    val_size: int
+    test_size: int
+    num_classes: int
+    class_names: list[str]
+
+
+@dataclass
+class Environment:
+    visionpoc: str
+    python: str
+    torch: str
+    timm: str
+    cuda: str | None
+    device: str
+    gpu_name: str | None
+    git_commit: str | None
+    seed: int
+    platform: str
+
+
+@dataclass
+class RunResults:
+    dataset: DatasetInfo
+    models: list[ModelResult]
+    environment: Environment
+    config: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+
+    def model(self, label: str) -> ModelResult:
+        for m in self.models:
+            if m.label == label:
+                return m
+        raise KeyError(label)
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def save_results(results: RunResults, out_dir: Path) -> Path:
+    """Atomically write `results.json` and a flat `results.csv` (one row per model)."""
+    out_dir = Path(out_dir)
+    data = _finite(dataclasses.asdict(results))
+    path = atomic_write_json(out_dir / RESULTS_FILE, data)
+    cols = [
+        "label", "timm", "finetune", "status", "epochs_run", "train_time_s", "train_accuracy",
+        "val_accuracy", "test_accuracy", "test_top5_accuracy", "test_macro_f1", "params",
+        "trainable_params", "fwd_gflops", "train_img_s", "eval_img_s", "latency_ms_b1", "peak_memory_gib",
+    ]  # fmt: skip
+    rows = [",".join(cols)]
+    for m in data["models"]:
+        rows.append(",".join("" if m.get(c) is None else str(m[c]).replace(",", ";") for c in cols))
+    atomic_write_text(out_dir / "results.csv", "\n".join(rows) + "\n")
+    return path
+
+
+def _build(cls: Any, data: dict[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def load_results(run_dir: str | Path) -> RunResults:
+    """Read `RUN_DIR/results.json` back into dataclasses."""
+    import json
+
+    path = Path(run_dir) / RESULTS_FILE
+    if not path.is_file():
+        from visionpoc.errors import VisionpocError
+
+        raise VisionpocError(f"{path} not found: pass the output folder of a finished `visionpoc compare`")
+    data = json.loads(path.read_text())
+    models = []
+    for m in data["models"]:
+        m = dict(m)
+        m["history"] = [_build(EpochRecord, h) for h in m.get("history", [])]
+        models.append(_build(ModelResult, m))
+    return RunResults(
+        dataset=_build(DatasetInfo, data["dataset"]),
+        models=models,
+        environment=_build(Environment, data["environment"]),
+        config=data.get("config", {}),
+        created=data.get("created", ""),
+    )
+
+
+# ------------------------------------------------------------------------------------------ predictions
+
+
+def save_predictions(path: Path, targets: np.ndarray, probs: np.ndarray, files: list[str]) -> None:
+    """Test-set predictions: targets (N,), probs (N, C) float32, and each image's relative path."""
+    assert len(targets) == len(probs) == len(files)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(
+                f,
+                targets=targets.astype(np.int64),
+                probs=probs.astype(np.float32),
+                preds=probs.argmax(1).astype(np.int64),
+                files=np.array(files),
+            )
+
+    atomic_write(path, write)
+
+
+def load_predictions(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+# ------------------------------------------------------------------------------------------ environment
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd or Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment(device: str, seed: int) -> Environment:
+    import timm
+    import torch
+
+    from visionpoc import __version__
+
+    gpu = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(torch.device(device))
+    return Environment(
+        visionpoc=__version__,
+        python=platform.python_version(),
+        torch=torch.__version__,
+        timm=timm.__version__,
+        cuda=torch.version.cuda,
+        device=device,
+        gpu_name=gpu,
+        git_commit=git_commit(),
+        seed=seed,
+        platform=f"{platform.system()} {platform.machine()} ({os.cpu_count()} CPUs)",
+    )

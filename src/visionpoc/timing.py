@@ -1,0 +1,68 @@
+"""Clocks and throughput, airbench-style: synchronize the device before reading the clock, keep
+warm-up (compilation, allocator) out of the training-time figure, and report peak memory."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Stopwatch:
+    """Accumulates synchronized wall time over start/stop intervals."""
+
+    device: torch.device
+    total: float = 0.0
+    _t0: float | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        sync(self.device)
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        assert self._t0 is not None, "Stopwatch.stop() without start()"
+        sync(self.device)
+        dt = time.perf_counter() - self._t0
+        self._t0 = None
+        self.total += dt
+        return dt
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> tuple[float, str]:
+    """Peak GPU memory allocated by torch on CUDA; on the CPU, the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20), "process_max_rss"
+
+
+@torch.inference_mode()
+def latency_ms(model: torch.nn.Module, input_size: tuple[int, int, int], device: torch.device,
+               warmup: int = 3, iters: int = 10) -> float:  # fmt: skip
+    """Median forward latency at batch 1, in milliseconds."""
+    model.eval()
+    x = torch.randn(1, *input_size, device=device)
+    for _ in range(warmup):
+        model(x)
+    times = []
+    for _ in range(iters):
+        sync(device)
+        t0 = time.perf_counter()
+        model(x)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 1000 * sorted(times)[len(times) // 2]
