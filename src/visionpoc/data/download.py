@@ -103,6 +103,8 @@ def _download(url: str, dest: Path, progress: bool) -> None:
                         bar.update(len(chunk))
         except requests.RequestException as e:
             raise DataError(f"download of {url} failed ({e}); {_resume_hint(part)}") from e
+        except OSError as e:  # after RequestException, which is an OSError too
+            raise DataError(f"cannot write {part} ({e}); free disk space, then {_resume_hint(part)}") from e
         if total is not None and size != total:
             raise DataError(f"download of {url} stopped at {size} of {total} bytes; {_resume_hint(part)}")
         if total is None:
@@ -219,7 +221,7 @@ def _extract(root: Path, archives: list[Path], progress: bool) -> None:
         moves = [(tmp / "Images", root / "Images"), (tmp / "Annotation", root / "Annotation")]
         moves += [(lists / n, root / n) for n in LIST_FILES if (lists / n).is_file()]
         for src, dst in moves:
-            if dst.is_dir() and not dst.is_symlink():  # left by an earlier interrupted run: replace it
+            if dst.is_dir() or dst.is_symlink():  # left by an earlier interrupted run: replace it
                 os.replace(dst, tmp / f".old-{dst.name}")
             os.replace(src, dst)
         atomic_write_json(
