@@ -19,7 +19,9 @@ def _default_out(kind: str) -> Path:
 
 
 def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
-    p.add_argument("--config", type=Path, required=config_required, help="YAML config (default: built-in PoC)")
+    p.add_argument(
+        "--config", type=Path, required=config_required, help="YAML config (default: built-in PoC)"
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=3 --set models.1.lr=5e-5")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<command>-<time>)")
@@ -33,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="download or check a dataset").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="download or check a dataset").add_subparsers(
+        dest="data_command", required=True
+    )
     dl = data.add_parser("download", help="fetch and extract Stanford Dogs (resumable, atomic)")
     dl.add_argument("--root", type=Path, default=Path("data/stanford_dogs"))
     dl.add_argument("--base-url", default=None, help="mirror URL (also $VISIONPOC_DOGS_URL)")

@@ -28,7 +28,9 @@ def load_data(cfg: Config) -> tuple[Dataset, Splits]:
         from visionpoc.data.sources import find_dogs_lists
 
         if not is_extracted(root) and find_dogs_lists(root) is None:
-            log.info("Stanford Dogs not found in %s: downloading it (data.download=false turns this off)", root)
+            log.info(
+                "Stanford Dogs not found in %s: downloading it (data.download=false turns this off)", root
+            )
             download_stanford_dogs(root, base_url=cfg.data.base_url)
     ds = read_dataset(cfg.data.source, root)
     splits = make_splits(ds, cfg.data.val_fraction, cfg.data.limit_per_class, cfg.train.seed)
@@ -48,8 +50,13 @@ def run_compare(cfg: Config, out_dir: Path, labels: list[str] | None = None) -> 
     device = resolve_device(cfg.train.device)
     results = RunResults(
         dataset=DatasetInfo(
-            source=ds.source, root=str(ds.root), train_size=len(splits.train), val_size=len(splits.val),
-            test_size=len(splits.test), num_classes=splits.num_classes, class_names=splits.class_names,
+            source=ds.source,
+            root=str(ds.root),
+            train_size=len(splits.train),
+            val_size=len(splits.val),
+            test_size=len(splits.test),
+            num_classes=splits.num_classes,
+            class_names=splits.class_names,
         ),  # fmt: skip
         models=[],
         environment=environment(str(device), cfg.train.seed),

@@ -79,6 +79,8 @@ class TrainConfig:
     """Linear warmup length before the cosine decay."""
     min_lr: float = 1e-6
     """Floor of the cosine schedule."""
+    augment: Literal["none", "basic"] = "basic"
+    """Training augmentation: `none` (the eval transform) or `basic` (random-resized-crop + flip)."""
     label_smoothing: float = 0.1
     """Cross-entropy label smoothing."""
     grad_clip: float | None = 1.0
@@ -123,7 +125,9 @@ class Config:
         for m in self.models:
             if m.label == label:
                 return m
-        raise ConfigError(f"no model labelled {label!r} in the config; labels: {[m.label for m in self.models]}")
+        raise ConfigError(
+            f"no model labelled {label!r} in the config; labels: {[m.label for m in self.models]}"
+        )
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -172,6 +176,11 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import timm.utils
 import torch
 from torch import nn
 
@@ -55,7 +56,9 @@ def create_model(mcfg: ModelConfig, num_classes: int, pretrained: bool | None = 
                 f"model {mcfg.label!r}: timm has no model {mcfg.timm!r}; list names with "
                 "`python -c \"import timm; print(timm.list_pretrained('PATTERN*'))\"`"
             ) from e
-        raise _weights_error(mcfg, e) if use_pretrained else e
+        if not use_pretrained:
+            raise
+        raise _weights_error(mcfg, e) from e
     except (OSError, ValueError, ConnectionError) as e:
         if not use_pretrained:
             raise
@@ -93,7 +96,8 @@ def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
         (name, m)
         for name, m in model.named_modules()
-        if name and (any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)))
+        if name
+        and (any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)))
     ]
 
 

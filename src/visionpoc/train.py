@@ -17,6 +17,7 @@ import random
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import timm.optim
@@ -168,10 +169,8 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path) -> ModelR
 
     loaders = build_loaders(splits, dcfg, cfg, device)
     lr = mcfg.lr if mcfg.lr is not None else cfg.train.lr
-    optimizer = timm.optim.create_optimizer_v2(
-        model, opt="adamw", lr=lr, weight_decay=cfg.train.weight_decay,
-        **({"fused": True} if device.type == "cuda" else {}),
-    )  # fmt: skip
+    extra: dict[str, Any] = {"fused": True} if device.type == "cuda" else {}
+    optimizer = timm.optim.create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=cfg.train.weight_decay, **extra)
     steps_per_epoch = len(loaders.train)
     total = cfg.train.epochs * steps_per_epoch
     scheduler = timm.scheduler.CosineLRScheduler(
@@ -194,7 +193,11 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path) -> ModelR
         train_time += stats.time_s
         warmup += stats.warmup_s
         n_steady += stats.n_steady
-        val = evaluate(step_model, loaders.val, device, nc, len(splits.val), dtype, "val") if len(splits.val) else None
+        val = (
+            evaluate(step_model, loaders.val, device, nc, len(splits.val), dtype, "val")
+            if len(splits.val)
+            else None
+        )
         rec = EpochRecord(
             epoch=epoch, train_loss=stats.loss, train_accuracy=stats.accuracy,
             val_loss=val.loss if val else None, val_accuracy=val.accuracy if val else None,
@@ -228,9 +231,13 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path) -> ModelR
 
     # score the best-on-validation weights, once: clean train pass, validation, test
     checkpoint.load_weights(model, out_dir / BEST, meta)
-    train_eval = evaluate(step_model, loaders.train_eval, device, nc, len(splits.train), dtype, "train (clean)")
+    train_eval = evaluate(
+        step_model, loaders.train_eval, device, nc, len(splits.train), dtype, "train (clean)"
+    )
     if len(splits.val):
-        result.val_accuracy = evaluate(step_model, loaders.val, device, nc, len(splits.val), dtype, "val").accuracy
+        result.val_accuracy = evaluate(
+            step_model, loaders.val, device, nc, len(splits.val), dtype, "val"
+        ).accuracy
     test = evaluate(step_model, loaders.test, device, nc, len(splits.test), dtype, "test")
     result.train_accuracy = train_eval.accuracy
     result.test_accuracy = test.accuracy

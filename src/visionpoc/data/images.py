@@ -53,8 +53,12 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise DataError(
             f"image {path} is listed but absent: re-extract the dataset or run 'visionpoc data check'"
         ) from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:  # fmt: skip
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # raised by the header read
+        raise DataError(
+            f"image {path} declares too many pixels ({e}): it is not a photo this tool can use; "
+            "remove it from the dataset"
+        ) from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(
             f"cannot decode image {path} ({type(e).__name__}: {e}): the file is corrupt or not an image; "
             "replace or delete it (or re-download the dataset)"

@@ -48,8 +48,11 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.transform(img), int(self.split.labels[i])
 
 
-def train_transform(data_cfg: dict[str, Any]) -> Any:
-    """The `basic` augmentation: random-resized-crop and horizontal flip, then the model's normalization."""
+def train_transform(data_cfg: dict[str, Any], augment: str = "basic") -> Any:
+    """`basic`: random-resized-crop and horizontal flip, then the model's normalization; `none`: the
+    eval transform."""
+    if augment == "none":
+        return eval_transform(data_cfg)
     return timm.data.create_transform(
         input_size=data_cfg["input_size"],
         is_training=True,
@@ -121,7 +124,7 @@ def build_loaders(splits: Splits, data_cfg: dict[str, Any], cfg: Config, device:
         return prepared_loaders(splits, data_cfg, cfg, device)
     bs = cfg.train.batch_size
     ebs = cfg.train.eval_batch_size or 2 * bs
-    tt, et = train_transform(data_cfg), eval_transform(data_cfg)
+    tt, et = train_transform(data_cfg, cfg.train.augment), eval_transform(data_cfg)
     return Loaders(
         train=stream_loader(splits.train, tt, bs, True, cfg, device, seed=cfg.train.seed),
         train_eval=stream_loader(splits.train, et, ebs, False, cfg, device),
