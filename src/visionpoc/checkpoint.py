@@ -15,6 +15,10 @@ from torch import nn
 from visionpoc.atomic import atomic_write
 from visionpoc.errors import CheckpointError
 
+BEST = "best.safetensors"  # best-on-validation weights: the ones scored on test
+LAST = "last.safetensors"  # weights at the last save (epoch end or interruption)
+STATE = "last_state.pt"  # optimizer, scheduler, RNG and loop state matching LAST
+
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under torch.compile / DDP wrappers."""

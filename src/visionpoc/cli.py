@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from visionpoc.errors import VisionpocError
+from visionpoc.errors import TrainingInterrupted, VisionpocError
 
 log = logging.getLogger("visionpoc")
 
@@ -25,6 +25,8 @@ def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) 
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=3 --set models.1.lr=5e-5")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<command>-<time>)")
+    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run from its checkpoints (its config.yaml is used)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--no-report", action="store_true", help="skip writing report.html / report.md")
 
     tr = sub.add_parser("train", help="train one model of the config alone, through the same loop")
-    _add_config_args(tr, config_required=True)
+    _add_config_args(tr)
     tr.add_argument("--model", required=True, help="label of the model in the config")
 
     rp = sub.add_parser("report", help="write report.html and report.md for a finished run")
@@ -84,11 +86,25 @@ def _data_check(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, labels: list[str] | None) -> int:
     from visionpoc.compare import format_table, run_compare
-    from visionpoc.config import load_config
+    from visionpoc.config import ConfigError, load_config
+    from visionpoc.distributed import from_env
 
-    cfg = load_config(args.config, args.overrides)
-    out = args.out or _default_out(args.command)
-    results = run_compare(cfg, out, labels)
+    if args.resume is not None:
+        if args.config is not None or args.out is not None:
+            raise ConfigError(
+                "--resume RUN_DIR takes the run's own config.yaml and folder: drop --config/--out"
+            )
+        cfg = load_config(args.resume / "config.yaml", args.overrides)
+        out = args.resume
+    elif args.command == "train" and args.config is None:
+        raise ConfigError("visionpoc train needs --config FILE (or --resume RUN_DIR)")
+    else:
+        cfg = load_config(args.config, args.overrides)
+        out = args.out or _default_out(args.command)
+    d = from_env()
+    results = run_compare(cfg, out, labels, resume=args.resume is not None)
+    if not d.main:
+        return 0
     print(format_table(results))
     if args.command == "compare" and not args.no_report:
         _write_report(out)
@@ -120,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             _write_report(args.run_dir)
             return 0
+    except TrainingInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130
     except VisionpocError as e:
         print(f"error: {_user_message(e)}", file=sys.stderr)
         return 2

@@ -10,11 +10,20 @@ import logging
 import traceback
 from pathlib import Path
 
+from visionpoc import distributed
 from visionpoc.config import Config, save_config, to_dict
 from visionpoc.data.sources import Dataset, read_dataset
 from visionpoc.data.splits import Splits, make_splits
-from visionpoc.errors import DataError, VisionpocError
-from visionpoc.results import DatasetInfo, ModelResult, RunResults, environment, save_results
+from visionpoc.errors import CheckpointError, DataError, TrainingInterrupted, VisionpocError
+from visionpoc.results import (
+    RESULTS_FILE,
+    DatasetInfo,
+    ModelResult,
+    RunResults,
+    environment,
+    load_results,
+    save_results,
+)
 from visionpoc.train import fit, resolve_device
 
 log = logging.getLogger(__name__)
@@ -41,17 +50,28 @@ def load_data(cfg: Config) -> tuple[Dataset, Splits]:
     return ds, splits
 
 
-def run_compare(cfg: Config, out_dir: Path, labels: list[str] | None = None) -> RunResults:
-    """Train and score each model of `cfg` (or only `labels`); results are saved after every model."""
+def run_compare(
+    cfg: Config, out_dir: Path, labels: list[str] | None = None, resume: bool = False
+) -> RunResults:
+    """Train and score each model of `cfg` (or only `labels`); results are saved after every model.
+
+    With `resume`, models already finished in `out_dir/results.json` are kept, and an interrupted model
+    continues from its last checkpoint. Only the main process writes (under torchrun).
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
+    d = distributed.from_env()
+    done: dict[str, ModelResult] = {}
+    if resume and (out_dir / RESULTS_FILE).is_file():
+        done = {m.label: m for m in load_results(out_dir).models if m.status == "ok"}
+    if d.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
     ds, splits = load_data(cfg)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, d)
     results = RunResults(
         dataset=DatasetInfo(
             source=ds.source,
-            root=str(ds.root),
+            root=str(ds.root.resolve()),
             train_size=len(splits.train),
             val_size=len(splits.val),
             test_size=len(splits.test),
@@ -65,11 +85,15 @@ def run_compare(cfg: Config, out_dir: Path, labels: list[str] | None = None) -> 
     )
     chosen = [cfg.model(label) for label in labels] if labels else list(cfg.models)
     for mcfg in chosen:
+        if mcfg.label in done:
+            log.info("=== %s: already finished in %s, kept", mcfg.label, out_dir)
+            results.models.append(done[mcfg.label])
+            continue
         log.info("=== %s (%s, finetune=%s)", mcfg.label, mcfg.timm, mcfg.finetune)
         try:
-            result = fit(cfg, mcfg, splits, out_dir / mcfg.label)
-        except (KeyboardInterrupt, DataError):
-            raise  # the user stopped us, or the data is bad for every model alike
+            result = fit(cfg, mcfg, splits, out_dir / mcfg.label, resume=resume)
+        except (KeyboardInterrupt, DataError, CheckpointError, TrainingInterrupted):
+            raise  # the user stopped us, or the data/checkpoint needs the user, for every model alike
         except Exception as e:  # one model failing (weights, OOM, a bug) must not lose the others
             message = str(e) if isinstance(e, VisionpocError) else f"{type(e).__name__}: {e}"
             log.error("model %s failed: %s", mcfg.label, message)
@@ -77,7 +101,8 @@ def run_compare(cfg: Config, out_dir: Path, labels: list[str] | None = None) -> 
             result = ModelResult(label=mcfg.label, timm=mcfg.timm, finetune=mcfg.finetune,
                                  pretrained=mcfg.pretrained, status="failed", error=message)  # fmt: skip
         results.models.append(result)
-        save_results(results, out_dir)
+        if d.main:
+            save_results(results, out_dir)
     return results
 
 

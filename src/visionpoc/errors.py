@@ -19,3 +19,7 @@ class WeightsError(VisionpocError):
 
 class CheckpointError(VisionpocError):
     """A checkpoint that is missing, truncated or belongs to another model."""
+
+
+class TrainingInterrupted(VisionpocError):
+    """Ctrl-C or SIGTERM: a checkpoint was written at a step boundary; the message says how to resume."""

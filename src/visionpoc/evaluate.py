@@ -89,16 +89,21 @@ def evaluate(
     t = torch.cat(targets).numpy() if targets else np.zeros(0, np.int64)
     if len(t) != expected_n:
         raise AssertionError(f"evaluated {len(t)} samples, expected exactly {expected_n}")
-    m = metrics(t, p)
+    return summarize(t, p.astype(np.float32), loss_sum / max(1, len(t)), dt)
+
+
+def summarize(targets: np.ndarray, probs: np.ndarray, loss: float, time_s: float) -> EvalStats:
+    """EvalStats of predictions `probs` (N, C) for `targets` (N,)."""
+    m = metrics(targets, probs)
     return EvalStats(
-        n=len(t),
-        loss=loss_sum / max(1, len(t)),
+        n=len(targets),
+        loss=loss,
         accuracy=float(m["accuracy"]),  # type: ignore[arg-type]
         top5_accuracy=float(m["top5_accuracy"]),  # type: ignore[arg-type]
         macro_f1=float(m["macro_f1"]),  # type: ignore[arg-type]
         per_class_accuracy=m["per_class_accuracy"],  # type: ignore[arg-type]
-        time_s=dt,
-        img_s=len(t) / dt if dt > 0 else float("nan"),
-        targets=t,
-        probs=p.astype(np.float32),
+        time_s=time_s,
+        img_s=len(targets) / time_s if time_s > 0 else float("nan"),
+        targets=targets,
+        probs=probs,
     )

@@ -46,8 +46,13 @@ class ModelResult:
     error: str | None = None
     fraction: float | None = None
     img_size: int | None = None
-    lr: float | None = None
-    batch_size: int | None = None
+    lr: float | None = None  # peak LR, for the global batch (no scaling with the number of processes)
+    batch_size: int | None = None  # global batch: world_size x batch_size_per_device
+    batch_size_per_device: int | None = None
+    world_size: int = 1
+    micro_batch_size: int | None = None  # set when CUDA OOM forced gradient accumulation
+    oom_events: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from_epoch: int | None = None
     epochs: int = 0  # planned
     epochs_run: int = 0
     best_epoch: int | None = None

@@ -1,10 +1,16 @@
 """The training loop, one for every model (torchvision reference shape):
-`train_one_epoch(...) -> EpochStats`, `evaluate(...) -> EvalStats`, `fit(...) -> ModelResult`.
+`train_one_epoch(...) -> EpochProgress`, `evaluate(...) -> EvalStats`, `fit(...) -> ModelResult`.
 
 AdamW (timm's factory: no weight decay on biases and norms), cosine schedule with linear warmup
-(timm's scheduler, stepped per update), optional label smoothing and gradient clipping, bf16 autocast
-on CUDA. After each epoch the weights and optimizer state are checkpointed; the best-on-validation
-weights are kept and are the ones scored on test, once, at the end.
+(timm's scheduler, stepped per update), label smoothing, gradient clipping, bf16 autocast on CUDA.
+After each epoch the weights and the full training state are checkpointed; the best-on-validation
+weights are the ones scored on test, once, at the end.
+
+Surviving interruptions: Ctrl-C or SIGTERM stops at the next step boundary, writes a checkpoint
+(weights, optimizer, scheduler, RNG states, position in the epoch) and raises TrainingInterrupted;
+`fit(..., resume=True)` continues from it. A CUDA out-of-memory error halves the micro-batch and keeps
+the global batch by gradient accumulation. Under torchrun the model is wrapped in
+DistributedDataParallel; only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import random
-from contextlib import nullcontext
-from dataclasses import dataclass
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,22 +32,23 @@ import timm.optim
 import timm.scheduler
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from visionpoc import checkpoint, models
+from visionpoc import checkpoint, distributed, models
 from visionpoc.atomic import atomic_write_json
-from visionpoc.config import Config, ModelConfig
-from visionpoc.data.loaders import Batches, build_loaders
+from visionpoc.config import Config, ConfigError, ModelConfig
+from visionpoc.data.loaders import Batches, build_loaders, set_epoch
 from visionpoc.data.splits import Splits
-from visionpoc.evaluate import evaluate
+from visionpoc.distributed import SINGLE, Dist
+from visionpoc.errors import CheckpointError, TrainingInterrupted
+from visionpoc.evaluate import EvalStats, evaluate, summarize
 from visionpoc.results import PREDICTIONS_FILE, EpochRecord, ModelResult, save_predictions
 from visionpoc.timing import Stopwatch, latency_ms, peak_memory_gib, reset_peak_memory
 
 log = logging.getLogger(__name__)
 
-BEST = "best.safetensors"
-LAST = "last.safetensors"
-STATE = "last_state.pt"
+BEST, LAST, STATE = checkpoint.BEST, checkpoint.LAST, checkpoint.STATE
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -47,107 +56,251 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cuda.matmul.allow_tf32 = not deterministic
+        torch.backends.cudnn.allow_tf32 = not deterministic
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, d: Dist = SINGLE) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        from visionpoc.errors import ConfigError
-
         raise ConfigError(f"train.device={name!r} but no CUDA device is visible; use 'auto' or 'cpu'")
+    if name == "cuda" and d.enabled:
+        return torch.device("cuda", d.local_rank)
     return torch.device(name)
-
-
-def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    return torch.bfloat16 if cfg.train.amp and device.type == "cuda" else None
 
 
 def is_transformer(model: nn.Module) -> bool:
     return isinstance(getattr(model, "blocks", None), (nn.Sequential, nn.ModuleList))
 
 
+# ------------------------------------------------------------------------------------ interruption
+
+
+class StopRequest:
+    """Turns the first SIGINT/SIGTERM into a request honoured at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signum = signum
+        log.warning("%s received: stopping at the next step boundary", signal.Signals(signum).name)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    req = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield req
+        return
+    previous = {s: signal.signal(s, req) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield req
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# ------------------------------------------------------------------------------------------- steps
+
+
 @dataclass
-class EpochStats:
-    loss: float
-    accuracy: float
-    n: int
-    n_steady: int  # images in steady-state steps (all but the run's first step)
-    time_s: float  # steady-state steps only
-    warmup_s: float  # first step of the run (compilation, allocator), 0 after the first epoch
-    lr: float
+class StepParts:
+    """What one optimizer step needs; `micro_batch` shrinks after a CUDA out-of-memory error."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: timm.scheduler.scheduler.Scheduler
+    loss_fn: nn.Module
+    device: torch.device
+    dtype: torch.dtype | None
+    grad_clip: float | None
+    channels_last: bool
+    micro_batch: int | None = None
+    oom_events: list[dict[str, Any]] = field(default_factory=list)
 
 
-def train_one_epoch(
-    model: nn.Module,
-    batches: Batches,
-    optimizer: torch.optim.Optimizer,
-    scheduler: timm.scheduler.scheduler.Scheduler,
-    loss_fn: nn.Module,
-    device: torch.device,
-    epoch: int,
-    step: int,
-    grad_clip: float | None,
-    dtype: torch.dtype | None,
-    channels_last: bool = False,
-) -> tuple[EpochStats, int]:
-    """One pass over `batches`; returns the stats and the global step after it."""
-    model.train()
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-    clock, warm = Stopwatch(device), Stopwatch(device)
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    n_steady = n = 0
-    bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None)
+def _step(p: StepParts, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward/backward over micro-batches of the batch, one optimizer step. Returns (loss sum, correct)."""
+    micro = p.micro_batch or len(y)
+    chunks = list(zip(x.split(micro), y.split(micro), strict=True))
+    autocast = torch.autocast(p.device.type, dtype=p.dtype) if p.dtype is not None else nullcontext()
+    p.optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=p.device, dtype=torch.float64)
+    correct = torch.zeros((), device=p.device, dtype=torch.long)
+    for i, (xc, yc) in enumerate(chunks):
+        last = i == len(chunks) - 1
+        sync = (
+            nullcontext() if last or not isinstance(p.model, DistributedDataParallel) else p.model.no_sync()
+        )
+        with sync:
+            with autocast:
+                logits = p.model(xc)  # (b, num_classes)
+                loss = p.loss_fn(logits, yc)
+            (loss * (len(yc) / len(y))).backward()  # the mean over the whole batch
+        loss_sum += loss.detach().double() * len(yc)
+        correct += (logits.argmax(1) == yc).sum()
+    if p.grad_clip is not None:
+        nn.utils.clip_grad_norm_(p.model.parameters(), p.grad_clip)
+    p.optimizer.step()
+    return loss_sum, correct
+
+
+def train_step(
+    p: StepParts, x: torch.Tensor, y: torch.Tensor, where: dict[str, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_step`, retried with half the micro-batch (same global batch) after an out-of-memory error."""
+    while True:
+        try:
+            return _step(p, x, y)
+        except torch.OutOfMemoryError:
+            p.optimizer.zero_grad(set_to_none=True)
+            if p.device.type == "cuda":
+                torch.cuda.empty_cache()
+            current = p.micro_batch or len(y)
+            if current <= 1:
+                raise
+            p.micro_batch = current // 2
+            p.oom_events.append({**where, "micro_batch": p.micro_batch})
+            log.warning("out of memory at %s: micro-batch %d -> %d, gradients accumulated over %d steps",
+                        where, current, p.micro_batch, -(-len(y) // p.micro_batch))  # fmt: skip
+
+
+@dataclass
+class EpochProgress:
+    """Running sums of one epoch; checkpointed so that an interrupted epoch resumes exactly."""
+
+    batches: int = 0
+    n: int = 0
+    n_steady: int = 0  # images in steady-state steps (all but the run's first step)
+    loss_sum: float = 0.0
+    correct: int = 0
+    time_s: float = 0.0  # steady-state steps
+    warmup_s: float = 0.0  # the run's first step: compilation and warm-up
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(1, self.n)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(1, self.n)
+
+
+def train_one_epoch(p: StepParts, batches: Batches, epoch: int, step: int, progress: EpochProgress,
+                    stop: StopRequest, d: Dist = SINGLE) -> tuple[EpochProgress, int, bool]:  # fmt: skip
+    """Train over `batches` from `progress` on. Returns (progress, global step, stopped early)."""
+    p.model.train()
+    clock, warm = Stopwatch(p.device), Stopwatch(p.device)
+    loss_sum = torch.tensor(progress.loss_sum, device=p.device, dtype=torch.float64)
+    correct = torch.tensor(progress.correct, device=p.device, dtype=torch.long)
+    bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None if d.main else True)
+    stopped = False
     for x, y in bar:
-        watch = warm if step == 0 else clock  # the very first step carries compilation and warm-up
+        watch = warm if step == 0 else clock
         watch.start()
-        x = x.to(device, non_blocking=True)  # (B, C, H, W)
-        y = y.to(device, non_blocking=True)  # (B,)
-        if channels_last:
+        x = x.to(p.device, non_blocking=True)  # (B, C, H, W)
+        y = y.to(p.device, non_blocking=True)  # (B,)
+        if p.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            logits = model(x)  # (B, num_classes)
-            loss = loss_fn(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        ls, c = train_step(p, x, y, {"epoch": epoch, "step": step})
         step += 1
-        scheduler.step_update(num_updates=step)
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
+        p.scheduler.step_update(num_updates=step)
+        loss_sum += ls
+        correct += c
         watch.stop()
-        n += len(y)
-        if watch is clock:
-            n_steady += len(y)
+        progress.batches += 1
+        progress.n += len(y)
+        progress.n_steady += len(y) if watch is clock else 0
         if bar.disable is False and step % 10 == 0:  # .item() syncs: only when a bar is shown
-            bar.set_postfix(loss=f"{loss_sum.item() / n:.3f}", acc=f"{correct.item() / n:.3f}",
-                            img_s=f"{n_steady / max(clock.total, 1e-9):.0f}")  # fmt: skip
-    if n == 0:
-        raise RuntimeError("the training loader produced no batch: the training split is empty")
-    if not math.isfinite(loss_sum.item()):
-        raise FloatingPointError(f"training loss became {loss_sum.item()} in epoch {epoch}: lower the lr")
-    lr = optimizer.param_groups[0]["lr"]
-    stats = EpochStats(loss_sum.item() / n, correct.item() / n, n, n_steady, clock.total, warm.total, lr)
-    return stats, step
+            bar.set_postfix(loss=f"{loss_sum.item() / progress.n:.3f}", acc=f"{correct.item() / progress.n:.3f}",
+                            img_s=f"{progress.n_steady / max(clock.total, 1e-9):.0f}")  # fmt: skip
+        if distributed.broadcast_flag(d, stop.signum is not None):  # every rank stops at the same step
+            stopped = True
+            break
+    progress.loss_sum, progress.correct = loss_sum.item(), int(correct.item())
+    progress.time_s += clock.total
+    progress.warmup_s += warm.total
+    return progress, step, stopped
 
 
-def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path) -> ModelResult:
+def evaluate_split(model: nn.Module, batches: Batches, d: Dist, n_total: int, device: torch.device,
+                   num_classes: int, dtype: torch.dtype | None, desc: str) -> EvalStats:  # fmt: skip
+    """`evaluate` on this process's shard; under torchrun, the shards are gathered in sample order and
+    every sample is checked to be counted exactly once."""
+    shard = getattr(getattr(batches, "sampler", None), "indices", lambda: list(range(n_total)))()
+    stats = evaluate(model, batches, device, num_classes, len(shard), dtype, desc)
+    if not d.enabled:
+        return stats
+    parts = distributed.all_gather(d, (shard, stats.targets, stats.probs, stats.loss * stats.n, stats.time_s))
+    index = np.concatenate([np.asarray(s, dtype=np.int64) for s, *_ in parts])
+    if len(index) != n_total or len(np.unique(index)) != n_total:
+        raise AssertionError(f"distributed evaluation counted {len(index)} samples for {n_total}")
+    order = np.argsort(index)
+    targets = np.concatenate([t for _, t, *_ in parts])[order]
+    probs = np.concatenate([pr for _, _, pr, *_ in parts])[order]
+    loss = sum(part[3] for part in parts) / n_total
+    return summarize(targets, probs, loss, max(part[4] for part in parts))
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state: Any = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(s: dict[str, Any]) -> None:
+    random.setstate(s["python"])
+    name, keys, *rest = s["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _load_resume(out_dir: Path, model: nn.Module, meta: dict[str, str]) -> dict[str, Any] | None:
+    """The saved training state of `out_dir`, with its weights loaded into `model`; None if no checkpoint."""
+    state_path, weights = out_dir / STATE, out_dir / LAST
+    if not state_path.exists() and not weights.exists():
+        return None
+    if not state_path.exists() or not weights.exists():
+        raise CheckpointError(f"{out_dir}: one of {LAST} and {STATE} is missing; cannot resume this model")
+    state = checkpoint.load_state(state_path)
+    checkpoint.load_weights(model, weights, meta)
+    if checkpoint.read_meta(weights).get("step") != str(state.get("step")):
+        raise CheckpointError(
+            f"{weights} and {state_path} are from different steps: the last save was cut off"
+        )
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- fit
+
+
+def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: bool = False) -> ModelResult:
     """Fine-tune one model on `splits`, checkpoint it, score its best weights; write `out_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    d = distributed.init("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.train.device, d)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    device = resolve_device(cfg.train.device)
-    dtype = amp_dtype(cfg, device)
+    dtype = torch.bfloat16 if cfg.train.amp and device.type == "cuda" else None
     nc = splits.num_classes
+    if cfg.train.batch_size % d.world:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} (the global batch) must divide by the {d.world} processes"
+        )
 
     model = models.create_model(mcfg, nc)
     models.apply_finetune(model, mcfg)
@@ -163,90 +316,145 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path) -> ModelR
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    step_model: nn.Module = model
-    if cfg.train.compile and device.type == "cuda":
-        step_model = torch.compile(model)  # type: ignore[assignment]
+    compiled: nn.Module = torch.compile(model) if cfg.train.compile and device.type == "cuda" else model  # type: ignore[assignment]
+    step_model: nn.Module = compiled
+    if d.enabled:
+        step_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    eval_model = model if d.enabled else compiled
 
-    loaders = build_loaders(splits, dcfg, cfg, device)
+    loaders = build_loaders(splits, dcfg, cfg, device, d)
     lr = mcfg.lr if mcfg.lr is not None else cfg.train.lr
     extra: dict[str, Any] = {"fused": True} if device.type == "cuda" else {}
-    optimizer = timm.optim.create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=cfg.train.weight_decay, **extra)
+    optimizer = timm.optim.create_optimizer_v2(
+        model, opt="adamw", lr=lr, weight_decay=cfg.train.weight_decay, **extra
+    )
+    set_epoch(loaders.train, 1)
     steps_per_epoch = len(loaders.train)
-    total = cfg.train.epochs * steps_per_epoch
     scheduler = timm.scheduler.CosineLRScheduler(
-        optimizer, t_initial=total, lr_min=cfg.train.min_lr, warmup_t=round(cfg.train.warmup_epochs * steps_per_epoch),
-        warmup_lr_init=lr * 0.01, warmup_prefix=True, t_in_epochs=False,
+        optimizer, t_initial=cfg.train.epochs * steps_per_epoch, lr_min=cfg.train.min_lr,
+        warmup_t=round(cfg.train.warmup_epochs * steps_per_epoch), warmup_lr_init=lr * 0.01, warmup_prefix=True,
+        t_in_epochs=False,
     )  # fmt: skip
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-
+    parts = StepParts(step_model, optimizer, scheduler, nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing),
+                      device, dtype, cfg.train.grad_clip, channels_last)  # fmt: skip
     result = ModelResult(
         label=mcfg.label, timm=mcfg.timm, finetune=mcfg.finetune, pretrained=mcfg.pretrained,
         fraction=mcfg.fraction if mcfg.finetune == "top_fraction" else None, img_size=int(input_size[-1]),
-        lr=lr, batch_size=cfg.train.batch_size, epochs=cfg.train.epochs, data_pipeline=loaders.pipeline,
-        params=params, trainable_params=trainable, fwd_gflops=gflops, pretrained_tag=tag, license=licence,
+        lr=lr, batch_size=cfg.train.batch_size, batch_size_per_device=cfg.train.batch_size // d.world,
+        world_size=d.world, epochs=cfg.train.epochs, data_pipeline=loaders.pipeline, params=params,
+        trainable_params=trainable, fwd_gflops=gflops, pretrained_tag=tag, license=licence,
     )  # fmt: skip
-    reset_peak_memory(device)
-    step, best_val, bad_epochs, train_time, warmup, n_steady = 0, -1.0, 0, 0.0, 0.0, 0
-    for epoch in range(1, cfg.train.epochs + 1):
-        stats, step = train_one_epoch(step_model, loaders.train, optimizer, scheduler, loss_fn, device,
-                                      epoch, step, cfg.train.grad_clip, dtype, channels_last)  # fmt: skip
-        train_time += stats.time_s
-        warmup += stats.warmup_s
-        n_steady += stats.n_steady
-        val = (
-            evaluate(step_model, loaders.val, device, nc, len(splits.val), dtype, "val")
-            if len(splits.val)
-            else None
-        )
-        rec = EpochRecord(
-            epoch=epoch, train_loss=stats.loss, train_accuracy=stats.accuracy,
-            val_loss=val.loss if val else None, val_accuracy=val.accuracy if val else None,
-            val_top5_accuracy=val.top5_accuracy if val else None, lr=stats.lr,
-            epoch_train_time_s=stats.time_s + stats.warmup_s, cumulative_train_time_s=train_time + warmup,
-            train_img_s=(stats.n / (stats.time_s + stats.warmup_s)) if stats.time_s + stats.warmup_s > 0 else 0.0,
-        )  # fmt: skip
-        result.history.append(rec)
-        result.epochs_run = epoch
-        log.info("[%s] epoch %d/%d loss %.4f train-acc %.4f val-acc %s (%.1fs)", mcfg.label, epoch,
-                 cfg.train.epochs, stats.loss, stats.accuracy,
-                 f"{val.accuracy:.4f}" if val else "n/a", rec.epoch_train_time_s)  # fmt: skip
-        checkpoint.save_weights(model, out_dir / LAST, meta)
-        checkpoint.save_state(out_dir / STATE, {"epoch": epoch, "step": step, "optimizer": optimizer.state_dict(),
-                                                "scheduler": scheduler.state_dict()})  # fmt: skip
-        score = val.accuracy if val else float(epoch)  # no validation split: the last epoch is the best
-        if score > best_val:
-            best_val, bad_epochs, result.best_epoch = score, 0, epoch
-            checkpoint.save_weights(model, out_dir / BEST, meta)
-        else:
-            bad_epochs += 1
-            if cfg.train.early_stop_patience is not None and bad_epochs >= cfg.train.early_stop_patience:
-                log.info("[%s] early stop: no better val accuracy for %d epochs", mcfg.label, bad_epochs)
-                break
-        atomic_write_json(out_dir / "history.json", [dataclasses.asdict(h) for h in result.history])
 
-    result.train_time_s = train_time
-    result.warmup_s = warmup
-    result.train_img_s = n_steady / train_time if train_time > 0 else None
+    s: dict[str, Any] = {"epoch": 1, "step": 0, "progress": EpochProgress(), "best_val": -1.0, "bad_epochs": 0,
+                         "train_time": 0.0, "warmup": 0.0, "n_steady": 0}  # fmt: skip
+    saved = _load_resume(out_dir, model, meta) if resume else None
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        _set_rng_state(saved["rng"])
+        s.update(
+            {
+                k: saved[k]
+                for k in ("epoch", "step", "best_val", "bad_epochs", "train_time", "warmup", "n_steady")
+            }
+        )
+        s["progress"] = EpochProgress(**saved["progress"])
+        result.history = [EpochRecord(**h) for h in saved["history"]]
+        result.best_epoch, parts.micro_batch, parts.oom_events = (
+            saved["best_epoch"],
+            saved["micro_batch"],
+            saved["oom_events"],
+        )
+        result.resumed_from_epoch = s["epoch"]
+        log.info("[%s] resuming at epoch %d, batch %d", mcfg.label, s["epoch"], s["progress"].batches)
+
+    def save_last(epoch: int, progress: EpochProgress) -> None:
+        if not d.main:
+            return
+        checkpoint.save_weights(model, out_dir / LAST, {**meta, "step": str(s["step"])})
+        checkpoint.save_state(out_dir / STATE, {
+            "epoch": epoch, "step": s["step"], "progress": dataclasses.asdict(progress), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": _rng_state(), "history": [dataclasses.asdict(h) for h in result.history],
+            "best_epoch": result.best_epoch, "micro_batch": parts.micro_batch, "oom_events": parts.oom_events,
+            **{k: s[k] for k in ("best_val", "bad_epochs", "train_time", "warmup", "n_steady")},
+        })  # fmt: skip
+
+    if d.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    reset_peak_memory(device)
+    with stop_on_signals() as stop:
+        for epoch in range(s["epoch"], cfg.train.epochs + 1):
+            progress: EpochProgress = s["progress"]
+            set_epoch(loaders.train, epoch, skip_batches=progress.batches)
+            progress, s["step"], stopped = train_one_epoch(
+                parts, loaders.train, epoch, s["step"], progress, stop, d
+            )
+            if stopped:
+                save_last(epoch, progress)
+                raise TrainingInterrupted(
+                    f"model {mcfg.label!r} stopped in epoch {epoch} after {progress.batches} batches; checkpoint "
+                    f"saved in {out_dir}. Resume with: visionpoc compare --resume {out_dir.parent}"
+                )
+            s["train_time"] += progress.time_s
+            s["warmup"] += progress.warmup_s
+            s["n_steady"] += progress.n_steady
+            val = (
+                evaluate_split(eval_model, loaders.val, d, len(splits.val), device, nc, dtype, "val")
+                if len(splits.val)
+                else None
+            )
+            t = progress.time_s + progress.warmup_s
+            result.history.append(EpochRecord(
+                epoch=epoch, train_loss=progress.loss, train_accuracy=progress.accuracy,
+                val_loss=val.loss if val else None, val_accuracy=val.accuracy if val else None,
+                val_top5_accuracy=val.top5_accuracy if val else None, lr=optimizer.param_groups[0]["lr"],
+                epoch_train_time_s=t, cumulative_train_time_s=s["train_time"] + s["warmup"],
+                train_img_s=progress.n / t if t > 0 else 0.0,
+            ))  # fmt: skip
+            log.info("[%s] epoch %d/%d loss %.4f train-acc %.4f val-acc %s (%.1fs)", mcfg.label, epoch, cfg.train.epochs,
+                     progress.loss, progress.accuracy, f"{val.accuracy:.4f}" if val else "n/a", t)  # fmt: skip
+            score = val.accuracy if val else float(epoch)  # no validation split: the last epoch is the best
+            improved = score > s["best_val"]
+            if improved:
+                s["best_val"], s["bad_epochs"], result.best_epoch = score, 0, epoch
+                if d.main:
+                    checkpoint.save_weights(model, out_dir / BEST, meta)
+            else:
+                s["bad_epochs"] += 1
+            s["epoch"], s["progress"] = epoch + 1, EpochProgress()
+            save_last(epoch + 1, EpochProgress())
+            if d.main:
+                atomic_write_json(out_dir / "history.json", [dataclasses.asdict(h) for h in result.history])
+            patience = cfg.train.early_stop_patience
+            if not improved and patience is not None and s["bad_epochs"] >= patience:
+                log.info("[%s] early stop: no better val accuracy for %d epochs", mcfg.label, s["bad_epochs"])
+                break
+
+    result.epochs_run = len(result.history)
+    result.train_time_s, result.warmup_s = s["train_time"], s["warmup"]
+    result.train_img_s = s["n_steady"] / s["train_time"] if s["train_time"] > 0 else None
+    result.micro_batch_size, result.oom_events = parts.micro_batch, parts.oom_events
     result.peak_memory_gib, result.peak_memory_kind = peak_memory_gib(device)
 
     # score the best-on-validation weights, once: clean train pass, validation, test
+    distributed.barrier(d)
     checkpoint.load_weights(model, out_dir / BEST, meta)
-    train_eval = evaluate(
-        step_model, loaders.train_eval, device, nc, len(splits.train), dtype, "train (clean)"
+    train_eval = evaluate_split(
+        eval_model, loaders.train_eval, d, len(splits.train), device, nc, dtype, "train (clean)"
     )
     if len(splits.val):
-        result.val_accuracy = evaluate(
-            step_model, loaders.val, device, nc, len(splits.val), dtype, "val"
+        result.val_accuracy = evaluate_split(
+            eval_model, loaders.val, d, len(splits.val), device, nc, dtype, "val"
         ).accuracy
-    test = evaluate(step_model, loaders.test, device, nc, len(splits.test), dtype, "test")
+    test = evaluate_split(eval_model, loaders.test, d, len(splits.test), device, nc, dtype, "test")
     result.train_accuracy = train_eval.accuracy
-    result.test_accuracy = test.accuracy
-    result.test_top5_accuracy = test.top5_accuracy
-    result.test_macro_f1 = test.macro_f1
-    result.test_per_class_accuracy = test.per_class_accuracy
-    result.eval_time_s = test.time_s
-    result.eval_img_s = test.img_s
+    result.test_accuracy, result.test_top5_accuracy = test.accuracy, test.top5_accuracy
+    result.test_macro_f1, result.test_per_class_accuracy = test.macro_f1, test.per_class_accuracy
+    result.eval_time_s, result.eval_img_s = test.time_s, test.img_s
     result.latency_ms_b1 = latency_ms(model, input_size, device)
-    save_predictions(out_dir / PREDICTIONS_FILE, test.targets, test.probs, splits.test.files)
-    atomic_write_json(out_dir / "data_config.json", json.loads(json.dumps(dcfg, default=list)))
+    if d.main:
+        save_predictions(out_dir / PREDICTIONS_FILE, test.targets, test.probs, splits.test.files)
+        atomic_write_json(out_dir / "data_config.json", json.loads(json.dumps(dcfg, default=list)))
     return result

@@ -16,7 +16,6 @@ from visionpoc import checkpoint, models
 from visionpoc.config import Config, ModelConfig, load_config
 from visionpoc.errors import VisionpocError
 from visionpoc.results import RunResults, load_results
-from visionpoc.train import BEST
 
 
 @dataclass
@@ -44,7 +43,9 @@ def load_trained(run_dir: str | Path, label: str, results: RunResults | None = N
     nc = results.dataset.num_classes
     model = models.create_model(mcfg, nc, pretrained=False)
     models.apply_finetune(model, mcfg)  # same module types (FrozenBatchNorm2d) as when it was saved
-    checkpoint.load_weights(model, run_dir / label / BEST, {"timm": mcfg.timm, "num_classes": str(nc)})
+    checkpoint.load_weights(
+        model, run_dir / label / checkpoint.BEST, {"timm": mcfg.timm, "num_classes": str(nc)}
+    )
     dcfg_path = run_dir / label / "data_config.json"
     dcfg = json.loads(dcfg_path.read_text()) if dcfg_path.is_file() else models.data_config(model, mcfg)
     dcfg["input_size"] = tuple(dcfg["input_size"])

@@ -24,6 +24,7 @@ from visionpoc.config import Config
 from visionpoc.data.images import load_rgb
 from visionpoc.data.sources import Split
 from visionpoc.data.splits import Splits
+from visionpoc.distributed import SINGLE, Dist, EpochSampler
 
 log = logging.getLogger(__name__)
 
@@ -82,20 +83,29 @@ def default_workers(cfg: Config) -> int:
 
 
 def stream_loader(split: Split, transform: Any, batch_size: int, shuffle: bool, cfg: Config,
-                  device: torch.device, seed: int = 0) -> DataLoader:  # fmt: skip
+                  device: torch.device, d: Dist = SINGLE) -> DataLoader:  # fmt: skip
+    """A DataLoader over this process's shard of `split` (EpochSampler: seeded per epoch, resumable)."""
     workers = default_workers(cfg)
-    generator = torch.Generator().manual_seed(seed)
+    sampler = EpochSampler(len(split), cfg.train.seed, d, shuffle=shuffle)
     return DataLoader(
         ImageDataset(split, transform),
         batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=shuffle and len(split) > batch_size,  # no 1-image batch for BatchNorm to choke on
+        sampler=sampler,
+        drop_last=shuffle and len(sampler) > batch_size,  # no 1-image batch for BatchNorm to choke on
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         worker_init_fn=_seed_worker,
-        generator=generator,
+        generator=torch.Generator().manual_seed(cfg.train.seed),
     )
+
+
+def set_epoch(batches: Batches, epoch: int, skip_batches: int = 0) -> None:
+    """Point a train loader at `epoch`'s permutation, skipping the batches a resumed run already did."""
+    sampler = getattr(batches, "sampler", None)
+    if isinstance(sampler, EpochSampler):
+        bs = getattr(batches, "batch_size", None) or 1
+        sampler.epoch, sampler.start = epoch, skip_batches * bs
 
 
 @dataclass
@@ -115,20 +125,21 @@ def resolve_pipeline(cfg: Config, device: torch.device) -> str:
     return cfg.data.pipeline
 
 
-def build_loaders(splits: Splits, data_cfg: dict[str, Any], cfg: Config, device: torch.device) -> Loaders:
+def build_loaders(splits: Splits, data_cfg: dict[str, Any], cfg: Config, device: torch.device,
+                  d: Dist = SINGLE) -> Loaders:  # fmt: skip
     """Loaders for one model (its own input size and normalization) over the shared splits."""
     pipeline = resolve_pipeline(cfg, device)
     if pipeline == "prepared":
         from visionpoc.data.prepared import prepared_loaders
 
-        return prepared_loaders(splits, data_cfg, cfg, device)
-    bs = cfg.train.batch_size
+        return prepared_loaders(splits, data_cfg, cfg, device, d)
+    bs = cfg.train.batch_size // d.world  # train.batch_size is the global batch
     ebs = cfg.train.eval_batch_size or 2 * bs
     tt, et = train_transform(data_cfg, cfg.train.augment), eval_transform(data_cfg)
     return Loaders(
-        train=stream_loader(splits.train, tt, bs, True, cfg, device, seed=cfg.train.seed),
-        train_eval=stream_loader(splits.train, et, ebs, False, cfg, device),
-        val=stream_loader(splits.val, et, ebs, False, cfg, device),
-        test=stream_loader(splits.test, et, ebs, False, cfg, device),
+        train=stream_loader(splits.train, tt, bs, True, cfg, device, d),
+        train_eval=stream_loader(splits.train, et, ebs, False, cfg, device, d),
+        val=stream_loader(splits.val, et, ebs, False, cfg, device, d),
+        test=stream_loader(splits.test, et, ebs, False, cfg, device, d),
         pipeline="stream",
     )

@@ -1,0 +1,189 @@
+"""Gather everything the report shows, from the run's files, into one `Report` value.
+
+The order of the fields is the order of the report: summary, "is the difference real?", learning
+curves, where they fail, what they look at, caveats, environment. Figures are PNG bytes keyed by a
+file-safe name; the renderer decides whether they become data URIs (HTML) or files (Markdown).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from visionpoc.report import plots, stats
+from visionpoc.report.caveats import Caveat, caveats
+from visionpoc.report.inputs import Predictions, align, read_predictions
+from visionpoc.report.pictures import Picture, disagreement_gallery, what_they_look_at
+from visionpoc.report.stats import Confusion, Interval, McNemar
+from visionpoc.results import ModelResult, RunResults, load_results
+
+log = logging.getLogger(__name__)
+
+N_RESAMPLES = 2000
+
+
+@dataclass
+class Row:
+    """One model's line in the summary table."""
+
+    m: ModelResult
+    train_acc: Interval | None = None  # Wilson interval from the count (no train predictions are saved)
+    test_acc: Interval | None = None  # bootstrap interval from the predictions file
+
+
+@dataclass
+class Pairwise:
+    """Candidate vs baseline on the same test images."""
+
+    baseline: str
+    candidate: str
+    table: McNemar | None = None
+    diff: Interval | None = None
+    verdict: str = ""
+    scatter: str | None = None  # figure name
+    gallery: str | None = None  # figure name
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Failures:
+    label: str
+    pairs: list[Confusion]
+
+
+@dataclass
+class Report:
+    title: str
+    run_dir: Path
+    results: RunResults
+    rows: list[Row]
+    pairwise: list[Pairwise]
+    confusions: list[Failures]
+    explain_notes: list[str]
+    caveats: list[Caveat]
+    environment: list[tuple[str, str]]
+    config_yaml: str
+    figures: dict[str, bytes] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # run-level notes (e.g. missing predictions)
+
+    def figure(self, name: str, picture: Picture | bytes | None) -> str | None:
+        """Keep a figure under `name` (None when there is nothing to show) and return the name."""
+        png = picture.png if isinstance(picture, Picture) else picture
+        if png is None:
+            return None
+        self.figures[name] = png
+        return name
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "model"
+
+
+def _rows(r: RunResults, preds: dict[str, Predictions]) -> list[Row]:
+    rows = []
+    for m in r.models:
+        row = Row(m)
+        if m.train_accuracy is not None and r.dataset.train_size > 0:
+            row.train_acc = stats.wilson(round(m.train_accuracy * r.dataset.train_size), r.dataset.train_size)
+        if m.label in preds:
+            row.test_acc = stats.bootstrap_accuracy(preds[m.label].correct, N_RESAMPLES)
+        rows.append(row)
+    return rows
+
+
+def _per_class(m: ModelResult, p: Predictions, nc: int) -> np.ndarray:
+    if len(m.test_per_class_accuracy) == nc:
+        return np.asarray(m.test_per_class_accuracy, dtype=float)
+    return stats.per_class_accuracy(p.targets, p.preds, nc)
+
+
+def _pairwise(rep: Report, preds: dict[str, Predictions]) -> list[Pairwise]:
+    r, out = rep.results, []
+    base = r.models[0]
+    for cand in r.models[1:]:
+        pw = Pairwise(base.label, cand.label)
+        out.append(pw)
+        missing = [m.label for m in (base, cand) if m.label not in preds]
+        if missing:
+            why = "failed" if any(r.model(x).status != "ok" for x in missing) else "has no predictions file"
+            pw.notes.append(f"No test: {', '.join(missing)} {why}.")
+            continue
+        pa, pb = preds[base.label], preds[cand.label]
+        pair = align(pa, pb)
+        if pair is None:
+            pw.notes.append("No test: the two prediction files do not cover the same test images.")
+            continue
+        ca, cb = pa.correct[pair[0]], pb.correct[pair[1]]
+        pw.table = stats.mcnemar(ca, cb)
+        pw.diff = stats.bootstrap_difference(ca, cb, N_RESAMPLES)
+        pw.verdict = stats.verdict(base.label, cand.label, pw.diff, pw.table)
+        nc = r.dataset.num_classes
+        scatter = plots.per_class_scatter(base.label, cand.label, _per_class(base, pa, nc), _per_class(cand, pb, nc),
+                                          r.dataset.class_names)  # fmt: skip
+        pw.scatter = rep.figure(f"per_class_{_slug(cand.label)}", scatter)
+        gallery = disagreement_gallery(r, rep.run_dir, base.label, cand.label, pa, pb)
+        pw.gallery = rep.figure(f"disagreements_{_slug(cand.label)}", gallery)
+        pw.notes += gallery.notes
+    return out
+
+
+def _environment(r: RunResults) -> list[tuple[str, str]]:
+    e = r.environment
+    device = e.device + (f" ({e.gpu_name})" if e.gpu_name else "")
+    return [
+        ("device", device), ("platform", e.platform), ("python", e.python), ("torch", e.torch),
+        ("timm", e.timm), ("CUDA", e.cuda or "none"), ("visionpoc", e.visionpoc), ("seed", str(e.seed)),
+        ("git commit", e.git_commit or "unknown"), ("run created", r.created or "unknown"),
+        ("dataset", f"{r.dataset.source} at {r.dataset.root}: {r.dataset.train_size:,} train / "
+                    f"{r.dataset.val_size:,} val / {r.dataset.test_size:,} test images, "
+                    f"{r.dataset.num_classes} classes"),
+    ]  # fmt: skip
+
+
+def _config_yaml(r: RunResults, run_dir: Path) -> str:
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        return path.read_text()
+    cfg: dict[str, Any] = r.config
+    return yaml.safe_dump(cfg, sort_keys=False) if cfg else "(no config recorded)"
+
+
+def build_report(run_dir: str | Path, explain: bool = True) -> Report:
+    """Read `run_dir` and compute every table, test and figure of the report."""
+    run_dir = Path(run_dir)
+    r = load_results(run_dir)
+    if not r.models:
+        from visionpoc.errors import VisionpocError
+
+        raise VisionpocError(f"{run_dir / 'results.json'} lists no model: the run did not get to train one")
+    preds = {m.label: p for m in r.models if (p := read_predictions(run_dir, m)) is not None}
+    labels = ", ".join(m.label for m in r.models)
+    rep = Report(
+        title=f"Model comparison: {labels}", run_dir=run_dir, results=r, rows=_rows(r, preds), pairwise=[],
+        confusions=[], explain_notes=[], caveats=caveats(r), environment=_environment(r),
+        config_yaml=_config_yaml(r, run_dir),
+    )  # fmt: skip
+    no_preds = [m.label for m in r.models if m.status == "ok" and m.label not in preds]
+    if no_preds:
+        rep.notes.append(
+            f"No test predictions file for {', '.join(no_preds)}: its test interval and tests are missing."
+        )
+    rep.pairwise = _pairwise(rep, preds)
+    rep.figure("learning_curves", plots.learning_curves(r.models))
+    rep.figure("accuracy_vs_time", plots.accuracy_vs_time(r.models))
+    rep.confusions = [Failures(m.label, stats.confused_pairs(preds[m.label].targets, preds[m.label].preds,
+                                                             r.dataset.class_names))
+                      for m in r.models if m.label in preds]  # fmt: skip
+    if explain:
+        picture = what_they_look_at(r, run_dir, preds)
+        rep.figure("what_they_look_at", picture)
+        rep.explain_notes = picture.notes
+    else:
+        rep.explain_notes = ["Saliency maps were not requested."]
+    return rep

@@ -1,0 +1,162 @@
+"""Caveats, generated from the run's facts rather than written by hand.
+
+Each check reads `RunResults` and returns zero or more `Caveat`s: pretraining that may have seen the
+test images (Stanford Dogs is built from ImageNet), a large train/test gap, unequal budgets between
+the models, a small test set, CPU timings, memory figures of different kinds, failed models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from visionpoc.results import ModelResult, RunResults
+
+GAP = 0.10  # train minus test accuracy above which we call it a large gap
+SMALL_TEST = 1000
+IMAGENET_TAGS = ("in1k", "in21k", "in22k", "in12k", "imagenet", "orig_in21k", "tf_in1k")
+WEB_SCALE_TAGS = ("laion", "openai", "clip", "dfn", "datacomp", "metaclip", "webli", "jft", "ig1b", "ig_",
+                  "yfcc", "lvd", "dinov2", "merged", "sw_in", "swag", "siglip")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Caveat:
+    title: str
+    text: str
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}%"
+
+
+def pretraining_source(m: ModelResult) -> str | None:
+    """'ImageNet', 'web-scale' or 'unknown' for a pretrained model, from its timm tag; None if from scratch."""
+    if not m.pretrained:
+        return None
+    tag = f"{m.pretrained_tag or ''} {m.timm}".lower()
+    if any(t in tag for t in IMAGENET_TAGS):
+        return "ImageNet"
+    if any(t in tag for t in WEB_SCALE_TAGS):
+        return "web-scale"
+    return "unknown"
+
+
+def _name(m: ModelResult) -> str:
+    return f"{m.label} ({m.pretrained_tag or m.timm})"
+
+
+def overlap(r: RunResults) -> list[Caveat]:
+    ok = [m for m in r.models if m.status == "ok"]  # a failed model reports nothing to be wary of
+    sources = {m.label: pretraining_source(m) for m in ok}
+    seen = [m for m in ok if sources[m.label] in ("ImageNet", "web-scale")]
+    unknown = [m for m in ok if sources[m.label] == "unknown"]
+    scratch = [m.label for m in ok if not m.pretrained]
+    out = []
+    dogs = r.dataset.source == "stanford_dogs"
+    if seen:
+        what = (
+            "Stanford Dogs is built from ImageNet images, so its test images may be in the pretraining data of "
+            if dogs
+            else "Web-scale or ImageNet pretraining may include images like (or identical to) this test set's: "
+        )
+        out.append(Caveat("Pretraining may have seen the test images",
+                          what + ", ".join(_name(m) for m in seen) + ". Their test accuracy can be optimistic; "
+                          "compare with that in mind, or hold out images collected elsewhere."))  # fmt: skip
+    if unknown:
+        out.append(Caveat("Pretraining data unknown",
+                          "The pretraining data of " + ", ".join(_name(m) for m in unknown) + " is not recorded "
+                          "in its timm tag; check its model card for overlap with the test set."))  # fmt: skip
+    if scratch:
+        out.append(Caveat("No pretraining overlap for models trained from scratch",
+                          ", ".join(scratch) + (" was" if len(scratch) == 1 else " were") + " trained from "
+                          "scratch (pretrained: false): there is no risk that pretraining saw the test images."))  # fmt: skip
+    return out
+
+
+def train_test_gap(r: RunResults) -> list[Caveat]:
+    gaps = [(m, m.train_accuracy - m.test_accuracy) for m in r.models
+            if m.train_accuracy is not None and m.test_accuracy is not None]  # fmt: skip
+    big = [(m, g) for m, g in gaps if g > GAP]
+    if not big:
+        return []
+    facts = "; ".join(f"{m.label}: train {_pct(m.train_accuracy or 0)} vs test {_pct(m.test_accuracy or 0)} "
+                      f"({100 * g:.1f} points)" for m, g in big)  # fmt: skip
+    who = big[0][0].label if len(big) == 1 else "These models"
+    return [Caveat("Large train/test gap", f"{facts}. {who} fit the training set much better than the test set "
+                   "(overfitting); more data, stronger augmentation or regularization, or fewer epochs may "
+                   "close the gap.")]  # fmt: skip
+
+
+def _finetune(m: ModelResult) -> str:
+    return f"{m.finetune} ({m.fraction:g})" if m.fraction is not None else m.finetune
+
+
+BUDGET_FIELDS: dict[str, Callable[[ModelResult], object]] = {
+    "epochs run": lambda m: m.epochs_run,
+    "input size (px)": lambda m: m.img_size,
+    "fine-tuning policy": _finetune,
+    "learning rate": lambda m: m.lr,
+    "batch size": lambda m: m.batch_size,
+}
+
+
+def budgets(r: RunResults) -> list[Caveat]:
+    ok = [m for m in r.models if m.status == "ok"]
+    if len(ok) < 2:
+        return []
+    diffs = []
+    for name, get in BUDGET_FIELDS.items():
+        values = [get(m) for m in ok]
+        if len({repr(v) for v in values}) > 1:
+            diffs.append(f"{name}: " + ", ".join(f"{m.label} {v}" for m, v in zip(ok, values, strict=True)))
+    stopped = [
+        f"{m.label} ran {m.epochs_run} of {m.epochs} epochs"
+        for m in ok
+        if m.epochs and m.epochs_run < m.epochs
+    ]
+    if not diffs and not stopped:
+        return []
+    text = "The models did not get the same budget, so part of the difference may come from it. " + "; ".join(
+        diffs + stopped) + "."  # fmt: skip
+    return [Caveat("Different budgets", text)]
+
+
+def small_test(r: RunResults) -> list[Caveat]:
+    n = r.dataset.test_size
+    if n >= SMALL_TEST:
+        return []
+    return [Caveat("Small test set", f"The test set has only {n:,} images: one image is {100 / max(n, 1):.2f} "
+                   "points of accuracy and the intervals above are wide. Treat small differences as noise.")]  # fmt: skip
+
+
+def timing(r: RunResults) -> list[Caveat]:
+    out = []
+    if r.environment.device == "cpu":
+        out.append(Caveat("Timed on CPU", "This run trained on the CPU: times, throughput and latency say little "
+                          "about a GPU deployment. Rerun on the target hardware before comparing costs."))  # fmt: skip
+    kinds = {m.peak_memory_kind for m in r.models if m.peak_memory_kind}
+    if len(kinds) > 1:
+        out.append(
+            Caveat(
+                "Memory figures are not comparable",
+                f"Peak memory was measured in different ways ({', '.join(sorted(kinds))}).",
+            )
+        )
+    elif kinds == {"process_max_rss"}:
+        out.append(Caveat("Peak memory is the whole process's",
+                          "Peak memory is the process's maximum resident set size (CPU run), which includes "
+                          "Python, the data loader and earlier models of the run, not only this model."))  # fmt: skip
+    return out
+
+
+def failures(r: RunResults) -> list[Caveat]:
+    return [Caveat(f"{m.label} failed", f"{m.label} did not finish: {m.error}. It is absent from the comparison.")
+            for m in r.models if m.status != "ok"]  # fmt: skip
+
+
+CHECKS = (overlap, train_test_gap, budgets, small_test, timing, failures)
+
+
+def caveats(r: RunResults) -> list[Caveat]:
+    """Every caveat that applies to the run, in reading order."""
+    return [c for check in CHECKS for c in check(r)]

@@ -1,0 +1,101 @@
+"""Render a `Report` with Jinja2: `report.html` (one self-contained file, figures as base64 PNG data
+URIs, no external CSS or JS: it works offline and can be mailed) and `report.md` (for a README or a
+pull request; its figures are PNG files in `report_files/`). Both come from the same `Report` value
+and the same number formatting, so they never disagree.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import jinja2
+
+from visionpoc.atomic import atomic_write_bytes, atomic_write_text
+from visionpoc.report.build import N_RESAMPLES, Report, build_report
+from visionpoc.report.stats import Interval, format_p
+
+log = logging.getLogger(__name__)
+
+HTML_FILE = "report.html"
+MD_FILE = "report.md"
+FILES_DIR = "report_files"
+DASH = "–"
+
+
+def _missing(v: object) -> bool:
+    return v is None or (isinstance(v, float) and not math.isfinite(v))
+
+
+def pct(v: float | None, digits: int = 1) -> str:
+    """0.8531 -> '85.3%'."""
+    return DASH if _missing(v) else f"{100 * v:.{digits}f}%"  # type: ignore[operator]
+
+
+def ci(iv: Interval | None) -> str:
+    """The interval of an accuracy in percent: '[82.1, 88.4]'."""
+    return "" if iv is None else f"[{100 * iv.low:.1f}, {100 * iv.high:.1f}]"
+
+
+def points(v: float | None, signed: bool = True) -> str:
+    """A difference of accuracies in percentage points: 0.0123 -> '+1.2'."""
+    return DASH if _missing(v) else f"{100 * v:{'+' if signed else ''}.1f}"  # type: ignore[operator]
+
+
+def num(v: float | int | None, spec: str = ",.1f") -> str:
+    return DASH if _missing(v) else format(v, spec)
+
+
+def millions(v: int | None) -> str:
+    return DASH if v is None else f"{v / 1e6:,.2f} M"
+
+
+def md_cell(text: object) -> str:
+    """Text safe inside a Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _environment(image_src: Callable[[str], str]) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("visionpoc.report", "templates"),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default_for_string=False),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters.update(pct=pct, ci=ci, points=points, num=num, millions=millions, p=format_p, md=md_cell)
+    env.globals["img"] = image_src
+    env.globals["n_resamples"] = N_RESAMPLES
+    return env
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def render_html(rep: Report) -> str:
+    return (
+        _environment(lambda name: _data_uri(rep.figures[name])).get_template("report.html.j2").render(r=rep)
+    )
+
+
+def render_markdown(rep: Report) -> str:
+    return _environment(lambda name: f"{FILES_DIR}/{name}.png").get_template("report.md.j2").render(r=rep)
+
+
+def write_report(run_dir: str | Path, explain: bool = True) -> Path:
+    """Write `RUN_DIR/report.html`, `RUN_DIR/report.md` and `RUN_DIR/report_files/*.png`; return the HTML path."""
+    run_dir = Path(run_dir)
+    rep = build_report(run_dir, explain=explain)
+    files = run_dir / FILES_DIR
+    for old in files.glob("*.png") if files.is_dir() else []:
+        old.unlink()  # figures of an earlier report that this one may not have
+    for name, png in rep.figures.items():
+        atomic_write_bytes(files / f"{name}.png", png)
+    atomic_write_text(run_dir / MD_FILE, render_markdown(rep))
+    html = atomic_write_text(run_dir / HTML_FILE, render_html(rep))
+    log.info("report: %s (%d figures)", html, len(rep.figures))
+    return html

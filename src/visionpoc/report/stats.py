@@ -1,0 +1,176 @@
+"""The report's statistics: is a difference in test accuracy real, and how sure are we?
+
+- `mcnemar`: the exact McNemar test on paired predictions (a two-sided binomial test with p = 1/2 on
+  the discordant pairs, `scipy.stats.binomtest`), with its 2x2 table.
+- `bootstrap_accuracy` / `bootstrap_difference`: percentile bootstrap intervals over test images
+  (seeded, paired: both models are scored on the same resampled images).
+- `wilson`: the Wilson score interval of a proportion known only as a count (the train accuracy,
+  which has no predictions file).
+- `verdict`: one plain sentence a decision-maker can read, with its uncertainty.
+- `confused_pairs`: the most frequent (true class, predicted class) mistakes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import binomtest
+
+ALPHA = 0.05
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate and its confidence interval (same units)."""
+
+    point: float
+    low: float
+    high: float
+    level: float = 0.95
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """Paired correctness of baseline A and candidate B on the same test images."""
+
+    both_right: int
+    only_a: int  # A right, B wrong
+    only_b: int  # B right, A wrong
+    both_wrong: int
+    p_value: float
+
+    @property
+    def n(self) -> int:
+        return self.both_right + self.only_a + self.only_b + self.both_wrong
+
+    @property
+    def discordant(self) -> int:
+        return self.only_a + self.only_b
+
+
+def _as_bool(correct: np.ndarray) -> np.ndarray:
+    arr = np.asarray(correct).astype(bool).ravel()
+    if arr.size == 0:
+        raise ValueError("no test predictions to score")
+    return arr
+
+
+def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemar:
+    """Exact McNemar test: under H0 each discordant pair is equally likely to favour either model."""
+    a, b = _as_bool(correct_a), _as_bool(correct_b)
+    if a.shape != b.shape:
+        raise ValueError(f"paired test needs the same images: {a.size} vs {b.size} predictions")
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    p = 1.0 if only_a + only_b == 0 else float(binomtest(only_b, only_a + only_b, 0.5).pvalue)
+    return McNemar(int((a & b).sum()), only_a, only_b, int((~a & ~b).sum()), min(p, 1.0))
+
+
+def _bootstrap_means(values: np.ndarray, n_resamples: int, seed: int, chunk: int = 250) -> np.ndarray:
+    """Means of `values` (N,) over `n_resamples` resamples with replacement, drawn in chunks of memory."""
+    rng = np.random.default_rng(seed)
+    n = values.size
+    out = np.empty(n_resamples, dtype=np.float64)
+    for start in range(0, n_resamples, chunk):
+        stop = min(start + chunk, n_resamples)
+        idx = rng.integers(0, n, size=(stop - start, n))  # (chunk, N)
+        out[start:stop] = values[idx].mean(1)
+    return out
+
+
+def _percentile(point: float, samples: np.ndarray, level: float) -> Interval:
+    lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])
+    return Interval(point, float(min(lo, point)), float(max(hi, point)), level)
+
+
+def bootstrap_accuracy(
+    correct: np.ndarray, n_resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> Interval:
+    """Accuracy of a boolean (N,) correctness vector with its percentile bootstrap interval."""
+    c = _as_bool(correct).astype(np.float64)
+    return _percentile(float(c.mean()), _bootstrap_means(c, n_resamples, seed), level)
+
+
+def bootstrap_difference(correct_a: np.ndarray, correct_b: np.ndarray, n_resamples: int = 2000, seed: int = 0,
+                         level: float = 0.95) -> Interval:  # fmt: skip
+    """Accuracy of B minus accuracy of A, with a paired bootstrap interval (same resampled images)."""
+    a, b = _as_bool(correct_a), _as_bool(correct_b)
+    if a.shape != b.shape:
+        raise ValueError(f"paired bootstrap needs the same images: {a.size} vs {b.size} predictions")
+    d = b.astype(np.float64) - a.astype(np.float64)  # per-image difference: -1, 0 or 1
+    return _percentile(float(d.mean()), _bootstrap_means(d, n_resamples, seed), level)
+
+
+def wilson(successes: int, n: int, level: float = 0.95) -> Interval:
+    """The Wilson score interval of successes / n."""
+    if n <= 0:
+        raise ValueError("the Wilson interval needs n > 0")
+    k = min(max(int(successes), 0), n)
+    ci = binomtest(k, n).proportion_ci(confidence_level=level, method="wilson")
+    return Interval(k / n, float(ci.low), float(ci.high), level)
+
+
+def _pts(v: float, signed: bool = False) -> str:
+    return f"{100 * v:+.1f}" if signed else f"{100 * v:.1f}"
+
+
+def verdict(baseline: str, candidate: str, diff: Interval, test: McNemar) -> str:
+    """One sentence: which model is more accurate on test, by how much, and whether chance explains it.
+
+    `diff` is candidate minus baseline; the sentence states it as the leader's lead, interval included.
+    """
+    n = f"on {test.n:,} test images"
+    p = f"McNemar p = {format_p(test.p_value)}"
+    if test.discordant == 0:
+        return (
+            f"{candidate} and {baseline} make exactly the same mistakes {n}: there is no difference to test."
+        )
+    if diff.point == 0:
+        return (f"{candidate} and {baseline} are equally accurate {n}, though they err on different images "
+                f"(95% CI on the difference {_pts(diff.low, True)} to {_pts(diff.high, True)} points; {p}).")  # fmt: skip
+    ahead, other = (candidate, baseline) if diff.point > 0 else (baseline, candidate)
+    lead = diff if diff.point > 0 else Interval(-diff.point, -diff.high, -diff.low, diff.level)
+    if test.p_value < ALPHA and lead.low > 0:
+        return (f"{ahead} is more accurate than {other} by {_pts(lead.point)} points {n} "
+                f"(95% CI {_pts(lead.low)} to {_pts(lead.high)} points; {p}): the difference is unlikely "
+                "to be chance.")  # fmt: skip
+    return (f"{ahead} is ahead of {other} by {_pts(lead.point)} points {n}, but this test set cannot tell "
+            f"them apart: the 95% CI on that lead runs from {_pts(lead.low, True)} to {_pts(lead.high, True)} "
+            f"points ({p}).")  # fmt: skip
+
+
+def format_p(p: float) -> str:
+    """p-values as a reader expects them: 3 significant digits, or '< 0.001'."""
+    return "< 0.001" if p < 1e-3 else f"{p:.3g}"
+
+
+@dataclass(frozen=True)
+class Confusion:
+    true: str
+    predicted: str
+    count: int
+    share: float  # of the true class's test images
+
+
+def confused_pairs(
+    targets: np.ndarray, preds: np.ndarray, class_names: list[str], k: int = 15
+) -> list[Confusion]:
+    """The `k` most frequent mistakes (true class -> predicted class), most frequent first."""
+    nc = len(class_names)
+    t, p = np.asarray(targets, dtype=np.int64), np.asarray(preds, dtype=np.int64)
+    cm = np.bincount(t * nc + p, minlength=nc * nc).reshape(nc, nc)  # (true, predicted)
+    support = cm.sum(1)
+    np.fill_diagonal(cm, 0)
+    flat = np.argsort(-cm, axis=None, kind="stable")[:k]
+    pairs = [divmod(int(i), nc) for i in flat]
+    return [Confusion(class_names[i], class_names[j], int(cm[i, j]), float(cm[i, j] / max(int(support[i]), 1)))
+            for i, j in pairs if cm[i, j] > 0]  # fmt: skip
+
+
+def per_class_accuracy(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes,) accuracy per true class; NaN for classes absent from the test set."""
+    t, p = np.asarray(targets, dtype=np.int64), np.asarray(preds, dtype=np.int64)
+    support = np.bincount(t, minlength=num_classes).astype(np.float64)
+    right = np.bincount(t[t == p], minlength=num_classes).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(support > 0, right / support, np.nan)

@@ -1,0 +1,57 @@
+"""The report as a reader sees it: open report.html in headless Chromium (Playwright, offline).
+
+Needs Debian's `chromium` at /usr/bin/chromium (skipped without it) and the `playwright` package; no
+browser download (`playwright install` is never needed). The screenshot is kept in build/report.png.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from test_report import make_run
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOT = Path(__file__).resolve().parents[1] / "build" / "report.png"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+
+
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason=f"{CHROMIUM} not found: apt-get install chromium to run this test"
+)
+def test_report_renders_in_chromium(tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from visionpoc.report import write_report
+
+    run_dir = make_run(tmp_path, n_models=3, images=True, weights=True, failed=True)
+    html = write_report(run_dir)
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("request", lambda req: errors.append(f"network request: {req.url}")
+                    if not req.url.startswith(("file:", "data:")) else None)  # fmt: skip
+            page.goto(html.as_uri(), wait_until="load")
+            images = page.evaluate(
+                "Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])"
+            )
+            summary = page.inner_text("#summary")
+            verdicts = page.locator(".bottom-line .verdict").all_inner_texts()
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+        finally:
+            browser.close()
+    assert errors == []
+    assert len(images) >= 7  # curves, time, 2 scatters, 2 galleries, saliency
+    broken = [alt for alt, complete, width in images if not complete or width == 0]
+    assert broken == []
+    for text in ("a", "b", "c", "broken", "85.7%", "75.7%", "30.0", "1.23 M", "457", "failed: RuntimeError"):
+        assert text in summary, text
+    assert len(verdicts) == 2 and all("points" in v for v in verdicts)
+    assert SCREENSHOT.stat().st_size > 10_000
