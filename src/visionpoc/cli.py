@@ -6,6 +6,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -124,8 +125,10 @@ def _write_report(run_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), os.environ.get("RANK", "0")
+    speaker = f" [rank {rank}/{world}]" if world > 1 else ""  # under torchrun, say which process speaks
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")  # fmt: skip
+                        format=f"%(asctime)s{speaker} %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")  # fmt: skip
     try:
         if args.command == "data":
             return _data_download(args) if args.data_command == "download" else _data_check(args)

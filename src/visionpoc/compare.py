@@ -10,6 +10,8 @@ import logging
 import traceback
 from pathlib import Path
 
+import torch
+
 from visionpoc import distributed
 from visionpoc.config import Config, save_config, to_dict
 from visionpoc.data.sources import Dataset, read_dataset
@@ -59,14 +61,18 @@ def run_compare(
     continues from its last checkpoint. Only the main process writes (under torchrun).
     """
     out_dir = Path(out_dir)
-    d = distributed.from_env()
+    d = distributed.init("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
     done: dict[str, ModelResult] = {}
     if resume and (out_dir / RESULTS_FILE).is_file():
         done = {m.label: m for m in load_results(out_dir).models if m.status == "ok"}
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
-    ds, splits = load_data(cfg)
+    if d.main:  # one process downloads; the others wait for it
+        ds, splits = load_data(cfg)
+    distributed.barrier(d)
+    if not d.main:
+        ds, splits = load_data(cfg)
     device = resolve_device(cfg.train.device, d)
     results = RunResults(
         dataset=DatasetInfo(

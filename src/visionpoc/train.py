@@ -198,8 +198,11 @@ def train_one_epoch(p: StepParts, batches: Batches, epoch: int, step: int, progr
     """Train over `batches` from `progress` on. Returns (progress, global step, stopped early)."""
     p.model.train()
     clock, warm = Stopwatch(p.device), Stopwatch(p.device)
-    loss_sum = torch.tensor(progress.loss_sum, device=p.device, dtype=torch.float64)
-    correct = torch.tensor(progress.correct, device=p.device, dtype=torch.long)
+    # one process continues the interrupted epoch's running sum, so a resumed epoch adds in the same order
+    carried = 0.0 if d.enabled else progress.loss_sum
+    loss_sum = torch.tensor(carried, device=p.device, dtype=torch.float64)
+    correct = torch.zeros((), device=p.device, dtype=torch.long)
+    n = n_steady = 0
     bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None if d.main else True)
     stopped = False
     for x, y in bar:
@@ -216,15 +219,21 @@ def train_one_epoch(p: StepParts, batches: Batches, epoch: int, step: int, progr
         correct += c
         watch.stop()
         progress.batches += 1
-        progress.n += len(y)
-        progress.n_steady += len(y) if watch is clock else 0
+        n += len(y)
+        n_steady += len(y) if watch is clock else 0
         if bar.disable is False and step % 10 == 0:  # .item() syncs: only when a bar is shown
-            bar.set_postfix(loss=f"{loss_sum.item() / progress.n:.3f}", acc=f"{correct.item() / progress.n:.3f}",
-                            img_s=f"{progress.n_steady / max(clock.total, 1e-9):.0f}")  # fmt: skip
+            bar.set_postfix(loss=f"{loss_sum.item() / n:.3f}", acc=f"{correct.item() / n:.3f}",
+                            img_s=f"{n_steady / max(clock.total, 1e-9):.0f}")  # fmt: skip
         if distributed.broadcast_flag(d, stop.signum is not None):  # every rank stops at the same step
             stopped = True
             break
-    progress.loss_sum, progress.correct = loss_sum.item(), int(correct.item())
+    # the epoch's sums over every process's samples, added to what an interrupted run had done
+    progress.loss_sum -= carried
+    for ls_, c_, n_, ns_ in distributed.all_gather(d, (loss_sum.item(), int(correct.item()), n, n_steady)):
+        progress.loss_sum += ls_
+        progress.correct += c_
+        progress.n += n_
+        progress.n_steady += ns_
     progress.time_s += clock.total
     progress.warmup_s += warm.total
     return progress, step, stopped

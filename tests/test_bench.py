@@ -1,0 +1,55 @@
+"""`visionpoc bench --smoke` on the CPU: it runs, and reports every figure and ratio it promises.
+No speed is asserted here: performance targets belong to the benchmark itself (docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from visionpoc import bench
+from visionpoc.bench import SECTIONS, format_bench, run_bench
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a busy 2-core runner, spinning OpenMP threads make CPU steps 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_smoke_bench_reports_every_figure(tmp_path: Path, one_thread: None) -> None:
+    out = tmp_path / "bench.json"
+    d = run_bench(smoke=True, device="cpu", out=out)
+    assert json.loads(out.read_text())["ratios"] == pytest.approx(d["ratios"])
+    assert d["environment"]["device"] == "cpu" and d["environment"]["smoke"] is True
+    inp = d["input"]
+    assert inp["pil"]["img_s"] > 0 and inp["prepared"]["img_s"] > 0 and inp["prepared"]["build_s"] > 0
+    assert inp["ratio_prepared_vs_pil"] == pytest.approx(inp["prepared"]["img_s"] / inp["pil"]["img_s"])
+    assert [m["name"] for m in d["ours"]] == ["vit_b16", "xception_top10"]
+    for m in d["ours"]:
+        assert "error" not in m, m
+        assert m["synthetic_img_s"] > 0 and m["prepared_img_s"] > 0 and m["input_efficiency"] > 0
+    assert {(m["name"], m["compile"]) for m in d["peer"]} == {("vit_b16", False), ("xception_top10", False)}
+    assert all(m["img_s"] > 0 for m in d["peer"])
+    assert set(d["ratios"]) >= {"input prepared/pil", "vit_b16 input efficiency", "vit_b16 vs timm eager",
+                                "xception_top10 input efficiency", "xception_top10 vs timm eager"}  # fmt: skip
+    if not d["hf"]:
+        assert d["skipped"]["hf"] == "transformers is not installed"
+    assert "targets" not in d  # the issue's targets are for an H100, not a smoke run
+    text = format_bench(d)
+    assert "prepared store + gpu_aug" in text and "ratio input prepared/pil" in text and "vit_b16" in text
+
+
+def test_on_a_cpu_the_full_bench_measures_only_the_input_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    toy = bench.plan(smoke=True)
+    monkeypatch.setattr(bench, "plan", lambda smoke: toy)  # the non-smoke rules, on toy sizes
+    d = run_bench(smoke=False, device="cpu")  # the model steps measure a GPU: only `input` runs
+    assert d["input"]["prepared"]["img_s"] > 0 and not d["ours"] and not d["peer"]
+    assert set(d["skipped"]) == set(SECTIONS) - {"input"}
+    assert run_bench(smoke=True, device="cpu", sections=("input",))["skipped"]["ours"] == "not asked for"

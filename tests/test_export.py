@@ -1,0 +1,76 @@
+"""Export: ONNX round-trip through onnxruntime within tolerance (any batch size), and the safetensors
+export rebuilt with plain timm giving the trained model's logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from test_predict import LABELS, tiny_run
+from visionpoc.errors import VisionpocError
+from visionpoc.export import export, load_safetensors_export, read_onnx_check
+from visionpoc.trained import load_trained
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, mini_dogs: Path) -> Path:
+    return tiny_run(tmp_path_factory, mini_dogs)
+
+
+def test_onnx_round_trip(run_dir: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    paths = export(run_dir, "onnx", out=tmp_path)
+    for label in LABELS:
+        folder = tmp_path / label
+        assert {p for p in paths if p.parent == folder} == {
+            folder / n for n in ("model.onnx", "preprocessing.json", "classes.json", "onnx_check.json")
+        }
+        check = read_onnx_check(folder / "model.onnx")
+        assert check.ok and check.max_abs_diff <= check.tolerance
+        assert check.tolerance == pytest.approx(1e-4 * max(1, check.max_abs_logit))
+        assert str(check).startswith(f"onnx check [{label}]: max |Δ| = ") and str(check).endswith("OK")
+        pre = json.loads((folder / "preprocessing.json").read_text())
+        assert json.loads((folder / "classes.json").read_text()) == ["Chihuahua", "Shih-Tzu", "Afghan hound"]
+        tm = load_trained(run_dir, label)
+        assert tuple(pre["input_size"]) == tm.data_config["input_size"]
+        assert tuple(pre["mean"]) == tm.data_config["mean"]
+        session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+        for batch in (1, 5):  # the batch axis is dynamic
+            x = torch.rand(batch, *pre["input_size"])
+            with torch.inference_mode():
+                ref = tm.model(x).numpy()
+            got = session.run(["logits"], {"input": x.numpy()})[0]
+            assert got.shape == (batch, 3)
+            assert np.abs(got - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
+def test_safetensors_rebuilds_with_timm(run_dir: Path, tmp_path: Path) -> None:
+    paths = export(run_dir, "safetensors", label="cnn", out=tmp_path)
+    assert {p.name for p in paths} == {
+        "model.safetensors",
+        "model_config.json",
+        "preprocessing.json",
+        "classes.json",
+    }
+    assert not (tmp_path / "vit").exists()
+    config = json.loads((tmp_path / "cnn" / "model_config.json").read_text())
+    assert config["timm"] == "test_resnet" and config["num_classes"] == 3
+    assert config["finetune"]["policy"] == "top_fraction"
+    model = load_safetensors_export(tmp_path / "cnn")  # plain timm: BatchNorm2d, not FrozenBatchNorm2d
+    assert any(type(m) is torch.nn.BatchNorm2d for m in model.modules())
+    tm = load_trained(run_dir, "cnn")
+    x = torch.randn(4, *tm.data_config["input_size"])
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), tm.model(x), rtol=0, atol=1e-6)
+
+
+def test_export_errors(run_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(VisionpocError, match="choose from cnn, vit"):
+        export(run_dir, "onnx", label="nope", out=tmp_path)
+    with pytest.raises(VisionpocError, match="unknown export format"):
+        export(run_dir, "tflite", out=tmp_path)  # type: ignore[arg-type]

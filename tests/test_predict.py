@@ -1,0 +1,105 @@
+"""Prediction with a finished run: output format, and the same top-1 as the run's own test evaluation.
+
+`tiny_run` builds one run of two tiny models (a CNN with frozen BatchNorm layers and a two-block ViT)
+once per session; the serve and export tests reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from visionpoc.compare import run_compare
+from visionpoc.config import load_config
+from visionpoc.errors import VisionpocError
+from visionpoc.predict import Predictor, format_predictions, image_files
+from visionpoc.results import load_predictions
+
+_CACHE: dict[str, Path] = {}
+LABELS = ["cnn", "vit"]
+
+
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, dogs: Path) -> Path:
+    """A finished `compare` run over `dogs` with models `cnn` and `vit` (built once per session)."""
+    if "run" not in _CACHE:
+        base = tmp_path_factory.mktemp("tiny_run")
+        cfg = base / "tiny.yaml"
+        cfg.write_text(
+            f"data: {{source: stanford_dogs, root: '{dogs}', val_fraction: 0.2, num_workers: 0, download: false}}\n"
+            "models:\n"
+            "  - {label: cnn, timm: test_resnet, pretrained: false, finetune: top_fraction, fraction: 0.5,\n"
+            "     img_size: 48, lr: 0.003}\n"
+            "  - {label: vit, timm: vit_tiny_patch16_224, pretrained: false, img_size: 32,\n"
+            "     model_kwargs: {depth: 2}}\n"
+            "train: {epochs: 2, batch_size: 8, lr: 0.001, warmup_epochs: 0.5}\n"
+        )
+        results = run_compare(load_config(cfg), base / "run")
+        assert [m.status for m in results.models] == ["ok", "ok"], [m.error for m in results.models]
+        _CACHE["run"] = base / "run"
+    return _CACHE["run"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, mini_dogs: Path) -> Path:
+    return tiny_run(tmp_path_factory, mini_dogs)
+
+
+@pytest.fixture(scope="module")
+def predictor(run_dir: Path) -> Predictor:
+    return Predictor(run_dir)
+
+
+def test_top1_matches_the_runs_test_predictions(predictor: Predictor, run_dir: Path, mini_dogs: Path) -> None:
+    for label in LABELS:
+        saved = load_predictions(run_dir / label / "test_predictions.npz")
+        paths = [mini_dogs / "Images" / f for f in saved["files"]]
+        rows = predictor.predict_paths(paths, top=3)
+        assert [r["image"] for r in rows] == [str(p) for p in paths]
+        answers = [next(a for a in r["models"] if a["model"] == label) for r in rows]
+        np.testing.assert_array_equal([a["top"][0]["index"] for a in answers], saved["preds"])
+        top1 = np.array([a["top"][0]["probability"] for a in answers])
+        np.testing.assert_allclose(top1, saved["probs"].max(1), atol=1e-4)
+
+
+def test_output_format(predictor: Predictor, mini_dogs: Path) -> None:
+    folder = mini_dogs / "Images" / "n02085620-Chihuahua"
+    rows = predictor.predict_paths([folder], top=5)
+    assert len(rows) == len(image_files([folder])) == 9
+    row = rows[0]
+    assert [a["model"] for a in row["models"]] == LABELS
+    for a in row["models"]:
+        assert len(a["top"]) == 3  # top 5 clipped to the 3 classes
+        probs = [t["probability"] for t in a["top"]]
+        assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-4
+        assert {t["label"] for t in a["top"]} == {"Chihuahua", "Shih-Tzu", "Afghan hound"}
+        assert a["latency_ms"] > 0
+    json.dumps(rows)  # the CLI's --json
+    text = format_predictions(rows[:2])
+    lines = text.splitlines()
+    assert lines[0] == row["image"] and "cnn (" in lines[1] and "vit (" in lines[1] and " ms)" in lines[1]
+    assert lines[2].startswith("  1  ") and "%" in lines[2]
+    assert text.count("\n\n") == 1
+
+
+def test_bad_files_and_paths(predictor: Predictor, tmp_path: Path) -> None:
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "notes.txt").write_text("skipped: not an image extension")
+    rows = predictor.predict_paths([tmp_path])
+    assert len(rows) == 1 and "broken.jpg" in rows[0]["error"]
+    assert "error: cannot decode" in format_predictions(rows)
+    with pytest.raises(VisionpocError, match="not found"):
+        predictor.predict_paths([tmp_path / "absent.jpg"])
+    with pytest.raises(VisionpocError, match="choose from cnn, vit"):
+        Predictor(predictor.run_dir, labels=["nope"])
+
+
+def test_explanations(predictor: Predictor, mini_dogs: Path) -> None:
+    from PIL import Image
+
+    image = Image.open(next((mini_dogs / "Images").rglob("*.jpg")))
+    maps = predictor.explain_image(image, size=64)
+    assert {k: m for k, (m, _) in maps.items()} == {"cnn": "Grad-CAM", "vit": "attention rollout"}
+    assert all(min(img.size) >= 64 and img.mode == "RGB" for _, img in maps.values())

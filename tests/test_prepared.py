@@ -1,0 +1,178 @@
+"""The prepared store (`visionpoc.data.prepared`): the same pixels as decoding with PIL, the cache key
+(reuse, rebuild on change), atomic builds, the loaders it feeds, and training through it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+import yaml
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+from dogs_fixture import make_mini_dogs
+from visionpoc.compare import run_compare
+from visionpoc.config import load_config
+from visionpoc.data import prepared
+from visionpoc.data.images import load_rgb
+from visionpoc.data.loaders import build_loaders, set_epoch
+from visionpoc.data.prepared import CACHE_DIRNAME, cache_dir_for, prepare_store, store_key
+from visionpoc.data.sources import read_stanford_dogs
+from visionpoc.data.splits import make_splits
+
+DCFG = {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+        "crop_pct": 0.9, "crop_mode": "center"}  # fmt: skip
+
+
+def all_paths(root: Path) -> list[Path]:
+    ds = read_stanford_dogs(root)
+    return [s.path(i) for s in (ds.train, ds.test) for i in range(len(s))]
+
+
+def test_store_holds_the_pil_resize_and_center_crop(mini_dogs: Path, tmp_path: Path) -> None:
+    paths = all_paths(mini_dogs)
+    store = prepare_store(paths, 72, tmp_path / "cache")  # 48x36 -> 96x72: an exact resize, then the crop
+    assert store.built and store.images.shape == (len(paths), 3, 72, 72) and store.images.dtype == np.uint8
+    rows = store.rows(paths)
+    assert sorted(rows.tolist()) == list(range(len(paths)))
+    for path, row in zip(paths, rows, strict=True):
+        ref = TF.center_crop(TF.resize(load_rgb(path), 72, InterpolationMode.BICUBIC), 72)
+        diff = np.abs(np.asarray(ref).transpose(2, 0, 1).astype(np.float32) - store.images[row])
+        assert diff.mean() <= 3, path
+    assert not any(mini_dogs.rglob(CACHE_DIRNAME))  # the cache went where it was told
+
+
+def test_store_is_reused_and_rebuilt_when_a_file_changes(fresh_dogs: Path, tmp_path: Path) -> None:
+    paths, cache = all_paths(fresh_dogs), tmp_path / "cache"
+    first = prepare_store(paths, 32, cache)
+    before = np.array(first.images)
+    again = prepare_store(paths, 32, cache)
+    assert first.built and not again.built and again.key == first.key
+    assert np.array_equal(np.asarray(again.images), before)
+    other = prepare_store(paths, 24, cache)  # the size is part of the key
+    assert other.built and other.key != first.key and first.path.exists()
+
+    changed = paths[4]
+    row = int(first.rows([changed])[0])
+    Image.new("RGB", (48, 36), (255, 255, 255)).save(changed, quality=95)  # new content for one file
+    assert store_key(paths, 32) != first.key
+    rebuilt = prepare_store(paths, 32, cache)
+    assert rebuilt.built and rebuilt.key != first.key
+    assert rebuilt.images[row].min() >= 250  # the new pixels are there
+    keep = np.arange(len(paths)) != row
+    assert np.array_equal(rebuilt.images[keep], before[keep])
+    assert (
+        not first.path.exists() and not first.path.with_suffix(".json").exists()
+    )  # the outdated store is gone
+    assert other.path.exists()  # another size's store stays
+    assert not list(cache.glob(".*.tmp"))
+
+
+def test_a_half_built_store_is_never_used(
+    fresh_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths, cache = all_paths(fresh_dogs), tmp_path / "cache"
+    real, calls = prepared.decode_square, []
+
+    def crash_after_three(path: str | Path, size: int) -> np.ndarray:
+        calls.append(path)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real(path, size)
+
+    monkeypatch.setattr(prepared, "decode_square", crash_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_store(paths, 32, cache)
+    assert not list(cache.iterdir())  # no store, no sidecar, no temp file
+    monkeypatch.setattr(prepared, "decode_square", real)
+    store = prepare_store(paths, 32, cache)
+    store.path.with_suffix(".json").unlink()  # a crash between the array's rename and the sidecar's
+    assert prepare_store(paths, 32, cache).built
+
+
+def test_parallel_build_matches_serial(
+    mini_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(prepared, "CHUNK", 4)  # several tasks for the 2 worker processes
+    paths = all_paths(mini_dogs)
+    serial = prepare_store(paths, 32, tmp_path / "a", workers=0)
+    parallel = prepare_store(paths, 32, tmp_path / "b", workers=2)
+    assert serial.key == parallel.key and np.array_equal(
+        np.asarray(serial.images), np.asarray(parallel.images)
+    )
+
+
+def test_cache_dir_falls_back_when_the_dataset_folder_is_not_writable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir_for(tmp_path / "ok") == tmp_path / "ok" / CACHE_DIRNAME
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / CACHE_DIRNAME).write_text("a file where the cache folder would go")
+    assert cache_dir_for(blocked) == tmp_path / "xdg" / "visionpoc"
+
+
+def overrides(root: Path, pipeline: str, **extra: object) -> list[str]:
+    sets = {"data.root": root, "data.download": "false", "data.num_workers": 0, "data.val_fraction": 0.2,
+            "data.pipeline": pipeline, "data.prepared_size": 48, "train.device": "cpu", "train.batch_size": 4,
+            **extra}  # fmt: skip
+    return [f"{k}={v}" for k, v in sets.items()]
+
+
+def test_prepared_loaders_batches_order_and_resume(fresh_dogs: Path) -> None:
+    cfg = load_config(None, overrides(fresh_dogs, "prepared"))
+    splits = make_splits(read_stanford_dogs(fresh_dogs), 0.2, None, 0)
+    loaders = build_loaders(splits, DCFG, cfg, torch.device("cpu"))
+    assert loaders.pipeline == "prepared"
+    assert any((fresh_dogs / CACHE_DIRNAME).glob("store-*.npy"))  # next to the dataset
+    assert len(loaders.train) == len(splits.train) // 4  # no short last batch
+    x, y = next(iter(loaders.train))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    ys = torch.cat([y for _, y in loaders.test])
+    assert ys.tolist() == splits.test.labels.tolist()  # evaluation keeps the split's order
+    assert sum(len(y) for _, y in loaders.val) == len(splits.val)
+
+    set_epoch(loaders.train, 1)
+    a = list(loaders.train)
+    set_epoch(loaders.train, 1)
+    b = list(loaders.train)
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b, strict=True))
+    set_epoch(loaders.train, 2)
+    assert not torch.equal(torch.cat([x for x, _ in loaders.train]), torch.cat([x for x, _ in a]))
+    set_epoch(loaders.train, 1, skip_batches=1)  # a resumed epoch gets the very batches it had left
+    rest = list(loaders.train)
+    assert len(rest) == len(a) - 1
+    assert all(
+        torch.equal(xa, xr) and torch.equal(ya, yr) for (xa, ya), (xr, yr) in zip(a[1:], rest, strict=True)
+    )
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a busy 2-core runner, spinning OpenMP threads make CPU training 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_training_through_the_store_learns_like_the_stream_path(tmp_path: Path, one_thread: None) -> None:
+    root = make_mini_dogs(tmp_path / "dogs")
+    models = [{"label": "vit", "timm": "vit_tiny_patch16_224", "pretrained": False, "finetune": "full",
+               "img_size": 32, "lr": 3e-3, "model_kwargs": {"depth": 2}}]  # fmt: skip
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump({"models": models}))
+    acc = {}
+    for pipeline in ("stream", "prepared"):
+        cfg = load_config(tmp_path / "models.yaml", overrides(root, pipeline, **{"train.epochs": 8,
+                                                                                  "train.warmup_epochs": 0.5}))  # fmt: skip
+        m = run_compare(cfg, tmp_path / pipeline).models[0]
+        assert m.status == "ok", m.error
+        assert m.data_pipeline == pipeline
+        acc[pipeline] = m.test_accuracy
+    assert acc["stream"] >= 0.8 and acc["prepared"] >= 0.8, acc  # 9 test images, 3 colour-coded breeds
+    assert abs(acc["stream"] - acc["prepared"]) <= 2 / 9, acc

@@ -1,0 +1,98 @@
+"""The demo page as a person uses it: uvicorn on a loopback port, headless Chromium (Playwright, offline)
+uploads a fixture photo through the file input and waits for both models' predictions.
+
+Needs Debian's `chromium` at /usr/bin/chromium (skipped without it) and the `playwright` package; no
+browser download (`playwright install` is never needed). The screenshot is kept in build/serve.png.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from test_predict import LABELS, tiny_run
+from visionpoc.predict import Predictor
+from visionpoc.serve import create_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOT = Path(__file__).resolve().parents[1] / "build" / "serve.png"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory: pytest.TempPathFactory, mini_dogs: Path) -> Predictor:
+    return Predictor(tiny_run(tmp_path_factory, mini_dogs))
+
+
+@pytest.fixture(scope="module")
+def server(predictor: Predictor) -> Iterator[str]:
+    """The service on http://127.0.0.1:PORT, run by uvicorn in a background thread."""
+    import uvicorn
+
+    port = free_port()
+    config = uvicorn.Config(create_app(predictor.run_dir, predictor=predictor), host="127.0.0.1", port=port,
+                            log_level="warning")  # fmt: skip
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason=f"{CHROMIUM} not found: apt-get install chromium to run this test"
+)
+def test_demo_page_in_chromium(server: str, predictor: Predictor, mini_dogs: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    photo = sorted((mini_dogs / "Images").rglob("*.jpg"))[-1]
+    expected = {a["model"]: a["top"][0]["label"] for a in predictor.predict_paths([photo])[0]["models"]}
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("request", lambda req: errors.append(f"request off the server: {req.url}")
+                    if not req.url.startswith((server, "data:", "blob:")) else None)  # fmt: skip
+            page.goto(server + "/", wait_until="load")
+            page.wait_for_function("document.getElementById('models').textContent.includes('breeds')")
+            page.set_input_files("#file", str(photo))
+            page.wait_for_selector("body[data-state=done]", timeout=30_000)
+            cards = {lab: page.inner_text(f".model-card[data-model={lab}]") for lab in LABELS}
+            bars = page.locator(".model-card .bar-row").count()
+            overlays = page.evaluate(
+                "Array.from(document.querySelectorAll('.model-card figure img')).map(i => [i.alt, i.naturalWidth])"
+            )
+            header = page.inner_text("#models")
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+        finally:
+            browser.close()
+    assert errors == []
+    assert header == "Models: cnn, vit · 3 breeds"
+    for label, text in cards.items():
+        assert text.startswith(label) and " ms" in text
+        assert expected[label] in text  # the model's top-1 breed is shown
+    assert bars == 2 * 3  # top-5 clipped to the 3 classes, per model
+    assert sorted(alt for alt, _ in overlays) == ["Grad-CAM of cnn", "attention rollout of vit"]
+    assert all(width >= 224 for _, width in overlays)
+    assert SCREENSHOT.stat().st_size > 10_000
