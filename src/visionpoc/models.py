@@ -161,15 +161,24 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 
 def forward_gflops(model: nn.Module, input_size: tuple[int, int, int], device: torch.device) -> float:
-    """Forward GFLOPs for one image (torch.utils.flop_counter; a multiply-add counts as 2 FLOPs)."""
+    """Forward GFLOPs for one image (torch.utils.flop_counter; a multiply-add counts as 2 FLOPs).
+
+    Attention runs through SDPA's math kernel so that it is counted on every device, and parameters are
+    briefly frozen: attention-pool heads (SigLIP, PE) assert on trainable weights under no_grad."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    was_training = model.training
+    was_training, needs_grad = model.training, [p.requires_grad for p in model.parameters()]
     model.eval()
+    model.requires_grad_(False)
     x = torch.zeros(1, *input_size, device=device)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    model.train(was_training)
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            model(x)
+    finally:
+        for p, g in zip(model.parameters(), needs_grad, strict=True):
+            p.requires_grad_(g)
+        model.train(was_training)
     return counter.get_total_flops() / 1e9
 
 

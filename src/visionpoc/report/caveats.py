@@ -10,13 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from visionpoc.presets import may_have_seen_imagenet, pretrain_data
 from visionpoc.results import ModelResult, RunResults
 
 GAP = 0.10  # train minus test accuracy above which we call it a large gap
 SMALL_TEST = 1000
-IMAGENET_TAGS = ("in1k", "in21k", "in22k", "in12k", "imagenet", "orig_in21k", "tf_in1k")
-WEB_SCALE_TAGS = ("laion", "openai", "clip", "dfn", "datacomp", "metaclip", "webli", "jft", "ig1b", "ig_",
-                  "yfcc", "lvd", "dinov2", "merged", "sw_in", "swag", "siglip")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -30,15 +28,17 @@ def _pct(v: float) -> str:
 
 
 def pretraining_source(m: ModelResult) -> str | None:
-    """'ImageNet', 'web-scale' or 'unknown' for a pretrained model, from its timm tag; None if from scratch."""
+    """'ImageNet', 'web-scale', 'other' or 'unknown' for a pretrained model, from its full timm tag (via
+    `presets.may_have_seen_imagenet`); None if trained from scratch."""
     if not m.pretrained:
         return None
-    tag = f"{m.pretrained_tag or ''} {m.timm}".lower()
-    if any(t in tag for t in IMAGENET_TAGS):
+    name = f"{m.timm.split('.')[0]}.{m.pretrained_tag}" if m.pretrained_tag else m.timm
+    seen = may_have_seen_imagenet(name)
+    if seen:
         return "ImageNet"
-    if any(t in tag for t in WEB_SCALE_TAGS):
-        return "web-scale"
-    return "unknown"
+    if seen is None:
+        return "web-scale" if pretrain_data(name) else "unknown"
+    return "other"  # documented pretraining data without ImageNet (e.g. satellite images)
 
 
 def _name(m: ModelResult) -> str:
