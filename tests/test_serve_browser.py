@@ -96,3 +96,12 @@ def test_demo_page_in_chromium(server: str, predictor: Predictor, mini_dogs: Pat
     assert sorted(alt for alt, _ in overlays) == ["Grad-CAM of cnn", "attention rollout of vit"]
     assert all(width >= 224 for _, width in overlays)
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_real_server_refuses_an_oversized_upload_early(server: str) -> None:
+    import httpx
+
+    big = b"\0" * (11 * 2**20)  # over the default 10 MB: refused on Content-Length, before the body is read
+    r = httpx.post(server + "/predict", files={"file": ("big.jpg", big, "image/jpeg")}, timeout=30)
+    assert r.status_code == 413 and "the limit is 10.0 MB" in r.json()["error"]
+    assert httpx.get(server + "/health", timeout=10).json()["models"] == LABELS

@@ -60,6 +60,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="write report.html and report.md for a finished run")
     rp.add_argument("run_dir", type=Path)
+
+    pr = sub.add_parser("predict", help="each model's top-k for your images, side by side")
+    pr.add_argument("run_dir", type=Path)
+    pr.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_DIR")
+    pr.add_argument("--top", type=int, default=5)
+    pr.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sv = sub.add_parser("serve", help="web API and demo page for the models of a run")
+    sv.add_argument("run_dir", type=Path)
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-upload-mb", type=float, default=10)
+
+    ex = sub.add_parser(
+        "export", help="write a deployable model (ONNX or safetensors) with its preprocessing"
+    )
+    ex.add_argument("run_dir", type=Path)
+    ex.add_argument("--format", dest="fmt", choices=["onnx", "safetensors"], required=True)
+    ex.add_argument("--model", default=None, help="only this label (default: every model)")
+    ex.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/export")
+
+    ml = sub.add_parser("models", help="list the model presets: params, GFLOPs, pretraining data, licence")
+    ml.add_argument("--family", default=None, help="only this family (e.g. dinov3, siglip2, vit)")
+    ml.add_argument("--json", action="store_true", help="print JSON rows")
     return parser
 
 
@@ -113,6 +137,32 @@ def _run(args: argparse.Namespace, labels: list[str] | None) -> int:
     return 0 if all(m.status == "ok" for m in results.models) else 1
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from visionpoc.predict import Predictor, format_predictions
+
+    rows = Predictor(args.run_dir).predict_paths(args.images, top=args.top)
+    print(json.dumps(rows, indent=2) if args.json else format_predictions(rows))
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from visionpoc.export import export, read_onnx_check
+
+    for path in export(args.run_dir, args.fmt, label=args.model, out=args.out):
+        print(f"wrote {path}")
+        if path.suffix == ".onnx":
+            print(read_onnx_check(path))
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from visionpoc import presets
+
+    rows = presets.list_presets(args.family)
+    print(json.dumps(rows, indent=2) if args.json else presets.format_models_table(rows))
+    return 0
+
+
 def _write_report(run_dir: Path) -> None:
     try:
         from visionpoc.report import write_report
@@ -139,6 +189,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             _write_report(args.run_dir)
             return 0
+        if args.command == "models":
+            return _models(args)
+        if args.command == "predict":
+            return _predict(args)
+        if args.command == "serve":
+            from visionpoc.serve import serve
+
+            serve(args.run_dir, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+            return 0
+        if args.command == "export":
+            return _export(args)
     except TrainingInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return 130

@@ -1,0 +1,209 @@
+"""Export the trained models of a run for deployment: ONNX (checked against PyTorch with onnxruntime)
+or safetensors weights with the config to rebuild the model with timm alone. Each model's folder also
+gets `preprocessing.json` (the timm data config the model expects) and `classes.json` (index -> name).
+
+ONNX uses the TorchScript-based exporter (`torch.onnx.export(..., dynamo=False)`): it needs only torch
+and `onnx`, works offline and exports timm's CNNs and ViTs at a fixed resolution with a dynamic batch
+axis. The dynamo exporter (torch's default since 2.9) would add `onnxscript` and a much slower export
+for no gain on these graphs. After export, onnxruntime runs a random batch and the largest logit
+difference must be within `ONNX_RTOL` x max(1, largest |logit|); the result is saved next to the model
+(`onnx_check.json`) and an over-tolerance export is an error.
+
+The safetensors export holds the weights of a plain `timm.create_model(timm, num_classes=..., **kwargs)`
+(frozen BatchNorm layers are saved as ordinary BatchNorm), so `load_safetensors_export` needs no
+visionpoc code beyond ten lines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from visionpoc.atomic import atomic_write, atomic_write_json
+from visionpoc.config import ModelConfig
+from visionpoc.errors import VisionpocError
+from visionpoc.trained import TrainedModel, load_trained, trained_labels
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "safetensors")
+ONNX_RTOL = 1e-4  # fp32: |Δ| <= 1e-4 * max(1, max|logit|)
+OPSET = 17
+CHECK_FILE = "onnx_check.json"
+
+
+@dataclass
+class OnnxCheck:
+    """onnxruntime vs PyTorch logits on a random batch."""
+
+    label: str
+    max_abs_diff: float
+    tolerance: float
+    max_abs_logit: float
+    batch: int
+    ok: bool
+
+    def __str__(self) -> str:
+        verdict = "OK" if self.ok else "FAILED"
+        return (
+            f"onnx check [{self.label}]: max |Δ| = {self.max_abs_diff:.2e} (tolerance {self.tolerance:.2e}, "
+            f"batch of {self.batch}) {verdict}"
+        )
+
+
+def export(run_dir: str | Path, fmt: Literal["onnx", "safetensors"], label: str | None = None,
+           out: str | Path | None = None) -> list[Path]:  # fmt: skip
+    """Export every successful model of the run (or only `label`) to `out/<label>/` (default
+    `RUN_DIR/export/<label>/`); returns the files written."""
+    if fmt not in FORMATS:
+        raise VisionpocError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    run_dir = Path(run_dir)
+    labels = trained_labels(run_dir)
+    if label is not None and label not in labels:
+        raise VisionpocError(
+            f"{run_dir}: no successfully trained model {label!r}; choose from {', '.join(labels) or '(none)'}"
+        )
+    out_dir = Path(out) if out is not None else run_dir / "export"
+    written: list[Path] = []
+    for lab in [label] if label else labels:
+        tm = load_trained(run_dir, lab)
+        folder = out_dir / lab
+        written.append(export_onnx(tm, folder) if fmt == "onnx" else export_safetensors(tm, folder))
+        written += _write_sidecars(tm, folder)
+        written.append(folder / (CHECK_FILE if fmt == "onnx" else "model_config.json"))
+    return written
+
+
+def _write_sidecars(tm: TrainedModel, folder: Path) -> list[Path]:
+    pre = {**tm.data_config, "input_name": "input", "output_name": "logits",
+           "input_layout": "NCHW, RGB, float32: resize, center-crop, scale to [0, 1], then (x - mean) / std"}  # fmt: skip
+    return [atomic_write_json(folder / "preprocessing.json", pre),
+            atomic_write_json(folder / "classes.json", tm.class_names)]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- onnx
+
+
+def export_onnx(tm: TrainedModel, folder: Path) -> Path:
+    """`folder/model.onnx` (input `input` (B, 3, H, W), output `logits` (B, C), dynamic B), checked
+    with onnxruntime; the check is logged and saved as `onnx_check.json`."""
+    model = tm.model.cpu().eval()
+    x = torch.zeros(1, *tm.data_config["input_size"])  # (1, 3, H, W)
+
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
+            torch.onnx.export(
+                model, (x,), str(tmp), dynamo=False, opset_version=OPSET, input_names=["input"],
+                output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            )  # fmt: skip
+
+    path = folder / "model.onnx"
+    try:
+        atomic_write(path, write)
+    except Exception as e:
+        raise VisionpocError(
+            f"ONNX export of {tm.label!r} ({tm.mcfg.timm}) failed: {type(e).__name__}: {e}"
+        ) from e
+    check = check_onnx(path, model, tuple(tm.data_config["input_size"]), label=tm.label)
+    atomic_write_json(folder / CHECK_FILE, asdict(check))
+    log.info("%s -> %s; %s", tm.label, path, check)
+    if not check.ok:
+        raise VisionpocError(f"{check}: {path} does not reproduce the PyTorch model; do not deploy it")
+    return path
+
+
+def check_onnx(path: Path, model: nn.Module, input_size: tuple[int, ...], label: str = "",
+               rtol: float = ONNX_RTOL, batch: int = 3, seed: int = 0) -> OnnxCheck:  # fmt: skip
+    """Run `path` in onnxruntime and `model` in PyTorch on the same random batch (batch > 1 also checks
+    the dynamic batch axis) and compare the logits."""
+    import onnxruntime as ort
+
+    x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed))  # (B, 3, H, W)
+    with torch.inference_mode():
+        ref = model.cpu().eval()(x).float().numpy()  # (B, C)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"input": x.numpy()})[0]
+    diff = float(np.abs(got - ref).max())
+    scale = float(np.abs(ref).max())
+    tol = rtol * max(1.0, scale)
+    return OnnxCheck(label, diff, tol, scale, batch, bool(np.isfinite(diff) and diff <= tol))
+
+
+def read_onnx_check(onnx_path: str | Path) -> OnnxCheck:
+    """The check `export` saved next to `onnx_path`."""
+    return OnnxCheck(**json.loads((Path(onnx_path).parent / CHECK_FILE).read_text()))
+
+
+# --------------------------------------------------------------------------------------- safetensors
+
+
+def _plain_timm(mcfg: ModelConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The run's architecture as plain timm builds it (no fine-tuning wrappers), and its kwargs."""
+    kwargs: dict[str, Any] = dict(mcfg.model_kwargs)
+    if mcfg.img_size is not None:
+        kwargs["img_size"] = mcfg.img_size
+    try:
+        return timm.create_model(mcfg.timm, pretrained=False, num_classes=num_classes, **kwargs), kwargs
+    except TypeError:
+        if "img_size" not in kwargs:
+            raise
+        del kwargs["img_size"]  # a CNN: any resolution, img_size only sets the data config
+        return timm.create_model(mcfg.timm, pretrained=False, num_classes=num_classes, **kwargs), kwargs
+
+
+def export_safetensors(tm: TrainedModel, folder: Path) -> Path:
+    """`folder/model.safetensors` (weights of the plain timm model) and `folder/model_config.json`."""
+    nc = len(tm.class_names)
+    plain, kwargs = _plain_timm(tm.mcfg, nc)
+    state = {k: v.detach().cpu() for k, v in tm.model.state_dict().items()}
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    # FrozenBatchNorm2d has no num_batches_tracked (unused in eval mode); anything else is a real mismatch
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise VisionpocError(
+            f"{tm.label}: the trained weights do not fit a plain {tm.mcfg.timm}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    config = {
+        "format": "visionpoc-safetensors-1",
+        "label": tm.label,
+        "timm": tm.mcfg.timm,
+        "num_classes": nc,
+        "create_kwargs": kwargs,
+        "finetune": {
+            "policy": tm.mcfg.finetune,
+            "fraction": tm.mcfg.fraction,
+            "pretrained": tm.mcfg.pretrained,
+        },
+        "weights": "model.safetensors",
+        "rebuild": "timm.create_model(timm, pretrained=False, num_classes=num_classes, **create_kwargs)"
+        ".load_state_dict(safetensors.torch.load_file(weights)); model.eval()",
+    }
+    weights = {k: v.contiguous() for k, v in plain.state_dict().items()}
+    meta = {"timm": tm.mcfg.timm, "num_classes": str(nc), "config": json.dumps(config)}
+    path = atomic_write(folder / "model.safetensors", lambda tmp: save_file(weights, str(tmp), metadata=meta))
+    atomic_write_json(folder / "model_config.json", config)
+    log.info("%s -> %s", tm.label, path)
+    return path
+
+
+def load_safetensors_export(folder: str | Path) -> nn.Module:
+    """Rebuild an exported model with timm (eval mode) from `folder/model_config.json` and its weights."""
+    folder = Path(folder)
+    config = json.loads((folder / "model_config.json").read_text())
+    model = timm.create_model(
+        config["timm"], pretrained=False, num_classes=config["num_classes"], **config["create_kwargs"]
+    )
+    model.load_state_dict(load_file(str(folder / config["weights"])))
+    return model.eval()

@@ -1,0 +1,138 @@
+"""Untrusted uploads, in memory only: read a request body with a size cap, take one file out of a
+multipart/form-data body, and decode it as an image with a pixel cap checked on the header, before
+any decoding.
+
+Nothing here touches the disk (no spooled temporary files, no path from the request is ever opened),
+and every refusal is an `UploadError` carrying the HTTP status and a message for the client.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import AsyncIterator
+
+from PIL import Image, UnidentifiedImageError
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from visionpoc.data.images import to_rgb
+from visionpoc.errors import VisionpocError
+
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers allowed on top of the file size limit
+DEFAULT_MAX_PIXELS = 64_000_000  # a 64-megapixel photo; a decoded RGB image then needs <= 192 MB
+# formats a photo arrives in; PIL's others (EPS runs Ghostscript, ...) are never tried on uploads
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
+
+
+class UploadError(VisionpocError):
+    """A refused upload: `status` is the HTTP status code to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def human_size(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n:,} bytes"
+
+
+async def read_limited(
+    chunks: AsyncIterator[bytes], limit: int, content_length: str | None, overhead: int = 0
+) -> bytes:
+    """The body from `chunks`, refusing (413) a declared or actual size over `limit + overhead` bytes
+    (`overhead`: multipart framing allowed on top of the file): the declared Content-Length is checked
+    first, then at most `limit + overhead + 1` bytes are kept."""
+    cap = limit + overhead
+    if content_length is not None:
+        try:
+            declared = int(content_length)
+        except ValueError:
+            raise UploadError(400, f"invalid Content-Length header {content_length!r}") from None
+        if declared > cap:
+            raise UploadError(
+                413, f"upload too large: {human_size(declared)} declared, the limit is {human_size(limit)}"
+            )
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk[: cap + 1 - len(body)]
+        if len(body) > cap:
+            raise UploadError(413, f"upload too large: over the limit of {human_size(limit)}")
+    return bytes(body)
+
+
+def multipart_file(body: bytes, content_type: str | None, field: str = "file") -> bytes:
+    """The content of the form field `field` of a multipart/form-data `body`, parsed in memory."""
+    ctype, params = parse_options_header(content_type or "")
+    if ctype != b"multipart/form-data" or b"boundary" not in params:
+        raise UploadError(
+            400, f"send the image as multipart/form-data with a field {field!r} "
+            f"(e.g. curl -F {field}=@dog.jpg), not {content_type or 'no Content-Type'}"
+        )  # fmt: skip
+    parts: list[tuple[dict[bytes, bytes], bytearray]] = []
+    name: list[bytes] = []
+    value: list[bytes] = []
+
+    def on_part_begin() -> None:
+        parts.append(({}, bytearray()))
+
+    def on_header_end() -> None:
+        parts[-1][0][b"".join(name).strip().lower()] = b"".join(value).strip()
+        name.clear()
+        value.clear()
+
+    callbacks = {
+        "on_part_begin": on_part_begin,
+        "on_part_data": lambda data, start, end: parts[-1][1].extend(data[start:end]),
+        "on_header_field": lambda data, start, end: name.append(data[start:end]),
+        "on_header_value": lambda data, start, end: value.append(data[start:end]),
+        "on_header_end": on_header_end,
+    }
+    try:
+        parser = MultipartParser(params[b"boundary"], callbacks)  # type: ignore[arg-type]
+        parser.write(body)
+        parser.finalize()
+    except (MultipartParseError, ValueError) as e:
+        raise UploadError(400, f"malformed multipart/form-data body: {e}") from e
+    for headers, data in parts:
+        _, disp = parse_options_header(headers.get(b"content-disposition"))
+        if disp.get(b"name") == field.encode():
+            return bytes(data)
+    raise UploadError(400, f"no form field {field!r} in the upload: send the image as {field}=@dog.jpg")
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode upload `data` to RGB. The header's width x height is compared with `max_pixels` before
+    the pixels are decoded (413 if over, like PIL's MAX_IMAGE_PIXELS; PIL's own refusal above
+    2 x Image.MAX_IMAGE_PIXELS, raised while reading the header, is a 413 too); not an image is a 400."""
+    if not data:
+        raise UploadError(400, "the uploaded file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=FORMATS) as img:  # reads the header only
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise UploadError(413, _bomb(f"{w}x{h}", max_pixels))
+                img.load()
+                return to_rgb(img)
+    except UploadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # PIL's own header check
+        raise UploadError(413, _bomb(str(e), max_pixels)) from e
+    except UnidentifiedImageError as e:
+        raise UploadError(
+            400, f"the upload is not an image (or not one of {', '.join(FORMATS)}): send a dog photo"
+        ) from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise UploadError(
+            400, f"the image cannot be decoded ({type(e).__name__}: {e}): it is truncated or corrupt"
+        ) from e
+
+
+def _bomb(declared: str, max_pixels: int) -> str:
+    return (
+        f"image too large: it declares {declared} pixels, over the limit of {max_pixels:,} pixels "
+        "(a decompression bomb, or a photo to downscale before uploading)"
+    )

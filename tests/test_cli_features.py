@@ -1,0 +1,58 @@
+"""The feature commands through the CLI, as a user types them: predict, export, models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from visionpoc.cli import main
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, mini_dogs: Path) -> Path:
+    tmp = tmp_path_factory.mktemp("cli")
+    cfg = tmp / "c.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "data": {"root": str(mini_dogs), "val_fraction": 0.2, "num_workers": 0, "download": False},
+        "models": [{"label": "vit", "timm": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32,
+                    "model_kwargs": {"depth": 2}}],
+        "train": {"epochs": 1, "batch_size": 8, "device": "cpu"},
+    }))  # fmt: skip
+    assert main(["compare", "--config", str(cfg), "--out", str(tmp / "run"), "--no-report"]) == 0
+    return tmp / "run"
+
+
+def test_predict_command(run: Path, mini_dogs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = mini_dogs / "Images" / "n02085620-Chihuahua"
+    assert main(["predict", str(run), str(folder), "--top", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 9 and all(r["image"].endswith(".jpg") for r in rows)
+    for r in rows:
+        (m,) = r["models"]
+        assert (
+            m["model"] == "vit"
+            and len(m["top"]) == 2
+            and m["top"][0]["probability"] >= m["top"][1]["probability"]
+        )
+    assert main(["predict", str(run), str(folder / "n02085620_1.jpg")]) == 0
+    assert "vit" in capsys.readouterr().out
+    assert main(["predict", str(run), str(folder / "nope.jpg")]) == 2
+
+
+def test_export_command_prints_the_onnx_check(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "onnx check [vit]" in out and "OK" in out and (tmp_path / "vit" / "classes.json").is_file()
+    assert main(["export", str(run), "--format", "safetensors", "--out", str(tmp_path / "st")]) == 0
+
+
+def test_models_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "--family", "vit", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["timm"] for r in rows] == ["vit_base_patch16_224.orig_in21k"] and rows[0]["license"]
+    assert main(["models", "--family", "nonexistent"]) == 2
