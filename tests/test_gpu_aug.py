@@ -97,7 +97,7 @@ def test_flip_flips(dog_batch: torch.Tensor) -> None:
 
 def test_random_hflip_is_per_image() -> None:
     x = torch.arange(2 * 8, dtype=torch.float32).view(1, 1, 2, 8).repeat(64, 1, 1, 1)  # (64, 1, 2, 8)
-    out = gpu_aug.random_hflip(x, 0.5, torch.Generator().manual_seed(0))
+    out = gpu_aug.random_hflip_(x.clone(), 0.5, torch.Generator().manual_seed(0))
     flipped = (out == x.flip(-1)).flatten(1).all(1)
     kept = (out == x).flatten(1).all(1)
     assert (flipped | kept).all() and 16 < int(flipped.sum()) < 48

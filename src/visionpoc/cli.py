@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", default=None, help="only this label (default: every model)")
     ex.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/export")
 
+    bn = sub.add_parser("bench", help="our training step and input path vs the peers, in one process")
+    bn.add_argument("--smoke", action="store_true", help="tiny sizes: runs on the CPU in seconds")
+    bn.add_argument("--device", default="auto")
+    bn.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+
     ml = sub.add_parser("models", help="list the model presets: params, GFLOPs, pretraining data, licence")
     ml.add_argument("--family", default=None, help="only this family (e.g. dinov3, siglip2, vit)")
     ml.add_argument("--json", action="store_true", help="print JSON rows")
@@ -200,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "export":
             return _export(args)
+        if args.command == "bench":
+            from visionpoc.bench import format_bench, run_bench
+
+            print(format_bench(run_bench(smoke=args.smoke, device=args.device, out=args.out)))
+            return 0
     except TrainingInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return 130

@@ -39,8 +39,9 @@ class DataConfig:
     pipeline: Literal["auto", "stream", "prepared"] = "auto"
     """`stream` decodes JPEGs every epoch; `prepared` decodes once into a uint8 store and augments on
     the device; `auto` uses `prepared` on CUDA and `stream` on the CPU."""
-    prepared_size: int = 320
-    """Short side (pixels) of the images in the prepared store."""
+    prepared_size: int = 336
+    """Side (pixels) of the central square kept in the prepared store; 336 covers Xception's eval crop
+    (299 / crop_pct 0.8975 = 333) without upsampling."""
 
 
 @dataclass(frozen=True)

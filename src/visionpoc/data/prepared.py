@@ -1,0 +1,353 @@
+"""The prepared store: the fast input path. Every image of the splits is decoded once (`load_rgb`),
+its central square is resized to `prepared_size` (the same pixels as resizing the short side to S and
+center-cropping S x S), and the result is kept as one uint8 array (N, 3, S, S) in a `.npy` file.
+Training then gathers batches from that array and augments them on the device (`gpu_aug`).
+
+- Where: `<data.root>/.visionpoc-cache/`, else `$XDG_CACHE_HOME/visionpoc` (`~/.cache/visionpoc`) when
+  the dataset folder is read-only. Stanford Dogs at S=320 takes 20,580 x 300 KiB = 5.9 GiB.
+- Key: a hash of STORE_VERSION, S, and every file's path (relative to the files' common folder),
+  size and mtime_ns. A changed, added or removed image, or another S, gives another key and a rebuild;
+  the store it replaces (same files, older content) is deleted. Labels are not part of the key: they
+  come from the splits, so a relabelling never forces a re-decode.
+- Atomic: the array is written to a temp file, fsynced and renamed, then its `.json` sidecar is
+  written the same way; a store without its sidecar (a crash mid-build) is never used.
+- Shared: one store for train, validation and test, and for every model: each model crops it at its
+  own input size. The crop keeps the central square, as timm's eval transform does anyway; training's
+  random-resized-crop samples inside that square (the image's far left/right edges are never seen).
+  Eval needs S >= floor(input / crop_pct) to be exact: Xception's 299 / 0.8975 asks for 333, so at the
+  default S=320 its eval crop is upsampled by 4% (`data.prepared_size=336` avoids it).
+- Placement: on CUDA the whole store goes to GPU memory once when it fits with headroom for training;
+  otherwise batches are gathered from the memory-mapped file by a background thread into pinned memory
+  and copied without blocking. On the CPU the store stays a memory map.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from visionpoc import distributed
+from visionpoc.atomic import atomic_write, atomic_write_json
+from visionpoc.config import Config
+from visionpoc.data import gpu_aug
+from visionpoc.data.images import load_rgb
+from visionpoc.data.loaders import Loaders, default_workers
+from visionpoc.data.sources import Split
+from visionpoc.data.splits import Splits
+from visionpoc.distributed import SINGLE, Dist, EpochSampler
+
+log = logging.getLogger(__name__)
+
+STORE_VERSION = 1  # bump when the stored pixels change (filter, layout), so old stores are rebuilt
+CACHE_DIRNAME = ".visionpoc-cache"
+CHUNK = 64  # images per task of a build worker
+HEADROOM_GIB, HEADROOM_FRACTION = 16.0, 0.4  # GPU memory kept free for training when the store moves there
+
+
+def decode_square(path: str | Path, size: int) -> np.ndarray:
+    """(3, S, S) uint8: the central square of the image at `path`, resized (bicubic) to S x S."""
+    img = load_rgb(path)
+    w, h = img.size
+    m = min(w, h)
+    box = ((w - m) / 2, (h - m) / 2, (w + m) / 2, (h + m) / 2)  # exact central square, sub-pixel
+    img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    return np.asarray(img).transpose(2, 0, 1)  # (3, S, S)
+
+
+@dataclass
+class PreparedStore:
+    """A built store: `images[i]` holds `base / names[i]`."""
+
+    path: Path
+    key: str
+    size: int
+    base: Path
+    names: list[str]  # sorted, relative to `base`
+    images: np.ndarray  # (N, 3, S, S) uint8, read-only memory map
+    built: bool  # this call decoded the images (False: reused from the cache)
+    build_s: float
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.images.nbytes)
+
+    def rows(self, paths: Sequence[Path]) -> np.ndarray:
+        """(len(paths),) int64 rows of `paths` in the store."""
+        index = {n: i for i, n in enumerate(self.names)}
+        return np.asarray([index[_rel(p, self.base)] for p in paths], dtype=np.int64)
+
+
+def _rel(path: Path, base: Path) -> str:
+    return Path(path).absolute().relative_to(base).as_posix()
+
+
+def _names(paths: Sequence[Path]) -> tuple[Path, list[str]]:
+    if not paths:
+        raise ValueError("the prepared store needs at least one image")
+    base = Path(os.path.commonpath([str(Path(p).absolute().parent) for p in paths]))
+    return base, sorted({_rel(p, base) for p in paths})
+
+
+def _digest(base: Path, names: list[str], size: int, with_stats: bool) -> str:
+    h = hashlib.sha256(f"visionpoc-store v{STORE_VERSION} size={size}\n".encode())
+    for name in names:
+        st = (base / name).stat() if with_stats else None
+        h.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode() if st else f"{name}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def store_key(paths: Sequence[Path], size: int) -> str:
+    """The cache key of a store of `paths` at side `size` (changes when any file changes)."""
+    base, names = _names(paths)
+    return _digest(base, names, size, with_stats=True)
+
+
+def cache_dir_for(root: str | Path) -> Path:
+    """`root/.visionpoc-cache` when writable, else the user cache folder."""
+    preferred = Path(root).expanduser() / CACHE_DIRNAME
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=preferred):
+            return preferred
+    except OSError:
+        fallback = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "visionpoc"
+        log.info("%s is not writable: the prepared store goes to %s", preferred, fallback)
+        fallback.mkdir(parents=True, exist_ok=True)
+        return fallback
+
+
+_WORKER_STORE: np.memmap | None = None  # each build worker's writable map of the temp file
+
+
+def _open_worker_store(path: str) -> None:
+    global _WORKER_STORE
+    _WORKER_STORE = np.load(path, mmap_mode="r+")
+
+
+def _fill(task: tuple[int, list[str], int]) -> int:
+    start, paths, size = task
+    assert _WORKER_STORE is not None
+    for i, p in enumerate(paths):
+        _WORKER_STORE[start + i] = decode_square(p, size)
+    _WORKER_STORE.flush()
+    return len(paths)
+
+
+def _build(target: Path, paths: list[str], size: int, workers: int) -> None:
+    def write(tmp: Path) -> None:
+        arr: np.memmap = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size)
+        )
+        bar = tqdm(
+            total=len(paths), desc=f"preparing {len(paths)} images at {size}px", unit="img", disable=None
+        )
+        if workers <= 1 or len(paths) <= 2 * CHUNK:
+            for i, p in enumerate(paths):
+                arr[i] = decode_square(p, size)
+                bar.update(1)
+        else:
+            tasks = [(s, paths[s : s + CHUNK], size) for s in range(0, len(paths), CHUNK)]
+            with ProcessPoolExecutor(workers, initializer=_open_worker_store, initargs=(str(tmp),)) as ex:
+                for k in ex.map(_fill, tasks):
+                    bar.update(k)
+        bar.close()
+        arr.flush()
+        del arr
+
+    atomic_write(target, write)
+
+
+def prepare_store(
+    paths: Sequence[Path], size: int, cache_dir: Path | None = None, workers: int = 0
+) -> PreparedStore:
+    """The store of `paths` at side `size`: reused from `cache_dir` when its key matches, else built."""
+    base, names = _names(paths)
+    cache = Path(cache_dir) if cache_dir is not None else cache_dir_for(base)
+    cache.mkdir(parents=True, exist_ok=True)
+    key = _digest(base, names, size, with_stats=True)
+    npy, meta = cache / f"store-{key}.npy", cache / f"store-{key}.json"
+    t0, built = time.perf_counter(), False
+    images = _load(npy, meta, key, len(names), size)
+    if images is None:
+        log.info("building the prepared store %s (%d images at %dx%d)", npy, len(names), size, size)
+        _build(npy, [str(base / n) for n in names], size, workers)
+        names_key = _digest(base, names, size, with_stats=False)
+        atomic_write_json(meta, {"key": key, "names_key": names_key, "version": STORE_VERSION, "size": size,
+                                 "n": len(names), "base": str(base)})  # fmt: skip
+        _prune(cache, key, names_key)
+        images, built = np.load(npy, mmap_mode="r"), True
+    dt = time.perf_counter() - t0
+    log.info("prepared store %s: %d images, %.2f GiB, %s in %.1fs", npy.name, len(names),
+             images.nbytes / 2**30, "built" if built else "reused", dt)  # fmt: skip
+    return PreparedStore(npy, key, size, base, names, images, built, dt if built else 0.0)
+
+
+def _load(npy: Path, meta: Path, key: str, n: int, size: int) -> np.ndarray | None:
+    if not (npy.is_file() and meta.is_file()):
+        return None
+    try:
+        info = json.loads(meta.read_text())
+        images = np.load(npy, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        log.warning("prepared store %s is unreadable (%s): rebuilding it", npy, e)
+        return None
+    if info.get("key") != key or images.shape != (n, 3, size, size) or images.dtype != np.uint8:
+        log.warning("prepared store %s does not match its key: rebuilding it", npy)
+        return None
+    return images
+
+
+def _prune(cache: Path, key: str, names_key: str) -> None:
+    """Delete stores of the same files and size built from older content (they can never match again)."""
+    for meta in cache.glob("store-*.json"):
+        try:
+            info = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue
+        if info.get("names_key") == names_key and info.get("key") != key:
+            log.info("removing the outdated prepared store %s", meta.with_suffix(".npy"))
+            meta.unlink(missing_ok=True)
+            meta.with_suffix(".npy").unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------- batches
+
+
+def fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """Whether `nbytes` fit in the device's free memory with headroom left for training."""
+    if device.type != "cuda":
+        return False
+    free, total = torch.cuda.mem_get_info(device)
+    return nbytes + max(HEADROOM_GIB * 2**30, HEADROOM_FRACTION * total) <= free
+
+
+def place(images: np.ndarray, device: torch.device) -> torch.Tensor | np.ndarray:
+    """The store on `device` (uploaded in chunks) when it fits there, else the host memory map."""
+    if not fits_on_device(int(images.nbytes), device):
+        if device.type == "cuda":
+            log.info("prepared store (%.2f GiB) streams from host memory", images.nbytes / 2**30)
+        return images
+    out = torch.empty(images.shape, dtype=torch.uint8, device=device)  # (N, 3, S, S)
+    step = max(1, (256 << 20) // max(1, images[0].nbytes))
+    for a in range(0, len(images), step):
+        out[a : a + step].copy_(torch.from_numpy(np.array(images[a : a + step])))
+    log.info("prepared store (%.2f GiB) is resident on %s", images.nbytes / 2**30, device)
+    return out
+
+
+Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+class StoreBatches:
+    """Batches of one split from the store: gather rows, transform them on `device`, yield (x, y).
+
+    x: float32 (B, 3, H, W) normalized; y: int64 (B,). The order and this process's shard come from
+    `sampler` (the stream path's EpochSampler: `loaders.set_epoch` moves it to an epoch or skips the
+    batches a resumed run did). Batch k of an epoch is augmented with a CPU generator seeded by
+    (seed, epoch, rank, k): the same crops on every device, and exactly again after a resume."""
+
+    def __init__(self, images: torch.Tensor | np.ndarray, rows: np.ndarray, labels: np.ndarray,
+                 batch_size: int, transform: Transform, device: torch.device, sampler: EpochSampler,
+                 drop_last: bool = False) -> None:  # fmt: skip
+        self.images, self.rows, self.labels = images, np.asarray(rows), np.asarray(labels, dtype=np.int64)
+        self.batch_size, self.transform, self.device = batch_size, transform, device
+        self.sampler, self.drop_last = sampler, drop_last
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _generator(self, k: int) -> torch.Generator:
+        s = self.sampler
+        seed = np.random.SeedSequence([s.seed, s.epoch, s.d.rank, k]).generate_state(1, np.uint64)[0]
+        return torch.Generator().manual_seed(int(seed))
+
+    def _fetch_host(self, pos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        assert isinstance(self.images, np.ndarray)
+        x = torch.from_numpy(self.images[self.rows[pos]])  # (B, 3, S, S) uint8, a copy off the map
+        y = torch.from_numpy(self.labels[pos])  # (B,)
+        if self.device.type == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = np.fromiter(iter(self.sampler), dtype=np.int64)  # this rank's positions in the split
+        first = self.sampler.start // self.batch_size  # batches of this epoch done before a resume
+        batches = [order[k * self.batch_size : (k + 1) * self.batch_size] for k in range(len(self))]
+        if isinstance(self.images, torch.Tensor):  # resident: gather on the device
+            rows = torch.from_numpy(self.rows).to(self.device)
+            labels = torch.from_numpy(self.labels).to(self.device)
+            for k, pos in enumerate(batches):
+                idx = torch.from_numpy(pos).to(self.device, non_blocking=True)  # (B,)
+                yield self.transform(self.images[rows[idx]], self._generator(first + k)), labels[idx]
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="store-prefetch") as pool:  # gather k+1 while k runs
+            ahead = pool.submit(self._fetch_host, batches[0]) if batches else None
+            for k in range(len(batches)):
+                assert ahead is not None
+                x, y = ahead.result()
+                ahead = pool.submit(self._fetch_host, batches[k + 1]) if k + 1 < len(batches) else None
+                x = self.transform(x.to(self.device, non_blocking=True), self._generator(first + k))
+                yield x, y.to(self.device, non_blocking=True)
+
+
+def train_transform(data_cfg: dict[str, Any]) -> Transform:
+    return lambda x, g: gpu_aug.train_batch(x, data_cfg, g)
+
+
+def eval_transform(data_cfg: dict[str, Any]) -> Transform:
+    return lambda x, g: gpu_aug.eval_batch(x, data_cfg)
+
+
+def split_batches(store: PreparedStore, images: torch.Tensor | np.ndarray, split: Split, transform: Transform,
+                  batch_size: int, device: torch.device, train: bool, seed: int = 0,
+                  d: Dist = SINGLE) -> StoreBatches:  # fmt: skip
+    """StoreBatches over `split`: shuffled and without a last short batch for training, in order for eval."""
+    sampler = EpochSampler(len(split), seed, d, shuffle=train)
+    rows = store.rows([split.root / f for f in split.files])
+    return StoreBatches(images, rows, split.labels, batch_size, transform, device, sampler,
+                        drop_last=train and len(sampler) > batch_size)  # fmt: skip
+
+
+def prepared_loaders(splits: Splits, data_cfg: dict[str, Any], cfg: Config, device: torch.device,
+                     d: Dist = SINGLE) -> Loaders:  # fmt: skip
+    """Loaders for one model over the shared prepared store (built on first use, then reused)."""
+    paths = [s.root / f for s in (splits.train, splits.val, splits.test) for f in s.files]
+    size = cfg.data.prepared_size
+    if size < max(data_cfg["input_size"][-2:]):
+        log.warning("data.prepared_size=%d is below the model's input size %s: crops are upsampled",
+                    size, tuple(data_cfg["input_size"][-2:]))  # fmt: skip
+    cache = cache_dir_for(cfg.data.root)
+    if not d.main:  # rank 0 builds; the others wait, then reuse it
+        distributed.barrier(d)
+    store = prepare_store(paths, size, cache, workers=default_workers(cfg))
+    if d.main:
+        distributed.barrier(d)
+    images = place(store.images, device)
+    bs = cfg.train.batch_size // d.world  # train.batch_size is the global batch
+    ebs = cfg.train.eval_batch_size or 2 * bs
+    et = eval_transform(data_cfg)
+    tt = et if cfg.train.augment == "none" else train_transform(data_cfg)  # `none`: shuffled, not augmented
+    seed = cfg.train.seed
+    return Loaders(
+        train=split_batches(store, images, splits.train, tt, bs, device, True, seed, d),
+        train_eval=split_batches(store, images, splits.train, et, ebs, device, False, seed, d),
+        val=split_batches(store, images, splits.val, et, ebs, device, False, seed, d),
+        test=split_batches(store, images, splits.test, et, ebs, device, False, seed, d),
+        pipeline="prepared",
+    )
