@@ -53,6 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_ = sub.add_parser("compare", help="the PoC: train and compare every model of the config")
     _add_config_args(cmp_)
     cmp_.add_argument("--no-report", action="store_true", help="skip writing report.html / report.md")
+    cmp_.add_argument("--tuned", type=Path, default=None, metavar="DIR",
+                      help="use each model's best params from a `visionpoc tune` output folder")  # fmt: skip
+
+    tn = sub.add_parser("tune", help="Optuna search of one model's hyper-parameters on validation accuracy")
+    _add_config_args(tn)
+    tn.add_argument("--model", required=True, help="label of the model in the config")
+    tn.add_argument("--trials", type=int, default=None, help="trials to add (default: tune.trials)")
+    tn.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///OUT/tune.db)")
+    tn.add_argument("--study", default=None, help="study name (default: the model label)")
+    tn.add_argument(
+        "--timeout", type=float, default=None, help="stop starting trials after this many seconds"
+    )
 
     tr = sub.add_parser("train", help="train one model of the config alone, through the same loop")
     _add_config_args(tr)
@@ -131,6 +143,10 @@ def _run(args: argparse.Namespace, labels: list[str] | None) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
         out = args.out or _default_out(args.command)
+        if getattr(args, "tuned", None) is not None:
+            from visionpoc.tune import apply_tuned
+
+            cfg = apply_tuned(cfg, args.tuned, out)
     d = from_env()
     results = run_compare(cfg, out, labels, resume=args.resume is not None)
     if not d.main:
@@ -158,6 +174,24 @@ def _export(args: argparse.Namespace) -> int:
         if path.suffix == ".onnx":
             print(read_onnx_check(path))
     return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from visionpoc.config import load_config
+    from visionpoc.tune import run_tune
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or _default_out("tune")
+    study = run_tune(cfg, args.model, trials=args.trials, storage=args.storage, study=args.study,
+                     timeout=args.timeout, out_dir=out)  # fmt: skip
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    if done:
+        print(f"{len(study.trials)} trials in study {study.study_name!r}; best validation accuracy "
+              f"{study.best_value:.4f} with {study.best_params}")  # fmt: skip
+    print(
+        f"best params: {out / 'tuned' / (args.model + '.yaml')}; use them with: visionpoc compare --tuned {out}"
+    )
+    return 0 if done else 1
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -194,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             _write_report(args.run_dir)
             return 0
+        if args.command == "tune":
+            return _tune(args)
         if args.command == "models":
             return _models(args)
         if args.command == "predict":

@@ -8,8 +8,10 @@ Derived values (the LR a model actually uses, the device) live in functions, not
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -64,6 +66,23 @@ class ModelConfig:
     """Local .safetensors/.pth file to load instead of the HF hub."""
     lr: float | None = None
     """Peak learning rate for this model; null takes `train.lr`."""
+    # Per-model training settings (e.g. written by `compare --tuned`); null takes the `train.*` value.
+    batch_size: int | None = None
+    """Global batch size for this model; null takes `train.batch_size`."""
+    weight_decay: float | None = None
+    """AdamW weight decay for this model; null takes `train.weight_decay`."""
+    warmup_epochs: float | None = None
+    """Warmup length for this model; null takes `train.warmup_epochs`."""
+    label_smoothing: float | None = None
+    """Label smoothing for this model; null takes `train.label_smoothing`."""
+    layer_decay: float | None = None
+    """Layer-wise LR decay for this model; null takes `train.layer_decay`."""
+    augment: Literal["none", "basic", "strong"] | None = None
+    """Augmentation preset for this model; null takes `train.augment`."""
+    ema_decay: float | None = None
+    """Weight-EMA decay for this model; null takes `train.ema_decay`."""
+    tuned_from: str | None = None
+    """The tuned-settings YAML these overrides came from (set by `compare --tuned`), for the record."""
 
 
 @dataclass(frozen=True)
@@ -80,8 +99,14 @@ class TrainConfig:
     """Linear warmup length before the cosine decay."""
     min_lr: float = 1e-6
     """Floor of the cosine schedule."""
-    augment: Literal["none", "basic"] = "basic"
-    """Training augmentation: `none` (the eval transform) or `basic` (random-resized-crop + flip)."""
+    augment: Literal["none", "basic", "strong"] = "basic"
+    """Training augmentation (`data/augment.py`): `none` (the eval transform), `basic` (random-resized-crop
+    + flip) or `strong` (basic + RandAugment + random erasing + mixup/cutmix with soft targets)."""
+    layer_decay: float | None = None
+    """Layer-wise LR decay (timm): each block's LR is this times the one above it; null disables."""
+    ema_decay: float | None = None
+    """EMA of the weights (timm ModelEmaV3, with warm-up); when set, validation, the best checkpoint and
+    the final scores use the EMA weights; null disables."""
     label_smoothing: float = 0.1
     """Cross-entropy label smoothing."""
     grad_clip: float | None = 1.0
@@ -104,6 +129,42 @@ class TrainConfig:
     """Batch size for evaluation; null takes 2 x batch_size."""
 
 
+@dataclass(frozen=True)
+class TuneConfig:
+    """`visionpoc tune`'s search (Optuna, TPE): a range [low, high] or a list of choices per setting; null
+    leaves a setting out (the model's configured value is used). Every model gets the same trials and
+    epochs; trials are scored on validation accuracy only."""
+
+    trials: int = 20
+    """Trials per model and `tune` call (the same for every model: the comparison's fairness)."""
+    epochs: int | None = None
+    """Epochs per trial; null takes `train.epochs`."""
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    """Stops hopeless trials early from their per-epoch validation accuracy."""
+    startup_trials: int = 5
+    """Trials before TPE models the space and before the median pruner may stop one."""
+    seed: int | None = None
+    """Sampler seed; null takes `train.seed`. Give parallel workers distinct seeds (the split stays)."""
+    lr: tuple[float, ...] | None = (1e-5, 1e-2)
+    """Peak LR range, log scale."""
+    weight_decay: tuple[float, ...] | None = (1e-4, 0.3)
+    """Weight decay range, log scale."""
+    warmup_epochs: tuple[float, ...] | None = (0.0, 3.0)
+    """Warmup range (epochs)."""
+    label_smoothing: tuple[float, ...] | None = (0.0, 0.2)
+    """Label smoothing range."""
+    batch_size: tuple[int, ...] | None = (32, 64, 128)
+    """Global batch size choices."""
+    augment: tuple[Literal["none", "basic", "strong"], ...] | None = ("basic", "strong")
+    """Augmentation preset choices."""
+    top_fraction: tuple[float, ...] | None = (0.05, 0.5)
+    """Trainable share range, only for models with `finetune: top_fraction` (the CNN baseline)."""
+    layer_decay: tuple[float, ...] | None = (0.6, 1.0)
+    """Layer-wise LR decay range, only for transformers (models with `blocks`)."""
+    drop_path: tuple[float, ...] | None = (0.0, 0.3)
+    """Stochastic-depth range (`model_kwargs.drop_path_rate`), only for models that accept it."""
+
+
 def _default_models() -> tuple[ModelConfig, ...]:
     return (
         ModelConfig(
@@ -121,6 +182,8 @@ class Config:
     """The baseline first, then the candidates; each goes through the same loop."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The shared training budget and loop settings."""
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    """The hyper-parameter search space and budget of `visionpoc tune`."""
 
     def model(self, label: str) -> ModelConfig:
         for m in self.models:
@@ -297,8 +360,73 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.epochs: must be at least 1")
     if cfg.train.batch_size < 1:
         raise ConfigError("train.batch_size: must be at least 1")
+    for where, t in [("train", cfg.train)] + [(f"models.{i}", m) for i, m in enumerate(cfg.models)]:
+        _check_regularisers(where, t)
+    _validate_tune(cfg.tune)
+
+
+def _check_regularisers(where: str, t: TrainConfig | ModelConfig) -> None:
+    rules: dict[str, tuple[Callable[[Any], bool], str]] = {
+        "batch_size": (lambda v: v >= 1, "at least 1"),
+        "weight_decay": (lambda v: v >= 0, "at least 0"),
+        "warmup_epochs": (lambda v: v >= 0, "at least 0"),
+        "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "layer_decay": (lambda v: 0 < v <= 1, "in (0, 1] (or null)"),
+        "ema_decay": (lambda v: 0 < v < 1, "in (0, 1) (or null)"),
+    }
+    for key, (ok, rule) in rules.items():
+        v = getattr(t, key)
+        if v is not None and not ok(v):
+            raise ConfigError(f"{where}.{key}: {v} must be {rule}")
+
+
+def _validate_tune(tc: TuneConfig) -> None:
+    if tc.trials < 1 or (tc.epochs is not None and tc.epochs < 1) or tc.startup_trials < 0:
+        raise ConfigError("tune.trials and tune.epochs must be at least 1, tune.startup_trials at least 0")
+    # (lowest low, highest high); lr and weight decay are searched on a log scale, so their low is > 0
+    bounds = {"lr": (1e-12, math.inf), "weight_decay": (1e-12, math.inf), "warmup_epochs": (0.0, math.inf),
+              "label_smoothing": (0.0, 0.999), "top_fraction": (1e-9, 1.0), "layer_decay": (1e-9, 1.0),
+              "drop_path": (0.0, 0.999)}  # fmt: skip
+    for key, (lo, hi) in bounds.items():
+        r = getattr(tc, key)
+        if r is not None and not (len(r) == 2 and lo <= r[0] <= r[1] <= hi):
+            raise ConfigError(
+                f"tune.{key}: {list(r)} must be [low, high] with {lo:g} <= low <= high <= {hi:g}"
+            )
+    for key in ("batch_size", "augment"):
+        choices = getattr(tc, key)
+        if choices is not None and (not choices or (key == "batch_size" and min(choices) < 1)):
+            raise ConfigError(f"tune.{key}: give a non-empty list of choices (batch sizes >= 1), or null")
+
+
+PER_MODEL = ("lr", "batch_size", "weight_decay", "warmup_epochs", "label_smoothing", "layer_decay", "augment",
+             "ema_decay")  # fmt: skip
+"""ModelConfig fields that override the `train.*` field of the same name for that model."""
+
+
+def for_model(cfg: Config, mcfg: ModelConfig) -> Config:
+    """`cfg` with `train` as model `mcfg` sees it: its per-model settings replace the shared ones."""
+    over = {k: getattr(mcfg, k) for k in PER_MODEL if getattr(mcfg, k) is not None}
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **over))
 
 
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config as YAML (loadable again with `load_config`)."""
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def with_model_changes(cfg: Config, label: str, changes: dict[str, Any], where: str) -> Config:
+    """`cfg` with model `label` updated by `changes` (ModelConfig keys; `model_kwargs` is merged into the
+    model's own), checked like a config file; errors name `where`."""
+    kwargs = changes.get("model_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"{where}.model_kwargs: expected a mapping, got {kwargs!r}")
+    models = []
+    for m in cfg.models:
+        if m.label == label:
+            raw = {**to_dict(m), **changes, "model_kwargs": {**m.model_kwargs, **kwargs}}
+            m = _from_dict(ModelConfig, raw, where)
+        models.append(m)
+    new = dataclasses.replace(cfg, models=tuple(models))
+    _validate(new)
+    return new

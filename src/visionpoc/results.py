@@ -77,6 +77,16 @@ class ModelResult:
     pretrained_tag: str | None = None
     license: str | None = None
     history: list[EpochRecord] = field(default_factory=list)
+    # the training settings this model resolved to (per-model overrides and tuning applied)
+    weight_decay: float | None = None
+    warmup_epochs: float | None = None
+    label_smoothing: float | None = None
+    layer_decay: float | None = None
+    ema_decay: float | None = None  # set: the scored weights are the EMA of the trained ones
+    drop_path_rate: float | None = None
+    augment: str | None = None  # the preset asked for
+    augment_applied: str | None = None  # what ran on this input path (e.g. no RandAugment on `prepared`)
+    tuned_from: str | None = None  # the `tune` YAML these settings came from (`compare --tuned`)
 
 
 @dataclass

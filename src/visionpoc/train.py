@@ -1,10 +1,13 @@
 """The training loop, one for every model (torchvision reference shape):
 `train_one_epoch(...) -> EpochProgress`, `evaluate(...) -> EvalStats`, `fit(...) -> ModelResult`.
 
-AdamW (timm's factory: no weight decay on biases and norms), cosine schedule with linear warmup
-(timm's scheduler, stepped per update), label smoothing, gradient clipping, bf16 autocast on CUDA.
-After each epoch the weights and the full training state are checkpointed; the best-on-validation
-weights are the ones scored on test, once, at the end.
+AdamW (timm's factory: no weight decay on biases and norms; optional layer-wise LR decay), cosine
+schedule with linear warmup (timm's scheduler, stepped per update), label smoothing, gradient clipping,
+bf16 autocast on CUDA; the augmentation preset's batch ops (mixup/cutmix, erasing: `data/augment.py`)
+and its loss; an optional weight EMA (`recipe.py`). Each model trains with `config.for_model(cfg, mcfg)`:
+its per-model settings replace the shared `train.*` ones. After each epoch the weights and the full
+training state are checkpointed; the best-on-validation weights are the ones scored on test, once, at
+the end (`score_test=False`, for tuning, skips every test pass; `on_epoch` sees each validation score).
 
 Surviving interruptions: Ctrl-C or SIGTERM stops at the next step boundary, writes a checkpoint
 (weights, optimizer, scheduler, RNG states, position in the epoch) and raises TrainingInterrupted;
@@ -21,23 +24,24 @@ import logging
 import random
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm.optim
 import timm.scheduler
+import timm.utils
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from visionpoc import checkpoint, distributed, models
+from visionpoc import checkpoint, distributed, models, recipe
 from visionpoc.atomic import atomic_write_json
-from visionpoc.config import Config, ConfigError, ModelConfig
+from visionpoc.config import Config, ConfigError, ModelConfig, for_model
+from visionpoc.data import augment
 from visionpoc.data.loaders import Batches, build_loaders, set_epoch
 from visionpoc.data.splits import Splits
 from visionpoc.distributed import SINGLE, Dist
@@ -124,6 +128,8 @@ class StepParts:
     channels_last: bool
     micro_batch: int | None = None
     oom_events: list[dict[str, Any]] = field(default_factory=list)
+    batch_aug: augment.BatchOp | None = None  # on the device batch, before the step (mixup/cutmix, erasing)
+    ema: timm.utils.ModelEmaV3 | None = None  # updated after every optimizer step
 
 
 def _step(p: StepParts, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +151,7 @@ def _step(p: StepParts, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
                 loss = p.loss_fn(logits, yc)
             (loss * (len(yc) / len(y))).backward()  # the mean over the whole batch
         loss_sum += loss.detach().double() * len(yc)
-        correct += (logits.argmax(1) == yc).sum()
+        correct += (logits.argmax(1) == (yc.argmax(1) if yc.ndim == 2 else yc)).sum()  # soft y: its top class
     if p.grad_clip is not None:
         nn.utils.clip_grad_norm_(p.model.parameters(), p.grad_clip)
     p.optimizer.step()
@@ -210,10 +216,14 @@ def train_one_epoch(p: StepParts, batches: Batches, epoch: int, step: int, progr
         watch.start()
         x = x.to(p.device, non_blocking=True)  # (B, C, H, W)
         y = y.to(p.device, non_blocking=True)  # (B,)
+        if p.batch_aug is not None:
+            x, y = p.batch_aug(x, y)  # `strong`: y becomes soft, (B, num_classes)
         if p.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         ls, c = train_step(p, x, y, {"epoch": epoch, "step": step})
         step += 1
+        if p.ema is not None:
+            p.ema.update(checkpoint.unwrap(p.model), step=step)
         p.scheduler.step_update(num_updates=step)
         loss_sum += ls
         correct += c
@@ -299,8 +309,15 @@ def _load_resume(out_dir: Path, model: nn.Module, meta: dict[str, str]) -> dict[
 # ---------------------------------------------------------------------------------------------- fit
 
 
-def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: bool = False) -> ModelResult:
-    """Fine-tune one model on `splits`, checkpoint it, score its best weights; write `out_dir`."""
+def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: bool = False,
+        score_test: bool = True, on_epoch: Callable[[int, float | None], None] | None = None) -> ModelResult:  # fmt: skip
+    """Fine-tune one model on `splits`, checkpoint it, score its best weights; write `out_dir`.
+
+    `on_epoch(epoch, val_accuracy)` runs after each epoch's validation and checkpoint (an exception it
+    raises, e.g. a pruned trial, ends the run there). `score_test=False` stops after training: no test
+    pass, no predictions file, and `val_accuracy` is the best epoch's.
+    """
+    cfg = for_model(cfg, mcfg)
     d = distributed.init("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
     device = resolve_device(cfg.train.device, d)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -325,6 +342,7 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    ema = recipe.make_ema(model, cfg.train.ema_decay)
     compiled: nn.Module = torch.compile(model) if cfg.train.compile and device.type == "cuda" else model  # type: ignore[assignment]
     step_model: nn.Module = compiled
     if d.enabled:
@@ -332,13 +350,11 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     eval_model = model if d.enabled else compiled
+    val_model = ema.module if ema is not None else eval_model  # with EMA, the averaged weights are judged
 
     loaders = build_loaders(splits, dcfg, cfg, device, d)
     lr = mcfg.lr if mcfg.lr is not None else cfg.train.lr
-    extra: dict[str, Any] = {"fused": True} if device.type == "cuda" else {}
-    optimizer = timm.optim.create_optimizer_v2(
-        model, opt="adamw", lr=lr, weight_decay=cfg.train.weight_decay, **extra
-    )
+    optimizer = recipe.make_optimizer(model, cfg.train, lr, device)
     set_epoch(loaders.train, 1)
     steps_per_epoch = len(loaders.train)
     scheduler = timm.scheduler.CosineLRScheduler(
@@ -346,14 +362,20 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
         warmup_t=round(cfg.train.warmup_epochs * steps_per_epoch), warmup_lr_init=lr * 0.01, warmup_prefix=True,
         t_in_epochs=False,
     )  # fmt: skip
-    parts = StepParts(step_model, optimizer, scheduler, nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing),
-                      device, dtype, cfg.train.grad_clip, channels_last)  # fmt: skip
+    tc = cfg.train
+    parts = StepParts(step_model, optimizer, scheduler, augment.loss_for(tc.augment, tc.label_smoothing), device, dtype,
+                      tc.grad_clip, channels_last, batch_aug=augment.batch_augment(tc.augment, nc, tc.label_smoothing, device),
+                      ema=ema)  # fmt: skip
     result = ModelResult(
         label=mcfg.label, timm=mcfg.timm, finetune=mcfg.finetune, pretrained=mcfg.pretrained,
         fraction=mcfg.fraction if mcfg.finetune == "top_fraction" else None, img_size=int(input_size[-1]),
         lr=lr, batch_size=cfg.train.batch_size, batch_size_per_device=cfg.train.batch_size // d.world,
         world_size=d.world, epochs=cfg.train.epochs, data_pipeline=loaders.pipeline, params=params,
         trainable_params=trainable, fwd_gflops=gflops, pretrained_tag=tag, license=licence,
+        weight_decay=tc.weight_decay, warmup_epochs=tc.warmup_epochs, label_smoothing=tc.label_smoothing,
+        layer_decay=tc.layer_decay, ema_decay=tc.ema_decay, augment=tc.augment,
+        augment_applied=augment.describe(tc.augment, loaders.pipeline),
+        drop_path_rate=mcfg.model_kwargs.get("drop_path_rate"), tuned_from=mcfg.tuned_from,
     )  # fmt: skip
 
     s: dict[str, Any] = {"epoch": 1, "step": 0, "progress": EpochProgress(), "best_val": -1.0, "bad_epochs": 0,
@@ -363,6 +385,10 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         _set_rng_state(saved["rng"])
+        if ema is not None and saved.get("ema") is not None:
+            ema.module.load_state_dict(saved["ema"])
+        elif ema is not None:  # the checkpoint predates the EMA: start it from the current weights
+            ema.set(model)
         s.update(
             {
                 k: saved[k]
@@ -387,6 +413,7 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
             "epoch": epoch, "step": s["step"], "progress": dataclasses.asdict(progress), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": _rng_state(), "history": [dataclasses.asdict(h) for h in result.history],
             "best_epoch": result.best_epoch, "micro_batch": parts.micro_batch, "oom_events": parts.oom_events,
+            "ema": ema.module.state_dict() if ema is not None else None,
             **{k: s[k] for k in ("best_val", "bad_epochs", "train_time", "warmup", "n_steady")},
         })  # fmt: skip
 
@@ -410,7 +437,7 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
             s["warmup"] += progress.warmup_s
             s["n_steady"] += progress.n_steady
             val = (
-                evaluate_split(eval_model, loaders.val, d, len(splits.val), device, nc, dtype, "val")
+                evaluate_split(val_model, loaders.val, d, len(splits.val), device, nc, dtype, "val")
                 if len(splits.val)
                 else None
             )
@@ -418,7 +445,7 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
             result.history.append(EpochRecord(
                 epoch=epoch, train_loss=progress.loss, train_accuracy=progress.accuracy,
                 val_loss=val.loss if val else None, val_accuracy=val.accuracy if val else None,
-                val_top5_accuracy=val.top5_accuracy if val else None, lr=optimizer.param_groups[0]["lr"],
+                val_top5_accuracy=val.top5_accuracy if val else None, lr=recipe.peak_lr(optimizer),
                 epoch_train_time_s=t, cumulative_train_time_s=s["train_time"] + s["warmup"],
                 train_img_s=progress.n / t if t > 0 else 0.0,
             ))  # fmt: skip
@@ -429,13 +456,15 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
             if improved:
                 s["best_val"], s["bad_epochs"], result.best_epoch = score, 0, epoch
                 if d.main:
-                    checkpoint.save_weights(model, out_dir / BEST, meta)
+                    checkpoint.save_weights(val_model, out_dir / BEST, meta)  # with EMA: the EMA weights
             else:
                 s["bad_epochs"] += 1
             s["epoch"], s["progress"] = epoch + 1, EpochProgress()
             save_last(epoch + 1, EpochProgress())
             if d.main:
                 atomic_write_json(out_dir / "history.json", [dataclasses.asdict(h) for h in result.history])
+            if on_epoch is not None:
+                on_epoch(epoch, val.accuracy if val else None)
             patience = cfg.train.early_stop_patience
             if not improved and patience is not None and s["bad_epochs"] >= patience:
                 log.info("[%s] early stop: no better val accuracy for %d epochs", mcfg.label, s["bad_epochs"])
@@ -446,6 +475,9 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
     result.train_img_s = s["n_steady"] / s["train_time"] if s["train_time"] > 0 else None
     result.micro_batch_size, result.oom_events = parts.micro_batch, parts.oom_events
     result.peak_memory_gib, result.peak_memory_kind = peak_memory_gib(device)
+    if not score_test:  # tuning: validation only; the test split is never batched or read
+        result.val_accuracy = s["best_val"] if len(splits.val) else None
+        return result
 
     # score the best-on-validation weights, once: clean train pass, validation, test
     distributed.barrier(d)

@@ -3,7 +3,9 @@ and the choice between it and the prepared-store fast path.
 
 Every loader yields `(images, targets)`: float images normalized with the model's own mean/std,
 (B, 3, H, W), and int64 targets (B,). Train batches are shuffled with a seeded generator and
-augmented; evaluation batches keep the split's order, so predictions line up with its files.
+augmented (per-image transforms from `data/augment.py`; its batch ops, mixup/cutmix and erasing, run
+in the training step for both paths); evaluation batches keep the split's order, so predictions line up
+with its files.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-import timm.data
 import torch
 from torch.utils.data import DataLoader
 
 from visionpoc.config import Config
+from visionpoc.data.augment import eval_transform as eval_transform  # re-exported: bench, tests
+from visionpoc.data.augment import train_transform as train_transform
 from visionpoc.data.images import load_rgb
 from visionpoc.data.sources import Split
 from visionpoc.data.splits import Splits
@@ -47,27 +50,6 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img = load_rgb(self.split.path(i))
         return self.transform(img), int(self.split.labels[i])
-
-
-def train_transform(data_cfg: dict[str, Any], augment: str = "basic") -> Any:
-    """`basic`: random-resized-crop and horizontal flip, then the model's normalization; `none`: the
-    eval transform."""
-    if augment == "none":
-        return eval_transform(data_cfg)
-    return timm.data.create_transform(
-        input_size=data_cfg["input_size"],
-        is_training=True,
-        interpolation=data_cfg["interpolation"],
-        mean=data_cfg["mean"],
-        std=data_cfg["std"],
-        hflip=0.5,
-        color_jitter=None,  # type: ignore[arg-type]
-    )
-
-
-def eval_transform(data_cfg: dict[str, Any]) -> Any:
-    """Resize + center crop (the model's crop_pct) + normalize: timm's eval transform."""
-    return timm.data.create_transform(**data_cfg, is_training=False)
 
 
 def _seed_worker(worker_id: int) -> None:

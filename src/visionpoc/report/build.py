@@ -21,6 +21,7 @@ from visionpoc.report.caveats import Caveat, caveats
 from visionpoc.report.inputs import Predictions, align, read_predictions
 from visionpoc.report.pictures import Picture, disagreement_gallery, what_they_look_at
 from visionpoc.report.stats import Confusion, Interval, McNemar
+from visionpoc.report.tuning import Tuning, read_tuning
 from visionpoc.results import ModelResult, RunResults, load_results
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class Report:
     config_yaml: str
     figures: dict[str, bytes] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # run-level notes (e.g. missing predictions)
+    tuning: Tuning | None = None  # the hyper-parameter search budget, when the run used `--tuned`
 
     def figure(self, name: str, picture: Picture | bytes | None) -> str | None:
         """Keep a figure under `name` (None when there is nothing to show) and return the name."""
@@ -175,6 +177,9 @@ def build_report(run_dir: str | Path, explain: bool = True) -> Report:
             f"No test predictions file for {', '.join(no_preds)}: its test interval and tests are missing."
         )
     rep.pairwise = _pairwise(rep, preds)
+    rep.tuning, tuning_figures = read_tuning(run_dir, r)
+    for name, png in tuning_figures.items():
+        rep.figure(name, png)
     rep.figure("learning_curves", plots.learning_curves(r.models))
     rep.figure("accuracy_vs_time", plots.accuracy_vs_time(r.models))
     rep.confusions = [Failures(m.label, stats.confused_pairs(preds[m.label].targets, preds[m.label].preds,

@@ -1,0 +1,162 @@
+"""What `visionpoc tune` leaves behind, and how `compare --tuned` uses it.
+
+In the tune folder OUT:
+- `tuned/<label>.yaml`: the best trial's settings as overrides of that model's ModelConfig (`model:`),
+  plus the study's record (`tuning:` trials complete/pruned/failed, time spent, device, best
+  validation accuracy). It is plain YAML: edit it, or copy it between machines.
+- `tune_summary.json`: every `tuned/*.yaml`'s record, side by side (the fairness table).
+- `plots/<label>_history.png`, `plots/<label>_importance.png`: Optuna's matplotlib figures.
+
+`apply_tuned(cfg, OUT)` puts each model's overrides into the config (`tuned_from` records the file), and
+with `out_dir` copies the records and the figures into `out_dir/tuning/`, where the report finds them.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from matplotlib.figure import Figure
+
+from visionpoc.atomic import atomic_write_json, atomic_write_text
+from visionpoc.config import Config, ConfigError, ModelConfig, with_model_changes
+
+log = logging.getLogger(__name__)
+
+TUNED_DIR, SUMMARY_FILE, PLOTS_DIR, RUN_TUNING_DIR = "tuned", "tune_summary.json", "plots", "tuning"
+PLOTS = ("history", "importance")
+TS = optuna.trial.TrialState
+
+
+def _overrides(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The ModelConfig changes a trial trained with (recorded by the objective as a user attribute)."""
+    return dict(trial.user_attrs.get("overrides", {}))
+
+
+def study_record(study: optuna.Study, mcfg: ModelConfig, storage: str, epochs: int) -> dict[str, Any]:
+    """The study's facts for the fairness table: trials by state, time spent, device, best result."""
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state for t in trials]
+    seconds = [(end - start).total_seconds() for t in trials
+               if (start := t.datetime_start) is not None and (end := t.datetime_complete) is not None]  # fmt: skip
+    complete = [t for t in trials if t.state == TS.COMPLETE and t.value is not None]
+    best = max(complete, key=lambda t: float(t.value or 0.0)) if complete else None
+    devices = sorted({str(t.user_attrs["device"]) for t in trials if "device" in t.user_attrs})
+    return {
+        "label": mcfg.label, "timm": mcfg.timm, "study": study.study_name, "storage": storage,
+        "epochs_per_trial": epochs, "trials": sum(s.is_finished() for s in states),
+        "complete": states.count(TS.COMPLETE), "pruned": states.count(TS.PRUNED), "failed": states.count(TS.FAIL),
+        "running": states.count(TS.RUNNING),
+        "tuning_time_s": sum(seconds),  # every finished trial, from every worker: the compute spent
+        "device": ", ".join(devices) or None, "best_trial": best.number if best else None,
+        "best_val_accuracy": best.value if best else None, "best_params": dict(best.params) if best else {},
+        "searched": sorted({k for t in trials for k in t.params}),
+    }  # fmt: skip
+
+
+def best_params_yaml(study: optuna.Study, mcfg: ModelConfig, record: dict[str, Any]) -> str:
+    """The best trial's settings as a `model:` block of ModelConfig overrides, with the study's record."""
+    best_number = record.get("best_trial")
+    best = next((t for t in study.get_trials(deepcopy=False) if t.number == best_number), None)
+    doc = {
+        "label": mcfg.label,
+        "timm": mcfg.timm,
+        "model": _overrides(best) if best else {},
+        "tuning": record,
+    }
+    head = (f"# Tuned settings of {mcfg.label!r}: overrides of its ModelConfig, used by "
+            "`visionpoc compare --tuned DIR`.\n")  # fmt: skip
+    return head + yaml.safe_dump(doc, sort_keys=False)
+
+
+def save_plots(study: optuna.Study, folder: Path, label: str) -> list[str]:
+    """Optimisation history and parameter importances as PNG in `folder`; returns notes on skipped ones."""
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    complete = study.get_trials(deepcopy=False, states=(TS.COMPLETE,))
+    notes = []
+    for name, draw, need in (("history", ovm.plot_optimization_history, 1),
+                             ("importance", ovm.plot_param_importances, 2)):  # fmt: skip
+        path = folder / f"{label}_{name}.png"
+        if len(complete) < need:
+            notes.append(
+                f"{name} plot skipped: it needs {need} completed trial(s), the study has {len(complete)}"
+            )
+            path.unlink(missing_ok=True)
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                ax = draw(study)
+            fig = ax.figure
+            assert isinstance(fig, Figure)
+            fig.savefig(path, dpi=100, bbox_inches="tight", facecolor="white")
+            plt.close(fig)
+        except Exception as e:  # importance needs parameters that vary; a plot must never lose the study
+            notes.append(f"{name} plot skipped: {type(e).__name__}: {e}")
+            plt.close("all")
+    for n in notes:
+        log.info("[%s] %s", label, n)
+    return notes
+
+
+def write_outputs(study: optuna.Study, mcfg: ModelConfig, out_dir: Path, storage: str, epochs: int) -> Path:
+    """Write `tuned/<label>.yaml`, the plots and `tune_summary.json` in `out_dir`; return the YAML path."""
+    record = study_record(study, mcfg, storage, epochs)
+    record["notes"] = save_plots(study, out_dir / PLOTS_DIR, mcfg.label)
+    path = atomic_write_text(
+        out_dir / TUNED_DIR / f"{mcfg.label}.yaml", best_params_yaml(study, mcfg, record)
+    )
+    summary = {p.stem: (yaml.safe_load(p.read_text()) or {}).get("tuning", {})
+               for p in sorted((out_dir / TUNED_DIR).glob("*.yaml"))}  # fmt: skip
+    atomic_write_json(out_dir / SUMMARY_FILE, {"models": summary})
+    return path
+
+
+def apply_tuned(cfg: Config, tuned_dir: Path, out_dir: Path | None = None) -> Config:
+    """`cfg` with each model's tuned settings from `tuned_dir` (a tune OUT folder, or its `tuned/`).
+
+    A model without a tuned file keeps its configured settings (logged: the comparison is then not
+    equal-budget). With `out_dir`, the tuning records and figures are copied to `out_dir/tuning/`.
+    """
+    tuned_dir = Path(tuned_dir)
+    folder = tuned_dir / TUNED_DIR if (tuned_dir / TUNED_DIR).is_dir() else tuned_dir
+    files = {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+    if not files:
+        raise ConfigError(f"no tuned settings (<label>.yaml) in {folder}: run "
+                          f"'visionpoc tune --model LABEL --out {tuned_dir}' for each model first")  # fmt: skip
+    records: dict[str, Any] = {}
+    for m in cfg.models:
+        path = files.get(m.label)
+        if path is None:
+            log.warning("model %s has no tuned settings in %s: it keeps its configured ones, so the "
+                        "comparison is not equal-budget", m.label, folder)  # fmt: skip
+            continue
+        try:
+            doc = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        if doc.get("timm", m.timm) != m.timm:
+            raise ConfigError(f"{path} was tuned for {doc['timm']!r}, but model {m.label!r} is {m.timm!r}: "
+                              "tune it again or remove the file")  # fmt: skip
+        changes = {**(doc.get("model") or {}), "tuned_from": str(path.resolve())}
+        cfg = with_model_changes(cfg, m.label, changes, f"{path}: model")
+        records[m.label] = doc.get("tuning", {})
+        log.info("model %s: tuned settings from %s: %s", m.label, path, doc.get("model"))
+    if out_dir is not None:
+        dest = Path(out_dir) / RUN_TUNING_DIR
+        atomic_write_json(dest / SUMMARY_FILE, {"models": records, "source": str(tuned_dir.resolve())})
+        plots = folder.parent / PLOTS_DIR if folder.name == TUNED_DIR else tuned_dir / PLOTS_DIR
+        for label in records:
+            for name in PLOTS:
+                src = plots / f"{label}_{name}.png"
+                if src.is_file():
+                    shutil.copyfile(src, dest / src.name)
+    return cfg

@@ -1,0 +1,151 @@
+"""Issue 5, augmentation and ViT regularisers: the presets' shapes and label forms, their use on the
+prepared path's device batches, and a full run with `strong` + EMA that resumes exactly."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from timm.loss import SoftTargetCrossEntropy
+
+from dogs_fixture import dog_image
+from visionpoc import train
+from visionpoc.compare import load_data
+from visionpoc.config import Config, DataConfig, ModelConfig, TrainConfig, for_model
+from visionpoc.data import augment, gpu_aug
+from visionpoc.errors import TrainingInterrupted
+
+DCFG: dict[str, Any] = {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5),
+                        "std": (0.25, 0.25, 0.25), "crop_pct": 0.9, "crop_mode": "center"}  # fmt: skip
+C = 5
+
+
+def _image() -> Image.Image:
+    return dog_image(1, 0, size=(48, 36))
+
+
+@pytest.mark.parametrize("preset", augment.PRESETS)
+def test_each_preset_gives_the_expected_shapes_and_label_form(preset: str) -> None:
+    torch.manual_seed(0)
+    tf = augment.train_transform(DCFG, preset)
+    x = torch.stack([tf(_image()) for _ in range(6)])  # (6, 3, 32, 32)
+    assert x.shape == (6, 3, 32, 32) and x.dtype == torch.float32
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    xb, yb = augment.batch_augment(preset, C, 0.1, torch.device("cpu"))(x.clone(), y)
+    assert xb.shape == (6, 3, 32, 32)
+    if preset == "strong":  # mixup/cutmix: soft targets, one row per image, summing to 1
+        assert yb.shape == (6, C) and yb.dtype == torch.float32
+        assert torch.allclose(yb.sum(1), torch.ones(6)) and (yb >= 0).all()
+        loss = augment.loss_for(preset, 0.1)
+        assert isinstance(loss, SoftTargetCrossEntropy) and torch.isfinite(loss(torch.randn(6, C), yb))
+    else:  # hard targets, untouched
+        assert yb is y and yb.shape == (6,)
+        assert isinstance(augment.loss_for(preset, 0.1), torch.nn.CrossEntropyLoss)
+
+
+def test_none_is_deterministic_and_basic_is_not() -> None:
+    none, basic = augment.train_transform(DCFG, "none"), augment.train_transform(DCFG, "basic")
+    torch.manual_seed(0)
+    a = none(_image())
+    torch.manual_seed(1)
+    assert torch.equal(a, none(_image()))
+    assert torch.equal(a, augment.eval_transform(DCFG)(_image()))  # `none` is the eval transform
+    torch.manual_seed(0)
+    b = basic(_image())
+    torch.manual_seed(1)
+    assert not torch.equal(b, basic(_image()))
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_strong_handles_odd_batches(batch: int) -> None:
+    x, y = torch.randn(batch, 3, 32, 32), torch.arange(batch) % C
+    xb, yb = augment.batch_augment("strong", C, 0.1, torch.device("cpu"))(x, y)
+    assert xb.shape == (batch, 3, 32, 32) and yb.shape == (batch, C)
+    assert yb[-1].argmax() == y[-1] and torch.allclose(yb.sum(1), torch.ones(batch))  # last: its own target
+
+
+def test_batch_ops_work_on_the_prepared_paths_device_batches(caplog: pytest.LogCaptureFixture) -> None:
+    """`gpu_aug` yields normalized float (B, 3, H, W) batches on the device; the batch ops take them as is."""
+    store = torch.randint(0, 256, (8, 3, 40, 40), dtype=torch.uint8)  # a prepared store's batch
+    x = gpu_aug.train_batch(store, DCFG, torch.Generator().manual_seed(0))  # (8, 3, 32, 32)
+    xb, yb = augment.batch_augment("strong", C, 0.0, x.device)(x, torch.arange(8) % C)
+    assert xb.shape == (8, 3, 32, 32) and yb.shape == (8, C)
+    augment._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="visionpoc.data.augment"):
+        text = augment.describe("strong", "prepared")
+        augment.describe("strong", "prepared")
+    assert "no RandAugment" in text and "mixup" in text
+    assert sum("RandAugment" in r.message for r in caplog.records) == 1  # warned once
+    assert "randaugment" in augment.describe("strong", "stream")
+
+
+def _cfg(root: Path, epochs: int) -> tuple[Config, ModelConfig]:
+    mcfg = ModelConfig(label="vit", timm="vit_tiny_patch16_224", pretrained=False, img_size=32,
+                       model_kwargs={"depth": 2, "drop_path_rate": 0.1}, augment="strong", ema_decay=0.9,
+                       layer_decay=0.75)  # fmt: skip
+    cfg = Config(
+        data=DataConfig(
+            source="stanford_dogs", root=str(root), val_fraction=0.2, num_workers=0, download=False
+        ),
+        models=(mcfg,),
+        train=TrainConfig(
+            epochs=epochs, batch_size=4, lr=1e-3, warmup_epochs=0.5, device="cpu", deterministic=True
+        ),  # fmt: skip
+    )
+    return cfg, mcfg
+
+
+def test_strong_with_ema_trains_records_what_ran_and_resumes_exactly(
+    mini_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg, mcfg = _cfg(mini_dogs, epochs=2)
+    assert for_model(cfg, mcfg).train.augment == "strong"  # the per-model setting wins over train.augment
+    _, splits = load_data(cfg)
+    straight = train.fit(cfg, mcfg, splits, tmp_path / "straight")
+    assert (straight.augment, straight.ema_decay, straight.layer_decay, straight.drop_path_rate) == (
+        "strong", 0.9, 0.75, 0.1)  # fmt: skip
+    assert straight.augment_applied is not None and "mixup" in straight.augment_applied
+    assert all(0.0 <= h.train_accuracy <= 1.0 for h in straight.history)  # argmax vs the soft target's argmax
+    state = torch.load(tmp_path / "straight" / "last_state.pt", weights_only=True)
+    assert isinstance(state["ema"], dict) and state["ema"]  # the EMA travels with the checkpoint
+    best = load_file(tmp_path / "straight" / "best.safetensors")
+    last = load_file(tmp_path / "straight" / "last.safetensors")
+    assert any(not torch.equal(best[k], last[k]) for k in best)  # best holds the EMA, not the raw weights
+    if straight.best_epoch == 2:
+        assert all(torch.equal(best[k], state["ema"][k]) for k in best)
+
+    real = train.train_one_epoch
+    fired: list[int] = []
+
+    def stop_in_epoch_two(p: train.StepParts, batches: Any, epoch: int, *args: Any, **kw: Any) -> Any:
+        stop = args[2]
+        if epoch == 2 and not fired:  # SIGTERM arrives: one more step, then a checkpoint
+            fired.append(epoch)
+            stop.signum = signal.SIGTERM
+        return real(p, batches, epoch, *args, **kw)
+
+    monkeypatch.setattr(train, "train_one_epoch", stop_in_epoch_two)
+    with pytest.raises(TrainingInterrupted):
+        train.fit(cfg, mcfg, splits, tmp_path / "resumed")
+    assert torch.load(tmp_path / "resumed" / "last_state.pt", weights_only=True)["progress"]["batches"] == 1
+    monkeypatch.setattr(train, "train_one_epoch", real)
+    resumed = train.fit(cfg, mcfg, splits, tmp_path / "resumed", resume=True)
+    assert resumed.resumed_from_epoch == 2
+    for key in ("val_accuracy", "test_accuracy", "train_accuracy", "best_epoch"):
+        assert getattr(resumed, key) == getattr(straight, key), key
+    assert [h.train_loss for h in resumed.history] == pytest.approx([h.train_loss for h in straight.history])
+    a, b = (
+        load_file(tmp_path / "straight" / "best.safetensors"),
+        load_file(tmp_path / "resumed" / "best.safetensors"),
+    )
+    assert all(torch.allclose(a[k], b[k]) for k in a)  # the same EMA weights were kept as best
+    saved = json.loads(json.dumps(dataclasses.asdict(resumed)))  # results.json-ready
+    assert saved["augment_applied"] == straight.augment_applied
