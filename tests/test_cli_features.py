@@ -62,12 +62,21 @@ def test_tune_then_compare_tuned(run: Path, tmp_path: Path, capsys: pytest.Captu
     cfg = run / "config.yaml"
     tune_out = tmp_path / "tune"
     sets = ["--set", "tune.epochs=1", "--set", "tune.batch_size=[4, 8]", "--set", "tune.pruner=none"]
-    assert main(["tune", "--config", str(cfg), "--model", "vit", "--trials", "2", "--out", str(tune_out), *sets]) == 0
+    assert (
+        main(["tune", "--config", str(cfg), "--model", "vit", "--trials", "2", "--out", str(tune_out), *sets])
+        == 0
+    )
     assert "use them with: visionpoc compare --tuned" in capsys.readouterr().out
-    assert main(["tune", "--config", str(cfg), "--model", "vit", "--trials", "1", "--out", str(tune_out), *sets]) == 0
+    assert (
+        main(["tune", "--config", str(cfg), "--model", "vit", "--trials", "1", "--out", str(tune_out), *sets])
+        == 0
+    )
     assert "3 trials in study 'vit'" in capsys.readouterr().out  # the second run added to the study
     tuned = yaml.safe_load((tune_out / "tuned" / "vit.yaml").read_text())
     out = tmp_path / "cmp"
-    assert main(["compare", "--config", str(cfg), "--tuned", str(tune_out), "--out", str(out), "--no-report"]) == 0
+    assert (
+        main(["compare", "--config", str(cfg), "--tuned", str(tune_out), "--out", str(out), "--no-report"])
+        == 0
+    )
     resolved = yaml.safe_load((out / "config.yaml").read_text())["models"][0]
     assert resolved["tuned_from"] and resolved["lr"] == pytest.approx(tuned["model"]["lr"])
