@@ -57,8 +57,11 @@ class ModelResult:
     epochs_run: int = 0
     best_epoch: int | None = None
     data_pipeline: str | None = None
-    train_time_s: float | None = None  # steady-state training steps, CUDA-synchronized, no eval
+    train_time_s: float | None = (
+        None  # training epochs, synchronized wall time, input waits included; no eval, no warm-up
+    )
     warmup_s: float | None = None  # first step(s): compilation and allocator warm-up
+    data_wait_s: float | None = None  # host time blocked on the input path, within train_time_s
     eval_time_s: float | None = None
     train_accuracy: float | None = None  # clean pass over train, no augmentation (the seed's column)
     val_accuracy: float | None = None

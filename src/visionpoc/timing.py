@@ -6,7 +6,6 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -14,27 +13,6 @@ import torch
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@dataclass
-class Stopwatch:
-    """Accumulates synchronized wall time over start/stop intervals."""
-
-    device: torch.device
-    total: float = 0.0
-    _t0: float | None = field(default=None, repr=False)
-
-    def start(self) -> None:
-        sync(self.device)
-        self._t0 = time.perf_counter()
-
-    def stop(self) -> float:
-        assert self._t0 is not None, "Stopwatch.stop() without start()"
-        sync(self.device)
-        dt = time.perf_counter() - self._t0
-        self._t0 = None
-        self.total += dt
-        return dt
 
 
 def reset_peak_memory(device: torch.device) -> None:

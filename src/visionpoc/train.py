@@ -24,6 +24,7 @@ import logging
 import random
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from visionpoc.distributed import SINGLE, Dist
 from visionpoc.errors import CheckpointError, TrainingInterrupted
 from visionpoc.evaluate import EvalStats, evaluate, summarize
 from visionpoc.results import PREDICTIONS_FILE, EpochRecord, ModelResult, save_predictions
-from visionpoc.timing import Stopwatch, latency_ms, peak_memory_gib, reset_peak_memory
+from visionpoc.timing import latency_ms, peak_memory_gib, reset_peak_memory, sync
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,8 @@ class EpochProgress:
     n_steady: int = 0  # images in steady-state steps (all but the run's first step)
     loss_sum: float = 0.0
     correct: int = 0
-    time_s: float = 0.0  # steady-state steps
+    time_s: float = 0.0  # steady-state steps, input waits included (synchronized wall time)
+    data_wait_s: float = 0.0  # host time blocked waiting for the input path (part of time_s)
     warmup_s: float = 0.0  # the run's first step: compilation and warm-up
 
     @property
@@ -203,17 +205,27 @@ def train_one_epoch(p: StepParts, batches: Batches, epoch: int, step: int, progr
                     stop: StopRequest, d: Dist = SINGLE) -> tuple[EpochProgress, int, bool]:  # fmt: skip
     """Train over `batches` from `progress` on. Returns (progress, global step, stopped early)."""
     p.model.train()
-    clock, warm = Stopwatch(p.device), Stopwatch(p.device)
     # one process continues the interrupted epoch's running sum, so a resumed epoch adds in the same order
     carried = 0.0 if d.enabled else progress.loss_sum
     loss_sum = torch.tensor(carried, device=p.device, dtype=torch.float64)
     correct = torch.zeros((), device=p.device, dtype=torch.long)
-    n = n_steady = 0
+    n = n_first = 0
+    warm_s = wait_s = 0.0
     bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None if d.main else True)
-    stopped = False
-    for x, y in bar:
-        watch = warm if step == 0 else clock
-        watch.start()
+    batch_iter, stopped = iter(bar), False
+    sync(p.device)  # the epoch clock: synchronized at both ends only, so GPU work stays asynchronous
+    t_epoch = time.perf_counter()
+    while True:
+        t_wait = time.perf_counter()
+        try:
+            x, y = next(batch_iter)
+        except StopIteration:
+            break
+        wait_s += time.perf_counter() - t_wait  # host time blocked on the input path
+        first = step == 0  # the run's first step carries compilation and warm-up: timed apart
+        if first:
+            sync(p.device)
+            t_warm = time.perf_counter()
         x = x.to(p.device, non_blocking=True)  # (B, C, H, W)
         y = y.to(p.device, non_blocking=True)  # (B,)
         if p.batch_aug is not None:
@@ -227,25 +239,30 @@ def train_one_epoch(p: StepParts, batches: Batches, epoch: int, step: int, progr
         p.scheduler.step_update(num_updates=step)
         loss_sum += ls
         correct += c
-        watch.stop()
+        if first:
+            sync(p.device)
+            warm_s, n_first = time.perf_counter() - t_warm, len(y)
         progress.batches += 1
         n += len(y)
-        n_steady += len(y) if watch is clock else 0
         if bar.disable is False and step % 10 == 0:  # .item() syncs: only when a bar is shown
+            elapsed = time.perf_counter() - t_epoch - warm_s
             bar.set_postfix(loss=f"{loss_sum.item() / n:.3f}", acc=f"{correct.item() / n:.3f}",
-                            img_s=f"{n_steady / max(clock.total, 1e-9):.0f}")  # fmt: skip
+                            img_s=f"{(n - n_first) / max(elapsed, 1e-9):.0f}")  # fmt: skip
         if distributed.broadcast_flag(d, stop.signum is not None):  # every rank stops at the same step
             stopped = True
             break
+    sync(p.device)
+    steady_s = time.perf_counter() - t_epoch - warm_s  # input waits included: end-to-end throughput
     # the epoch's sums over every process's samples, added to what an interrupted run had done
     progress.loss_sum -= carried
-    for ls_, c_, n_, ns_ in distributed.all_gather(d, (loss_sum.item(), int(correct.item()), n, n_steady)):
+    for ls_, c_, n_, ns_ in distributed.all_gather(d, (loss_sum.item(), int(correct.item()), n, n - n_first)):
         progress.loss_sum += ls_
         progress.correct += c_
         progress.n += n_
         progress.n_steady += ns_
-    progress.time_s += clock.total
-    progress.warmup_s += warm.total
+    progress.time_s += steady_s
+    progress.warmup_s += warm_s
+    progress.data_wait_s += wait_s
     return progress, step, stopped
 
 
@@ -379,7 +396,7 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
     )  # fmt: skip
 
     s: dict[str, Any] = {"epoch": 1, "step": 0, "progress": EpochProgress(), "best_val": -1.0, "bad_epochs": 0,
-                         "train_time": 0.0, "warmup": 0.0, "n_steady": 0}  # fmt: skip
+                         "train_time": 0.0, "warmup": 0.0, "data_wait": 0.0, "n_steady": 0}  # fmt: skip
     saved = _load_resume(out_dir, model, meta) if resume else None
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
@@ -392,7 +409,16 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
         s.update(
             {
                 k: saved[k]
-                for k in ("epoch", "step", "best_val", "bad_epochs", "train_time", "warmup", "n_steady")
+                for k in (
+                    "epoch",
+                    "step",
+                    "best_val",
+                    "bad_epochs",
+                    "train_time",
+                    "warmup",
+                    "data_wait",
+                    "n_steady",
+                )
             }
         )
         s["progress"] = EpochProgress(**saved["progress"])
@@ -414,7 +440,7 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
             "scheduler": scheduler.state_dict(), "rng": _rng_state(), "history": [dataclasses.asdict(h) for h in result.history],
             "best_epoch": result.best_epoch, "micro_batch": parts.micro_batch, "oom_events": parts.oom_events,
             "ema": ema.module.state_dict() if ema is not None else None,
-            **{k: s[k] for k in ("best_val", "bad_epochs", "train_time", "warmup", "n_steady")},
+            **{k: s[k] for k in ("best_val", "bad_epochs", "train_time", "warmup", "data_wait", "n_steady")},
         })  # fmt: skip
 
     if d.main:
@@ -435,6 +461,7 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
                 )
             s["train_time"] += progress.time_s
             s["warmup"] += progress.warmup_s
+            s["data_wait"] += progress.data_wait_s
             s["n_steady"] += progress.n_steady
             val = (
                 evaluate_split(val_model, loaders.val, d, len(splits.val), device, nc, dtype, "val")
@@ -471,7 +498,7 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
                 break
 
     result.epochs_run = len(result.history)
-    result.train_time_s, result.warmup_s = s["train_time"], s["warmup"]
+    result.train_time_s, result.warmup_s, result.data_wait_s = s["train_time"], s["warmup"], s["data_wait"]
     result.train_img_s = s["n_steady"] / s["train_time"] if s["train_time"] > 0 else None
     result.micro_batch_size, result.oom_events = parts.micro_batch, parts.oom_events
     result.peak_memory_gib, result.peak_memory_kind = peak_memory_gib(device)
