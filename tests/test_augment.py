@@ -125,7 +125,7 @@ def test_strong_with_ema_trains_records_what_ran_and_resumes_exactly(
     real = train.train_one_epoch
     fired: list[int] = []
 
-    def stop_in_epoch_two(p: train.StepParts, batches: Any, epoch: int, *args: Any, **kw: Any) -> Any:
+    def stop_in_epoch_two(p: Any, batches: Any, epoch: int, *args: Any, **kw: Any) -> Any:
         stop = args[2]
         if epoch == 2 and not fired:  # SIGTERM arrives: one more step, then a checkpoint
             fired.append(epoch)

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm.scheduler
 import torch
 import yaml
 
 from dogs_fixture import make_mini_dogs
-from visionpoc import train
+from visionpoc import models, step
 from visionpoc.atomic import atomic_write_text
 from visionpoc.cli import main
 from visionpoc.config import ModelConfig
@@ -145,14 +146,14 @@ def test_resume_keeps_finished_models(two_model_run: Path, tmp_path: Path) -> No
 
 def test_injected_oom_halves_the_micro_batch(mini_dogs: Path, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    real_step = train._step
+    real_step = step._step
 
-    def step_that_fits_two(p: train.StepParts, x: torch.Tensor, y: torch.Tensor):  # type: ignore[no-untyped-def]
+    def step_that_fits_two(p: step.StepParts, x: torch.Tensor, y: torch.Tensor):  # type: ignore[no-untyped-def]
         if (p.micro_batch or len(y)) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_step(p, x, y)
 
-    monkeypatch.setattr(train, "_step", step_that_fits_two)
+    monkeypatch.setattr(step, "_step", step_that_fits_two)
     cfg = _config(tmp_path / "c.yaml", mini_dogs, epochs=1, batch_size=8)
     assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-report"]) == 0
     m = json.loads((tmp_path / "run" / "results.json").read_text())["models"][0]
@@ -161,18 +162,18 @@ def test_injected_oom_halves_the_micro_batch(mini_dogs: Path, tmp_path: Path,
 
 
 def test_micro_batches_give_the_same_update_as_the_whole_batch() -> None:
-    def parts(micro: int | None) -> train.StepParts:
+    def parts(micro: int | None) -> step.StepParts:
         torch.manual_seed(0)
-        model = train.models.create_model(ModelConfig(**VIT), num_classes=3)  # type: ignore[arg-type]
+        model = models.create_model(ModelConfig(**VIT), num_classes=3)  # type: ignore[arg-type]
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        sched = train.timm.scheduler.CosineLRScheduler(opt, t_initial=10)
-        return train.StepParts(model, opt, sched, torch.nn.CrossEntropyLoss(), torch.device("cpu"), None, 1.0,
+        sched = timm.scheduler.CosineLRScheduler(opt, t_initial=10)
+        return step.StepParts(model, opt, sched, torch.nn.CrossEntropyLoss(), torch.device("cpu"), None, 1.0,
                                False, micro_batch=micro)  # fmt: skip
 
     x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     whole, split = parts(None), parts(2)
-    la, ca = train._step(whole, x, y)
-    lb, cb = train._step(split, x, y)
+    la, ca = step._step(whole, x, y)
+    lb, cb = step._step(split, x, y)
     assert torch.allclose(la, lb, atol=1e-5) and ca == cb
     for pa, pb in zip(whole.model.parameters(), split.model.parameters(), strict=True):
         assert torch.allclose(pa, pb, atol=1e-6)

@@ -44,9 +44,11 @@ from visionpoc.data.loaders import ImageDataset, train_transform
 from visionpoc.data.prepared import PreparedStore, place, prepare_store, split_batches
 from visionpoc.data.prepared import train_transform as store_transform
 from visionpoc.data.sources import Split
+from visionpoc.recovery import StopRequest
 from visionpoc.results import environment
+from visionpoc.step import StepParts
 from visionpoc.timing import sync
-from visionpoc.train import EpochProgress, StepParts, StopRequest, is_transformer, train_one_epoch
+from visionpoc.train import EpochProgress, is_transformer, train_one_epoch
 
 log = logging.getLogger(__name__)
 

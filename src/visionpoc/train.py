@@ -22,12 +22,9 @@ import dataclasses
 import json
 import logging
 import random
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +36,30 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from visionpoc import checkpoint, distributed, models, recipe
+from visionpoc import checkpoint, distributed, models, recipe, recovery
 from visionpoc.atomic import atomic_write_json
 from visionpoc.config import Config, ConfigError, ModelConfig, for_model
 from visionpoc.data import augment
 from visionpoc.data.loaders import Batches, build_loaders, set_epoch
 from visionpoc.data.splits import Splits
 from visionpoc.distributed import SINGLE, Dist
-from visionpoc.errors import CheckpointError, TrainingInterrupted
+from visionpoc.errors import TrainingInterrupted
 from visionpoc.evaluate import EvalStats, evaluate, summarize
 from visionpoc.results import PREDICTIONS_FILE, EpochRecord, ModelResult, save_predictions
+from visionpoc.step import StepParts, train_step
 from visionpoc.timing import latency_ms, peak_memory_gib, reset_peak_memory, sync
 
 log = logging.getLogger(__name__)
 
 BEST, LAST, STATE = checkpoint.BEST, checkpoint.LAST, checkpoint.STATE
+LOOP_KEYS = (
+    "best_val",
+    "bad_epochs",
+    "train_time",
+    "warmup",
+    "data_wait",
+    "n_steady",
+)  # checkpointed loop state
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -82,103 +88,6 @@ def is_transformer(model: nn.Module) -> bool:
     return isinstance(getattr(model, "blocks", None), (nn.Sequential, nn.ModuleList))
 
 
-# ------------------------------------------------------------------------------------ interruption
-
-
-class StopRequest:
-    """Turns the first SIGINT/SIGTERM into a request honoured at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def __call__(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.signum = signum
-        log.warning("%s received: stopping at the next step boundary", signal.Signals(signum).name)
-
-
-@contextmanager
-def stop_on_signals() -> Iterator[StopRequest]:
-    req = StopRequest()
-    if threading.current_thread() is not threading.main_thread():
-        yield req
-        return
-    previous = {s: signal.signal(s, req) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield req
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-# ------------------------------------------------------------------------------------------- steps
-
-
-@dataclass
-class StepParts:
-    """What one optimizer step needs; `micro_batch` shrinks after a CUDA out-of-memory error."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: timm.scheduler.scheduler.Scheduler
-    loss_fn: nn.Module
-    device: torch.device
-    dtype: torch.dtype | None
-    grad_clip: float | None
-    channels_last: bool
-    micro_batch: int | None = None
-    oom_events: list[dict[str, Any]] = field(default_factory=list)
-    batch_aug: augment.BatchOp | None = None  # on the device batch, before the step (mixup/cutmix, erasing)
-    ema: timm.utils.ModelEmaV3 | None = None  # updated after every optimizer step
-
-
-def _step(p: StepParts, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward/backward over micro-batches of the batch, one optimizer step. Returns (loss sum, correct)."""
-    micro = p.micro_batch or len(y)
-    chunks = list(zip(x.split(micro), y.split(micro), strict=True))
-    autocast = torch.autocast(p.device.type, dtype=p.dtype) if p.dtype is not None else nullcontext()
-    p.optimizer.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros((), device=p.device, dtype=torch.float64)
-    correct = torch.zeros((), device=p.device, dtype=torch.long)
-    for i, (xc, yc) in enumerate(chunks):
-        last = i == len(chunks) - 1
-        sync = (
-            nullcontext() if last or not isinstance(p.model, DistributedDataParallel) else p.model.no_sync()
-        )
-        with sync:
-            with autocast:
-                logits = p.model(xc)  # (b, num_classes)
-                loss = p.loss_fn(logits, yc)
-            (loss * (len(yc) / len(y))).backward()  # the mean over the whole batch
-        loss_sum += loss.detach().double() * len(yc)
-        correct += (logits.argmax(1) == (yc.argmax(1) if yc.ndim == 2 else yc)).sum()  # soft y: its top class
-    if p.grad_clip is not None:
-        nn.utils.clip_grad_norm_(p.model.parameters(), p.grad_clip)
-    p.optimizer.step()
-    return loss_sum, correct
-
-
-def train_step(
-    p: StepParts, x: torch.Tensor, y: torch.Tensor, where: dict[str, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_step`, retried with half the micro-batch (same global batch) after an out-of-memory error."""
-    while True:
-        try:
-            return _step(p, x, y)
-        except torch.OutOfMemoryError:
-            p.optimizer.zero_grad(set_to_none=True)
-            if p.device.type == "cuda":
-                torch.cuda.empty_cache()
-            current = p.micro_batch or len(y)
-            if current <= 1:
-                raise
-            p.micro_batch = current // 2
-            p.oom_events.append({**where, "micro_batch": p.micro_batch})
-            log.warning("out of memory at %s: micro-batch %d -> %d, gradients accumulated over %d steps",
-                        where, current, p.micro_batch, -(-len(y) // p.micro_batch))  # fmt: skip
-
-
 @dataclass
 class EpochProgress:
     """Running sums of one epoch; checkpointed so that an interrupted epoch resumes exactly."""
@@ -202,7 +111,7 @@ class EpochProgress:
 
 
 def train_one_epoch(p: StepParts, batches: Batches, epoch: int, step: int, progress: EpochProgress,
-                    stop: StopRequest, d: Dist = SINGLE) -> tuple[EpochProgress, int, bool]:  # fmt: skip
+                    stop: recovery.StopRequest, d: Dist = SINGLE) -> tuple[EpochProgress, int, bool]:  # fmt: skip
     """Train over `batches` from `progress` on. Returns (progress, global step, stopped early)."""
     p.model.train()
     # one process continues the interrupted epoch's running sum, so a resumed epoch adds in the same order
@@ -285,44 +194,6 @@ def evaluate_split(model: nn.Module, batches: Batches, d: Dist, n_total: int, de
     return summarize(targets, probs, loss, max(part[4] for part in parts))
 
 
-# -------------------------------------------------------------------------------------- checkpoints
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state: Any = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def _set_rng_state(s: dict[str, Any]) -> None:
-    random.setstate(s["python"])
-    name, keys, *rest = s["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def _load_resume(out_dir: Path, model: nn.Module, meta: dict[str, str]) -> dict[str, Any] | None:
-    """The saved training state of `out_dir`, with its weights loaded into `model`; None if no checkpoint."""
-    state_path, weights = out_dir / STATE, out_dir / LAST
-    if not state_path.exists() and not weights.exists():
-        return None
-    if not state_path.exists() or not weights.exists():
-        raise CheckpointError(f"{out_dir}: one of {LAST} and {STATE} is missing; cannot resume this model")
-    state = checkpoint.load_state(state_path)
-    checkpoint.load_weights(model, weights, meta)
-    if checkpoint.read_meta(weights).get("step") != str(state.get("step")):
-        raise CheckpointError(
-            f"{weights} and {state_path} are from different steps: the last save was cut off"
-        )
-    return state
-
-
 # ---------------------------------------------------------------------------------------------- fit
 
 
@@ -397,37 +268,20 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
 
     s: dict[str, Any] = {"epoch": 1, "step": 0, "progress": EpochProgress(), "best_val": -1.0, "bad_epochs": 0,
                          "train_time": 0.0, "warmup": 0.0, "data_wait": 0.0, "n_steady": 0}  # fmt: skip
-    saved = _load_resume(out_dir, model, meta) if resume else None
+    saved = recovery.load_resume(out_dir, model, meta) if resume else None
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        _set_rng_state(saved["rng"])
+        recovery.set_rng_state(saved["rng"])
         if ema is not None and saved.get("ema") is not None:
             ema.module.load_state_dict(saved["ema"])
         elif ema is not None:  # the checkpoint predates the EMA: start it from the current weights
             ema.set(model)
-        s.update(
-            {
-                k: saved[k]
-                for k in (
-                    "epoch",
-                    "step",
-                    "best_val",
-                    "bad_epochs",
-                    "train_time",
-                    "warmup",
-                    "data_wait",
-                    "n_steady",
-                )
-            }
-        )
+        s.update({k: saved[k] for k in ("epoch", "step", *LOOP_KEYS)})
         s["progress"] = EpochProgress(**saved["progress"])
         result.history = [EpochRecord(**h) for h in saved["history"]]
-        result.best_epoch, parts.micro_batch, parts.oom_events = (
-            saved["best_epoch"],
-            saved["micro_batch"],
-            saved["oom_events"],
-        )
+        result.best_epoch, parts.micro_batch = saved["best_epoch"], saved["micro_batch"]
+        parts.oom_events = saved["oom_events"]
         result.resumed_from_epoch = s["epoch"]
         log.info("[%s] resuming at epoch %d, batch %d", mcfg.label, s["epoch"], s["progress"].batches)
 
@@ -437,16 +291,16 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
         checkpoint.save_weights(model, out_dir / LAST, {**meta, "step": str(s["step"])})
         checkpoint.save_state(out_dir / STATE, {
             "epoch": epoch, "step": s["step"], "progress": dataclasses.asdict(progress), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": _rng_state(), "history": [dataclasses.asdict(h) for h in result.history],
+            "scheduler": scheduler.state_dict(), "rng": recovery.rng_state(), "history": [dataclasses.asdict(h) for h in result.history],
             "best_epoch": result.best_epoch, "micro_batch": parts.micro_batch, "oom_events": parts.oom_events,
             "ema": ema.module.state_dict() if ema is not None else None,
-            **{k: s[k] for k in ("best_val", "bad_epochs", "train_time", "warmup", "data_wait", "n_steady")},
+            **{k: s[k] for k in LOOP_KEYS},
         })  # fmt: skip
 
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
     reset_peak_memory(device)
-    with stop_on_signals() as stop:
+    with recovery.stop_on_signals() as stop:
         for epoch in range(s["epoch"], cfg.train.epochs + 1):
             progress: EpochProgress = s["progress"]
             set_epoch(loaders.train, epoch, skip_batches=progress.batches)
