@@ -23,8 +23,9 @@ import torch
 import yaml
 
 from visionpoc import models
-from visionpoc.config import ModelConfig, _from_dict
+from visionpoc.config import ModelConfig
 from visionpoc.errors import ConfigError
+from visionpoc.typed import from_dict
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def _validate_policy(name: str, pname: str, base: dict[str, Any], fields: Any) -
     where = f"{PRESETS_FILE}: presets.{name}.policies.{pname}"
     if not isinstance(fields, dict) or "lr" not in fields:
         raise ConfigError(f"{where}: expected a mapping of ModelConfig fields with a recommended `lr`")
-    return _from_dict(ModelConfig, {**base, **fields}, where)
+    return from_dict(ModelConfig, {**base, **fields}, where)
 
 
 def _parse(name: str, raw: Any) -> Preset:
@@ -96,7 +97,7 @@ def _parse(name: str, raw: Any) -> Preset:
     base = raw.get("model")
     if not isinstance(base, dict):
         raise ConfigError(f"{where}.model: expected a ModelConfig mapping (label, timm, ...)")
-    model = _from_dict(ModelConfig, base, f"{where}.model")
+    model = from_dict(ModelConfig, base, f"{where}.model")
     policies = raw.get("policies") or {}
     missing = [p for p in REQUIRED_POLICIES if p not in policies]
     if missing:
