@@ -53,7 +53,15 @@ def is_extracted(root: Path) -> bool:
 
 
 def _resume_hint(part: Path) -> str:
-    return f"the partial file {part} is kept; re-run 'visionpoc data download' to resume"
+    kept = (
+        f"the partial file {part} is kept; re-run 'visionpoc data download' to resume"
+        if part.is_file() and part.stat().st_size > 0
+        else "re-run 'visionpoc data download' when the network is back"
+    )
+    return (
+        f"{kept}, pass a mirror with --base-url (or ${ENV_URL}), or use archives you already have: "
+        "'visionpoc data download --from DIR'"
+    )
 
 
 def _download(url: str, dest: Path, progress: bool) -> None:
