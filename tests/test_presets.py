@@ -232,7 +232,12 @@ def test_three_model_compare_and_report(tmp_path: Path, mini_dogs: Path) -> None
     report = pytest.importorskip("visionpoc.report")
     report.write_report(tmp_path / "run", explain=False)
     md = (tmp_path / "run" / "report.md").read_text()
-    summary = md.split("## 1. Summary", 1)[1].split("## 2.", 1)[0]
+    summary = md.split("## 1. Summary", 1)[1].split("### What each model was given", 1)[0]
     assert len([line for line in summary.splitlines() if line.startswith("| **")]) == 3
+    fairness = md.split("### What each model was given", 1)[1].split("## 2.", 1)[0]
+    rows = [line for line in fairness.splitlines() if line.startswith("| **")]
+    assert len(rows) == 3  # the fairness table: policy, budget and input size of each model
+    assert "top_fraction (10.0%)" in rows[0] and "| head |" in rows[1] and "| full |" in rows[2]
+    assert all("| 1 / 1 |" in row for row in rows)
     assert md.count("McNemar exact p =") == 2
     assert "### dinov3_b16 vs xception" in md and "### eva02_b14 vs xception" in md
