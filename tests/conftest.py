@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -20,3 +22,43 @@ def mini_dogs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fresh_dogs(tmp_path: Path) -> Path:
     """A miniature Stanford Dogs that a test may damage."""
     return make_mini_dogs(tmp_path / "dogs")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a busy 2-core runner, spinning OpenMP threads make CPU steps 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, mini_dogs: Path) -> Path:
+    """A finished `compare` run over the miniature dogs with two tiny models, `cnn` (frozen BatchNorm
+    layers) and `vit` (two blocks); the predict, serve and export tests share it."""
+    from visionpoc.compare import run_compare
+    from visionpoc.config import load_config
+
+    base = tmp_path_factory.mktemp("tiny_run")
+    cfg = base / "tiny.yaml"
+    cfg.write_text(
+        f"data: {{source: stanford_dogs, root: '{mini_dogs}', val_fraction: 0.2, num_workers: 0, download: false}}\n"
+        "models:\n"
+        "  - {label: cnn, timm: test_resnet, pretrained: false, finetune: top_fraction, fraction: 0.5,\n"
+        "     img_size: 48, lr: 0.003}\n"
+        "  - {label: vit, timm: vit_tiny_patch16_224, pretrained: false, img_size: 32,\n"
+        "     model_kwargs: {depth: 2}}\n"
+        "train: {epochs: 2, batch_size: 8, lr: 0.001, warmup_epochs: 0.5}\n"
+    )
+    results = run_compare(load_config(cfg), base / "run")
+    assert [m.status for m in results.models] == ["ok", "ok"], [m.error for m in results.models]
+    return base / "run"
+
+
+@pytest.fixture(scope="session")
+def predictor(run_dir: Path):  # type: ignore[no-untyped-def]
+    """The two models of `run_dir`, loaded once."""
+    from visionpoc.predict import Predictor
+
+    return Predictor(run_dir)

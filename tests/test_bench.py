@@ -4,23 +4,12 @@ No speed is asserted here: performance targets belong to the benchmark itself (d
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from visionpoc import bench
 from visionpoc.bench import SECTIONS, format_bench, run_bench
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a busy 2-core runner, spinning OpenMP threads make CPU steps 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_smoke_bench_reports_every_figure(tmp_path: Path, one_thread: None) -> None:

@@ -10,15 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from test_predict import LABELS, tiny_run
+from test_predict import LABELS
 from visionpoc.errors import VisionpocError
 from visionpoc.export import export, load_safetensors_export, read_onnx_check
 from visionpoc.trained import load_trained
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory, mini_dogs: Path) -> Path:
-    return tiny_run(tmp_path_factory, mini_dogs)
 
 
 def test_onnx_round_trip(run_dir: Path, tmp_path: Path) -> None:

@@ -1,7 +1,6 @@
 """Prediction with a finished run: output format, and the same top-1 as the run's own test evaluation.
 
-`tiny_run` builds one run of two tiny models (a CNN with frozen BatchNorm layers and a two-block ViT)
-once per session; the serve and export tests reuse it.
+The run (`run_dir`, two tiny models) and its `predictor` are session fixtures in conftest.py.
 """
 
 from __future__ import annotations
@@ -12,44 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from visionpoc.compare import run_compare
-from visionpoc.config import load_config
 from visionpoc.errors import VisionpocError
 from visionpoc.predict import Predictor, format_predictions, image_files
 from visionpoc.results import load_predictions
 
-_CACHE: dict[str, Path] = {}
 LABELS = ["cnn", "vit"]
-
-
-def tiny_run(tmp_path_factory: pytest.TempPathFactory, dogs: Path) -> Path:
-    """A finished `compare` run over `dogs` with models `cnn` and `vit` (built once per session)."""
-    if "run" not in _CACHE:
-        base = tmp_path_factory.mktemp("tiny_run")
-        cfg = base / "tiny.yaml"
-        cfg.write_text(
-            f"data: {{source: stanford_dogs, root: '{dogs}', val_fraction: 0.2, num_workers: 0, download: false}}\n"
-            "models:\n"
-            "  - {label: cnn, timm: test_resnet, pretrained: false, finetune: top_fraction, fraction: 0.5,\n"
-            "     img_size: 48, lr: 0.003}\n"
-            "  - {label: vit, timm: vit_tiny_patch16_224, pretrained: false, img_size: 32,\n"
-            "     model_kwargs: {depth: 2}}\n"
-            "train: {epochs: 2, batch_size: 8, lr: 0.001, warmup_epochs: 0.5}\n"
-        )
-        results = run_compare(load_config(cfg), base / "run")
-        assert [m.status for m in results.models] == ["ok", "ok"], [m.error for m in results.models]
-        _CACHE["run"] = base / "run"
-    return _CACHE["run"]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory, mini_dogs: Path) -> Path:
-    return tiny_run(tmp_path_factory, mini_dogs)
-
-
-@pytest.fixture(scope="module")
-def predictor(run_dir: Path) -> Predictor:
-    return Predictor(run_dir)
 
 
 def test_top1_matches_the_runs_test_predictions(predictor: Predictor, run_dir: Path, mini_dogs: Path) -> None:

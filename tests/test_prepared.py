@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -150,15 +149,6 @@ def test_prepared_loaders_batches_order_and_resume(fresh_dogs: Path) -> None:
     assert all(
         torch.equal(xa, xr) and torch.equal(ya, yr) for (xa, ya), (xr, yr) in zip(a[1:], rest, strict=True)
     )
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a busy 2-core runner, spinning OpenMP threads make CPU training 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_training_through_the_store_learns_like_the_stream_path(tmp_path: Path, one_thread: None) -> None:

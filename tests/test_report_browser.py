@@ -8,19 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
+from browser import ARGS, BUILD, CHROMIUM, needs_chromium
 from test_report import make_run
 
-CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOT = Path(__file__).resolve().parents[1] / "build" / "report.png"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+SCREENSHOT = BUILD / "report.png"
 
 
-@pytest.mark.skipif(
-    not CHROMIUM.exists(), reason=f"{CHROMIUM} not found: apt-get install chromium to run this test"
-)
+@needs_chromium
 def test_report_renders_in_chromium(tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 

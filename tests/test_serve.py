@@ -19,20 +19,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from test_predict import LABELS, tiny_run
+from test_predict import LABELS
 from visionpoc.predict import Predictor
 from visionpoc.serve import create_app, is_loopback, serve
 from visionpoc.uploads import UploadError, read_limited
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory, mini_dogs: Path) -> Path:
-    return tiny_run(tmp_path_factory, mini_dogs)
-
-
-@pytest.fixture(scope="module")
-def predictor(run_dir: Path) -> Predictor:
-    return Predictor(run_dir)
 
 
 @pytest.fixture(scope="module")

@@ -15,25 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from test_predict import LABELS, tiny_run
+from browser import ARGS, BUILD, CHROMIUM, needs_chromium
+from test_predict import LABELS
 from visionpoc.predict import Predictor
 from visionpoc.serve import create_app
 
-CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOT = Path(__file__).resolve().parents[1] / "build" / "serve.png"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+SCREENSHOT = BUILD / "serve.png"
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def predictor(tmp_path_factory: pytest.TempPathFactory, mini_dogs: Path) -> Predictor:
-    return Predictor(tiny_run(tmp_path_factory, mini_dogs))
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +49,7 @@ def server(predictor: Predictor) -> Iterator[str]:
     thread.join(timeout=10)
 
 
-@pytest.mark.skipif(
-    not CHROMIUM.exists(), reason=f"{CHROMIUM} not found: apt-get install chromium to run this test"
-)
+@needs_chromium
 def test_demo_page_in_chromium(server: str, predictor: Predictor, mini_dogs: Path) -> None:
     from playwright.sync_api import sync_playwright
 
