@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,3 +18,23 @@ BUILD = Path(__file__).resolve().parents[1] / "build"  # screenshots kept as CI 
 needs_chromium = pytest.mark.skipif(
     not CHROMIUM.exists(), reason=f"{CHROMIUM} not found: apt-get install chromium to run this test"
 )
+
+
+@contextmanager
+def chromium_page(allowed: tuple[str, ...], width: int = 1200) -> Iterator[tuple[Any, list[str]]]:
+    """A page in headless Chromium and the list its console errors, page errors and any request to a
+    URL outside `allowed` (prefixes) are appended to."""
+    from playwright.sync_api import sync_playwright
+
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("request", lambda req: errors.append(f"request outside {allowed}: {req.url}")
+                    if not req.url.startswith(allowed) else None)  # fmt: skip
+            yield page, errors
+        finally:
+            browser.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from browser import ARGS, BUILD, CHROMIUM, needs_chromium
+from browser import BUILD, chromium_page, needs_chromium
 from test_report import make_run
 
 SCREENSHOT = BUILD / "report.png"
@@ -16,31 +16,17 @@ SCREENSHOT = BUILD / "report.png"
 
 @needs_chromium
 def test_report_renders_in_chromium(tmp_path: Path) -> None:
-    from playwright.sync_api import sync_playwright
-
     from visionpoc.report import write_report
 
     run_dir = make_run(tmp_path, n_models=3, images=True, weights=True, failed=True)
     html = write_report(run_dir)
-    errors: list[str] = []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.on("request", lambda req: errors.append(f"network request: {req.url}")
-                    if not req.url.startswith(("file:", "data:")) else None)  # fmt: skip
-            page.goto(html.as_uri(), wait_until="load")
-            images = page.evaluate(
-                "Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])"
-            )
-            summary = page.inner_text("#summary")
-            verdicts = page.locator(".bottom-line .verdict").all_inner_texts()
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
-        finally:
-            browser.close()
+    with chromium_page(("file:", "data:")) as (page, errors):
+        page.goto(html.as_uri(), wait_until="load")
+        images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
+        summary = page.inner_text("#summary")
+        verdicts = page.locator(".bottom-line .verdict").all_inner_texts()
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert errors == []
     assert len(images) >= 7  # curves, time, 2 scatters, 2 galleries, saliency
     broken = [alt for alt, complete, width in images if not complete or width == 0]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from browser import ARGS, BUILD, CHROMIUM, needs_chromium
+from browser import BUILD, chromium_page, needs_chromium
 from test_predict import LABELS
 from visionpoc.predict import Predictor
 from visionpoc.serve import create_app
@@ -51,33 +51,21 @@ def server(predictor: Predictor) -> Iterator[str]:
 
 @needs_chromium
 def test_demo_page_in_chromium(server: str, predictor: Predictor, mini_dogs: Path) -> None:
-    from playwright.sync_api import sync_playwright
-
     photo = sorted((mini_dogs / "Images").rglob("*.jpg"))[-1]
     expected = {a["model"]: a["top"][0]["label"] for a in predictor.predict_paths([photo])[0]["models"]}
-    errors: list[str] = []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.on("request", lambda req: errors.append(f"request off the server: {req.url}")
-                    if not req.url.startswith((server, "data:", "blob:")) else None)  # fmt: skip
-            page.goto(server + "/", wait_until="load")
-            page.wait_for_function("document.getElementById('models').textContent.includes('breeds')")
-            page.set_input_files("#file", str(photo))
-            page.wait_for_selector("body[data-state=done]", timeout=30_000)
-            cards = {lab: page.inner_text(f".model-card[data-model={lab}]") for lab in LABELS}
-            bars = page.locator(".model-card .bar-row").count()
-            overlays = page.evaluate(
-                "Array.from(document.querySelectorAll('.model-card figure img')).map(i => [i.alt, i.naturalWidth])"
-            )
-            header = page.inner_text("#models")
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
-        finally:
-            browser.close()
+    with chromium_page((server, "data:", "blob:"), width=1100) as (page, errors):
+        page.goto(server + "/", wait_until="load")
+        page.wait_for_function("document.getElementById('models').textContent.includes('breeds')")
+        page.set_input_files("#file", str(photo))
+        page.wait_for_selector("body[data-state=done]", timeout=30_000)
+        cards = {lab: page.inner_text(f".model-card[data-model={lab}]") for lab in LABELS}
+        bars = page.locator(".model-card .bar-row").count()
+        overlays = page.evaluate(
+            "Array.from(document.querySelectorAll('.model-card figure img')).map(i => [i.alt, i.naturalWidth])"
+        )
+        header = page.inner_text("#models")
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert errors == []
     assert header == "Models: cnn, vit · 3 breeds"
     for label, text in cards.items():
