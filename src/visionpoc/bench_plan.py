@@ -1,0 +1,91 @@
+"""The benchmark's workload, shared by its sections: the models and sizes it measures (`plan`: full
+size on a GPU, toy sizes for `--smoke`), and the helpers every section uses: building a spec's model
+with our fine-tuning policy, timing a call on the device, and writing Stanford-Dogs-sized JPEGs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from visionpoc import models
+from visionpoc.config import ModelConfig
+from visionpoc.data.sources import Split
+from visionpoc.timing import sync
+
+NUM_CLASSES = 120  # Stanford Dogs
+
+
+@dataclass(frozen=True)
+class Spec:
+    label: str
+    timm: str
+    finetune: str  # "full" or "top_fraction" (top 10% of convs)
+    size: int
+    batch: int
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    specs: tuple[Spec, ...]
+    n_images: int
+    store_size: int
+    steps: int
+    warm: int
+    workers: int
+
+
+def plan(smoke: bool) -> Plan:
+    if smoke:  # toy sizes: checks the code on a CPU in seconds
+        vit = Spec("vit_b16", "vit_tiny_patch16_224", "full", 32, 4, {"depth": 2})
+        cnn = Spec("xception_top10", "legacy_xception", "top_fraction", 48, 2)
+        return Plan((vit, cnn), n_images=32, store_size=48, steps=2, warm=1, workers=0)
+    return Plan((Spec("vit_b16", "vit_base_patch16_224", "full", 224, 256),
+                 Spec("xception_top10", "legacy_xception", "top_fraction", 299, 128),
+                 Spec("xception_full", "legacy_xception", "full", 299, 128)),
+                n_images=2048, store_size=320, steps=20, warm=5, workers=min(16, os.cpu_count() or 1))  # fmt: skip
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds `fn()` takes, the device synchronized before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def build_model(spec: Spec) -> nn.Module:
+    """`spec`'s timm model (random weights) with our fine-tuning policy applied."""
+    mcfg = ModelConfig(label=spec.label, timm=spec.timm, pretrained=False, finetune=spec.finetune,  # type: ignore[arg-type]
+                       fraction=0.1, img_size=spec.size, model_kwargs=spec.kwargs)  # fmt: skip
+    model = models.create_model(mcfg, NUM_CLASSES)
+    models.apply_finetune(model, mcfg)
+    return model
+
+
+def write_jpegs(folder: Path, n: int, size: tuple[int, int] = (500, 375), workers: int = 1) -> Split:
+    """`n` noisy-gradient JPEGs of Stanford Dogs' typical size (~100 KB at quality 90, as peer_anchor.py)."""
+    from PIL import Image
+
+    w, h = size
+    base = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3))  # (H, W, 3)
+
+    def write(i: int) -> None:
+        noise = np.random.default_rng([0, i]).integers(-40, 40, (h, w, 3))
+        Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(folder / f"{i}.jpg", quality=90)
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL encodes without the GIL
+        list(pool.map(write, range(n)))
+    labels = np.random.default_rng(0).integers(0, NUM_CLASSES, n).astype(np.int64)
+    return Split(folder, [f"{i}.jpg" for i in range(n)], labels)

@@ -1,0 +1,113 @@
+"""Batches from the prepared store: where the store lives during training (`place`) and the iterator
+that gathers a split's batches from it and augments them on the device (`StoreBatches`).
+
+- Placement: on CUDA the whole store goes to GPU memory once when it fits with headroom for training;
+  otherwise batches are gathered from the memory-mapped file by a background thread into pinned memory
+  and copied without blocking. On the CPU the store stays a memory map.
+- Transforms: `train_transform` / `eval_transform` wrap `gpu_aug` for whole uint8 batches.
+Building and caching the store, and the loaders over it, live in `data/prepared.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from visionpoc.data import gpu_aug
+from visionpoc.distributed import EpochSampler
+
+log = logging.getLogger(__name__)
+
+HEADROOM_GIB, HEADROOM_FRACTION = 16.0, 0.4  # GPU memory kept free for training when the store moves there
+
+
+def fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """Whether `nbytes` fit in the device's free memory with headroom left for training."""
+    if device.type != "cuda":
+        return False
+    free, total = torch.cuda.mem_get_info(device)
+    return nbytes + max(HEADROOM_GIB * 2**30, HEADROOM_FRACTION * total) <= free
+
+
+def place(images: np.ndarray, device: torch.device) -> torch.Tensor | np.ndarray:
+    """The store on `device` (uploaded in chunks) when it fits there, else the host memory map."""
+    if not fits_on_device(int(images.nbytes), device):
+        if device.type == "cuda":
+            log.info("prepared store (%.2f GiB) streams from host memory", images.nbytes / 2**30)
+        return images
+    out = torch.empty(images.shape, dtype=torch.uint8, device=device)  # (N, 3, S, S)
+    step = max(1, (256 << 20) // max(1, images[0].nbytes))
+    for a in range(0, len(images), step):
+        out[a : a + step].copy_(torch.from_numpy(np.array(images[a : a + step])))
+    log.info("prepared store (%.2f GiB) is resident on %s", images.nbytes / 2**30, device)
+    return out
+
+
+Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+class StoreBatches:
+    """Batches of one split from the store: gather rows, transform them on `device`, yield (x, y).
+
+    x: float32 (B, 3, H, W) normalized; y: int64 (B,). The order and this process's shard come from
+    `sampler` (the stream path's EpochSampler: `loaders.set_epoch` moves it to an epoch or skips the
+    batches a resumed run did). Batch k of an epoch is augmented with a CPU generator seeded by
+    (seed, epoch, rank, k): the same crops on every device, and exactly again after a resume."""
+
+    def __init__(self, images: torch.Tensor | np.ndarray, rows: np.ndarray, labels: np.ndarray,
+                 batch_size: int, transform: Transform, device: torch.device, sampler: EpochSampler,
+                 drop_last: bool = False) -> None:  # fmt: skip
+        self.images, self.rows, self.labels = images, np.asarray(rows), np.asarray(labels, dtype=np.int64)
+        self.batch_size, self.transform, self.device = batch_size, transform, device
+        self.sampler, self.drop_last = sampler, drop_last
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _generator(self, k: int) -> torch.Generator:
+        s = self.sampler
+        seed = np.random.SeedSequence([s.seed, s.epoch, s.d.rank, k]).generate_state(1, np.uint64)[0]
+        return torch.Generator().manual_seed(int(seed))
+
+    def _fetch_host(self, pos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        assert isinstance(self.images, np.ndarray)
+        x = torch.from_numpy(self.images[self.rows[pos]])  # (B, 3, S, S) uint8, a copy off the map
+        y = torch.from_numpy(self.labels[pos])  # (B,)
+        if self.device.type == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = np.fromiter(iter(self.sampler), dtype=np.int64)  # this rank's positions in the split
+        first = self.sampler.start // self.batch_size  # batches of this epoch done before a resume
+        batches = [order[k * self.batch_size : (k + 1) * self.batch_size] for k in range(len(self))]
+        if isinstance(self.images, torch.Tensor):  # resident: gather on the device
+            rows = torch.from_numpy(self.rows).to(self.device)
+            labels = torch.from_numpy(self.labels).to(self.device)
+            for k, pos in enumerate(batches):
+                idx = torch.from_numpy(pos).to(self.device, non_blocking=True)  # (B,)
+                yield self.transform(self.images[rows[idx]], self._generator(first + k)), labels[idx]
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="store-prefetch") as pool:  # gather k+1 while k runs
+            ahead = pool.submit(self._fetch_host, batches[0]) if batches else None
+            for k in range(len(batches)):
+                assert ahead is not None
+                x, y = ahead.result()
+                ahead = pool.submit(self._fetch_host, batches[k + 1]) if k + 1 < len(batches) else None
+                x = self.transform(x.to(self.device, non_blocking=True), self._generator(first + k))
+                yield x, y.to(self.device, non_blocking=True)
+
+
+def train_transform(data_cfg: dict[str, Any]) -> Transform:
+    return lambda x, g: gpu_aug.train_batch(x, data_cfg, g)
+
+
+def eval_transform(data_cfg: dict[str, Any]) -> Transform:
+    return lambda x, g: gpu_aug.eval_batch(x, data_cfg)
