@@ -57,7 +57,7 @@ def _model(label: str, timm: str, acc: float, **kw: object) -> ModelResult:
                for e in (1, 2, 3)]  # fmt: skip
     fields: dict[str, object] = dict(
         label=label, timm=timm, finetune="full", pretrained=False, img_size=32, lr=1e-3, batch_size=8,
-        epochs=3, epochs_run=3, best_epoch=3, train_time_s=30.0, warmup_s=1.0, eval_time_s=0.5,
+        epochs=3, epochs_run=3, best_epoch=3, train_time_s=30.0, warmup_s=1.0, data_wait_s=3.0, eval_time_s=0.5,
         train_accuracy=0.99, val_accuracy=acc, test_accuracy=acc, test_top5_accuracy=0.97, test_macro_f1=acc - 0.01,
         params=1_234_567, trainable_params=1_000_000, fwd_gflops=0.0123, train_img_s=456.7, eval_img_s=1234.5,
         latency_ms_b1=3.21, peak_memory_gib=1.5, peak_memory_kind="process_max_rss", history=history,
@@ -204,7 +204,8 @@ def test_write_report_without_images_or_weights(tmp_path: Path) -> None:
         assert img.format == "PNG"
     assert "<script" not in html and "<link" not in html and "http://" not in html and "https://" not in html
     table = _summary(html)
-    for text in ("a", "b", "85.7%", "75.7%", "30.0", "0.01", "457", "1,234", "3.2", "1.23 M", "1.00 M"):
+    for text in ("a", "b", "85.7%", "75.7%", "30.0", "0.01", "457", "1,234", "3.2", "1.23 M", "1.00 M",
+                 "10% waiting for data"):  # fmt: skip
         assert text in table, text
     assert "McNemar" in html and "0.0923" in html
     assert f">{BOTH_RIGHT} <" in html and f">{ONLY_A} <" in html and f">{ONLY_B} <" in html
