@@ -65,8 +65,9 @@ def default_workers(cfg: Config) -> int:
 
 
 def stream_loader(split: Split, transform: Any, batch_size: int, shuffle: bool, cfg: Config,
-                  device: torch.device, d: Dist = SINGLE) -> DataLoader:  # fmt: skip
-    """A DataLoader over this process's shard of `split` (EpochSampler: seeded per epoch, resumable)."""
+                  device: torch.device, d: Dist = SINGLE, every_epoch: bool = False) -> DataLoader:  # fmt: skip
+    """A DataLoader over this process's shard of `split` (EpochSampler: seeded per epoch, resumable).
+    `every_epoch` loaders (train, val) keep their workers alive between passes; one-pass loaders don't."""
     workers = default_workers(cfg)
     sampler = EpochSampler(len(split), cfg.train.seed, d, shuffle=shuffle)
     return DataLoader(
@@ -76,7 +77,7 @@ def stream_loader(split: Split, transform: Any, batch_size: int, shuffle: bool, 
         drop_last=shuffle and len(sampler) > batch_size,  # no 1-image batch for BatchNorm to choke on
         num_workers=workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
+        persistent_workers=workers > 0 and every_epoch,
         worker_init_fn=_seed_worker,
         generator=torch.Generator().manual_seed(cfg.train.seed),
     )
@@ -119,9 +120,9 @@ def build_loaders(splits: Splits, data_cfg: dict[str, Any], cfg: Config, device:
     ebs = cfg.train.eval_batch_size or 2 * bs
     tt, et = train_transform(data_cfg, cfg.train.augment), eval_transform(data_cfg)
     return Loaders(
-        train=stream_loader(splits.train, tt, bs, True, cfg, device, d),
+        train=stream_loader(splits.train, tt, bs, True, cfg, device, d, every_epoch=True),
         train_eval=stream_loader(splits.train, et, ebs, False, cfg, device, d),
-        val=stream_loader(splits.val, et, ebs, False, cfg, device, d),
+        val=stream_loader(splits.val, et, ebs, False, cfg, device, d, every_epoch=True),
         test=stream_loader(splits.test, et, ebs, False, cfg, device, d),
         pipeline="stream",
     )
