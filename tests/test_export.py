@@ -69,3 +69,16 @@ def test_export_errors(run_dir: Path, tmp_path: Path) -> None:
         export(run_dir, "onnx", label="nope", out=tmp_path)
     with pytest.raises(VisionpocError, match="unknown export format"):
         export(run_dir, "tflite", out=tmp_path)  # type: ignore[arg-type]
+
+
+def test_onnx_without_the_export_extra_says_what_to_install(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a)
+    )
+    with pytest.raises(VisionpocError, match=r"needs onnxruntime: pip install 'visionpoc\[export\]'"):
+        export(run_dir, "onnx", out=tmp_path)

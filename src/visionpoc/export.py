@@ -16,6 +16,7 @@ visionpoc code beyond ten lines.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import warnings
@@ -97,6 +98,11 @@ def _write_sidecars(tm: TrainedModel, folder: Path) -> list[Path]:
 def export_onnx(tm: TrainedModel, folder: Path) -> Path:
     """`folder/model.onnx` (input `input` (B, 3, H, W), output `logits` (B, C), dynamic B), checked
     with onnxruntime; the check is logged and saved as `onnx_check.json`."""
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise VisionpocError(
+            f"ONNX export needs {' and '.join(missing)}: pip install 'visionpoc[export]' (or pip install -e '.[export]')"
+        )
     model = tm.model.cpu().eval()
     x = torch.zeros(1, *tm.data_config["input_size"])  # (1, 3, H, W)
 
