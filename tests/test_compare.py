@@ -159,3 +159,18 @@ def test_compare_downloads_the_dataset_when_absent(tmp_path: Path, dogs_server: 
     assert (root / "Images").is_dir() and json.loads((tmp_path / "r" / "results.json").read_text())["models"]
     assert main(["data", "download", "--root", str(tmp_path / "again"), "--base-url", dogs_server]) == 0
     assert main(["data", "check", "--root", str(tmp_path / "again")]) == 0
+
+
+def test_imagenet_overlap_warning(caplog: pytest.LogCaptureFixture) -> None:
+    from visionpoc.compare import warn_imagenet_overlap
+    from visionpoc.config import Config, ModelConfig
+
+    with caplog.at_level("WARNING"):
+        flagged = warn_imagenet_overlap([
+            *Config().models,  # legacy_xception.tf_in1k and vit_base_patch16_224.orig_in21k
+            ModelConfig(label="untagged", timm="legacy_xception"),  # timm's default tag: tf_in1k
+            ModelConfig(label="scratch", timm="vit_base_patch16_224.orig_in21k", pretrained=False),
+            ModelConfig(label="webli", timm="vit_base_patch16_siglip_224.v2_webli"),  # overlap undocumented
+        ])  # fmt: skip
+    assert flagged == ["xception", "vit_b16", "untagged"]
+    assert "Stanford Dogs is built from ImageNet" in caplog.text and "vit_b16" in caplog.text

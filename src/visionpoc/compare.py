@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from visionpoc import distributed
-from visionpoc.config import Config, save_config, to_dict
+from visionpoc.config import Config, ModelConfig, save_config, to_dict
 from visionpoc.data.sources import Dataset, read_dataset
 from visionpoc.data.splits import Splits, make_splits
 from visionpoc.errors import CheckpointError, DataError, TrainingInterrupted, VisionpocError
@@ -90,6 +90,8 @@ def run_compare(
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
     chosen = [cfg.model(label) for label in labels] if labels else list(cfg.models)
+    if d.main and ds.source == "stanford_dogs":
+        warn_imagenet_overlap(chosen)
     for mcfg in chosen:
         if mcfg.label in done:
             log.info("=== %s: already finished in %s, kept", mcfg.label, out_dir)
@@ -110,6 +112,29 @@ def run_compare(
         if d.main:
             save_results(results, out_dir)
     return results
+
+
+def warn_imagenet_overlap(chosen: list[ModelConfig]) -> list[str]:
+    """Log (and return) the pretrained models whose pretraining data contains ImageNet, from which
+    Stanford Dogs was built: they may have seen its test images."""
+    import timm.models
+
+    from visionpoc.presets import may_have_seen_imagenet
+
+    flagged = []
+    for m in chosen:
+        if not m.pretrained or m.pretrained_path:
+            continue
+        name = m.timm
+        if "." not in name:  # an untagged name loads timm's default tag
+            cfg = timm.models.get_pretrained_cfg(name)
+            name = f"{name}.{cfg.tag}" if cfg is not None and cfg.tag else name
+        if may_have_seen_imagenet(name):
+            flagged.append(m.label)
+            log.warning("%s (%s): Stanford Dogs is built from ImageNet images and this model's pretraining "
+                        "includes ImageNet, so it may have seen test images; its test accuracy can be optimistic "
+                        "(the report's caveats say more)", m.label, name)  # fmt: skip
+    return flagged
 
 
 def _fmt(v: float | None, spec: str) -> str:
