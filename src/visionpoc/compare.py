@@ -117,18 +117,13 @@ def run_compare(
 def warn_imagenet_overlap(chosen: list[ModelConfig]) -> list[str]:
     """Log (and return) the pretrained models whose pretraining data contains ImageNet, from which
     Stanford Dogs was built: they may have seen its test images."""
-    import timm.models
-
-    from visionpoc.presets import may_have_seen_imagenet
+    from visionpoc.presets import may_have_seen_imagenet, tagged_name
 
     flagged = []
     for m in chosen:
         if not m.pretrained or m.pretrained_path:
             continue
-        name = m.timm
-        if "." not in name:  # an untagged name loads timm's default tag
-            cfg = timm.models.get_pretrained_cfg(name)
-            name = f"{name}.{cfg.tag}" if cfg is not None and cfg.tag else name
+        name = tagged_name(m.timm)  # an untagged name loads timm's default tag
         if may_have_seen_imagenet(name):
             flagged.append(m.label)
             log.warning("%s (%s): Stanford Dogs is built from ImageNet images and this model's pretraining "

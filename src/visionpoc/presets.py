@@ -178,6 +178,17 @@ def pretrain_data(name_or_tag: str | None) -> str | None:
     return "+".join(found) or None
 
 
+def tagged_name(timm_name: str, tag: str | None = None) -> str:
+    """`arch.tag`: with `tag` when given, else the name's own tag, else timm's default tag for `arch`."""
+    arch, dot, own = timm_name.partition(".")
+    if tag:
+        return f"{arch}.{tag}"
+    if dot:
+        return timm_name
+    cfg = timm.models.get_pretrained_cfg(arch)
+    return f"{arch}.{cfg.tag}" if cfg is not None and cfg.tag else arch
+
+
 def may_have_seen_imagenet(pretrain_tag: str | None) -> bool | None:
     """Whether pretraining may have seen ImageNet (and so Stanford Dogs' test images, built from ImageNet).
 

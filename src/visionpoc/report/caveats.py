@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from visionpoc.presets import may_have_seen_imagenet, pretrain_data
+from visionpoc.presets import may_have_seen_imagenet, pretrain_data, tagged_name
 from visionpoc.results import ModelResult, RunResults
 
 GAP = 0.10  # train minus test accuracy above which we call it a large gap
@@ -32,7 +32,7 @@ def pretraining_source(m: ModelResult) -> str | None:
     `presets.may_have_seen_imagenet`); None if trained from scratch."""
     if not m.pretrained:
         return None
-    name = f"{m.timm.split('.')[0]}.{m.pretrained_tag}" if m.pretrained_tag else m.timm
+    name = tagged_name(m.timm, m.pretrained_tag)
     seen = may_have_seen_imagenet(name)
     if seen:
         return "ImageNet"
