@@ -12,14 +12,15 @@
 # Then with the device tool:  run(command="bash bench/gpu_check.sh", carry=["build/bench"], timeout_s=590)
 # Results: $OUT/bench.json and bench.txt (ours + peers), peer_anchor.json, env.txt -> docs/benchmarks.md.
 # Expect ~6 min for the bench (six torch.compile warm-ups of 30-50 s) and ~1.5 min for the anchor.
-# PEER_ANCHOR=0 skips the anchor.
+# PEER_ANCHOR=0 skips the anchor; BENCH_ARGS="--sections peer,input,ours" skips the HF peer, for example.
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python -c 'import torch, timm; print("torch", torch.__version__, "timm", timm.__version__)'; } | tee "$OUT/env.txt"
 PYTHONPATH=src python -c 'import visionpoc.bench' || { echo "visionpoc does not import here (missing deps?)"; exit 2; }
-PYTHONPATH=src timeout 430 python -m visionpoc bench --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+# shellcheck disable=SC2086
+PYTHONPATH=src timeout 430 python -m visionpoc bench --out "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt"
 echo "bench exit status: ${PIPESTATUS[0]}"
 if [ "${PEER_ANCHOR:-1}" = 1 ] && [ -f build/bench/peer_anchor.py ]; then
   timeout 140 python build/bench/peer_anchor.py --quick --out "$OUT" 2>&1 | tail -n 20 | tee "$OUT/peer_anchor.log"

@@ -42,3 +42,16 @@ def test_on_a_cpu_the_full_bench_measures_only_the_input_path(monkeypatch: pytes
     assert d["input"]["prepared"]["img_s"] > 0 and not d["ours"] and not d["peer"]
     assert set(d["skipped"]) == set(SECTIONS) - {"input"}
     assert run_bench(smoke=True, device="cpu", sections=("input",))["skipped"]["ours"] == "not asked for"
+
+
+def test_bench_command_runs_chosen_sections(
+    tmp_path: Path, one_thread: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from visionpoc.cli import main
+
+    out = tmp_path / "b.json"
+    assert main(["bench", "--smoke", "--device", "cpu", "--sections", "input", "--out", str(out)]) == 0
+    measured = json.loads(out.read_text())
+    assert measured["input"] and not measured.get("peer")
+    assert "img/s" in capsys.readouterr().out
+    assert main(["bench", "--smoke", "--device", "cpu", "--sections", "input,gpu_magic"]) == 2

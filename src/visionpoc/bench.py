@@ -38,6 +38,7 @@ from visionpoc.bench_peers import hf_vit, peer_step
 from visionpoc.bench_plan import Spec, build_model, plan, write_jpegs
 from visionpoc.data.prepared import prepare_store
 from visionpoc.data.store_batches import place
+from visionpoc.errors import ConfigError
 from visionpoc.results import environment
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,9 @@ def run_bench(smoke: bool, device: str = "auto", out: Path | None = None,
     chosen = (
         tuple(sections) if sections is not None else SECTIONS if smoke or dev.type == "cuda" else ("input",)
     )
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"bench sections {unknown} unknown; choose among {list(SECTIONS)}")
     why = "not asked for" if sections is not None else "model steps measure a GPU; try --smoke"
     res: dict[str, Any] = {"environment": _environment(dev, smoke), "input": None, "ours": [], "peer": [],
                            "hf": [], "ratios": {}, "skipped": {s: why for s in SECTIONS if s not in chosen}}  # fmt: skip

@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--smoke", action="store_true", help="tiny sizes: runs on the CPU in seconds")
     bn.add_argument("--device", default="auto")
     bn.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    bn.add_argument(
+        "--sections", default=None, help="comma-separated subset of peer,hf,input,ours (default: all)"
+    )
 
     ml = sub.add_parser("models", help="list the model presets: params, GFLOPs, pretraining data, licence")
     ml.add_argument("--family", default=None, help="only this family (e.g. dinov3, siglip2, vit)")
@@ -244,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from visionpoc.bench import format_bench, run_bench
 
-            print(format_bench(run_bench(smoke=args.smoke, device=args.device, out=args.out)))
+            sections = args.sections.split(",") if args.sections else None
+            print(
+                format_bench(run_bench(smoke=args.smoke, device=args.device, out=args.out, sections=sections))
+            )
             return 0
     except TrainingInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
