@@ -196,3 +196,29 @@ def test_atomic_write_leaves_the_old_file_on_a_crash(tmp_path: Path) -> None:
         atomic_write(target, crash)
     assert json.loads(target.read_text()) == {"ok": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temp file left behind
+
+
+def test_a_signal_during_validation_stops_after_that_epoch(
+    mini_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from visionpoc import train
+
+    real = train.evaluate_split
+    sent: list[int] = []
+
+    def evaluate_then_sigterm(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if not sent:  # the first validation pass: as if the user pressed Ctrl-C there
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate_split", evaluate_then_sigterm)
+    run = tmp_path / "run"
+    cfg = _config(tmp_path / "c.yaml", mini_dogs, epochs=2)
+    assert main(["compare", "--config", str(cfg), "--out", str(run), "--no-report"]) == 130
+    assert "stopped after epoch 1" in capsys.readouterr().err
+    assert torch.load(run / "vit" / "last_state.pt", weights_only=True)["epoch"] == 2
+    monkeypatch.setattr(train, "evaluate_split", real)
+    assert main(["compare", "--resume", str(run), "--no-report"]) == 0
+    m = json.loads((run / "results.json").read_text())["models"][0]
+    assert [h["epoch"] for h in m["history"]] == [1, 2] and m["resumed_from_epoch"] == 2

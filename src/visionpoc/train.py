@@ -197,6 +197,13 @@ def evaluate_split(model: nn.Module, batches: Batches, d: Dist, n_total: int, de
 # ---------------------------------------------------------------------------------------------- fit
 
 
+def interrupted(label: str, where: str, out_dir: Path) -> TrainingInterrupted:
+    return TrainingInterrupted(
+        f"model {label!r} stopped {where}; checkpoint saved in {out_dir}. "
+        f"Resume with: visionpoc compare --resume {out_dir.parent}"
+    )
+
+
 def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: bool = False,
         score_test: bool = True, on_epoch: Callable[[int, float | None], None] | None = None) -> ModelResult:  # fmt: skip
     """Fine-tune one model on `splits`, checkpoint it, score its best weights; write `out_dir`.
@@ -309,10 +316,7 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
             )
             if stopped:
                 save_last(epoch, progress)
-                raise TrainingInterrupted(
-                    f"model {mcfg.label!r} stopped in epoch {epoch} after {progress.batches} batches; checkpoint "
-                    f"saved in {out_dir}. Resume with: visionpoc compare --resume {out_dir.parent}"
-                )
+                raise interrupted(mcfg.label, f"in epoch {epoch} after {progress.batches} batches", out_dir)
             s["train_time"] += progress.time_s
             s["warmup"] += progress.warmup_s
             s["data_wait"] += progress.data_wait_s
@@ -346,6 +350,8 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
                 atomic_write_json(out_dir / "history.json", [dataclasses.asdict(h) for h in result.history])
             if on_epoch is not None:
                 on_epoch(epoch, val.accuracy if val else None)
+            if distributed.broadcast_flag(d, stop.signum is not None):  # a signal during validation
+                raise interrupted(mcfg.label, f"after epoch {epoch}", out_dir)
             patience = cfg.train.early_stop_patience
             if not improved and patience is not None and s["bad_epochs"] >= patience:
                 log.info("[%s] early stop: no better val accuracy for %d epochs", mcfg.label, s["bad_epochs"])
