@@ -54,7 +54,8 @@ def test_compare_end_to_end(tmp_path: Path, mini_dogs: Path, capsys: pytest.Capt
     res = json.loads((out / "results.json").read_text())
     assert res["dataset"] == {"source": "stanford_dogs", "root": str(mini_dogs), "train_size": 15, "val_size": 3,
                               "test_size": 9, "num_classes": 3,
-                              "class_names": ["Chihuahua", "Shih-Tzu", "Afghan hound"]}  # fmt: skip
+                              "class_names": ["Chihuahua", "Shih-Tzu", "Afghan hound"],
+                              "test_root": str(mini_dogs / "Images")}  # fmt: skip
     assert set(res["environment"]) >= {"torch", "timm", "device", "git_commit", "seed"}
     assert res["environment"]["device"] == "cpu" and res["environment"]["seed"] == 0
     for m in res["models"]:

@@ -98,7 +98,7 @@ def make_run(
         models.append(ModelResult(label="broken", timm="nope_model", finetune="full", pretrained=True,
                                   status="failed", error="RuntimeError: out of memory"))  # fmt: skip
     results = RunResults(
-        dataset=DatasetInfo(source="folder" if images else "stanford_dogs", root=str(data), train_size=200,
+        dataset=DatasetInfo(source="folder" if images else "stanford_dogs", root=str(data), test_root=str(data / "test"), train_size=200,
                             val_size=20, test_size=N, num_classes=len(CLASSES), class_names=CLASSES),
         models=models,
         environment=Environment(visionpoc="0.1.0", python="3.11.9", torch="2.4.0", timm="1.0.20", cuda=None,

@@ -78,6 +78,7 @@ def run_compare(
         dataset=DatasetInfo(
             source=ds.source,
             root=str(ds.root.resolve()),
+            test_root=str(splits.test.root.resolve()),
             train_size=len(splits.train),
             val_size=len(splits.val),
             test_size=len(splits.test),

@@ -101,6 +101,7 @@ class DatasetInfo:
     test_size: int
     num_classes: int
     class_names: list[str]
+    test_root: str | None = None  # absolute folder the test split's file paths are relative to
 
 
 @dataclass

@@ -129,7 +129,7 @@ def _pairwise(rep: Report, preds: dict[str, Predictions]) -> list[Pairwise]:
         scatter = plots.per_class_scatter(base.label, cand.label, _per_class(base, pa, nc), _per_class(cand, pb, nc),
                                           r.dataset.class_names)  # fmt: skip
         pw.scatter = rep.figure(f"per_class_{_slug(cand.label)}", scatter)
-        gallery = disagreement_gallery(r, rep.run_dir, base.label, cand.label, pa, pb)
+        gallery = disagreement_gallery(r, base.label, cand.label, pa, pb)
         pw.gallery = rep.figure(f"disagreements_{_slug(cand.label)}", gallery)
         pw.notes += gallery.notes
     return out

@@ -3,9 +3,8 @@
 Nothing here trains or evaluates. A missing or unreadable file is a fact the report states, never a
 crash: loaders return None and log why.
 
-Test images live under the test split's root: `<dataset.root>/Images` for Stanford Dogs and
-`<dataset.root>/test` (or `val`) for a `folder` dataset. `dataset.root` is stored as the run saw it;
-a relative root is tried against the current folder, then the run folder's parent and the run folder.
+Test images live under the test split's root, which `compare` records as `dataset.test_root` (an
+absolute path: `<root>/Images` for Stanford Dogs, `<root>/test` or `val` for a `folder` dataset).
 """
 
 from __future__ import annotations
@@ -69,42 +68,27 @@ def align(a: Predictions, b: Predictions) -> tuple[np.ndarray, np.ndarray] | Non
     return ia, ib
 
 
-def _root_candidates(root: str, run_dir: Path) -> list[Path]:
-    p = Path(root).expanduser()
-    if p.is_absolute():
-        return [p]
-    return [Path.cwd() / p, run_dir.resolve().parent / p, run_dir.resolve() / p]
+def test_split_root(dataset: DatasetInfo) -> Path | None:
+    """The folder the test split's relative file paths start from (recorded by `compare`), or None if it
+    is not on this machine."""
+    root = Path(dataset.test_root) if dataset.test_root else None
+    return root if root is not None and root.is_dir() else None
 
 
-def test_split_root(dataset: DatasetInfo, run_dir: Path) -> Path | None:
-    """The folder the test split's relative file paths start from, or None if it is not on this machine."""
-    for root in _root_candidates(dataset.root, Path(run_dir)):
-        if dataset.source == "stanford_dogs":
-            subs = [root / "Images"]
-        elif dataset.source == "folder":
-            subs = [root / "test", root / "val"]
-        else:
-            subs = [root]
-        for sub in subs:
-            if sub.is_dir():
-                return sub
-    return None
-
-
-def test_image_path(dataset: DatasetInfo, run_dir: Path, rel: str) -> Path | None:
+def test_image_path(dataset: DatasetInfo, rel: str) -> Path | None:
     """The absolute path of test image `rel`, or None when the dataset or the file is absent."""
-    root = test_split_root(dataset, run_dir)
+    root = test_split_root(dataset)
     if root is None:
         return None
     path = root / rel
     return path if path.is_file() else None
 
 
-def open_test_images(dataset: DatasetInfo, run_dir: Path, files: list[str]) -> list[Image.Image] | None:
+def open_test_images(dataset: DatasetInfo, files: list[str]) -> list[Image.Image] | None:
     """Decode `files` (RGB); None, with a logged reason, if any is missing or unreadable."""
     images = []
     for rel in files:
-        path = test_image_path(dataset, run_dir, rel)
+        path = test_image_path(dataset, rel)
         if path is None:
             log.info("test image %s not found under %s: image sections are skipped", rel, dataset.root)
             return None

@@ -56,7 +56,7 @@ def _pick_disagreements(
     return chosen + rest[: k - len(chosen)]
 
 
-def disagreement_gallery(r: RunResults, run_dir: Path, baseline: str, candidate: str,
+def disagreement_gallery(r: RunResults, baseline: str, candidate: str,
                          pa: Predictions, pb: Predictions) -> Picture:  # fmt: skip
     """Test images where `baseline` and `candidate` disagree, captioned with the truth and both predictions."""
     pair = align(pa, pb)
@@ -67,7 +67,7 @@ def disagreement_gallery(r: RunResults, run_dir: Path, baseline: str, candidate:
     if not picks:
         return Picture(notes=[f"{baseline} and {candidate} agree on every test image."])
     n_diff = int((pa.preds[ia] != pb.preds[ib]).sum())
-    images = open_test_images(r.dataset, run_dir, [pa.files[ia[i]] for i in picks])
+    images = open_test_images(r.dataset, [pa.files[ia[i]] for i in picks])
     if images is None:
         return Picture(notes=[_missing_images(r)])
     names = r.dataset.class_names
@@ -103,11 +103,11 @@ def what_they_look_at(r: RunResults, run_dir: Path, preds: dict[str, Predictions
         return Picture(notes=["No model has test predictions; nothing to explain."])
     ref = preds[ok[0].label]
     picks = _pick_explain_images(ref, EXPLAIN_SIZE)
-    if test_split_root(r.dataset, run_dir) is None or any(
-        test_image_path(r.dataset, run_dir, ref.files[i]) is None for i in picks
+    if test_split_root(r.dataset) is None or any(
+        test_image_path(r.dataset, ref.files[i]) is None for i in picks
     ):
         return Picture(notes=[_missing_images(r)])
-    paths = [test_image_path(r.dataset, run_dir, ref.files[i]) for i in picks]
+    paths = [test_image_path(r.dataset, ref.files[i]) for i in picks]
     originals = [load_rgb(p) for p in paths if p is not None]
     names = r.dataset.class_names
     rows = [("test image", originals, [Caption(f"truth: {names[int(ref.targets[i])]}") for i in picks])]
