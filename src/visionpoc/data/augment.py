@@ -2,7 +2,7 @@
 
 - `none`: the eval transform (resize, center crop, normalize); hard targets.
 - `basic`: random-resized-crop + horizontal flip, then the model's normalization; hard targets.
-- `strong`: `basic` + RandAugment (timm `rand-m9-mstd0.5-inc1`, per image, PIL) on the image, then on
+- `strong`: `basic` + RandAugment (timm `rand-m9-mstd0.5-inc1-mmax9`, per image, PIL) on the image, then on
   the batch: random erasing (p=0.25, per-pixel noise) and mixup/cutmix (DeiT's alphas 0.8/1.0, one of
   them per batch) with the label smoothing folded into the soft targets, trained with
   `SoftTargetCrossEntropy`.
@@ -36,7 +36,10 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 PRESETS = ("none", "basic", "strong")
-RAND_AUGMENT = "rand-m9-mstd0.5-inc1"  # timm's RandAugment: 2 ops, magnitude 9 +- 0.5 std, increasing
+# timm's RandAugment: 2 ops, magnitude 9 +- 0.5 std, increasing severity (DeiT's), with the magnitude
+# clipped at 9 (`mmax9`) instead of 10: at 10 timm's increasing posterize keeps 0 bits, which Pillow >= 12
+# rejects with a ValueError (a crash about once in 300 images).
+RAND_AUGMENT = "rand-m9-mstd0.5-inc1-mmax9"
 ERASE_PROB = 0.25
 MIXUP_ALPHA, CUTMIX_ALPHA = 0.8, 1.0  # DeiT/timm ImageNet recipe; one of the two per batch, 50/50
 
