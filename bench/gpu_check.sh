@@ -14,14 +14,15 @@
 # Expect ~6 min for the bench (six torch.compile warm-ups of 30-50 s) and ~1.5 min for the anchor.
 # PEER_ANCHOR=0 skips the anchor; BENCH_ARGS="--sections peer,input,ours" skips the HF peer, for example.
 set -uo pipefail
+PY=${PYTHON:-python3}  # the device image's interpreter with PyTorch is python3
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python -c 'import torch, timm; print("torch", torch.__version__, "timm", timm.__version__)'; } | tee "$OUT/env.txt"
-PYTHONPATH=src python -c 'import visionpoc.bench' || { echo "visionpoc does not import here (missing deps?)"; exit 2; }
+  "$PY" -c 'import torch, timm; print("torch", torch.__version__, "timm", timm.__version__)'; } | tee "$OUT/env.txt"
+PYTHONPATH=src "$PY" -c 'import visionpoc.bench' || { echo "visionpoc does not import here (missing deps?)"; exit 2; }
 # shellcheck disable=SC2086
-PYTHONPATH=src timeout 430 python -m visionpoc bench --out "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt"
+PYTHONPATH=src timeout 430 "$PY" -m visionpoc bench --out "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt"
 echo "bench exit status: ${PIPESTATUS[0]}"
 if [ "${PEER_ANCHOR:-1}" = 1 ] && [ -f build/bench/peer_anchor.py ]; then
-  timeout 140 python build/bench/peer_anchor.py --quick --out "$OUT" 2>&1 | tail -n 20 | tee "$OUT/peer_anchor.log"
+  timeout 140 "$PY" build/bench/peer_anchor.py --quick --out "$OUT" 2>&1 | tail -n 20 | tee "$OUT/peer_anchor.log"
 fi

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import pytest
 
@@ -15,9 +17,32 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
 BUILD = Path(__file__).resolve().parents[1] / "build"  # screenshots kept as CI artifacts
 
-needs_chromium = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason=f"{CHROMIUM} not found: apt-get install chromium to run this test"
-)
+REQUIRE_ENV = "VISIONPOC_REQUIRE_BROWSER"  # CI sets it to 1: a missing browser fails instead of skipping
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def chromium_test(chromium: Path, required: bool) -> Callable[[F], F]:
+    """Decorate a browser test: run it when `chromium` exists; otherwise skip it, or, when `required`, fail
+    it with the reason (so that a CI that could not install the browser does not pass silently)."""
+    reason = f"{chromium} not found: apt-get install chromium to run this test"
+
+    def decorate(test: F) -> F:
+        if chromium.exists():
+            return test
+        if not required:
+            return cast(F, pytest.mark.skip(reason=reason)(test))
+
+        @functools.wraps(test)
+        def fail(*args: Any, **kwargs: Any) -> None:
+            pytest.fail(f"{reason} ({REQUIRE_ENV}=1: browser tests may not be skipped)")
+
+        return cast(F, fail)
+
+    return decorate
+
+
+needs_chromium = chromium_test(CHROMIUM, os.environ.get(REQUIRE_ENV) == "1")
 
 
 @contextmanager

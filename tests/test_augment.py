@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -162,3 +163,102 @@ def test_strong_with_ema_trains_records_what_ran_and_resumes_exactly(
     assert all(torch.allclose(a[k], b[k]) for k in a)  # the same EMA weights were kept as best
     saved = json.loads(json.dumps(dataclasses.asdict(resumed)))  # results.json-ready
     assert saved["augment_applied"] == straight.augment_applied
+
+
+def _seed(k: int) -> None:
+    random.seed(k)  # timm's crop, flip and RandAugment draw from `random` and NumPy
+    np.random.seed(k)
+    torch.manual_seed(k)
+
+
+def test_strong_applies_timms_rand_augment_to_each_image() -> None:
+    """`strong` holds timm's RandAugment with our config (2 ops, m9 +- 0.5, capped at 9, increasing ops),
+    after the crop and flip, and it changes the images: the same transform without it, under the same
+    seeds, gives the same crops and flips but not the same pixels."""
+    from timm.data.auto_augment import RandAugment
+
+    strong = augment.train_transform(DCFG, "strong")
+    (ra,) = [t for t in strong.transforms if isinstance(t, RandAugment)]
+    assert not any(isinstance(t, RandAugment) for t in augment.train_transform(DCFG, "basic").transforms)
+    assert ra.num_layers == 2 and len(ra.ops) == 15 and "PosterizeIncreasing" in {op.name for op in ra.ops}
+    assert all((op.magnitude, op.magnitude_std, op.magnitude_max) == (9, 0.5, 9) for op in ra.ops)
+    without = type(strong)([t for t in strong.transforms if t is not ra])
+    img = dog_image(3, 2, size=(48, 36))
+    changed = 0
+    for k in range(20):
+        _seed(k)
+        a = strong(img)
+        _seed(k)
+        b = without(img)
+        _seed(k)
+        assert torch.equal(b, without(img))  # the rest is seeded: a difference is RandAugment's
+        changed += not torch.equal(a, b)
+    assert changed >= 10  # each of its 2 ops fires with p=0.5: about 3 images in 4 change
+
+
+def test_random_erasing_replaces_a_rectangle_of_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One image per batch (so mixup leaves it alone): erasing, forced on, fills one rectangle with noise
+    and leaves the rest; at its own probability it erases about a quarter of the images."""
+    monkeypatch.setattr(augment, "ERASE_PROB", 1.0)
+    _seed(0)
+    op = augment.batch_augment("strong", C, 0.0, torch.device("cpu"))
+    for _ in range(5):
+        x, _ = op(torch.zeros(1, 3, 32, 32), torch.tensor([2]))  # (1, 3, 32, 32)
+        hit = (x[0] != 0).any(0)  # (32, 32): erased pixels
+        rows, cols = hit.any(1).nonzero().flatten(), hit.any(0).nonzero().flatten()
+        assert 0 < hit.sum() < 32 * 32
+        box = hit[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        assert box.all() and hit.sum() == box.numel()  # one filled rectangle, nothing outside it
+    monkeypatch.setattr(augment, "ERASE_PROB", 0.25)
+    op = augment.batch_augment("strong", C, 0.0, torch.device("cpu"))
+    erased = sum(bool(op(torch.zeros(1, 3, 16, 16), torch.tensor([0]))[0].any()) for _ in range(400))
+    assert 60 <= erased <= 140  # ~100 of 400
+
+
+def test_mixup_and_cutmix_mix_the_images_and_their_targets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each image i is mixed with image B-1-i: either a convex combination (mixup) or a pasted box of it
+    (cutmix), and its soft target gives the two classes the same shares as the pixels."""
+    monkeypatch.setattr(augment, "ERASE_PROB", 0.0)  # mixing alone
+    n, modes = 4, set()
+    for k in range(12):
+        _seed(k)
+        x = torch.arange(1.0, n + 1).view(n, 1, 1, 1).expand(n, 3, 8, 8).clone()  # image i: all i + 1
+        y = torch.arange(n)
+        xb, yb = augment.batch_augment("strong", C, 0.0, torch.device("cpu"))(x.clone(), y)
+        assert not torch.equal(xb, x)
+        for i in range(n):
+            own, other = float(i + 1), float(n - i)  # the partner's value
+            lam = float(yb[i, i])
+            assert yb[i, n - 1 - i] == pytest.approx(1 - lam) and 0 < lam < 1
+            if torch.allclose(xb[i], torch.full_like(xb[i], lam * own + (1 - lam) * other)):
+                modes.add("mixup")
+            else:  # cutmix: every pixel is its own or the partner's, in the target's shares
+                is_own = xb[i] == own
+                assert (is_own | (xb[i] == other)).all()
+                assert float(is_own.float().mean()) == pytest.approx(lam)
+                modes.add("cutmix")
+    assert modes == {"mixup", "cutmix"}  # one of the two per batch, 50/50
+
+
+def test_layer_decay_gives_deeper_blocks_a_higher_lr() -> None:
+    from visionpoc import models, recipe
+
+    mcfg = ModelConfig(label="vit", timm="vit_tiny_patch16_224", pretrained=False, img_size=32,
+                       model_kwargs={"depth": 2})  # fmt: skip
+    model = models.create_model(mcfg, C, pretrained=False)
+
+    def lrs(layer_decay: float | None) -> dict[str, float]:
+        t = TrainConfig(epochs=1, warmup_epochs=0.0, layer_decay=layer_decay)
+        opt = recipe.make_optimizer(model, t, 1e-3, torch.device("cpu"))
+        recipe.make_scheduler(opt, t, 1e-3, 10).step_update(num_updates=0)
+        group = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+        names = {"embed": "patch_embed.proj.weight", "block0": "blocks.0.mlp.fc1.weight",
+                 "block1": "blocks.1.mlp.fc1.weight", "head": "head.weight"}  # fmt: skip
+        params = dict(model.named_parameters())
+        return {k: group[id(params[name])] for k, name in names.items()}
+
+    flat = lrs(None)
+    assert len(set(flat.values())) == 1 and flat["head"] == pytest.approx(1e-3)
+    decayed = lrs(0.5)
+    assert decayed["embed"] < decayed["block0"] < decayed["block1"] < decayed["head"] == pytest.approx(1e-3)
+    assert decayed["block0"] / decayed["block1"] == pytest.approx(0.5)

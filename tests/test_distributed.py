@@ -1,9 +1,13 @@
 """DDP under torchrun on the CPU (gloo, two processes): a compare completes, its distributed test
 accuracy equals a single-process evaluation of the same checkpoint, and 2 processes x batch b train
-like 1 process x batch 2b (same seed, same global batches).
+like 1 process x batch 2b (same seed, same global batches, same augmentation: each image's crop is
+seeded by the sample, not by the process that draws it). Rank 1 writes nothing, and each rank has its
+own random stream after an identical model init. `tune` runs each trial on both processes, with one
+study written by rank 0 and its pruning decisions followed by rank 1.
 
-Tolerance for the last point: per-epoch train loss within 1e-4 relative and identical test accuracy;
-the only difference is the order of the floating-point gradient all-reduce."""
+Tolerance for the 2 x b == 1 x 2b point: per-epoch train loss within 1e-4 relative and identical test
+accuracy; the only difference is the order of the floating-point gradient all-reduce. (On the CPU,
+BatchNorm layers would normalize per process: gloo has no SyncBatchNorm; this ViT has none.)"""
 
 from __future__ import annotations
 
@@ -27,10 +31,16 @@ from visionpoc.results import load_predictions
 from visionpoc.trained import load_trained
 
 pytestmark = pytest.mark.slow
+PROBE = Path(__file__).parent / "ddp_probe.py"  # records each rank's writes and first-step streams
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(PROBE)]
+
+
+def _probe(probe: Path, rank: int) -> dict:
+    return json.loads((probe / f"rank{rank}.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str, Path]:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str, Path, Path]:
     tmp = tmp_path_factory.mktemp("ddp")
     root = make_mini_dogs(tmp / "dogs")  # 6 train images per class: 4 train + 2 val, an even 12 in all
     cfg = tmp / "c.yaml"
@@ -39,28 +49,26 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str, Pat
                  "download": False},
         "models": [{"label": "vit", "timm": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32,
                     "model_kwargs": {"depth": 2}}],
-        "train": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "warmup_epochs": 0.5, "augment": "none",
+        "train": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "warmup_epochs": 0.5, "augment": "basic",
                   "deterministic": True, "device": "cpu"},
     }))  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp, single = tmp / "ddp", tmp / "single"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "visionpoc",
-         "compare", "--config", str(cfg), "--out", str(ddp), "--no-report"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+    ddp, single, probe = tmp / "ddp", tmp / "single", tmp / "probe"
+    probe.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROBE_DIR": str(probe), "PROBE_WATCH": str(ddp)}
+    proc = subprocess.run([*TORCHRUN, "compare", "--config", str(cfg), "--out", str(ddp), "--no-report"],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     subprocess.run([sys.executable, "-m", "visionpoc", "compare", "--config", str(cfg), "--out", str(single),
                     "--no-report"], check=True, capture_output=True, env=env, timeout=300)  # fmt: skip
-    return ddp, single, proc.stderr, root
+    return ddp, single, proc.stderr, root, probe
 
 
 def _model(run: Path) -> dict:
     return json.loads((run / "results.json").read_text())["models"][0]
 
 
-def test_ddp_compare_completes(runs: tuple[Path, Path, str, Path]) -> None:
-    ddp, _, stderr, _ = runs
+def test_ddp_compare_completes(runs: tuple[Path, Path, str, Path, Path]) -> None:
+    ddp, _, stderr, _, _ = runs
     m = _model(ddp)
     assert m["status"] == "ok" and m["world_size"] == 2
     assert m["batch_size"] == 4 and m["batch_size_per_device"] == 2
@@ -68,8 +76,10 @@ def test_ddp_compare_completes(runs: tuple[Path, Path, str, Path]) -> None:
     assert len(load_predictions(ddp / "vit" / "test_predictions.npz")["files"]) == 9
 
 
-def test_distributed_test_accuracy_equals_single_process_eval(runs: tuple[Path, Path, str, Path]) -> None:
-    ddp, _, _, root = runs
+def test_distributed_test_accuracy_equals_single_process_eval(
+    runs: tuple[Path, Path, str, Path, Path],
+) -> None:
+    ddp, _, _, root, _ = runs
     trained = load_trained(ddp, "vit")
     test = make_splits(read_stanford_dogs(root), 0.34, None, 0).test
     cfg = trained.mcfg  # only for the loader's worker settings below
@@ -86,9 +96,9 @@ def test_distributed_test_accuracy_equals_single_process_eval(runs: tuple[Path, 
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(
-    runs: tuple[Path, Path, str, Path],
+    runs: tuple[Path, Path, str, Path, Path],
 ) -> None:
-    ddp, single, _, _ = runs
+    ddp, single, _, _, _ = runs
     a, b = _model(ddp), _model(single)
     assert np.allclose(
         [h["train_loss"] for h in a["history"]], [h["train_loss"] for h in b["history"]], rtol=1e-4
@@ -97,3 +107,53 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
     pa = load_predictions(ddp / "vit" / "test_predictions.npz")["probs"]
     pb = load_predictions(single / "vit" / "test_predictions.npz")["probs"]
     assert np.allclose(pa, pb, atol=1e-4)
+
+
+def test_rank_1_writes_nothing_in_the_run_folder(runs: tuple[Path, Path, str, Path, Path]) -> None:
+    ddp, _, _, _, probe = runs
+    rank0 = _probe(probe, 0)["writes"]
+    assert str(ddp / "results.json") in rank0 and any(p.endswith("last.safetensors") for p in rank0)
+    assert _probe(probe, 1)["writes"] == []
+
+
+def test_ranks_draw_their_own_random_streams_from_identical_weights(
+    runs: tuple[Path, Path, str, Path, Path],
+) -> None:
+    _, _, _, _, probe = runs
+    a, b = _probe(probe, 0)["first_step"], _probe(probe, 1)["first_step"]
+    assert a["weights"] == b["weights"]  # the same init (and DDP broadcasts rank 0's anyway)
+    assert a["torch"] != b["torch"] and a["python"] != b["python"] and a["numpy"] != b["numpy"]
+
+
+def test_tune_trials_run_on_both_processes_with_one_study(tmp_path: Path) -> None:
+    import optuna
+
+    root = make_mini_dogs(tmp_path / "dogs")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "data": {"source": "stanford_dogs", "root": str(root), "val_fraction": 0.34, "num_workers": 0,
+                 "download": False},
+        "models": [{"label": "vit", "timm": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32,
+                    "model_kwargs": {"depth": 1}}],
+        "train": {"epochs": 2, "batch_size": 4, "warmup_epochs": 0.0, "augment": "none", "device": "cpu"},
+        "tune": {"trials": 2, "pruner": "none", "batch_size": [4], "augment": None, "warmup_epochs": None,
+                 "label_smoothing": None, "layer_decay": None, "drop_path": None, "drop_rate": None},
+    }))  # fmt: skip
+    out, probe = tmp_path / "tune", tmp_path / "probe"
+    probe.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROBE_DIR": str(probe), "PROBE_WATCH": str(out),
+           "PROBE_PRUNE": "1"}  # fmt: skip
+    proc = subprocess.run([*TORCHRUN, "tune", "--config", str(cfg), "--model", "vit", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name="vit", storage=f"sqlite:///{out / 'tune.db'}")
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "PRUNED"]  # one study of 2 trials, not one per process
+    assert study.trials[1].last_step == 1  # pruned after its first epoch, on every rank
+    rank1 = "[rank 1/2] INFO visionpoc.train: [vit] epoch"
+    assert proc.stderr.count(f"{rank1} 1/2") == 2  # each trial trained on both processes ...
+    assert proc.stderr.count(f"{rank1} 2/2") == 1  # ... and rank 1 stopped trial 1 when rank 0 pruned it
+    assert "[rank 1/2] INFO visionpoc.tune_ddp: [vit] trial 1 pruned" in proc.stderr
+    assert all((out / "trials" / "vit" / str(t) / "history.json").is_file() for t in (0, 1))
+    assert _probe(probe, 1)["writes"] == []  # (SQLite writes in C, unseen by the hook: rank 1 has no Optuna)
+    assert str(out / "tuned" / "vit.yaml") in _probe(probe, 0)["writes"]

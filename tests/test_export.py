@@ -44,24 +44,55 @@ def test_onnx_round_trip(run_dir: Path, tmp_path: Path) -> None:
             assert np.abs(got - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
 
 
-def test_safetensors_rebuilds_with_timm(run_dir: Path, tmp_path: Path) -> None:
-    paths = export(run_dir, "safetensors", label="cnn", out=tmp_path)
+@pytest.mark.parametrize(
+    "label,timm_name,policy,kwargs",
+    [
+        ("cnn", "test_resnet", "top_fraction", {}),
+        ("vit", "vit_tiny_patch16_224", "full", {"img_size": 32, "depth": 2}),
+    ],
+)
+def test_safetensors_rebuilds_with_timm(
+    run_dir: Path, tmp_path: Path, label: str, timm_name: str, policy: str, kwargs: dict[str, int]
+) -> None:
+    paths = export(run_dir, "safetensors", label=label, out=tmp_path)
     assert {p.name for p in paths} == {
         "model.safetensors",
         "model_config.json",
         "preprocessing.json",
         "classes.json",
     }
-    assert not (tmp_path / "vit").exists()
-    config = json.loads((tmp_path / "cnn" / "model_config.json").read_text())
-    assert config["timm"] == "test_resnet" and config["num_classes"] == 3
-    assert config["finetune"]["policy"] == "top_fraction"
-    model = load_safetensors_export(tmp_path / "cnn")  # plain timm: BatchNorm2d, not FrozenBatchNorm2d
-    assert any(type(m) is torch.nn.BatchNorm2d for m in model.modules())
-    tm = load_trained(run_dir, "cnn")
+    assert [p.name for p in tmp_path.iterdir()] == [label]  # only the model asked for
+    config = json.loads((tmp_path / label / "model_config.json").read_text())
+    assert config["timm"] == timm_name and config["num_classes"] == 3
+    assert config["finetune"]["policy"] == policy
+    assert config["create_kwargs"] == kwargs
+    model = load_safetensors_export(tmp_path / label)  # plain timm: BatchNorm2d, not FrozenBatchNorm2d
+    if label == "cnn":
+        assert any(type(m) is torch.nn.BatchNorm2d for m in model.modules())
+    tm = load_trained(run_dir, label)
     x = torch.randn(4, *tm.data_config["input_size"])
     with torch.inference_mode():
         torch.testing.assert_close(model(x), tm.model(x), rtol=0, atol=1e-6)
+
+
+def test_a_failed_onnx_check_leaves_no_model(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An export that does not reproduce PyTorch is an error and no model.onnx is left to deploy, neither
+    the new one nor an earlier one."""
+    import visionpoc.export as ex
+
+    real = ex.check_onnx
+    monkeypatch.setattr(ex, "check_onnx", lambda *a, **kw: real(*a, **{**kw, "rtol": -1.0}))  # always over
+    folder = tmp_path / "cnn"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"an earlier export")
+    (folder / "onnx_check.json").write_text("{}")
+    with pytest.raises(
+        VisionpocError, match=r"onnx check \[cnn\]: .* FAILED: .* no .*model\.onnx was written"
+    ):
+        export(run_dir, "onnx", label="cnn", out=tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == []  # no model, no check, no temporary file
 
 
 def test_export_errors(run_dir: Path, tmp_path: Path) -> None:

@@ -69,3 +69,55 @@ def test_explanations(predictor: Predictor, mini_dogs: Path) -> None:
     maps = predictor.explain_image(image, size=64)
     assert {k: m for k, (m, _) in maps.items()} == {"cnn": "Grad-CAM", "vit": "attention rollout"}
     assert all(min(img.size) >= 64 and img.mode == "RGB" for _, img in maps.values())
+
+
+def test_extreme_aspect_ratio_is_a_per_file_error(
+    predictor: Predictor, mini_dogs: Path, tmp_path: Path
+) -> None:
+    """A strip is refused (its row says why) and the other images are still predicted. 21:1 is just over
+    the limit and still cheap to resize, so without the check it would be predicted."""
+    from PIL import Image
+
+    from visionpoc.predict import MAX_ASPECT_RATIO, ImageShapeError
+
+    photo = next((mini_dogs / "Images").rglob("*.jpg"))
+    (tmp_path / "a_photo.jpg").write_bytes(photo.read_bytes())
+    Image.new("RGB", (21 * 30, 30)).save(tmp_path / "b_wide.png")
+    Image.new("RGB", (30, 21 * 30)).save(tmp_path / "c_tall.png")
+    Image.new("RGB", (MAX_ASPECT_RATIO * 30, 30)).save(tmp_path / "d_at_the_limit.png")
+    rows = predictor.predict_paths([tmp_path], top=2)
+    assert [Path(r["image"]).name for r in rows] == [
+        "a_photo.jpg",
+        "b_wide.png",
+        "c_tall.png",
+        "d_at_the_limit.png",
+    ]
+    assert "models" in rows[0] and "models" in rows[3]
+    assert "630x30 pixels" in rows[1]["error"] and "630" in rows[2]["error"]
+    assert all(f"more than {MAX_ASPECT_RATIO} times" in r["error"] for r in rows[1:3])
+    assert "error: image " in format_predictions(rows)
+    with pytest.raises(ImageShapeError, match="100000x1"):
+        predictor.predict_image(Image.new("RGB", (100_000, 1)))  # refused before the resize to gigapixels
+
+
+@pytest.mark.parametrize("top", ["0", "-3", "two"])
+def test_top_must_be_a_positive_count(
+    run_dir: Path, mini_dogs: Path, top: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from visionpoc.cli import main
+
+    photo = next((mini_dogs / "Images").rglob("*.jpg"))
+    with pytest.raises(SystemExit) as usage:
+        main(["predict", str(run_dir), str(photo), "--top", top])
+    assert usage.value.code == 2
+    assert "argument --top:" in capsys.readouterr().err
+
+
+def test_predict_command_json(run_dir: Path, mini_dogs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from visionpoc.cli import main
+
+    photo = next((mini_dogs / "Images").rglob("*.jpg"))
+    assert main(["predict", str(run_dir), str(photo), "--top", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [a["model"] for a in rows[0]["models"]] == LABELS
+    assert all(len(a["top"]) == 2 for a in rows[0]["models"])

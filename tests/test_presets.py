@@ -1,5 +1,6 @@
-"""Model presets: names that installed timm knows, tiny versions of every family through the same loop,
-the `visionpoc models` rows and table, the leakage helpers, and a three-model compare (+ report)."""
+"""Model presets: names that installed timm knows, tiny versions of every family through the same loop
+(one-line `{preset: NAME}` config entries, through the CLI), the `visionpoc models` rows and table, the
+leakage helpers, and a three-model compare (+ report)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from timm.data import (
 )
 
 from visionpoc import models, presets
-from visionpoc.compare import run_compare
-from visionpoc.config import Config, ModelConfig, load_config, to_dict
+from visionpoc.cli import main
+from visionpoc.config import Config, ModelConfig, load_config
 from visionpoc.errors import ConfigError
 
 CONFIGS = Path(presets.__file__).parent / "configs"
@@ -53,8 +54,7 @@ TINY: dict[str, dict[str, Any]] = {
 }
 OVERRIDES = ["data.download=false", "data.num_workers=0", "data.val_fraction=0.2", "train.device=cpu",
              "train.batch_size=8", "train.epochs=1"]  # fmt: skip
-# models.forward_gflops trips on attention-pool (MAP) latents in torch's FlopCounterMode; until it is fixed
-# there, SigLIP 2 and PE fail inside fit() with this message.
+# Every family, SigLIP 2's and PE's attention-pool heads included, trains and is counted (GFLOPs) in fit().
 
 
 def tiny(name: str, policy: str | None = None, keep_size: bool = False) -> ModelConfig:
@@ -69,10 +69,17 @@ def tiny(name: str, policy: str | None = None, keep_size: bool = False) -> Model
     )  # fmt: skip
 
 
-def compare(tmp: Path, root: Path, names: list[str]) -> dict[str, Any]:
-    (tmp / "c.yaml").write_text(yaml.safe_dump({"models": [to_dict(tiny(n)) for n in names]}))
-    cfg = load_config(tmp / "c.yaml", [f"data.root={root}", *OVERRIDES])
-    run_compare(cfg, tmp / "run")
+def tiny_entry(name: str, **fields: Any) -> dict[str, Any]:
+    """A one-line `models:` entry naming the preset, with the fields that shrink it (the preset's
+    `model_kwargs` are kept: DINOv3's `global_pool` stays)."""
+    return {"preset": name, "pretrained": False, **TINY[presets.get_preset(name).family], **fields}
+
+
+def compare(tmp: Path, root: Path, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """`visionpoc compare` of a config whose `models:` are `entries`, on the mini dataset."""
+    (tmp / "c.yaml").write_text(yaml.safe_dump({"models": entries}))
+    sets = [arg for o in [f"data.root={root}", *OVERRIDES] for arg in ("--set", o)]
+    main(["compare", "--config", str(tmp / "c.yaml"), "--out", str(tmp / "run"), "--no-report", *sets])
     return json.loads((tmp / "run" / "results.json").read_text())
 
 
@@ -96,9 +103,13 @@ def test_policies_give_valid_model_configs() -> None:
         for policy in p.policies:
             m = presets.preset(name, policy)
             assert m.label == name and m.pretrained and m.lr is not None and 0 < m.lr < 0.01
+            assert (m.preset, m.policy) == (name, policy)
     assert presets.preset("dinov3_b16").model_kwargs == {"global_pool": "token"}
     assert presets.preset("dinov3_b16", "full", label="dino_full").label == "dino_full"
-    assert (presets.preset("xception"), presets.preset("vit_b16")) == Config().models  # the seed's PoC
+    seed = tuple(
+        dataclasses.replace(presets.preset(n), preset=None, policy=None) for n in ("xception", "vit_b16")
+    )
+    assert seed == Config().models  # the seed's PoC
     with pytest.raises(ConfigError, match="no preset 'nope'"):
         presets.preset("nope")
     with pytest.raises(ConfigError, match="no policy 'half'"):
@@ -112,6 +123,12 @@ def test_packaged_configs_load_and_candidates_match_presets() -> None:
     cfg = load_config(CONFIGS / "candidates.yaml")
     expected = ("xception", "dinov3_b16", "siglip2_b16", "pe_core_b16")
     assert cfg.models == tuple(presets.preset(n) for n in expected)  # the baseline first
+    entries = yaml.safe_load((CONFIGS / "candidates.yaml").read_text())["models"]
+    assert all(set(e) <= {"preset", "policy"} for e in entries)  # one line per model: nothing copied by hand
+    for name in NAMES:  # every policy, as a config entry, is the ModelConfig `preset()` gives
+        for policy in presets.get_preset(name).policies:
+            (m,) = load_config(None, [f"models=[{{preset: {name}, policy: {policy}}}]"]).models
+            assert m == presets.preset(name, policy)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -136,7 +153,7 @@ def test_preset_resolves_with_its_preprocessing_and_policies(name: str) -> None:
 @pytest.fixture(scope="module")
 def every_preset_run(tmp_path_factory: pytest.TempPathFactory, mini_dogs: Path) -> dict[str, Any]:
     """One compare of a tiny version of every preset, one epoch (2 steps) each, on the mini dataset."""
-    res = compare(tmp_path_factory.mktemp("presets"), mini_dogs, NAMES)
+    res = compare(tmp_path_factory.mktemp("presets"), mini_dogs, [tiny_entry(n) for n in NAMES])
     return {m["label"]: m for m in res["models"]}
 
 
@@ -146,6 +163,7 @@ def test_every_preset_trains_through_the_same_loop(every_preset_run: dict[str, A
     assert m["status"] == "ok", m["error"]
     assert m["epochs_run"] == 1 and math.isfinite(m["history"][0]["train_loss"])
     assert m["timm"] == presets.preset(name).timm and m["finetune"] == presets.preset(name).finetune
+    assert (m["preset"], m["policy"]) == (name, presets.get_preset(name).default_policy)  # for the report
     assert 0 < m["trainable_params"] <= m["params"] and m["fwd_gflops"] > 0
 
 
@@ -178,7 +196,9 @@ def test_list_presets_rows(rows: list[dict[str, Any]]) -> None:
     assert all(n in text for n in NAMES)
     assert "cc-by-nc-4.0 [NON-COMMERCIAL]" in text and "dinov3-license [CUSTOM: review]" in text
     md = presets.format_models_table(rows, markdown=True).splitlines()
-    assert len(md) == 2 + len(rows) and md[0].startswith("| name |")
+    assert len(md) == 2 + len(rows) and md[0].startswith("| preset |")
+    assert "{preset: NAME}" in text and "xception      legacy_xception" in text  # the names a config uses
+    assert "production 0.001, full 0.0001, linear_probe 0.001" in text  # the default policy first
 
 
 def test_family_filter_and_licence_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -226,9 +246,13 @@ def test_licence_kind() -> None:
 
 
 def test_three_model_compare_and_report(tmp_path: Path, mini_dogs: Path) -> None:
-    res = compare(tmp_path, mini_dogs, ["xception", "dinov3_b16", "eva02_b14"])
-    assert [m["label"] for m in res["models"]] == ["xception", "dinov3_b16", "eva02_b14"]
+    entries = [tiny_entry("xception"), tiny_entry("dinov3_b16", policy="linear_probe"),
+               tiny_entry("eva02_b14", label="eva02")]  # fmt: skip
+    res = compare(tmp_path, mini_dogs, entries)
+    assert [m["label"] for m in res["models"]] == ["xception", "dinov3_b16", "eva02"]
     assert all(m["status"] == "ok" for m in res["models"])
+    assert [(m["preset"], m["policy"]) for m in res["models"]] == [
+        ("xception", "production"), ("dinov3_b16", "linear_probe"), ("eva02_b14", "full")]  # fmt: skip
     report = pytest.importorskip("visionpoc.report")
     report.write_report(tmp_path / "run", explain=False)
     md = (tmp_path / "run" / "report.md").read_text()
@@ -240,4 +264,4 @@ def test_three_model_compare_and_report(tmp_path: Path, mini_dogs: Path) -> None
     assert "top_fraction (10.0%)" in rows[0] and "| head |" in rows[1] and "| full |" in rows[2]
     assert all("| 1 / 1 |" in row for row in rows)
     assert md.count("McNemar exact p =") == 2
-    assert "### dinov3_b16 vs xception" in md and "### eva02_b14 vs xception" in md
+    assert "### dinov3_b16 vs xception" in md and "### eva02 vs xception" in md

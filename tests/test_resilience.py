@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -29,10 +30,15 @@ VIT = {"label": "vit", "timm": "vit_tiny_patch16_224", "pretrained": False, "img
 
 
 def _config(
-    path: Path, root: Path, epochs: int, models: list[dict] | None = None, **train_kw: object
+    path: Path,
+    root: Path,
+    epochs: int,
+    models: list[dict] | None = None,
+    workers: int = 0,
+    **train_kw: object,
 ) -> Path:
     path.write_text(yaml.safe_dump({
-        "data": {"source": "stanford_dogs", "root": str(root), "val_fraction": 0.2, "num_workers": 0,
+        "data": {"source": "stanford_dogs", "root": str(root), "val_fraction": 0.2, "num_workers": workers,
                  "download": False},
         "models": models or [VIT],
         "train": {"epochs": epochs, "batch_size": 4, "lr": 1e-3, "warmup_epochs": 0.5, "deterministic": True,
@@ -58,7 +64,7 @@ def _metrics(run: Path) -> dict:
 @pytest.mark.slow
 def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     root = make_mini_dogs(tmp_path / "dogs", train_per_class=30, test_per_class=4, size=(64, 48))
-    cfg = _config(tmp_path / "c.yaml", root, epochs=4)
+    cfg = _config(tmp_path / "c.yaml", root, epochs=4, workers=1)  # DataLoader workers: exact all the same
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
     cmd = [sys.executable, "-m", "visionpoc", "compare", "--config", str(cfg), "--no-report"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -144,8 +150,8 @@ def test_resume_keeps_finished_models(two_model_run: Path, tmp_path: Path) -> No
     )  # the epoch-1 checkpoint was used
 
 
-def test_injected_oom_halves_the_micro_batch(mini_dogs: Path, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_injected_oom_halves_the_micro_batch(mini_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     real_step = step._step
 
     def step_that_fits_two(p: step.StepParts, x: torch.Tensor, y: torch.Tensor):  # type: ignore[no-untyped-def]
@@ -155,7 +161,10 @@ def test_injected_oom_halves_the_micro_batch(mini_dogs: Path, tmp_path: Path,
 
     monkeypatch.setattr(step, "_step", step_that_fits_two)
     cfg = _config(tmp_path / "c.yaml", mini_dogs, epochs=1, batch_size=8)
-    assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-report"]) == 0
+    with caplog.at_level(logging.WARNING, logger="visionpoc.step"):
+        assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-report"]) == 0
+    logged = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
+    assert len(logged) == 2 and "micro-batch 8 -> 4" in logged[0] and "micro-batch 4 -> 2" in logged[1]
     m = json.loads((tmp_path / "run" / "results.json").read_text())["models"][0]
     assert m["status"] == "ok" and m["batch_size"] == 8 and m["micro_batch_size"] == 2
     assert [e["micro_batch"] for e in m["oom_events"]] == [4, 2] and m["oom_events"][0]["step"] == 0
@@ -216,9 +225,211 @@ def test_a_signal_during_validation_stops_after_that_epoch(
     run = tmp_path / "run"
     cfg = _config(tmp_path / "c.yaml", mini_dogs, epochs=2)
     assert main(["compare", "--config", str(cfg), "--out", str(run), "--no-report"]) == 130
-    assert "stopped after epoch 1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "stopped after epoch 1" in err and f"Resume with: visionpoc compare --resume {run}" in err
     assert torch.load(run / "vit" / "last_state.pt", weights_only=True)["epoch"] == 2
     monkeypatch.setattr(train, "evaluate_split", real)
     assert main(["compare", "--resume", str(run), "--no-report"]) == 0
     m = json.loads((run / "results.json").read_text())["models"][0]
     assert [h["epoch"] for h in m["history"]] == [1, 2] and m["resumed_from_epoch"] == 2
+
+
+# ------------------------------------------------------------------ exact resume, in process (fast)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory: pytest.TempPathFactory, mini_dogs: Path) -> Path:
+    tmp = tmp_path_factory.mktemp("straight")
+    cfg = _config(tmp / "c.yaml", mini_dogs, epochs=2)
+    assert main(["compare", "--config", str(cfg), "--out", str(tmp / "run"), "--no-report"]) == 0
+    return tmp / "run"
+
+
+@pytest.mark.parametrize(("workers", "resume_workers"), [(0, 0), (2, 1)])
+def test_a_run_stopped_mid_epoch_resumes_exactly(
+    straight_run: Path, mini_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], workers: int, resume_workers: int,
+) -> None:  # fmt: skip
+    """Stopped in epoch 2 after its first batches (DataLoader workers or not), resumed with another
+    worker count: the same metrics and predictions as a run never stopped (which had no workers)."""
+    from visionpoc import train
+
+    real = train.train_step
+    steps_per_epoch = 3  # 15 training images in batches of 4, the partial one dropped (checked below)
+
+    def step_then_sigterm(p, x, y, where):  # type: ignore[no-untyped-def]
+        out = real(p, x, y, where)
+        if where["step"] == steps_per_epoch:  # the first batch of epoch 2: stop at the next boundary
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(train, "train_step", step_then_sigterm)
+    run = tmp_path / "run"
+    cfg = _config(tmp_path / "c.yaml", mini_dogs, epochs=2, workers=workers)
+    assert main(["train", "--config", str(cfg), "--model", "vit", "--out", str(run)]) == 130
+    assert f"Resume with: visionpoc train --resume {run} --model vit" in capsys.readouterr().err
+    state = torch.load(run / "vit" / "last_state.pt", weights_only=True)
+    assert (state["epoch"], state["progress"]["batches"]) == (2, 1)  # mid-epoch: the hard case
+    monkeypatch.setattr(train, "train_step", real)
+    resume = ["train", "--resume", str(run), "--model", "vit", "--set", f"data.num_workers={resume_workers}"]
+    assert main(resume) == 0
+    assert _metrics(run) == _metrics(straight_run)
+    a = load_predictions(run / "vit" / "test_predictions.npz")["probs"]
+    assert np.array_equal(a, load_predictions(straight_run / "vit" / "test_predictions.npz")["probs"])
+
+
+def test_resume_refuses_overrides_that_change_the_training(straight_run: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(straight_run / "config.yaml", run / "config.yaml")
+    args = ["compare", "--resume", str(run), "--no-report", "--set", "train.lr=0.5", "--set", "models.0.finetune=head",
+            "--set", "tracking.experiment=other", "--set", "data.num_workers=1"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "models.0.finetune, train.lr" in err and "start a new run" in err
+    assert "experiment" not in err.split("of the interrupted run")[0]  # allowed keys are not named
+    assert not (run / "results.json").exists()  # refused before any training
+    from visionpoc.recovery import resume_config
+
+    cfg = resume_config(run, ["tracking.experiment=other", "data.num_workers=1", "train.device=cpu"])
+    assert cfg.tracking.experiment == "other" and cfg.data.num_workers == 1
+
+
+def test_tune_has_no_resume_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["tune", "--model", "vit", "--resume", "runs/x"])
+    assert e.value.code == 2 and "unrecognized arguments: --resume" in capsys.readouterr().err
+
+
+def test_resume_hint_names_the_command() -> None:
+    from visionpoc.recovery import resume_hint
+
+    assert resume_hint("compare", Path("runs/a"), None, 1) == "visionpoc compare --resume runs/a"
+    assert resume_hint("train", Path("runs/a"), "vit", 1) == "visionpoc train --resume runs/a --model vit"
+    assert resume_hint("compare", Path("runs/a"), None, 2).startswith("torchrun ")
+
+
+# --------------------------------------------------------------- crashes while writing, failing models
+
+
+def _results(tmp_path: Path, label: str):  # type: ignore[no-untyped-def]
+    from visionpoc.results import DatasetInfo, ModelResult, RunResults, environment
+
+    return RunResults(DatasetInfo("folder", str(tmp_path), 1, 0, 1, 1, ["a"]),
+                      [ModelResult(label=label, timm="t", finetune="full", pretrained=False)],
+                      environment("cpu", 0), {}, "now")  # fmt: skip
+
+
+def test_a_crash_while_saving_results_keeps_the_previous_file(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from visionpoc import atomic
+    from visionpoc.results import load_results, save_results
+
+    save_results(_results(tmp_path, "first"), tmp_path)
+    real_dumps = json.dumps
+
+    def half_then_crash(obj, **kw):  # type: ignore[no-untyped-def]
+        text = real_dumps(obj, **kw)
+        raise OSError(f"disk full after {len(text) // 2} bytes")
+
+    monkeypatch.setattr(atomic.json, "dumps", half_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_results(_results(tmp_path, "second"), tmp_path)
+    monkeypatch.undo()
+
+    def replace_crashes(src: str, dst: str) -> None:  # killed between the write and the rename
+        raise OSError("killed")
+
+    monkeypatch.setattr(atomic.os, "replace", replace_crashes)
+    with pytest.raises(OSError, match="killed"):
+        save_results(_results(tmp_path, "second"), tmp_path)
+    monkeypatch.undo()
+    assert [m.label for m in load_results(tmp_path).models] == ["first"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv", "results.json"]  # no temp files
+
+
+def test_a_crash_while_checkpointing_keeps_the_previous_checkpoint(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from visionpoc import checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    meta = {"timm": "t", "step": "1"}
+    checkpoint.save_weights(model, tmp_path / "last.safetensors", meta)
+    checkpoint.save_state(tmp_path / "last_state.pt", {"step": 1})
+    real_save_file, real_save = checkpoint.save_file, checkpoint.torch.save
+
+    def save_file_half(state, filename, metadata):  # type: ignore[no-untyped-def]
+        real_save_file(state, filename, metadata=metadata)
+        Path(filename).write_bytes(Path(filename).read_bytes()[:40])  # half-written, then the crash
+        raise OSError("killed mid-write")
+
+    def save_half(obj, f):  # type: ignore[no-untyped-def]
+        real_save(obj, f)
+        Path(f).write_bytes(Path(f).read_bytes()[:40])
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(checkpoint, "save_file", save_file_half)
+    monkeypatch.setattr(checkpoint.torch, "save", save_half)
+    with torch.no_grad():
+        model.weight.fill_(7.0)
+    with pytest.raises(OSError):
+        checkpoint.save_weights(model, tmp_path / "last.safetensors", {**meta, "step": "2"})
+    with pytest.raises(OSError):
+        checkpoint.save_state(tmp_path / "last_state.pt", {"step": 2})
+    monkeypatch.undo()
+    fresh = torch.nn.Linear(3, 2)
+    checkpoint.load_weights(fresh, tmp_path / "last.safetensors", {"timm": "t"})
+    assert not torch.equal(fresh.weight, model.weight)  # the step-1 weights, intact
+    assert checkpoint.read_meta(tmp_path / "last.safetensors")["step"] == "1"
+    assert checkpoint.load_state(tmp_path / "last_state.pt") == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.safetensors", "last_state.pt"]
+
+
+def test_one_checkpoint_file_missing_or_from_another_step_is_a_clear_error(tmp_path: Path) -> None:
+    from visionpoc import checkpoint, recovery
+    from visionpoc.errors import CheckpointError
+
+    model, meta = torch.nn.Linear(3, 2), {"timm": "t"}
+    assert recovery.load_resume(tmp_path, model, meta) is None  # nothing saved: a fresh start
+    checkpoint.save_weights(model, tmp_path / checkpoint.LAST, {**meta, "step": "4"})
+    with pytest.raises(CheckpointError, match="last_state.pt is missing"):
+        recovery.load_resume(tmp_path, model, meta)
+    checkpoint.save_state(tmp_path / checkpoint.STATE, {"step": 3})
+    with pytest.raises(CheckpointError, match="from different steps"):
+        recovery.load_resume(tmp_path, model, meta)
+    (tmp_path / checkpoint.LAST).unlink()
+    with pytest.raises(CheckpointError, match="is missing"):
+        recovery.load_resume(tmp_path, model, meta)
+
+
+def test_a_model_failing_during_training_is_recorded_and_the_next_runs(
+    mini_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from visionpoc import train
+
+    real = train.train_step
+
+    def fails_for_the_two_block_model(p, x, y, where):  # type: ignore[no-untyped-def]
+        if len(checkpoint_unwrap(p.model).blocks) == 2 and where["epoch"] == 1 and where["step"] == 1:
+            raise RuntimeError("loss is NaN (simulated)")
+        return real(p, x, y, where)
+
+    monkeypatch.setattr(train, "train_step", fails_for_the_two_block_model)
+    other = {**VIT, "label": "vit3", "model_kwargs": {"depth": 3}}
+    cfg = _config(tmp_path / "c.yaml", mini_dogs, epochs=1, models=[VIT, other])
+    assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-report"]) == 1
+    vit, vit3 = json.loads((tmp_path / "run" / "results.json").read_text())["models"]
+    assert vit["status"] == "failed" and vit["error"] == "RuntimeError: loss is NaN (simulated)"
+    assert vit3["status"] == "ok" and vit3["test_accuracy"] is not None
+
+
+def checkpoint_unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    from visionpoc.checkpoint import unwrap
+
+    return unwrap(model)
+
+
+def test_results_state_how_the_lr_relates_to_the_batch(straight_run: Path) -> None:
+    m = json.loads((straight_run / "results.json").read_text())["models"][0]
+    assert m["lr_scaling"].startswith("none: lr is the peak LR for the global batch")

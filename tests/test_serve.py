@@ -1,28 +1,40 @@
 """The web service through FastAPI's TestClient: predictions, refusals (not an image, too large,
-decompression bomb), image modes, health, schema, the demo page, and concurrent requests."""
+decompression bomb, extreme aspect ratio, a server path in the request), uploads kept off the disk,
+image modes, health, schema and offline docs, the demo page, concurrent requests (with explanations,
+and a bound on how many are decoded at once), models loaded once, and the `serve` command."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import builtins
 import io
 import logging
+import os
 import struct
+import tempfile
+import threading
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from fastapi import FastAPI, UploadFile
 from fastapi.testclient import TestClient
 from PIL import Image
 
+import visionpoc.predict
+import visionpoc.serve
 from test_predict import LABELS
-from visionpoc.predict import Predictor
+from visionpoc.cli import main
+from visionpoc.predict import MAX_ASPECT_RATIO, Predictor
 from visionpoc.serve import create_app, is_loopback, serve
-from visionpoc.uploads import UploadError, read_limited
+from visionpoc.uploads import UploadError, decode_image, read_limited
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +103,7 @@ def test_explain_returns_png_overlays(client: TestClient, mini_dogs: Path) -> No
     ids=["text", "empty", "jpeg-header"],
 )
 def test_not_an_image_is_400(client: TestClient, data: bytes) -> None:
-    r = post(client, data, name="/etc/hostname")  # a server path as the file name reads nothing
+    r = post(client, data)
     assert r.status_code == 400
     assert r.headers["content-type"] == "application/json"
     assert "image" in r.json()["error"] or "empty" in r.json()["error"]
@@ -161,7 +173,7 @@ def test_health_schema_docs_and_page(client: TestClient) -> None:
     assert client.get("/health").json() == {"status": "ok", "models": LABELS, "num_classes": 3}
     schema = client.get("/openapi.json").json()
     assert "multipart/form-data" in schema["paths"]["/predict"]["post"]["requestBody"]["content"]
-    assert client.get("/docs").status_code == 200  # the interactive UI itself loads from a CDN
+    assert client.get("/docs").status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "default-src 'none'" in page.headers["content-security-policy"]
@@ -205,3 +217,252 @@ def test_serve_binds_to_loopback_and_warns_otherwise(
         serve(run_dir, host="0.0.0.0", port=8123)
     assert calls[-1]["host"] == "0.0.0.0"
     assert any("reachable from other machines" in r.getMessage() for r in caplog.records)
+
+
+def test_docs_work_offline(client: TestClient) -> None:
+    """With fastapi-offline installed, /docs loads Swagger UI's JS and CSS from this server, not a CDN."""
+    pytest.importorskip("fastapi_offline")
+    html = client.get("/docs").text
+    assert "cdn." not in html and "https://" not in html
+    assert '"/docs-assets/swagger-ui-bundle.js"' in html and '"/docs-assets/swagger-ui.css"' in html
+    js = client.get("/docs-assets/swagger-ui-bundle.js")
+    assert js.status_code == 200 and "SwaggerUIBundle" in js.text
+    assert client.get("/docs-assets/swagger-ui.css").status_code == 200
+    assert client.get("/docs-assets/redoc.standalone.js").status_code == 404  # only the listed files
+    assert client.get("/docs-assets/..%2F__init__.py").status_code == 404
+
+
+def strip(width: int, height: int, fmt: str = "PNG") -> bytes:
+    return encode(Image.new("RGB", (width, height), (120, 90, 60)), fmt)
+
+
+@pytest.mark.parametrize("size", [(21 * 100, 100), (30, 21 * 30)], ids=["wide", "tall"])
+def test_extreme_aspect_ratio_is_400(client: TestClient, size: tuple[int, int]) -> None:
+    # 21:1 is just over the limit and still small to resize: without the check it would be predicted
+    r = post(client, strip(*size), name="strip.png")
+    assert r.status_code == 400
+    assert r.headers["content-type"] == "application/json"
+    error = r.json()["error"]
+    assert f"{size[0]}x{size[1]}" in error and f"more than {MAX_ASPECT_RATIO} times" in error
+
+
+def test_aspect_ratio_at_the_limit_is_predicted(client: TestClient) -> None:
+    r = post(client, strip(MAX_ASPECT_RATIO * 20, 20), name="panorama.png")
+    assert r.status_code == 200, r.text
+    assert [a["model"] for a in r.json()["models"]] == LABELS
+
+
+def test_a_100000_by_1_strip_is_refused_on_its_header() -> None:
+    """A few hundred bytes of PNG that the eval transform would turn into 25,600,000 x 256 pixels."""
+    data = strip(100_000, 1)
+    assert len(data) < 1000
+    with pytest.raises(UploadError) as refused:
+        decode_image(data)
+    assert refused.value.status == 400 and "100000x1" in refused.value.message
+    declared_only = png_declaring(100_000, 1)  # refused before decoding: its pixel data is short
+    with pytest.raises(UploadError, match="100000x1") as on_header:
+        decode_image(declared_only)
+    assert on_header.value.status == 400
+
+
+def test_a_server_path_in_the_request_is_never_read(client: TestClient, mini_dogs: Path) -> None:
+    """A path to a real photo on the server, given as the file name, a form field or a query parameter,
+    with bytes that are not an image: a server that opened the path would answer 200."""
+    photo = dog_photos(mini_dogs)[0]
+    assert post(client, photo.read_bytes()).status_code == 200  # the photo itself is predicted
+    path = str(photo)
+    not_image = b"not an image, but see the file name"
+    attempts = [
+        client.post(f"/predict?path={path}&file={path}", files={"file": (path, not_image, "image/jpeg")},
+                    data={"path": path, "filename": path, "url": f"file://{path}"}),
+        client.post("/predict", files={"other": ("x.txt", b"x", "text/plain")}, data={"file": path}),
+        client.post("/predict", files={"file": (f"file://{path}", not_image, "image/jpeg")}),
+    ]  # fmt: skip
+    for r in attempts:
+        assert r.status_code == 400, r.text
+        assert "not an image" in r.json()["error"]
+
+
+@contextmanager
+def disk_writes() -> Iterator[list[str]]:
+    """Record every file opened for writing in this process (os.open, which tempfile uses, and open)."""
+    seen: list[str] = []
+    real_os_open, real_open = os.open, builtins.open
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_TMPFILE", 0)
+
+    def os_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & write_flags:
+            seen.append(str(path))
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def open_(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if any(c in mode for c in "wax+"):
+            seen.append(str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(os, "open", os_open)
+    mp.setattr(builtins, "open", open_)
+    try:
+        yield seen
+    finally:
+        mp.undo()
+
+
+def test_uploads_never_touch_disk(
+    run_dir: Path, predictor: Predictor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 1.2 MB upload, over the 1 MB at which Starlette's UploadFile spools to a temporary file, is
+    predicted without writing a file; the same upload to an UploadFile endpoint does write one (the
+    check can see it)."""
+    spool = tmp_path / "tmp"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    noise = Image.frombytes("RGB", (640, 600), np.random.default_rng(0).bytes(640 * 600 * 3))
+    data = encode(noise, "PNG")  # noise does not compress
+    assert len(data) > 2**20
+    big_client = TestClient(create_app(run_dir, max_upload_bytes=4 * 2**20, predictor=predictor))
+    with disk_writes() as written:
+        r = post(big_client, data, name="big.png")
+    assert r.status_code == 200, r.text
+    assert (r.json()["width"], r.json()["height"]) == (640, 600)
+    assert written == [] and list(spool.iterdir()) == []
+
+    spooling = FastAPI()
+
+    @spooling.post("/upload")
+    async def upload(file: UploadFile) -> dict[str, int]:
+        return {"size": len(await file.read())}
+
+    with disk_writes() as control:
+        assert TestClient(spooling).post("/upload", files={"file": ("big.png", data)}).json()["size"] == len(
+            data
+        )
+    assert control, "the check did not see the temporary file of an UploadFile endpoint"
+
+
+def answers_of(r: Any, with_png: bool = False) -> list[Any]:
+    assert r.status_code == 200, r.text
+    return [
+        (a["model"], [(t["label"], round(t["probability"], 5)) for t in a["top"]],
+         (a["explanation"]["method"], a["explanation"]["png_base64"]) if with_png else None)
+        for a in r.json()["models"]
+    ]  # fmt: skip
+
+
+def test_concurrent_explanations_match_sequential_ones(client: TestClient, mini_dogs: Path) -> None:
+    """The demo page always asks for explanations: 16 parallel requests, explained and not (the explained
+    ones hook the models while plain ones run them), each gets exactly its sequential answer."""
+    photos = [p.read_bytes() for p in dog_photos(mini_dogs)[::5][:4]]
+    explained = [answers_of(post(client, d, query="?explain=true"), with_png=True) for d in photos]
+    plain = [answers_of(post(client, d)) for d in photos]
+    assert len({str(e) for e in explained}) == len(photos)  # each image has its own overlays
+    jobs = [(i % len(photos), i % 3 != 2) for i in range(16)]  # two thirds explained
+
+    def ask(job: tuple[int, bool]) -> list[Any]:
+        i, explain = job
+        return answers_of(post(client, photos[i], query="?explain=true" if explain else ""), with_png=explain)
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(ask, jobs))
+    assert results == [explained[i] if explain else plain[i] for i, explain in jobs]
+
+
+def test_uploads_are_decoded_a_few_at_a_time(
+    run_dir: Path, predictor: Predictor, mini_dogs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limited = TestClient(create_app(run_dir, predictor=predictor, max_concurrent=2))
+    assert visionpoc.serve.MAX_CONCURRENT_PREDICTIONS >= 1
+    lock, busy, peak = threading.Lock(), [0], [0]
+    real_decode = visionpoc.serve.decode_image
+
+    def slow_decode(data: bytes, max_pixels: int) -> Image.Image:
+        with lock:
+            busy[0] += 1
+            peak[0] = max(peak[0], busy[0])
+        time.sleep(0.2)  # hold the slot: without the bound, all 8 requests would be decoding together
+        try:
+            return real_decode(data, max_pixels)
+        finally:
+            with lock:
+                busy[0] -= 1
+
+    monkeypatch.setattr(visionpoc.serve, "decode_image", slow_decode)
+    data = dog_photos(mini_dogs)[0].read_bytes()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        codes = list(pool.map(lambda _: post(limited, data).status_code, range(8)))
+    assert codes == [200] * 8
+    assert peak[0] == 2
+
+
+def test_models_load_once(run_dir: Path, mini_dogs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[Path] = []
+    loaded: list[str] = []
+    real_predictor, real_load = visionpoc.serve.Predictor, visionpoc.predict.load_trained
+
+    def counting_predictor(run_dir: Path, **kwargs: Any) -> Predictor:
+        built.append(run_dir)
+        return real_predictor(run_dir, **kwargs)
+
+    def counting_load(run_dir: Path, label: str, *args: Any, **kwargs: Any) -> Any:
+        loaded.append(label)
+        return real_load(run_dir, label, *args, **kwargs)
+
+    monkeypatch.setattr(visionpoc.serve, "Predictor", counting_predictor)
+    monkeypatch.setattr(visionpoc.predict, "load_trained", counting_load)
+    fresh = TestClient(create_app(run_dir))
+    assert built == [run_dir] and loaded == LABELS  # at start-up
+    for i, photo in enumerate(dog_photos(mini_dogs)[:6]):
+        assert post(fresh, photo.read_bytes(), query="?explain=true" if i % 2 else "").status_code == 200
+    assert fresh.get("/health").status_code == 200
+    assert built == [run_dir] and loaded == LABELS  # and never again
+
+
+def test_serve_command(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`visionpoc serve RUN`: loopback by default, --max-upload-mb reaches the app, another host warns."""
+    import uvicorn
+
+    calls: list[tuple[Any, dict[str, Any]]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    with caplog.at_level(logging.WARNING, logger="visionpoc.serve"):
+        assert main(["serve", str(run_dir), "--max-upload-mb", "0.05"]) == 0
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        app, kw = calls[-1]
+        assert (kw["host"], kw["port"]) == ("127.0.0.1", 8000)
+        limit = int(0.05 * 2**20)
+        assert app.state.max_upload_bytes == limit
+        noise = encode(Image.effect_noise((300, 300), 64).convert("RGB"), "PNG")
+        assert len(noise) > limit
+        r = TestClient(app).post("/predict", files={"file": ("noise.png", noise)})
+        assert r.status_code == 413 and f"the limit is {limit:,} bytes" in r.json()["error"]
+        assert main(["serve", str(run_dir), "--host", "0.0.0.0", "--port", "8123"]) == 0
+    app, kw = calls[-1]
+    assert (kw["host"], kw["port"]) == ("0.0.0.0", 8123)
+    assert app.state.max_upload_bytes == 10 * 2**20  # the default
+    assert any("reachable from other machines" in r.getMessage() for r in caplog.records)
+
+
+def test_decoding_leaves_the_warning_filters_alone() -> None:
+    """`warnings.catch_warnings()` swaps the process-wide filters under every other thread's feet: the
+    decoder refuses a bomb with its own check instead, also above PIL's warning threshold."""
+    import warnings
+
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("decode_image changed the global warning filters")
+
+    @contextmanager
+    def filters_locked() -> Iterator[None]:
+        with pytest.MonkeyPatch.context() as mp:
+            for name in ("catch_warnings", "simplefilter", "filterwarnings", "resetwarnings"):
+                mp.setattr(warnings, name, forbidden)
+            yield
+
+    with filters_locked():
+        assert decode_image(strip(40, 30)).size == (40, 30)
+    side = int((1.5 * Image.MAX_IMAGE_PIXELS) ** 0.5)  # over PIL's warning threshold, under its error
+    over_pil = png_declaring(side, side)
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(UploadError) as bomb, filters_locked():
+        decode_image(over_pil)
+    assert bomb.value.status == 413 and f"{side}x{side}" in bomb.value.message

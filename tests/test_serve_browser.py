@@ -1,5 +1,6 @@
 """The demo page as a person uses it: uvicorn on a loopback port, headless Chromium (Playwright, offline)
-uploads a fixture photo through the file input and waits for both models' predictions.
+uploads a fixture photo through the file input, or drops one on the page, and waits for both models'
+predictions.
 
 Needs Debian's `chromium` at /usr/bin/chromium (skipped without it) and the `playwright` package; no
 browser download (`playwright install` is never needed). The screenshot is kept in build/serve.png.
@@ -7,6 +8,7 @@ browser download (`playwright install` is never needed). The screenshot is kept 
 
 from __future__ import annotations
 
+import base64
 import socket
 import threading
 import time
@@ -75,6 +77,41 @@ def test_demo_page_in_chromium(server: str, predictor: Predictor, mini_dogs: Pat
     assert sorted(alt for alt, _ in overlays) == ["Grad-CAM of cnn", "attention rollout of vit"]
     assert all(width >= 224 for _, width in overlays)
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+# a drop as the browser delivers it: a File in a DataTransfer, carried by dragenter/dragover/drop events
+DROP = """([name, b64]) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const dt = new DataTransfer();
+  dt.items.add(new File([bytes], name, { type: "image/jpeg" }));
+  const zone = document.getElementById("drop");
+  const fire = (type) => zone.dispatchEvent(new DragEvent(type, { bubbles: true, cancelable: true, dataTransfer: dt }));
+  fire("dragenter");
+  fire("dragover");
+  const highlighted = zone.classList.contains("over");
+  const handled = !fire("drop");  // the page's handler called preventDefault: the browser won't open the file
+  return { highlighted, handled, after: zone.classList.contains("over") };
+}"""
+
+
+@needs_chromium
+def test_dropping_a_photo_shows_the_predictions(server: str, predictor: Predictor, mini_dogs: Path) -> None:
+    photo = sorted((mini_dogs / "Images").rglob("*.jpg"))[0]
+    expected = {a["model"]: a["top"][0]["label"] for a in predictor.predict_paths([photo])[0]["models"]}
+    with chromium_page((server, "data:", "blob:"), width=1100) as (page, errors):
+        page.goto(server + "/", wait_until="load")
+        assert page.get_attribute("body", "data-state") == "idle"
+        drop = page.evaluate(DROP, [photo.name, base64.b64encode(photo.read_bytes()).decode("ascii")])
+        page.wait_for_selector("body[data-state=done]", timeout=30_000)
+        cards = {lab: page.inner_text(f".model-card[data-model={lab}]") for lab in LABELS}
+        status = page.inner_text("#status")
+        preview = page.evaluate("document.getElementById('preview').naturalWidth")
+    assert errors == []
+    assert drop == {"highlighted": True, "handled": True, "after": False}
+    assert status == f"{photo.name}: 2 models answered."
+    assert preview == 48  # the dropped photo is previewed
+    for label, text in cards.items():
+        assert text.startswith(label) and expected[label] in text
 
 
 def test_real_server_refuses_an_oversized_upload_early(server: str) -> None:

@@ -8,6 +8,7 @@ with a stand-in for `fit` that reports a chosen validation curve (no training).
 from __future__ import annotations
 
 import builtins
+import gc
 import io
 import json
 import os
@@ -23,7 +24,7 @@ import optuna
 import pytest
 import yaml
 
-from visionpoc import tune
+from visionpoc import tune, tuned
 from visionpoc.compare import run_compare
 from visionpoc.config import Config, load_config
 from visionpoc.data.images import load_rgb
@@ -38,12 +39,16 @@ VIT = {"label": "vit", "timm": "vit_tiny_patch16_224", "pretrained": False, "img
        "model_kwargs": {"depth": 2}}  # fmt: skip
 
 
-def _config(tmp: Path, root: Path, **tune_kw: Any) -> Path:
+CNN = {"label": "cnn", "timm": "test_resnet", "pretrained": False, "finetune": "top_fraction", "fraction": 0.9,
+       "img_size": 32}  # fmt: skip
+
+
+def _config(tmp: Path, root: Path, models: tuple[dict[str, Any], ...] = (VIT,), **tune_kw: Any) -> Path:
     path = tmp / "c.yaml"
     path.write_text(yaml.safe_dump({
         "data": {"source": "stanford_dogs", "root": str(root), "val_fraction": 0.2, "num_workers": 0,
                  "download": False},
-        "models": [VIT],
+        "models": list(models),
         "train": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "device": "cpu", "deterministic": True},
         "tune": {"epochs": 2, "trials": 3, "batch_size": [4, 8], "startup_trials": 2, **tune_kw},
     }))  # fmt: skip
@@ -99,8 +104,8 @@ def test_three_trials_complete_and_best_params_are_saved(study_run: dict[str, An
     study, out = study_run["study"], study_run["out"]
     assert [t.state for t in study.trials] == [TS.COMPLETE] * 3
     assert all(0.0 <= (t.value or 0.0) <= 1.0 for t in study.trials)
-    # the tiny ViT's family: layer decay and drop-path are searched, top_fraction (CNN only) is not
-    assert {"lr", "weight_decay", "layer_decay", "drop_path", "augment", "batch_size"} <= set(
+    # the tiny ViT's family: layer decay, drop-path and dropout are searched, top_fraction (CNN only) is not
+    assert {"lr", "weight_decay", "layer_decay", "drop_path", "drop_rate", "augment", "batch_size"} <= set(
         study.trials[0].params
     )
     assert "top_fraction" not in study.trials[0].params
@@ -108,7 +113,10 @@ def test_three_trials_complete_and_best_params_are_saved(study_run: dict[str, An
     best = study.best_trial
     assert doc["tuning"]["best_trial"] == best.number and doc["tuning"]["best_val_accuracy"] == best.value
     assert doc["model"]["lr"] == best.params["lr"] and doc["model"]["augment"] == best.params["augment"]
-    assert doc["model"]["model_kwargs"] == {"drop_path_rate": best.params["drop_path"]}
+    assert doc["model"]["model_kwargs"] == {
+        "drop_path_rate": best.params["drop_path"],
+        "drop_rate": best.params["drop_rate"],
+    }
     assert doc["tuning"]["trials"] == 3 and doc["tuning"]["tuning_time_s"] > 0
     summary = json.loads((out / "tune_summary.json").read_text())["models"]["vit"]
     assert summary["complete"] == 3 and summary["epochs_per_trial"] == 2
@@ -167,7 +175,7 @@ def test_a_second_run_adds_trials_to_the_same_study(study_run: dict[str, Any], t
     out = tmp_path / "out"
     shutil.copytree(study_run["out"], out)  # the module's study stays as it was
     first = {t.number: t.params for t in study_run["study"].trials}
-    study = run_tune(study_run["cfg"], "vit", 2, None, None, None, out)
+    study = run_tune(study_run["cfg"], "vit", 5, None, None, None, out)  # a target of 5: 2 more
     assert [t.number for t in study.trials] == [0, 1, 2, 3, 4]
     assert all(t.state in (TS.COMPLETE, TS.PRUNED) for t in study.trials)  # the pruner may now stop some
     assert {t.number: t.params for t in study.trials[:3]} == first  # continued, not restarted
@@ -201,9 +209,6 @@ def test_a_hopeless_trial_is_pruned(mini_dogs: Path, tmp_path: Path, monkeypatch
     # the first epoch is never judged; the second is below the median of the others there: stopped
     assert study.trials[2].intermediate_values == {1: 0.0, 2: 0.0}
     assert json.loads((tmp_path / "out" / "tune_summary.json").read_text())["models"]["vit"]["pruned"] == 1
-    assert isinstance(
-        tune.make_pruner(cfg.tune.__class__(pruner="hyperband"), 3), optuna.pruners.HyperbandPruner
-    )
 
 
 def test_an_interrupt_ends_the_study_with_its_finished_trials(
@@ -224,7 +229,7 @@ from visionpoc.config import load_config
 from visionpoc.tune import run_tune
 logging.basicConfig(level=logging.WARNING)
 cfg = load_config(sys.argv[1], [f"tune.seed={sys.argv[2]}"])
-study = run_tune(cfg, "vit", 2, None, None, None, Path(sys.argv[3]))
+study = run_tune(cfg, "vit", 4, None, None, None, Path(sys.argv[3]))
 print("numbers", sorted(t.number for t in study.trials))
 """
 
@@ -240,10 +245,11 @@ def test_two_processes_share_one_sqlite_study(mini_dogs: Path, tmp_path: Path) -
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
     study = optuna.load_study(study_name="vit", storage=f"sqlite:///{out / 'tune.db'}")
-    numbers = [t.number for t in study.trials]
-    assert sorted(numbers) == [0, 1, 2, 3]  # 2 + 2: none lost, none duplicated
+    numbers = sorted(t.number for t in study.trials)
+    # one shared target of 4: both stop there (the other worker may finish the trial it was running)
+    assert numbers in ([0, 1, 2, 3], [0, 1, 2, 3, 4])  # none lost, none duplicated
     assert all(t.state == TS.COMPLETE for t in study.trials)
-    assert sorted(int(p.name) for p in (out / "trials" / "vit").iterdir()) == [0, 1, 2, 3]
+    assert sorted(int(p.name) for p in (out / "trials" / "vit").iterdir()) == numbers
 
 
 @pytest.mark.parametrize(
@@ -286,3 +292,224 @@ def test_the_report_flags_a_model_that_was_not_tuned(tmp_path: Path) -> None:
     assert "not tuned" in table and "Not tuned: b kept its hand-set configuration" in html
     md = (run / "report.md").read_text()
     assert "| **a** | 20 | 15 / 4 / 1 | 5 | 1,234.5 |" in md
+
+
+@pytest.fixture
+def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skip Optuna's figures (about a second per study) and its full garbage collection after each trial
+    (about a second in a test process) where a test trains nothing and looks at no figure."""
+    monkeypatch.setattr(tuned, "save_plots", lambda *args: [])
+    monkeypatch.setattr(gc, "collect", lambda *args: 0)
+
+
+def test_a_cnn_searches_its_trainable_fraction_and_dropout(
+    mini_dogs: Path, tmp_path: Path, one_thread: None
+) -> None:
+    """The CNN side of the space: `top_fraction` (-> `fraction`), drop-path and dropout (-> model_kwargs),
+    no layer decay; `compare --tuned` builds the model with them."""
+    from visionpoc import models
+
+    path = _config(tmp_path, mini_dogs, (CNN,), epochs=1, top_fraction=[0.05, 0.2], pruner="none")
+    cfg = load_config(path)
+    study = run_tune(cfg, "cnn", 1, None, None, None, tmp_path / "out")
+    (trial,) = study.trials
+    assert trial.state == TS.COMPLETE
+    assert {"top_fraction", "drop_rate", "drop_path"} <= set(
+        trial.params
+    ) and "layer_decay" not in trial.params
+    doc = yaml.safe_load((tmp_path / "out" / "tuned" / "cnn.yaml").read_text())
+    assert doc["model"]["fraction"] == trial.params["top_fraction"] <= 0.2
+    assert doc["model"]["model_kwargs"] == {
+        "drop_path_rate": trial.params["drop_path"],
+        "drop_rate": trial.params["drop_rate"],
+    }
+    tuned = apply_tuned(cfg, tmp_path / "out").model("cnn")
+    assert (
+        tuned.fraction == trial.params["top_fraction"] and tuned.model_kwargs == doc["model"]["model_kwargs"]
+    )
+
+    def trainable(mcfg: Any) -> tuple[int, float]:
+        model = models.create_model(mcfg, 3, pretrained=False)
+        models.apply_finetune(model, mcfg)
+        return models.count_params(model)[1], float(model.drop_rate)
+
+    (n_tuned, drop), (n_hand, _) = trainable(tuned), trainable(cfg.model("cnn"))
+    assert n_tuned < n_hand  # a share <= 0.2 of the conv layers trains, not the configured 0.9
+    assert drop == trial.params["drop_rate"]  # timm built the model with the tuned dropout
+
+
+def test_xception_gets_dropout_but_no_drop_path() -> None:
+    """legacy_xception's constructor takes `drop_rate` only: that is its regulariser search."""
+    from visionpoc.config import ModelConfig, TuneConfig
+
+    family = tune.model_family(ModelConfig(label="x", timm="legacy_xception", pretrained=False), 3)
+    assert (family.drop_rate, family.drop_path, family.layer_decay) == (True, False, False)
+    trial = optuna.trial.FixedTrial({"lr": 1e-3, "weight_decay": 0.01, "warmup_epochs": 0.5,
+                                     "label_smoothing": 0.1, "drop_rate": 0.25, "batch_size": 32,
+                                     "augment": "basic"})  # fmt: skip
+    changes = tune.suggest(trial, TuneConfig(top_fraction=None), family, 5)
+    assert changes["model_kwargs"] == {"drop_rate": 0.25}
+
+
+def test_trials_is_the_studys_target_of_finished_trials(
+    mini_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_plots: None
+) -> None:
+    """`--trials N` tops the study up to N finished trials; an interrupted (failed) trial does not count."""
+    cfg = load_config(_config(tmp_path, mini_dogs, pruner="none"))
+    out = tmp_path / "out"
+    monkeypatch.setattr(tune, "fit", _fake_fit([[0.3, 0.5]] * 2))
+    assert len(run_tune(cfg, "vit", 2, None, None, None, out).trials) == 2
+    monkeypatch.setattr(tune, "fit", _fake_fit([[0.4, 0.6]] * 3, interrupt_at=0))  # Ctrl-C, then rerun
+    assert [t.state for t in run_tune(cfg, "vit", 3, None, None, None, out).trials] == [TS.COMPLETE] * 2 + [
+        TS.FAIL
+    ]
+    monkeypatch.setattr(tune, "fit", _fake_fit([[0.4, 0.6]] * 3))
+    study = run_tune(cfg, "vit", 3, None, None, None, out)
+    assert [t.state for t in study.trials] == [TS.COMPLETE, TS.COMPLETE, TS.FAIL, TS.COMPLETE]
+    monkeypatch.setattr(tune, "fit", _fake_fit([]))  # the target is met: no trial starts
+    assert len(run_tune(cfg, "vit", 3, None, None, None, out).trials) == 4
+    assert yaml.safe_load((out / "tuned" / "vit.yaml").read_text())["tuning"]["trials"] == 3
+
+
+def test_workers_with_different_seeds_and_counts_draw_different_points(
+    mini_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_plots: None
+) -> None:
+    """Seed 1 joining a study with one trial must not replay seed 2's stream on an empty study (the old
+    seed was their sum: 2 both times)."""
+    monkeypatch.setattr(tune, "fit", _fake_fit([[0.5, 0.5]] * 3))
+
+    def first_new_point(seed: int, existing: int, name: str) -> dict[str, Any]:
+        cfg = load_config(
+            _config(tmp_path, mini_dogs, pruner="none", startup_trials=10), [f"tune.seed={seed}"]
+        )
+        url = f"sqlite:///{tmp_path / 'tune.db'}"
+        if existing:
+            s = optuna.create_study(storage=url, study_name=name, direction="maximize")
+            s.add_trial(optuna.trial.create_trial(value=0.1))
+        return run_tune(cfg, "vit", existing + 1, url, name, None, tmp_path / name).trials[existing].params
+
+    assert tune.sampler_seed(1, 1) != tune.sampler_seed(2, 0)
+    a = first_new_point(2, 0, "a")
+    assert first_new_point(2, 0, "a_again") == a  # the same (seed, count): the same point
+    assert first_new_point(1, 1, "b") != a
+
+
+def test_a_killed_workers_trial_is_failed_and_retried(
+    mini_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_plots: None
+) -> None:
+    """A worker killed mid-trial leaves it RUNNING with a heartbeat that stops; the next worker fails it
+    and runs its parameters again."""
+    import sqlite3
+
+    db = tmp_path / "out" / "tune.db"
+    db.parent.mkdir()
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    dead = optuna.create_study(storage=storage, study_name="vit", direction="maximize").ask()
+    lr = dead.suggest_float("lr", 1e-5, 1e-2, log=True)
+    storage.record_heartbeat(dead._trial_id)  # its last sign of life, long ago:
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00.000000'")
+    monkeypatch.setattr(tune, "fit", _fake_fit([[0.5, 0.6]]))
+    study = run_tune(load_config(_config(tmp_path, mini_dogs, pruner="none")), "vit", 1, None, None, None,
+                     tmp_path / "out")  # fmt: skip
+    assert [t.state for t in study.trials] == [TS.FAIL, TS.COMPLETE]
+    assert study.trials[1].params["lr"] == lr  # the retry
+    assert yaml.safe_load((tmp_path / "out" / "tuned" / "vit.yaml").read_text())["tuning"]["running"] == 0
+
+
+def test_a_study_without_a_completed_trial_leaves_the_model_untuned(
+    mini_dogs: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    no_plots: None,
+) -> None:
+    from test_report import make_run  # a finished two-model run (a, b), built without training
+
+    def crash(*args: Any, **kwargs: Any) -> ModelResult:
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(tune, "fit", crash)
+    cfg = load_config(_config(tmp_path, mini_dogs, pruner="none"))
+    study = run_tune(cfg, "vit", 2, None, None, None, tmp_path / "out")
+    assert [t.state for t in study.trials] == [TS.FAIL, TS.FAIL]
+    assert not (tmp_path / "out" / "tuned" / "vit.yaml").exists()
+    # a tuned folder holding an empty file (as older versions wrote): ignored, the report says "Not tuned"
+    run = make_run(tmp_path)
+    folder = tmp_path / "tuned"
+    folder.mkdir()
+    record = {"trials": 2, "complete": 2, "pruned": 0, "failed": 0, "best_trial": 1, "best_val_accuracy": 0.8}
+    (folder / "a.yaml").write_text(
+        yaml.safe_dump({"timm": "test_resnet", "model": {"lr": 0.01}, "tuning": record})
+    )
+    (folder / "b.yaml").write_text(yaml.safe_dump({"timm": "vit_tiny_patch16_224", "model": {},
+                                                   "tuning": {**record, "complete": 0, "failed": 2, "best_trial": None}}))  # fmt: skip
+    two = load_config(
+        None, ["models=[{label: a, timm: test_resnet}, {label: b, timm: vit_tiny_patch16_224}]"]
+    )
+    tuned = apply_tuned(two, folder, run)
+    assert tuned.model("a").tuned_from and tuned.model("b").tuned_from is None
+    assert "b: " in caplog.text and "no tuned settings" in caplog.text
+    assert "Not tuned: b kept its hand-set configuration" in write_report(run).read_text()
+
+
+def test_hyperband_prunes_a_hopeless_trial(
+    mini_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_plots: None
+) -> None:
+    cfg = load_config(_config(tmp_path, mini_dogs, epochs=3, pruner="hyperband"))
+    good = [[0.5, 0.6, 0.7], [0.6, 0.7, 0.8], [0.55, 0.65, 0.75], [0.5, 0.7, 0.8]]
+    monkeypatch.setattr(tune, "fit", _fake_fit([*good, [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    study = run_tune(cfg, "vit", 6, None, None, None, tmp_path / "out")
+    assert isinstance(study.pruner, optuna.pruners.HyperbandPruner)
+    states = [t.state for t in study.trials]
+    assert states[:4] == [TS.COMPLETE] * 4 and TS.PRUNED in states[4:]
+    assert all(len(t.intermediate_values) < 3 for t in study.trials[4:] if t.state == TS.PRUNED)
+
+
+def test_warmup_is_capped_at_the_trials_epochs(
+    mini_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_plots: None
+) -> None:
+    cfg = load_config(_config(tmp_path, mini_dogs, epochs=2, warmup_epochs=[0.5, 3.0], pruner="none"))
+    monkeypatch.setattr(tune, "fit", _fake_fit([[0.5, 0.6]] * 3))
+    study = run_tune(cfg, "vit", 3, None, None, None, tmp_path / "out")
+    dist = study.trials[0].distributions["warmup_epochs"]
+    assert isinstance(dist, optuna.distributions.FloatDistribution) and (dist.low, dist.high) == (0.5, 2.0)
+    assert all(t.params["warmup_epochs"] <= 2.0 for t in study.trials)
+
+
+def test_the_cli_prints_the_trial_the_yaml_records_and_honours_timeout(
+    mini_dogs: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    no_plots: None,
+) -> None:
+    import time
+
+    from visionpoc.cli import main
+
+    path = _config(tmp_path, mini_dogs, pruner="none")
+    monkeypatch.setattr(tune, "fit", _fake_fit([[0.5, 0.5]] * 3))  # a three-way tie
+    # which tied trial Optuna calls best is up to the database (SQLite: the first; say this one: the last)
+    last = lambda self, study_id: self.get_all_trials(study_id, deepcopy=False)[-1]  # noqa: E731
+    monkeypatch.setattr(optuna.storages.RDBStorage, "get_best_trial", last)
+    assert (
+        main(["tune", "--config", str(path), "--model", "vit", "--trials", "3", "--out", str(tmp_path / "a")])
+        == 0
+    )
+    doc = yaml.safe_load((tmp_path / "a" / "tuned" / "vit.yaml").read_text())
+    assert doc["tuning"]["best_trial"] == 0  # the earliest of equals
+    printed = capsys.readouterr().out
+    assert str(doc["tuning"]["best_params"]) in printed and "trial 0" in printed
+
+    slow = _fake_fit([[0.5, 0.5]] * 10)
+
+    def slow_fit(*args: Any, **kwargs: Any) -> ModelResult:
+        time.sleep(0.4)
+        return slow(*args, **kwargs)
+
+    monkeypatch.setattr(tune, "fit", slow_fit)
+    args = ["tune", "--config", str(path), "--model", "vit", "--trials", "10", "--timeout", "0.5"]
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    n = len(optuna.load_study(study_name="vit", storage=f"sqlite:///{tmp_path / 'b' / 'tune.db'}").trials)
+    assert 1 <= n <= 2  # no trial starts after 0.5 s

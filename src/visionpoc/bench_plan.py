@@ -43,13 +43,17 @@ class Plan:
     steps: int
     warm: int
     workers: int
+    input_batch: int = 32  # the input section's batch: each DataLoader worker builds several per pass
+    input_passes: int = 5  # the prepared path's timed passes (median)
 
 
 def plan(smoke: bool) -> Plan:
     if smoke:  # toy sizes: checks the code on a CPU in seconds
         vit = Spec("vit_b16", "vit_tiny_patch16_224", "full", 32, 4, {"depth": 2})
         cnn = Spec("xception_top10", "legacy_xception", "top_fraction", 48, 2)
-        return Plan((vit, cnn), n_images=32, store_size=48, steps=2, warm=1, workers=0)
+        return Plan(
+            (vit, cnn), n_images=32, store_size=48, steps=2, warm=1, workers=0, input_batch=4, input_passes=2
+        )
     return Plan((Spec("vit_b16", "vit_base_patch16_224", "full", 224, 256),
                  Spec("xception_top10", "legacy_xception", "top_fraction", 299, 128),
                  Spec("xception_full", "legacy_xception", "full", 299, 128)),

@@ -4,6 +4,7 @@ mismatched file is a clear error, never a silent restart."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,17 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_state(path: Path) -> dict[str, Any]:
+    """The state saved by `save_state`, unpickled with `weights_only=True`: tensors and plain containers
+    only, so a file holding any other object (whose unpickling could run code) is refused, never run."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError/EOFError/UnpicklingError for damaged files
+        # the weights-only unpickler names the global it refused ("... GLOBAL posix.system ...")
+        refused = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]
+        if isinstance(e, pickle.UnpicklingError) and refused:
+            raise CheckpointError(
+                f"training state {path} holds objects other than tensors and plain containers, so visionpoc "
+                f"did not write it: refused without unpickling them ({refused[0].split('. ')[0].rstrip('.')[:200]}); "
+                "resume from a run's own checkpoint, or start a fresh run"
+            ) from e
         raise CheckpointError(f"training state {path} is unreadable ({e}): truncated or not ours") from e

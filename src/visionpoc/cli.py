@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from visionpoc.errors import TrainingInterrupted, VisionpocError
@@ -19,15 +20,33 @@ def _default_out(kind: str) -> Path:
     return Path("runs") / f"{kind}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
+def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False, resume: bool = True) -> None:
     p.add_argument(
         "--config", type=Path, required=config_required, help="YAML config (default: built-in PoC)"
     )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=3 --set models.1.lr=5e-5")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<command>-<time>)")
-    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                   help="continue an interrupted run from its checkpoints (its config.yaml is used)")  # fmt: skip
+    if resume:  # not for tune: running the same tune command again continues its study
+        p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                       help="continue an interrupted run from its checkpoints (its config.yaml is used)")  # fmt: skip
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    """An argparse type: a number of `kind` above zero, or a usage error (exit code 2)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a {'whole ' if kind is int else ''}number"
+            ) from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be above zero, got {text}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,9 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="use each model's best params from a `visionpoc tune` output folder")  # fmt: skip
 
     tn = sub.add_parser("tune", help="Optuna search of one model's hyper-parameters on validation accuracy")
-    _add_config_args(tn)
+    _add_config_args(tn, resume=False)  # to continue a study, run the same command again
     tn.add_argument("--model", required=True, help="label of the model in the config")
-    tn.add_argument("--trials", type=int, default=None, help="trials to add (default: tune.trials)")
+    tn.add_argument("--trials", type=int, default=None, metavar="N",
+                    help="the study's target of finished (complete or pruned) trials, shared by every worker "
+                         "on the storage; a rerun tops it up to N (default: tune.trials)")  # fmt: skip
     tn.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///OUT/tune.db)")
     tn.add_argument("--study", default=None, help="study name (default: the model label)")
     tn.add_argument(
@@ -72,18 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="write report.html and report.md for a finished run")
     rp.add_argument("run_dir", type=Path)
+    rp.add_argument("--mlflow-uri", default=None, metavar="URI",
+                    help="also log the run to this MLflow tracking URI (e.g. sqlite:///mlflow.db)")  # fmt: skip
+    rp.add_argument("--mlflow-experiment", default="visionpoc", metavar="NAME", help="MLflow experiment name")
 
     pr = sub.add_parser("predict", help="each model's top-k for your images, side by side")
     pr.add_argument("run_dir", type=Path)
     pr.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_DIR")
-    pr.add_argument("--top", type=int, default=5)
+    pr.add_argument("--top", type=_positive(int), default=5, help="classes per model (default 5)")
     pr.add_argument("--json", action="store_true", help="machine-readable output")
 
     sv = sub.add_parser("serve", help="web API and demo page for the models of a run")
     sv.add_argument("run_dir", type=Path)
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--max-upload-mb", type=float, default=10)
+    sv.add_argument("--max-upload-mb", type=_positive(float), default=10,
+                    help="larger uploads are refused with 413 (default 10)")  # fmt: skip
 
     ex = sub.add_parser(
         "export", help="write a deployable model (ONNX or safetensors) with its preprocessing"
@@ -130,16 +155,18 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, labels: list[str] | None) -> int:
+    from visionpoc import distributed
     from visionpoc.compare import format_table, run_compare
     from visionpoc.config import ConfigError, load_config
-    from visionpoc.distributed import from_env
+    from visionpoc.recovery import resume_config, resume_hint
+    from visionpoc.tracking import require_mlflow
 
     if args.resume is not None:
         if args.config is not None or args.out is not None:
             raise ConfigError(
                 "--resume RUN_DIR takes the run's own config.yaml and folder: drop --config/--out"
             )
-        cfg = load_config(args.resume / "config.yaml", args.overrides)
+        cfg = resume_config(args.resume, args.overrides)  # refuses --set that would change the training
         out = args.resume
     elif args.command == "train" and args.config is None:
         raise ConfigError("visionpoc train needs --config FILE (or --resume RUN_DIR)")
@@ -150,15 +177,39 @@ def _run(args: argparse.Namespace, labels: list[str] | None) -> int:
             from visionpoc.tune import apply_tuned
 
             cfg = apply_tuned(cfg, args.tuned, out)
-    d = from_env()
-    results = run_compare(cfg, out, labels, resume=args.resume is not None)
+    require_mlflow(cfg.tracking.mlflow_uri)  # before hours of training, not after
+    d = distributed.from_env()
+    try:
+        results = run_compare(cfg, out, labels, resume=args.resume is not None)
+    except TrainingInterrupted as e:
+        hint = resume_hint(args.command, out, labels[0] if labels else None, d.world)
+        raise TrainingInterrupted(f"{e}. Resume with: {hint}") from None
+    finally:
+        distributed.shutdown(d)  # a no-op for one process
     if not d.main:
         return 0
     print(format_table(results))
     if args.command == "compare" and not args.no_report:
         _write_report(out)
     print(f"results: {out / 'results.json'}")
-    return 0 if all(m.status == "ok" for m in results.models) else 1
+    ok = all(m.status == "ok" for m in results.models)
+    if cfg.tracking.mlflow_uri is not None:
+        ok = _log_mlflow(out, cfg.tracking.mlflow_uri, cfg.tracking.experiment) and ok
+    return 0 if ok else 1
+
+
+def _log_mlflow(run_dir: Path, uri: str, experiment: str) -> bool:
+    """Log a finished run to MLflow; a tracking failure is reported, and the run's files stay as they are."""
+    from visionpoc.tracking import log_run
+
+    try:
+        run_id = log_run(run_dir, uri, experiment)
+    except Exception as e:  # the server is down, the store is read-only, ...: the run itself is saved
+        print(f"error: MLflow logging to {uri} failed ({type(e).__name__}: {e}); the run is saved in "
+              f"{run_dir}; log it later with: visionpoc report {run_dir} --mlflow-uri {uri}", file=sys.stderr)  # fmt: skip
+        return False
+    print(f"mlflow: run {run_id} in experiment {experiment!r} at {uri}")
+    return True
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -180,21 +231,33 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
+    from visionpoc import distributed
     from visionpoc.config import load_config
+    from visionpoc.distributed import from_env
     from visionpoc.tune import run_tune
+    from visionpoc.tuned import best_trial
 
     cfg = load_config(args.config, args.overrides)
     out = args.out or _default_out("tune")
-    study = run_tune(cfg, args.model, trials=args.trials, storage=args.storage, study=args.study,
-                     timeout=args.timeout, out_dir=out)  # fmt: skip
-    done = [t for t in study.trials if t.state.name == "COMPLETE"]
-    if done:
-        print(f"{len(study.trials)} trials in study {study.study_name!r}; best validation accuracy "
-              f"{study.best_value:.4f} with {study.best_params}")  # fmt: skip
+    d = from_env()
+    try:
+        study = run_tune(cfg, args.model, trials=args.trials, storage=args.storage, study=args.study,
+                         timeout=args.timeout, out_dir=out)  # fmt: skip
+    finally:
+        distributed.shutdown(d)  # a no-op for one process
+    if not d.main:  # under torchrun only rank 0 speaks for the study
+        return 0
+    best = best_trial(study)  # the trial the tuned YAML records
+    if best is None:
+        print(f"{len(study.trials)} trials in study {study.study_name!r}, none completed: no tuned settings "
+              "written; run the same command again to add trials", file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"{len(study.trials)} trials in study {study.study_name!r}; best validation accuracy "
+          f"{best.value:.4f} (trial {best.number}) with {best.params}")  # fmt: skip
     print(
         f"best params: {out / 'tuned' / (args.model + '.yaml')}; use them with: visionpoc compare --tuned {out}"
     )
-    return 0 if done else 1
+    return 0
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -206,11 +269,8 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _write_report(run_dir: Path) -> None:
-    try:
-        from visionpoc.report import write_report
-    except ImportError:  # the report package is optional in a minimal install
-        log.info("report module unavailable; skipping report.html")
-        return
+    from visionpoc.report import write_report
+
     html = write_report(run_dir)
     print(f"report: {html}")
 
@@ -229,7 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return _run(args, [args.model])
         if args.command == "report":
+            from visionpoc.tracking import require_mlflow
+
+            require_mlflow(args.mlflow_uri)
             _write_report(args.run_dir)
+            if args.mlflow_uri is not None:
+                return 0 if _log_mlflow(args.run_dir, args.mlflow_uri, args.mlflow_experiment) else 1
             return 0
         if args.command == "tune":
             return _tune(args)

@@ -88,7 +88,7 @@ def run_compare(
         models=[],
         environment=environment(str(device), cfg.train.seed),
         config=to_dict(cfg),
-        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
     chosen = [cfg.model(label) for label in labels] if labels else list(cfg.models)
     if d.main and ds.source == "stanford_dogs":
@@ -107,8 +107,8 @@ def run_compare(
             message = str(e) if isinstance(e, VisionpocError) else f"{type(e).__name__}: {e}"
             log.error("model %s failed: %s", mcfg.label, message)
             log.debug("%s", traceback.format_exc())
-            result = ModelResult(label=mcfg.label, timm=mcfg.timm, finetune=mcfg.finetune,
-                                 pretrained=mcfg.pretrained, status="failed", error=message)  # fmt: skip
+            result = ModelResult(label=mcfg.label, timm=mcfg.timm, finetune=mcfg.finetune, pretrained=mcfg.pretrained,
+                                 status="failed", error=message, preset=mcfg.preset, policy=mcfg.policy)  # fmt: skip
         results.models.append(result)
         if d.main:
             save_results(results, out_dir)

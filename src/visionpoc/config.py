@@ -18,6 +18,7 @@ import yaml
 
 from visionpoc.atomic import atomic_write_text
 from visionpoc.errors import ConfigError
+from visionpoc.preset_entries import resolve_entry
 from visionpoc.typed import apply_override, from_dict, to_dict
 
 
@@ -51,10 +52,16 @@ class ModelConfig:
     """Short name used in tables, folders and `--model`."""
     timm: str
     """Full tagged timm name, e.g. `vit_base_patch16_224.orig_in21k`."""
+    preset: str | None = None
+    """The preset (`visionpoc models`) this entry was resolved from at load time; kept for the record."""
+    policy: str | None = None
+    """The named policy: the preset's (`full`, `linear_probe`, `production`, ...) or `linear_probe` asked as
+    a finetune; null: none named (`finetune` says what trains)."""
     pretrained: bool = True
     """Start from the pretrained weights of the tag (false: from scratch)."""
     finetune: Literal["full", "head", "top_fraction"] = "full"
-    """Which parameters train: all, the new head only, or the top `fraction` of layers/blocks + head."""
+    """Which parameters train: all, the new head only (type `linear_probe` or `head`), or the top `fraction`
+    of layers/blocks + head."""
     fraction: float = 0.1
     """For `top_fraction`: share of conv layers (CNN) or blocks (transformer) that train."""
     img_size: int | None = None
@@ -135,7 +142,8 @@ class TuneConfig:
     epochs; trials are scored on validation accuracy only."""
 
     trials: int = 20
-    """Trials per model and `tune` call (the same for every model: the comparison's fairness)."""
+    """Target number of finished (complete or pruned) trials per model's study, shared by all its workers; a
+    rerun tops the study up to it (the same for every model: the comparison's fairness)."""
     epochs: int | None = None
     """Epochs per trial; null takes `train.epochs`."""
     pruner: Literal["median", "hyperband", "none"] = "median"
@@ -149,7 +157,7 @@ class TuneConfig:
     weight_decay: tuple[float, ...] | None = (1e-4, 0.3)
     """Weight decay range, log scale."""
     warmup_epochs: tuple[float, ...] | None = (0.0, 3.0)
-    """Warmup range (epochs)."""
+    """Warmup range (epochs), capped at the trial's epochs."""
     label_smoothing: tuple[float, ...] | None = (0.0, 0.2)
     """Label smoothing range."""
     batch_size: tuple[int, ...] | None = (32, 64, 128)
@@ -162,6 +170,9 @@ class TuneConfig:
     """Layer-wise LR decay range, only for transformers (models with `blocks`)."""
     drop_path: tuple[float, ...] | None = (0.0, 0.3)
     """Stochastic-depth range (`model_kwargs.drop_path_rate`), only for models that accept it."""
+    drop_rate: tuple[float, ...] | None = (0.0, 0.5)
+    """Dropout range (`model_kwargs.drop_rate`, before the classifier), only for models that accept it
+    (Xception, ResNets, ViTs)."""
 
 
 def _default_models() -> tuple[ModelConfig, ...]:
@@ -174,6 +185,15 @@ def _default_models() -> tuple[ModelConfig, ...]:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    mlflow_uri: str | None = None
+    """MLflow tracking URI, e.g. `sqlite:///mlflow.db` (a local store) or `http://host:5000`; null (the
+    default): no MLflow logging. Needs the `mlflow` extra."""
+    experiment: str = "visionpoc"
+    """The MLflow experiment each `compare` is logged under (one parent run, one nested run per model)."""
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     """Where the images come from and how they are split."""
@@ -183,6 +203,8 @@ class Config:
     """The shared training budget and loop settings."""
     tune: TuneConfig = field(default_factory=TuneConfig)
     """The hyper-parameter search space and budget of `visionpoc tune`."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Optional experiment tracking (MLflow) of each finished `compare`."""
 
     def model(self, label: str) -> ModelConfig:
         for m in self.models:
@@ -197,7 +219,8 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, updated by the YAML file at `path` (if any), then by `overrides`; validated."""
+    """Defaults, updated by the YAML file at `path` (if any), then by `overrides`; `preset:` model entries
+    resolved (`preset_entries.resolve_entry`); validated."""
     raw = to_dict(Config())
     if path is not None:
         p = Path(path)
@@ -216,6 +239,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 raw[section] = value  # `models` replaces the default list; unknown keys fail below
     for assignment in overrides:
         apply_override(raw, assignment)
+    if isinstance(raw.get("models"), list):  # `{preset: NAME, policy: P}` entries -> ModelConfig fields
+        raw["models"] = [resolve_entry(m, f"models.{i}") for i, m in enumerate(raw["models"])]
     cfg = from_dict(Config, raw, "")
     _validate(cfg)
     return cfg
@@ -264,7 +289,7 @@ def _validate_tune(tc: TuneConfig) -> None:
     # (lowest low, highest high); lr and weight decay are searched on a log scale, so their low is > 0
     bounds = {"lr": (1e-12, math.inf), "weight_decay": (1e-12, math.inf), "warmup_epochs": (0.0, math.inf),
               "label_smoothing": (0.0, 0.999), "top_fraction": (1e-9, 1.0), "layer_decay": (1e-9, 1.0),
-              "drop_path": (0.0, 0.999)}  # fmt: skip
+              "drop_path": (0.0, 0.999), "drop_rate": (0.0, 0.999)}  # fmt: skip
     for key, (lo, hi) in bounds.items():
         r = getattr(tc, key)
         if r is not None and not (len(r) == 2 and lo <= r[0] <= r[1] <= hi):

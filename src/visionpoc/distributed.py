@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -37,6 +38,13 @@ class Dist:
 
 
 SINGLE = Dist()  # one process
+MASK64 = 2**64 - 1
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Process `rank`'s own seed for its random streams (dropout, mixup, DataLoader workers): the
+    ranks of one run draw different numbers, and no rank repeats another seed's stream."""
+    return int(np.random.SeedSequence([seed & MASK64, rank]).generate_state(1, np.uint64)[0])
 
 
 def from_env() -> Dist:

@@ -66,9 +66,9 @@ def evaluate(
 ) -> EvalStats:
     """Run `model` over `batches` and compute metrics; asserts exactly `expected_n` samples were seen."""
     model.eval()
-    probs: list[torch.Tensor] = []
+    probs: list[torch.Tensor] = []  # kept on the device: one copy at the end, no sync per batch
     targets: list[torch.Tensor] = []
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -79,17 +79,15 @@ def evaluate(
         with autocast:
             logits = model(x)  # (B, num_classes)
         logits = logits.float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        probs.append(logits.softmax(1).cpu())
-        targets.append(y.cpu())
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    dt = time.perf_counter() - t0
-    p = torch.cat(probs).numpy() if probs else np.zeros((0, num_classes), np.float32)
-    t = torch.cat(targets).numpy() if targets else np.zeros(0, np.int64)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        probs.append(logits.softmax(1))
+        targets.append(y)
+    p = torch.cat(probs).cpu().numpy() if probs else np.zeros((0, num_classes), np.float32)
+    t = torch.cat(targets).cpu().numpy() if targets else np.zeros(0, np.int64)
+    dt = time.perf_counter() - t0  # the copy to the host above synchronized the device
     if len(t) != expected_n:
         raise AssertionError(f"evaluated {len(t)} samples, expected exactly {expected_n}")
-    return summarize(t, p.astype(np.float32), loss_sum / max(1, len(t)), dt)
+    return summarize(t, p.astype(np.float32), loss_sum.item() / max(1, len(t)), dt)
 
 
 def summarize(targets: np.ndarray, probs: np.ndarray, loss: float, time_s: float) -> EvalStats:

@@ -6,8 +6,9 @@ ONNX uses the TorchScript-based exporter (`torch.onnx.export(..., dynamo=False)`
 and `onnx`, works offline and exports timm's CNNs and ViTs at a fixed resolution with a dynamic batch
 axis. The dynamo exporter (torch's default since 2.9) would add `onnxscript` and a much slower export
 for no gain on these graphs. After export, onnxruntime runs a random batch and the largest logit
-difference must be within `ONNX_RTOL` x max(1, largest |logit|); the result is saved next to the model
-(`onnx_check.json`) and an over-tolerance export is an error.
+difference must be within `ONNX_RTOL` x max(1, largest |logit|). The check runs on the temporary file,
+before it is renamed to `model.onnx`: an over-tolerance export is an error and leaves no `model.onnx`
+behind; a passing check is saved next to the model (`onnx_check.json`).
 
 The safetensors export holds the weights of a plain `timm.create_model(timm, num_classes=..., **kwargs)`
 (frozen BatchNorm layers are saved as ordinary BatchNorm), so `load_safetensors_export` needs no
@@ -115,17 +116,28 @@ def export_onnx(tm: TrainedModel, folder: Path) -> Path:
             )  # fmt: skip
 
     path = folder / "model.onnx"
+    checks: list[OnnxCheck] = []
+
+    def write_and_check(tmp: Path) -> None:
+        try:
+            write(tmp)
+        except Exception as e:
+            raise VisionpocError(
+                f"ONNX export of {tm.label!r} ({tm.mcfg.timm}) failed: {type(e).__name__}: {e}"
+            ) from e
+        checks.append(check_onnx(tmp, model, tuple(tm.data_config["input_size"]), label=tm.label))
+        if not checks[-1].ok:  # raised inside atomic_write: the temp file goes, model.onnx is never written
+            raise VisionpocError(f"{checks[-1]}: the export does not reproduce the PyTorch model; "
+                                 f"no {path} was written")  # fmt: skip
+
     try:
-        atomic_write(path, write)
-    except Exception as e:
-        raise VisionpocError(
-            f"ONNX export of {tm.label!r} ({tm.mcfg.timm}) failed: {type(e).__name__}: {e}"
-        ) from e
-    check = check_onnx(path, model, tuple(tm.data_config["input_size"]), label=tm.label)
-    atomic_write_json(folder / CHECK_FILE, asdict(check))
-    log.info("%s -> %s; %s", tm.label, path, check)
-    if not check.ok:
-        raise VisionpocError(f"{check}: {path} does not reproduce the PyTorch model; do not deploy it")
+        atomic_write(path, write_and_check)
+    except VisionpocError:
+        for stale in (path, folder / CHECK_FILE):  # an earlier export must not pass for this one
+            stale.unlink(missing_ok=True)
+        raise
+    atomic_write_json(folder / CHECK_FILE, asdict(checks[-1]))
+    log.info("%s -> %s; %s", tm.label, path, checks[-1])
     return path
 
 

@@ -3,7 +3,8 @@ policies, preprocessing config, and size/cost figures (params, forward GFLOPs).
 
 Policies:
 - `full`: every parameter trains.
-- `head`: a linear probe; only the new classifier trains.
+- `head`: a linear probe; only the new classifier trains. Configs may say `finetune: linear_probe` (or
+  `policy: linear_probe`): the loader turns it into `head` and records the policy name.
 - `top_fraction`: the top `fraction` of conv layers (CNN) or of transformer blocks, everything after
   them, and the new head train. Frozen BatchNorm layers become `FrozenBatchNorm2d` (timm), so they stay
   in eval mode and their running statistics never move.

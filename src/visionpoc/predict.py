@@ -5,6 +5,10 @@ each model answers its top-k classes with probabilities and the forward latency.
 Shared by `visionpoc predict` and the web service. A `Predictor` may be called from several threads:
 each model has its own lock, because explanation switches the model's attention path and installs
 hooks for the duration of a call.
+
+Images whose sides differ by more than `MAX_ASPECT_RATIO` are refused: the eval transform resizes the
+shorter side (e.g. to 256 px) keeping the ratio, so a 100000x1 strip (a few hundred bytes of PNG)
+would become a gigapixel tensor.
 """
 
 from __future__ import annotations
@@ -29,7 +33,22 @@ from visionpoc.trained import TrainedModel, load_trained
 
 log = logging.getLogger(__name__)
 
+MAX_ASPECT_RATIO = 20  # longer side / shorter side; a panorama is ~4, a 20:1 strip is not a photo
 Row = dict[str, Any]  # one image: {"image", "models": [{"model", "top", "latency_ms"}]} or {"image", "error"}
+
+
+class ImageShapeError(VisionpocError):
+    """An image too elongated to predict on (see `MAX_ASPECT_RATIO`)."""
+
+
+def check_aspect_ratio(width: int, height: int, name: str = "the image") -> None:
+    """Refuse (`ImageShapeError`) an image with a side more than `MAX_ASPECT_RATIO` times the other."""
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageShapeError(
+            f"{name} is {width}x{height} pixels: one side is more than {MAX_ASPECT_RATIO} times the other, "
+            "which is not a photo the models can take (resizing it would need gigapixels); crop it to at "
+            f"most {MAX_ASPECT_RATIO}:1"
+        )
 
 
 class Predictor:
@@ -75,6 +94,7 @@ class Predictor:
         or preprocessing)."""
         if top < 1:
             raise ValueError(f"top must be at least 1, got {top}")
+        check_aspect_ratio(image.width, image.height)
         k = min(top, len(self.class_names))
         answers = []
         for tm in self.models:
@@ -105,11 +125,13 @@ class Predictor:
 
     def predict_paths(self, paths: Iterable[str | Path], top: int = 5) -> list[Row]:
         """Predict every image file named in `paths` (folders are searched recursively for image
-        extensions). An image that cannot be decoded gives a row with an `error` instead of stopping."""
+        extensions). An image that cannot be decoded, or is too elongated (`MAX_ASPECT_RATIO`), gives a
+        row with an `error` instead of stopping."""
         files = image_files(paths)
         rows: list[Row] = []
         for path in tqdm(files, desc="predict", unit="img", disable=None):
             try:
+                check_aspect_ratio(*_declared_size(path), f"image {path}")  # before decoding
                 image = load_rgb(path)
             except VisionpocError as e:
                 log.warning("%s", e)
@@ -141,6 +163,16 @@ class Predictor:
             except Exception as e:  # an explanation is a bonus; the prediction stands without it
                 log.warning("no explanation for %s: %s: %s", tm.label, type(e).__name__, e)
         return out
+
+
+def _declared_size(path: Path) -> tuple[int, int]:
+    """The width and height in the header of `path`, without decoding it; (1, 1) when it cannot be
+    read, so that `load_rgb` reports the problem with its own message."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except Exception:
+        return 1, 1
 
 
 def image_files(paths: Iterable[str | Path]) -> list[Path]:

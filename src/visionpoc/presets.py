@@ -3,7 +3,8 @@
 The presets live in the packaged `configs/presets.yaml`: a `ModelConfig` per preset, named fine-tuning
 policies (`full`, `linear_probe` = finetune `head`, and any other) with recommended learning rates, and
 metadata kept outside `ModelConfig` (family, release, pretraining data, licence fallback, notes).
-`preset(name, policy)` gives the `ModelConfig` to train; `list_presets(family)` gives one row per preset
+A config names one as `models: [{preset: NAME, policy: P}]` (`preset_entries` resolves it at load time);
+`preset(name, policy)` gives the same `ModelConfig` in Python; `list_presets(family)` gives one row per preset
 with parameters, forward GFLOPs, input size, pretraining data and licence (timm's pretrained config
 first, the preset's own field as fallback) for `visionpoc models` and docs/models.md.
 `pretrain_data` and `may_have_seen_imagenet` read a timm tag for the report's leakage caveat.
@@ -15,21 +16,20 @@ import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any, Literal
 
 import timm
 import torch
-import yaml
 
 from visionpoc import models
 from visionpoc.config import ModelConfig
 from visionpoc.errors import ConfigError
+from visionpoc.preset_entries import PRESETS_FILE as PRESETS_FILE  # re-exported
+from visionpoc.preset_entries import preset_table, resolve_entry
 from visionpoc.typed import from_dict
 
 log = logging.getLogger(__name__)
 
-PRESETS_FILE = "presets.yaml"
 REQUIRED_POLICIES = ("full", "linear_probe")
 LicenceKind = Literal["permissive", "non-commercial", "custom", "unknown"]
 
@@ -58,11 +58,12 @@ class Preset:
     name: str
     """Key in presets.yaml; also the default label."""
     model: ModelConfig
-    """The base ModelConfig, before a policy is laid over it."""
+    """The base ModelConfig, before a policy is laid over it (label: the preset name)."""
     policies: dict[str, ModelConfig]
-    """Policy name -> the ModelConfig it gives (the base with the policy's finetune, fraction, lr)."""
+    """Policy name -> the ModelConfig it gives (the base with the policy's finetune, fraction, lr), as a
+    config entry `{preset: NAME, policy: POLICY}` loads."""
     default_policy: str
-    """The policy `preset(name)` uses when none is named."""
+    """The policy `preset(name)` and a `{preset: NAME}` config entry use when none is named."""
     family: str
     """Model family, for `--family` filtering."""
     released: str
@@ -79,11 +80,12 @@ class Preset:
     """Why this tag, and what to watch for."""
 
 
-def _validate_policy(name: str, pname: str, base: dict[str, Any], fields: Any) -> ModelConfig:
+def _validate_policy(name: str, pname: str, fields: Any) -> ModelConfig:
     where = f"{PRESETS_FILE}: presets.{name}.policies.{pname}"
     if not isinstance(fields, dict) or "lr" not in fields:
         raise ConfigError(f"{where}: expected a mapping of ModelConfig fields with a recommended `lr`")
-    return from_dict(ModelConfig, {**base, **fields}, where)
+    # the same resolution as a config entry `{preset: name, policy: pname}`
+    return from_dict(ModelConfig, resolve_entry({"preset": name, "policy": pname}, where), where)
 
 
 def _parse(name: str, raw: Any) -> Preset:
@@ -96,20 +98,22 @@ def _parse(name: str, raw: Any) -> Preset:
         raise ConfigError(f"{where}: Unknown preset key(s) {sorted(unknown)}; valid keys: {sorted(known)}")
     base = raw.get("model")
     if not isinstance(base, dict):
-        raise ConfigError(f"{where}.model: expected a ModelConfig mapping (label, timm, ...)")
-    model = from_dict(ModelConfig, base, f"{where}.model")
+        raise ConfigError(f"{where}.model: expected a ModelConfig mapping (timm, model_kwargs, ...)")
+    model = from_dict(ModelConfig, {**base, "label": name}, f"{where}.model")
     policies = raw.get("policies") or {}
+    if not isinstance(policies, dict):
+        raise ConfigError(f"{where}.policies: expected a mapping of policy name -> fields")
     missing = [p for p in REQUIRED_POLICIES if p not in policies]
     if missing:
         raise ConfigError(
             f"{where}.policies: missing {missing}; every preset needs {list(REQUIRED_POLICIES)}"
         )
-    resolved = {pname: _validate_policy(name, pname, base, fields) for pname, fields in policies.items()}
-    if resolved["linear_probe"].finetune != "head":
-        raise ConfigError(f"{where}.policies.linear_probe: must set `finetune: head`")
     default = raw.get("default_policy", "full")
     if default not in policies:
         raise ConfigError(f"{where}.default_policy: {default!r} is not one of {sorted(policies)}")
+    resolved = {pname: _validate_policy(name, pname, fields) for pname, fields in policies.items()}
+    if resolved["linear_probe"].finetune != "head":
+        raise ConfigError(f"{where}.policies.linear_probe: must set `finetune: head`")
     for key in ("family", "input_size", "normalization", "released"):
         if raw.get(key) is None:
             raise ConfigError(f"{where}.{key}: required")
@@ -124,12 +128,7 @@ def _parse(name: str, raw: Any) -> Preset:
 @functools.cache
 def load_presets() -> dict[str, Preset]:
     """All presets of the packaged presets.yaml, in file order (validated once, then cached)."""
-    text = resources.files("visionpoc").joinpath("configs", PRESETS_FILE).read_text()
-    raw = yaml.safe_load(text) or {}
-    entries = raw.get("presets") if isinstance(raw, dict) else None
-    if not isinstance(entries, dict) or not entries:
-        raise ConfigError(f"{PRESETS_FILE}: expected a top-level `presets:` mapping of name -> preset")
-    return {name: _parse(name, entry) for name, entry in entries.items()}
+    return {name: _parse(name, entry) for name, entry in preset_table().items()}
 
 
 def families() -> list[str]:
@@ -149,7 +148,8 @@ def preset(name: str, policy: str | None = None, label: str | None = None) -> Mo
     """The ModelConfig of preset `name` under `policy` (default: the preset's recommended one).
 
     `policy` is `full`, `linear_probe` or another policy the preset defines (`production` for the seed's
-    Xception). `label` renames the model, e.g. to compare two policies of one preset in a run.
+    Xception). `label` renames the model, e.g. to compare two policies of one preset in a run. The same
+    ModelConfig as the config entry `{preset: name, policy: policy, label: label}`.
     """
     p = get_preset(name)
     chosen = policy or p.default_policy
@@ -300,24 +300,32 @@ _LICENCE_MARK = {"permissive": "", "non-commercial": " [NON-COMMERCIAL]", "custo
                  "unknown": " [UNKNOWN]"}  # fmt: skip
 
 
+def _policies_cell(r: dict[str, Any]) -> str:
+    """`production 0.001, full 0.0001, ...`: every policy with its LR, the default first."""
+    names = [r["default_policy"], *(p for p in r["policies"] if p != r["default_policy"])]
+    return ", ".join(f"{p} {r['policies'][p]['lr']:g}" for p in names)
+
+
 def _cells(r: dict[str, Any]) -> list[str]:
-    pol = r["policies"][r["default_policy"]]
     licence = (r["license"] or "-") + _LICENCE_MARK[r["license_kind"]]
     if r["license_source"] == "preset":
         licence += " (preset)"
     return [
         r["name"], r["timm"], r["family"], str(r["input_size"]), f"{r['params'] / 1e6:.1f}", f"{r['gflops']:.1f}",
-        r["pretrain_data"] or "?", _OVERLAP[r["imagenet_overlap"]], licence,
-        f"{r['default_policy']} (lr {pol['lr']:g})",
+        r["pretrain_data"] or "?", _OVERLAP[r["imagenet_overlap"]], licence, _policies_cell(r),
     ]  # fmt: skip
 
 
-HEADERS = ["name", "timm", "family", "input", "params (M)", "GFLOPs", "pretrain data", "ImageNet overlap",
-           "licence", "default policy"]  # fmt: skip
+HEADERS = ["preset", "timm", "family", "input", "params (M)", "GFLOPs", "pretrain data", "ImageNet overlap",
+           "licence", "policies: lr (default first)"]  # fmt: skip
+USAGE = ("In a config, one line per model: `- {preset: NAME}` (its default policy) or "
+         "`- {preset: NAME, policy: full|linear_probe}`;\nfields on the line (lr, img_size, ...) override "
+         "the preset's.")  # fmt: skip
 
 
 def format_models_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
-    """`list_presets` rows as an aligned text table (or a Markdown table), with licence warnings."""
+    """`list_presets` rows as an aligned text table (or a Markdown table), with licence warnings and, in
+    text, how a config names a preset."""
     cells = [_cells(r) for r in rows]
     numeric = {3, 4, 5}
     if markdown:
@@ -337,4 +345,5 @@ def format_models_table(rows: list[dict[str, Any]], markdown: bool = False) -> s
     out = [line(HEADERS), "-" * len(line(HEADERS))] + [line(row) for row in cells]
     out.append("params: backbone without classifier; GFLOPs: forward, batch 1, at the input size (attention "
                "included); (preset): licence not in timm's config, taken from presets.yaml.")  # fmt: skip
+    out.append(USAGE)
     return "\n".join(s.rstrip() for s in out)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import timm.optim
+import timm.scheduler
 import timm.utils
 import torch
 from torch import nn
@@ -30,6 +31,20 @@ def make_optimizer(
     return timm.optim.create_optimizer_v2(
         model, opt="adamw", lr=lr, weight_decay=t.weight_decay, layer_decay=t.layer_decay, **extra
     )
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, t: TrainConfig, lr: float, steps_per_epoch: int
+) -> timm.scheduler.CosineLRScheduler:
+    """Per-step schedule over the whole run (`t.epochs`): linear warm-up from `lr`/100 over
+    `t.warmup_epochs`, then a cosine from `lr` that reaches `t.min_lr` at the last step (timm's; call
+    `step_update(step)` after each optimizer step)."""
+    total = t.epochs * steps_per_epoch
+    warmup = min(round(t.warmup_epochs * steps_per_epoch), total - 1)
+    return timm.scheduler.CosineLRScheduler(
+        optimizer, t_initial=max(1, total - warmup), lr_min=t.min_lr, warmup_t=warmup,
+        warmup_lr_init=lr * 0.01, warmup_prefix=True, t_in_epochs=False,
+    )  # fmt: skip
 
 
 def make_ema(model: nn.Module, decay: float | None) -> timm.utils.ModelEmaV3 | None:

@@ -1,6 +1,7 @@
 """Surviving interruptions: SIGINT/SIGTERM become a stop request honoured at the next step boundary,
 and the training state (RNG states included) is saved and restored so that a resumed run continues
-exactly where the interrupted one stopped."""
+exactly where the interrupted one stopped. A resumed run keeps its saved config: only settings that do
+not change the training (`RESUME_MAY_CHANGE`) may be overridden."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import torch
 from torch import nn
 
 from visionpoc import checkpoint
-from visionpoc.errors import CheckpointError
+from visionpoc.config import Config, load_config, to_dict
+from visionpoc.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +87,53 @@ def load_resume(out_dir: Path, model: nn.Module, meta: dict[str, str]) -> dict[s
             f"{weights} and {state_path} are from different steps: the last save was cut off"
         )
     return state
+
+
+# settings a resumed run may change: where the data is and how it is read, the device, compilation and
+# tracking; everything else (batch size, epochs, LR, fine-tuning, ...) would mix with the saved schedule
+RESUME_MAY_CHANGE = ("tracking.", "data.num_workers", "data.root", "data.download", "data.base_url",
+                     "train.device", "train.compile")  # fmt: skip
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"train": {"lr": 1}}` -> `{"train.lr": 1}`; list items by index (`models.0.lr`)."""
+    if isinstance(tree, dict) and tree:
+        items: Any = tree.items()
+    elif isinstance(tree, (list, tuple)) and tree:
+        items = enumerate(tree)
+    else:  # a leaf, or an empty dict/list
+        return {prefix[:-1]: tree}
+    return {k: v for key, sub in items for k, v in _flat(sub, f"{prefix}{key}.").items()}
+
+
+def _may_change(key: str) -> bool:
+    return any(key == a or (a.endswith(".") and key.startswith(a)) for a in RESUME_MAY_CHANGE)
+
+
+def resume_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The interrupted run's `config.yaml` with `overrides`; ConfigError if they change the training."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: --resume takes the folder of a run started by compare or train")
+    cfg = load_config(path, overrides)
+    saved, new = _flat(to_dict(load_config(path))), _flat(to_dict(cfg))
+    changed = sorted(k for k in saved.keys() | new.keys() if saved.get(k) != new.get(k))
+    refused = [k for k in changed if not _may_change(k)]
+    if refused:
+        raise ConfigError(
+            f"--resume {run_dir}: --set would change {', '.join(refused)} of the interrupted run, whose "
+            f"optimizer and schedule were built for its saved settings. A resumed run may only change "
+            f"{', '.join(a.rstrip('.') + ('.*' if a.endswith('.') else '') for a in RESUME_MAY_CHANGE)}; "
+            f"to train with other settings, start a new run: --config {path} --set ... --out NEW_DIR"
+        )
+    return cfg
+
+
+def resume_hint(command: str, run_dir: Path, label: str | None, world: int) -> str:
+    """The command that resumes an interrupted `compare` or `train` run."""
+    cmd = f"visionpoc {command} --resume {run_dir}" + (
+        f" --model {label}" if command == "train" and label else ""
+    )
+    if world > 1:
+        cmd = f"torchrun <the same options> -m {cmd}"  # every process resumes its own shard
+    return cmd

@@ -20,6 +20,10 @@ from visionpoc.atomic import atomic_write, atomic_write_json, atomic_write_text
 
 RESULTS_FILE = "results.json"
 PREDICTIONS_FILE = "test_predictions.npz"
+LR_SCALING = (
+    "none: lr is the peak LR for the global batch (batch_size = batch_size_per_device x world_size); "
+    "it is not rescaled with the number of processes"
+)
 
 
 @dataclass
@@ -42,11 +46,14 @@ class ModelResult:
     timm: str
     finetune: str
     pretrained: bool
+    preset: str | None = None  # the config entry's `preset:` name; null: a plain timm entry
+    policy: str | None = None  # the named policy (full, linear_probe, production, ...); null: none named
     status: str = "ok"  # "ok" or "failed"
     error: str | None = None
     fraction: float | None = None
     img_size: int | None = None
     lr: float | None = None  # peak LR, for the global batch (no scaling with the number of processes)
+    lr_scaling: str = LR_SCALING  # how `lr` relates to the batch and the number of processes
     batch_size: int | None = None  # global batch: world_size x batch_size_per_device
     batch_size_per_device: int | None = None
     world_size: int = 1
@@ -69,6 +76,13 @@ class ModelResult:
     test_top5_accuracy: float | None = None
     test_macro_f1: float | None = None
     test_per_class_accuracy: list[float] = field(default_factory=list)
+    # the same metrics on the clean train pass and on validation (best-on-validation weights)
+    train_top5_accuracy: float | None = None
+    train_macro_f1: float | None = None
+    train_per_class_accuracy: list[float] = field(default_factory=list)
+    val_top5_accuracy: float | None = None
+    val_macro_f1: float | None = None
+    val_per_class_accuracy: list[float] = field(default_factory=list)
     params: int | None = None
     trainable_params: int | None = None
     fwd_gflops: float | None = None  # one image, forward pass, at img_size
@@ -151,7 +165,8 @@ def save_results(results: RunResults, out_dir: Path) -> Path:
     path = atomic_write_json(out_dir / RESULTS_FILE, data)
     cols = [
         "label", "timm", "finetune", "status", "epochs_run", "train_time_s", "train_accuracy",
-        "val_accuracy", "test_accuracy", "test_top5_accuracy", "test_macro_f1", "params",
+        "val_accuracy", "test_accuracy", "test_top5_accuracy", "test_macro_f1", "train_top5_accuracy",
+        "train_macro_f1", "val_top5_accuracy", "val_macro_f1", "params",
         "trainable_params", "fwd_gflops", "train_img_s", "eval_img_s", "latency_ms_b1", "peak_memory_gib",
     ]  # fmt: skip
     rows = [",".join(cols)]

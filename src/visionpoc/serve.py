@@ -2,25 +2,31 @@
 
 Endpoints: `POST /predict` (multipart field `file`; each model's top-k and inference latency, and with
 `explain=true` a PNG overlay per model), `GET /health`, `GET /` (the self-contained demo page),
-`GET /openapi.json` and `GET /docs`.
+`GET /openapi.json` and `GET /docs` (Swagger UI, with its JS and CSS served from here when the
+`fastapi-offline` package is installed, from a CDN otherwise).
 
 Safety: binds to 127.0.0.1 unless told otherwise (and warns when told); uploads stay in memory and are
-capped in bytes (Content-Length and the bytes actually read) and in declared pixels (checked on the
-image header, before decoding); no request names a server path. Decoding and inference run in the
-thread pool so the event loop keeps serving; the `Predictor` locks each model around its forward pass.
+capped in bytes (Content-Length and the bytes actually read), in declared pixels and in aspect ratio
+(both checked on the image header, before decoding); no request names a server path. Decoding and
+inference run in the thread pool so the event loop keeps serving, at most `MAX_CONCURRENT_PREDICTIONS`
+uploads at a time (each decoded image may take up to 192 MB); the `Predictor` locks each model around
+its forward pass.
 """
 
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import ipaddress
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from visionpoc import __version__
@@ -39,6 +45,10 @@ from visionpoc.uploads import (
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 2**20
+# uploads decoded and predicted at once; the others wait their turn (their bodies, <= the upload limit
+# each, are already read). Bounds the memory of decoded images (<= 192 MB each at the pixel cap).
+MAX_CONCURRENT_PREDICTIONS = 4
+DOCS_ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon.png")  # served by /docs-assets/NAME
 
 _UPLOAD_SCHEMA = {  # the body is parsed by hand (in memory), so FastAPI cannot infer its schema
     "requestBody": {
@@ -62,21 +72,37 @@ def _png_base64(image: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def swagger_assets() -> Path | None:
+    """The folder of Swagger UI's JS and CSS bundled by the `fastapi-offline` package, if installed."""
+    spec = importlib.util.find_spec("fastapi_offline")
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent / "static"
+    return folder if all((folder / name).is_file() for name in DOCS_ASSETS) else None
+
+
 def create_app(run_dir: str | Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, device: str = "cpu",
-               predictor: Predictor | None = None) -> FastAPI:  # fmt: skip
+               predictor: Predictor | None = None,
+               max_concurrent: int = MAX_CONCURRENT_PREDICTIONS) -> FastAPI:  # fmt: skip
     """The service for the run in `run_dir`; its models load now, once. Uploads over `max_upload_bytes`
-    or declaring more than `max_pixels` pixels are refused (413)."""
+    or declaring more than `max_pixels` pixels are refused (413); at most `max_concurrent` uploads are
+    decoded and predicted at a time."""
     predictor = predictor or Predictor(run_dir, device=device)
-    # /docs is FastAPI's Swagger UI: the HTML is served from here (200) but its JS and CSS come from a
-    # CDN (cdn.jsdelivr.net), so the interactive UI needs internet access; /openapi.json is local.
+    # /docs is FastAPI's Swagger UI. Its JS and CSS come from the fastapi-offline package when it is
+    # installed (works offline); otherwise from FastAPI's default CDN (the page is blank offline, while
+    # /openapi.json always works).
+    assets = swagger_assets()
     app = FastAPI(
         title="visionpoc: which dog breed?",
         version=__version__,
         description=f"The models of run `{Path(run_dir).name}`: {', '.join(predictor.labels)}.",
         redoc_url=None,
+        docs_url=None if assets else "/docs",
     )
     app.state.predictor = predictor
+    app.state.max_upload_bytes = max_upload_bytes
+    busy = threading.BoundedSemaphore(max_concurrent)  # a thread lock: the thread pool waits on it
 
     @app.exception_handler(UploadError)
     async def refused(_request: Request, exc: UploadError) -> JSONResponse:
@@ -89,21 +115,23 @@ def create_app(run_dir: str | Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_B
 
     def answer(body: bytes, content_type: str | None, top: int, explain: bool) -> dict[str, Any]:
         """Take the file out of the form, check it, decode it and predict: blocking, so it runs in the
-        thread pool."""
-        data = multipart_file(body, content_type)
-        if len(data) > max_upload_bytes:
-            raise UploadError(
-                413, f"upload too large: {human_size(len(data))}, the limit is {human_size(max_upload_bytes)}"
-            )
-        image = decode_image(data, max_pixels)
-        answers = predictor.predict_image(image, top)
-        if explain:
-            overlays = predictor.explain_image(image)
-            for a in answers:
-                if a["model"] in overlays:
-                    method, picture = overlays[a["model"]]
-                    a["explanation"] = {"method": method, "png_base64": _png_base64(picture)}
-        return {"width": image.width, "height": image.height, "models": answers}
+        thread pool, `max_concurrent` at a time."""
+        with busy:
+            data = multipart_file(body, content_type)
+            if len(data) > max_upload_bytes:
+                raise UploadError(
+                    413,
+                    f"upload too large: {human_size(len(data))}, the limit is {human_size(max_upload_bytes)}",
+                )
+            image = decode_image(data, max_pixels)
+            answers = predictor.predict_image(image, top)
+            if explain:
+                overlays = predictor.explain_image(image)
+                for a in answers:
+                    if a["model"] in overlays:
+                        method, picture = overlays[a["model"]]
+                        a["explanation"] = {"method": method, "png_base64": _png_base64(picture)}
+            return {"width": image.width, "height": image.height, "models": answers}
 
     @app.post("/predict", openapi_extra=_UPLOAD_SCHEMA)
     async def predict(
@@ -115,6 +143,22 @@ def create_app(run_dir: str | Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_B
         length = request.headers.get("content-length")
         body = await read_limited(request.stream(), max_upload_bytes, length, overhead=MULTIPART_OVERHEAD)
         return await run_in_threadpool(answer, body, request.headers.get("content-type"), top, explain)
+
+    if assets:
+
+        @app.get("/docs", include_in_schema=False)
+        def docs() -> HTMLResponse:
+            return get_swagger_ui_html(
+                openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} - Swagger UI",
+                swagger_js_url="/docs-assets/swagger-ui-bundle.js", swagger_css_url="/docs-assets/swagger-ui.css",
+                swagger_favicon_url="/docs-assets/favicon.png",
+            )  # fmt: skip
+
+        @app.get("/docs-assets/{name}", include_in_schema=False)
+        def docs_asset(name: str) -> FileResponse:
+            if name not in DOCS_ASSETS:  # a fixed list: the request names no path on the server
+                raise HTTPException(404)
+            return FileResponse(assets / name)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:

@@ -46,11 +46,10 @@ def _step(p: StepParts, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
     p.optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=p.device, dtype=torch.float64)
     correct = torch.zeros((), device=p.device, dtype=torch.long)
+    ddp = getattr(p.model, "_orig_mod", p.model)  # torch.compile(DDP(model)) under torchrun
     for i, (xc, yc) in enumerate(chunks):
         last = i == len(chunks) - 1
-        sync = (
-            nullcontext() if last or not isinstance(p.model, DistributedDataParallel) else p.model.no_sync()
-        )
+        sync = nullcontext() if last or not isinstance(ddp, DistributedDataParallel) else ddp.no_sync()
         with sync:
             with autocast:
                 logits = p.model(xc)  # (b, num_classes)

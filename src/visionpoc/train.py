@@ -29,14 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm.scheduler
-import timm.utils
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from visionpoc import checkpoint, distributed, models, recipe, recovery
+from visionpoc import checkpoint, distributed, models, presets, recipe, recovery
 from visionpoc.atomic import atomic_write_json
 from visionpoc.config import Config, ConfigError, ModelConfig, for_model
 from visionpoc.data import augment
@@ -72,6 +70,39 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cuda.matmul.allow_tf32 = not deterministic
         torch.backends.cudnn.allow_tf32 = not deterministic
+
+
+def seed_rank(seed: int, d: Dist) -> None:
+    """After the model is built (identical on every rank, and DDP broadcasts rank 0's weights anyway),
+    give each process its own stream for dropout, drop-path and the batch ops (mixup/cutmix, erasing)."""
+    s = distributed.rank_seed(seed, d.rank)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def wrap_model(model: nn.Module, d: Dist, device: torch.device, compile_: bool) -> tuple[nn.Module, nn.Module]:  # fmt: skip
+    """(the module the training step calls, the module evaluation calls). Under torchrun: DDP first,
+    then torch.compile of the DDP module (PyTorch's order: the compiled graph is split at DDP's gradient
+    buckets so communication overlaps the backward); evaluation runs the plain module on each shard."""
+    compile_ = compile_ and device.type == "cuda"
+    if not d.enabled:
+        compiled = torch.compile(model) if compile_ else model
+        return compiled, compiled  # type: ignore[return-value]
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return (torch.compile(ddp) if compile_ else ddp), model  # type: ignore[return-value]
+
+
+def sync_batchnorm(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
+    """Trainable BatchNorm layers share their batch statistics across processes (SyncBatchNorm, via
+    timm so that BatchNormAct layers keep their activation). NCCL only: gloo has no SyncBatchNorm, so on
+    the CPU each process normalizes with its own shard's statistics. Frozen BatchNorm layers are
+    FrozenBatchNorm2d already (models.apply_finetune) and stay as they are."""
+    if not (d.enabled and device.type == "cuda"):
+        return model
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(model)
 
 
 def resolve_device(name: str, d: Dist = SINGLE) -> torch.device:
@@ -198,10 +229,8 @@ def evaluate_split(model: nn.Module, batches: Batches, d: Dist, n_total: int, de
 
 
 def interrupted(label: str, where: str, out_dir: Path) -> TrainingInterrupted:
-    return TrainingInterrupted(
-        f"model {label!r} stopped {where}; checkpoint saved in {out_dir}. "
-        f"Resume with: visionpoc compare --resume {out_dir.parent}"
-    )
+    """The command to resume is the caller's to say (`cli._run` adds it: compare or train)."""
+    return TrainingInterrupted(f"model {label!r} stopped {where}; checkpoint saved in {out_dir}")
 
 
 def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: bool = False,
@@ -232,19 +261,17 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
         raise ValueError(f"model {mcfg.label!r}: the fine-tuning policy left no trainable parameter")
     gflops = models.forward_gflops(model, input_size, torch.device("cpu"))
     tag, licence = models.pretrained_info(model) if mcfg.pretrained else (None, None)
+    if mcfg.pretrained and licence is None and mcfg.preset is not None:  # timm has none: the preset's
+        licence = presets.get_preset(mcfg.preset).license
     meta = {"timm": mcfg.timm, "num_classes": str(nc), "label": mcfg.label}
     channels_last = device.type == "cuda" and cfg.train.channels_last and not is_transformer(model)
+    model = sync_batchnorm(model, d, device)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     ema = recipe.make_ema(model, cfg.train.ema_decay)
-    compiled: nn.Module = torch.compile(model) if cfg.train.compile and device.type == "cuda" else model  # type: ignore[assignment]
-    step_model: nn.Module = compiled
-    if d.enabled:
-        step_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    eval_model = model if d.enabled else compiled
+    step_model, eval_model = wrap_model(model, d, device, cfg.train.compile)
+    seed_rank(cfg.train.seed, d)
     val_model = ema.module if ema is not None else eval_model  # with EMA, the averaged weights are judged
 
     loaders = build_loaders(splits, dcfg, cfg, device, d)
@@ -252,17 +279,14 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
     optimizer = recipe.make_optimizer(model, cfg.train, lr, device)
     set_epoch(loaders.train, 1)
     steps_per_epoch = len(loaders.train)
-    scheduler = timm.scheduler.CosineLRScheduler(
-        optimizer, t_initial=cfg.train.epochs * steps_per_epoch, lr_min=cfg.train.min_lr,
-        warmup_t=round(cfg.train.warmup_epochs * steps_per_epoch), warmup_lr_init=lr * 0.01, warmup_prefix=True,
-        t_in_epochs=False,
-    )  # fmt: skip
+    scheduler = recipe.make_scheduler(optimizer, cfg.train, lr, steps_per_epoch)
     tc = cfg.train
     parts = StepParts(step_model, optimizer, scheduler, augment.loss_for(tc.augment, tc.label_smoothing), device, dtype,
                       tc.grad_clip, channels_last, batch_aug=augment.batch_augment(tc.augment, nc, tc.label_smoothing, device),
                       ema=ema)  # fmt: skip
     result = ModelResult(
         label=mcfg.label, timm=mcfg.timm, finetune=mcfg.finetune, pretrained=mcfg.pretrained,
+        preset=mcfg.preset, policy=mcfg.policy,
         fraction=mcfg.fraction if mcfg.finetune == "top_fraction" else None, img_size=int(input_size[-1]),
         lr=lr, batch_size=cfg.train.batch_size, batch_size_per_device=cfg.train.batch_size // d.world,
         world_size=d.world, epochs=cfg.train.epochs, data_pipeline=loaders.pipeline, params=params,
@@ -279,7 +303,12 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        recovery.set_rng_state(saved["rng"])
+        rngs = saved.get("rng_ranks") or [saved["rng"]]  # each process's own streams
+        if len(rngs) == d.world:
+            recovery.set_rng_state(rngs[d.rank])
+        else:
+            log.warning("[%s] checkpoint saved by %d process(es), resumed with %d: the random streams restart "
+                        "(the data order is kept; the run is not an exact continuation)", mcfg.label, len(rngs), d.world)  # fmt: skip
         if ema is not None and saved.get("ema") is not None:
             ema.module.load_state_dict(saved["ema"])
         elif ema is not None:  # the checkpoint predates the EMA: start it from the current weights
@@ -293,12 +322,13 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
         log.info("[%s] resuming at epoch %d, batch %d", mcfg.label, s["epoch"], s["progress"].batches)
 
     def save_last(epoch: int, progress: EpochProgress) -> None:
+        rngs = distributed.all_gather(d, recovery.rng_state())  # every rank saves its own streams
         if not d.main:
             return
         checkpoint.save_weights(model, out_dir / LAST, {**meta, "step": str(s["step"])})
         checkpoint.save_state(out_dir / STATE, {
             "epoch": epoch, "step": s["step"], "progress": dataclasses.asdict(progress), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": recovery.rng_state(), "history": [dataclasses.asdict(h) for h in result.history],
+            "scheduler": scheduler.state_dict(), "rng": rngs[0], "rng_ranks": rngs, "history": [dataclasses.asdict(h) for h in result.history],
             "best_epoch": result.best_epoch, "micro_batch": parts.micro_batch, "oom_events": parts.oom_events,
             "ema": ema.module.state_dict() if ema is not None else None,
             **{k: s[k] for k in LOOP_KEYS},
@@ -373,11 +403,15 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
         eval_model, loaders.train_eval, d, len(splits.train), device, nc, dtype, "train (clean)"
     )
     if len(splits.val):
-        result.val_accuracy = evaluate_split(
-            eval_model, loaders.val, d, len(splits.val), device, nc, dtype, "val"
-        ).accuracy
+        val = evaluate_split(eval_model, loaders.val, d, len(splits.val), device, nc, dtype, "val")
+        result.val_accuracy, result.val_top5_accuracy = val.accuracy, val.top5_accuracy
+        result.val_macro_f1, result.val_per_class_accuracy = val.macro_f1, val.per_class_accuracy
     test = evaluate_split(eval_model, loaders.test, d, len(splits.test), device, nc, dtype, "test")
-    result.train_accuracy = train_eval.accuracy
+    result.train_accuracy, result.train_top5_accuracy = train_eval.accuracy, train_eval.top5_accuracy
+    result.train_macro_f1, result.train_per_class_accuracy = (
+        train_eval.macro_f1,
+        train_eval.per_class_accuracy,
+    )
     result.test_accuracy, result.test_top5_accuracy = test.accuracy, test.top5_accuracy
     result.test_macro_f1, result.test_per_class_accuracy = test.macro_f1, test.per_class_accuracy
     result.eval_time_s, result.eval_img_s = test.time_s, test.img_s

@@ -1,20 +1,28 @@
 """Hyper-parameter search with Optuna: one study per model, the same budget for every model, judged on
 validation accuracy only.
 
-- Study: TPE sampler (seeded with `tune.seed`, else `train.seed`, plus the number of trials the study
-  already holds, so a continued study draws new points) and a pruner (`tune.pruner`: median, or
-  Hyperband) fed each epoch's validation accuracy through `fit`'s `on_epoch` hook.
+- Study: TPE sampler (seeded from `tune.seed`, else `train.seed`, and the number of trials the study
+  already holds, mixed by NumPy's SeedSequence, so a continued study draws new points and no two
+  (seed, count) pairs share a stream) and a pruner (`tune.pruner`: median, or Hyperband) fed each
+  epoch's validation accuracy through `fit`'s `on_epoch` hook.
+- Budget: `trials` is the study's target of finished (complete or pruned) trials, shared by every
+  worker (Optuna's `MaxTrialsCallback`): a rerun tops the study up to it, parallel workers stop together
+  (each may finish the trial it is running, so N workers can overshoot by up to N - 1), and failed or
+  interrupted trials do not count.
 - Storage: `sqlite:///OUT/tune.db` unless `storage` names another RDB URL; the study is named after the
-  model. Optuna commits each finished trial, so running the same command again adds trials to the
-  same study; Ctrl-C (or SIGTERM) ends the interrupted trial as failed and keeps every finished one.
+  model. Optuna commits each finished trial, so running the same command again continues the same
+  study; Ctrl-C (or SIGTERM) ends the interrupted trial as failed and keeps every finished one.
   Several processes given the same storage share the study (for SQLite, a 60 s lock timeout lets them
-  take turns); give each its own `--set tune.seed=K` so their first random points differ.
+  take turns); give each its own `--set tune.seed=K` so their first random points differ. Running
+  trials send a heartbeat: the trial of a killed worker is marked failed (and queued again, once) by the
+  next worker that starts a trial after `HEARTBEAT_GRACE_S` of silence.
 - Never the test split: trials train on splits whose test split is empty (the Stanford Dogs reader
   only checks that the listed test files exist, a stat), and `fit(score_test=False)` never scores test.
 - Space (`cfg.tune`), per model family: lr and weight decay on a log scale, warmup, label smoothing,
   batch size, augmentation preset for every model; `top_fraction` only for `finetune: top_fraction`
-  models (the CNN baseline); layer-wise LR decay only for transformers; drop-path only for models
-  whose constructor takes `drop_path_rate`.
+  models (the CNN baseline); layer-wise LR decay only for transformers; drop-path and dropout only for
+  models whose constructor takes `drop_path_rate` / `drop_rate` (Xception: dropout only). Warmup is
+  capped at the trial's epochs (a longer one would never reach the peak LR).
 - Each trial trains in `OUT/trials/<label>/<number>/` and keeps its `history.json` there; its weights
   are deleted when it ends (compare retrains the best settings). Results: see `tuned.py`.
 """
@@ -26,6 +34,7 @@ import inspect
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,13 +43,13 @@ import numpy as np
 import optuna
 import torch
 
-from visionpoc import models
+from visionpoc import models, tune_ddp  # tune_ddp: under torchrun, trials run data-parallel
 from visionpoc.compare import load_data
 from visionpoc.config import Config, ConfigError, ModelConfig, TuneConfig, with_model_changes
 from visionpoc.data.splits import Splits
 from visionpoc.errors import TrainingInterrupted
 from visionpoc.train import fit, is_transformer, resolve_device
-from visionpoc.tuned import apply_tuned, best_params_yaml, write_outputs
+from visionpoc.tuned import FINISHED, apply_tuned, best_params_yaml, write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +60,10 @@ TRIALS_DIR = "trials"
 RANGES = {"lr": ("lr", True, None), "weight_decay": ("weight_decay", True, None),
           "warmup_epochs": ("warmup_epochs", False, None), "label_smoothing": ("label_smoothing", False, None),
           "top_fraction": ("fraction", False, "top_fraction"), "layer_decay": ("layer_decay", False, "layer_decay"),
-          "drop_path": ("drop_path_rate", False, "drop_path")}  # fmt: skip
+          "drop_path": ("drop_path_rate", False, "drop_path"), "drop_rate": ("drop_rate", False, "drop_rate")}  # fmt: skip
 CHOICES = ("batch_size", "augment")
+MODEL_KWARGS = ("drop_path_rate", "drop_rate")  # suggested settings that are `timm.create_model` arguments
+HEARTBEAT_S, HEARTBEAT_GRACE_S, RETRIES = 60, 180, 1  # a silent RUNNING trial is failed after the grace
 
 
 @dataclass(frozen=True)
@@ -62,28 +73,40 @@ class Family:
     top_fraction: bool  # its fine-tuning policy trains a top fraction (the CNN baseline)
     layer_decay: bool  # a transformer: blocks to decay the LR over
     drop_path: bool  # its constructor takes `drop_path_rate`
+    drop_rate: bool  # its constructor takes `drop_rate` (dropout before the classifier)
 
 
 def model_family(mcfg: ModelConfig, num_classes: int) -> Family:
     """Build the model once, untrained, to see what it is."""
     model = models.create_model(mcfg, num_classes, pretrained=False)
-    takes_drop_path = "drop_path_rate" in inspect.signature(type(model).__init__).parameters
-    return Family(mcfg.finetune == "top_fraction", is_transformer(model), takes_drop_path)
+    takes = inspect.signature(type(model).__init__).parameters
+    return Family(mcfg.finetune == "top_fraction", is_transformer(model), "drop_path_rate" in takes,
+                  "drop_rate" in takes)  # fmt: skip
 
 
-def suggest(trial: optuna.Trial, tc: TuneConfig, family: Family) -> dict[str, Any]:
-    """One trial's settings, as ModelConfig changes (`drop_path_rate` goes into `model_kwargs`)."""
+def suggest(trial: optuna.Trial, tc: TuneConfig, family: Family, epochs: int) -> dict[str, Any]:
+    """One trial's settings, as ModelConfig changes (`drop_path_rate`/`drop_rate` go into `model_kwargs`)."""
     changes: dict[str, Any] = {}
     for key, (field, log_scale, needs) in RANGES.items():
         r = getattr(tc, key)
         if r is not None and (needs is None or getattr(family, needs)):
-            changes[field] = trial.suggest_float(key, r[0], r[1], log=log_scale)
+            lo, hi = r
+            if key == "warmup_epochs":  # a warmup as long as the trial never reaches the peak LR
+                lo, hi = min(lo, epochs), min(hi, epochs)
+            changes[field] = trial.suggest_float(key, lo, hi, log=log_scale)
     for key in CHOICES:
         if getattr(tc, key) is not None:
             changes[key] = trial.suggest_categorical(key, list(getattr(tc, key)))
-    if "drop_path_rate" in changes:
-        changes["model_kwargs"] = {"drop_path_rate": changes.pop("drop_path_rate")}
+    kwargs = {k: changes.pop(k) for k in MODEL_KWARGS if k in changes}
+    if kwargs:
+        changes["model_kwargs"] = kwargs
     return changes
+
+
+def sampler_seed(base: int, existing: int) -> int:
+    """The sampler seed of a worker whose study holds `existing` trials: distinct (base, existing) pairs
+    give unrelated seeds (a plain sum would give seed 1 with 1 trial the stream of seed 2 with none)."""
+    return int(np.random.SeedSequence([base % 2**64, existing]).generate_state(1)[0])
 
 
 def make_pruner(tc: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:
@@ -94,14 +117,27 @@ def make_pruner(tc: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def _stale_trial_callback() -> dict[str, Any]:
+    """Queue a stale trial's parameters again, once: `RetryHeartbeatStaleTrialCallback` (Optuna >= 4.9),
+    or its older name."""
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    if retry is not None:
+        return {"heartbeat_stale_trial_callback": retry(max_retry=RETRIES)}
+    return {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=RETRIES)}
+
+
 def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """An RDB storage; SQLite waits up to 60 s for a lock so that parallel workers take turns."""
+    """An RDB storage with trial heartbeats; SQLite waits up to 60 s for a lock so that parallel workers
+    take turns."""
     from sqlalchemy.exc import SQLAlchemyError
 
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     for attempt in range(3):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
+                                                  grace_period=HEARTBEAT_GRACE_S, **_stale_trial_callback())  # fmt: skip
         except SQLAlchemyError:  # workers starting together race to create the tables: the loser retries
             if attempt == 2:
                 raise
@@ -136,7 +172,8 @@ def _drop_weights(folder: Path) -> None:
 def objective(trial: optuna.Trial, cfg: Config, mcfg: ModelConfig, splits: Splits, family: Family,
               out_dir: Path) -> float:  # fmt: skip
     """Train one trial's settings for `cfg.train.epochs` epochs; its score is the best validation accuracy."""
-    changes = suggest(trial, cfg.tune, family)
+    changes = suggest(trial, cfg.tune, family, cfg.train.epochs)
+    tune_ddp.share_trial(trial.number, changes)  # torchrun: every rank runs this trial (tune_ddp.py)
     trial.set_user_attr("overrides", changes)
     trial.set_user_attr("device", _device_name(cfg))
     tcfg = with_model_changes(cfg, mcfg.label, changes, f"trial {trial.number}")
@@ -145,7 +182,7 @@ def objective(trial: optuna.Trial, cfg: Config, mcfg: ModelConfig, splits: Split
         if val_accuracy is None:
             return
         trial.report(val_accuracy, epoch)
-        if trial.should_prune():
+        if tune_ddp.share_prune(trial.should_prune()):  # torchrun: rank 0 decides for every rank
             raise optuna.TrialPruned(
                 f"epoch {epoch}: validation accuracy {val_accuracy:.4f} is below the bar"
             )
@@ -163,8 +200,9 @@ def objective(trial: optuna.Trial, cfg: Config, mcfg: ModelConfig, splits: Split
 def run_tune(cfg: Config, label: str, trials: int | None = None, storage: str | None = None,
              study: str | None = None, timeout: float | None = None,
              out_dir: Path = Path("runs/tune")) -> optuna.Study:  # fmt: skip
-    """Add `trials` trials (default `tune.trials`) to the study of model `label`, then write its tuned
-    settings, summary and plots in `out_dir`. Returns the study (also after Ctrl-C: finished trials kept)."""
+    """Run trials until the study of model `label` holds `trials` (default `tune.trials`) finished ones,
+    then write its tuned settings, summary and plots in `out_dir`. Returns the study (also after Ctrl-C:
+    finished trials kept)."""
     out_dir = Path(out_dir)
     mcfg = cfg.model(label)
     if cfg.data.val_fraction <= 0:
@@ -172,6 +210,8 @@ def run_tune(cfg: Config, label: str, trials: int | None = None, storage: str | 
     tc = cfg.tune
     epochs = tc.epochs or cfg.train.epochs
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
+    if tune_ddp.follower(cfg):  # torchrun: ranks > 0 run rank 0's trials and write nothing (tune_ddp.py)
+        return tune_ddp.follow(cfg, mcfg, out_dir, tuning_splits)
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = tuning_splits(cfg)
     family = model_family(mcfg, splits.num_classes)
@@ -183,18 +223,28 @@ def run_tune(cfg: Config, label: str, trials: int | None = None, storage: str | 
         raise ConfigError(f"study {s.study_name!r} in {_public_url(url)} tunes {made_for!r}, not {mcfg.timm!r}: "
                           "pass another --study name or --storage")  # fmt: skip
     s.set_user_attr("timm", mcfg.timm)
+    with warnings.catch_warnings():  # a killed worker's RUNNING trial: failed (and queued again) now
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(s)
     before = len(s.get_trials(deepcopy=False))
-    seed = (tc.seed if tc.seed is not None else cfg.train.seed) + before
+    seed = sampler_seed(tc.seed if tc.seed is not None else cfg.train.seed, before)
     s.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=tc.startup_trials)
-    n = trials if trials is not None else tc.trials
-    log.info("[%s] tuning: %d trial(s) of %d epochs, study %r (%d trials so far) in %s; searching %s",
-             label, n, epochs, s.study_name, before, _public_url(url), family)  # fmt: skip
+    target = trials if trials is not None else tc.trials
+    missing = target - len(s.get_trials(deepcopy=False, states=FINISHED))
+    log.info("[%s] tuning: %d finished trial(s) of %d epochs wanted, %d to run; study %r (%d trials so far) "
+             "in %s; searching %s", label, target, epochs, max(missing, 0), s.study_name, before,
+             _public_url(url), family)  # fmt: skip
     try:
-        s.optimize(lambda t: objective(t, cfg, mcfg, splits, family, out_dir), n_trials=n, timeout=timeout,
-                   catch=(RuntimeError,), gc_after_trial=True)  # fmt: skip
+        if missing > 0:  # every worker stops once the study (not this worker) has `target` finished trials
+            s.optimize(lambda t: objective(t, cfg, mcfg, splits, family, out_dir), n_trials=missing,
+                       timeout=timeout, catch=(RuntimeError,), gc_after_trial=True,
+                       callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED)])  # fmt: skip
     except (KeyboardInterrupt, TrainingInterrupted):
-        log.warning("[%s] tuning stopped: the study keeps its finished trials; run the same command to add "
-                    "more", label)  # fmt: skip
+        log.warning("[%s] tuning stopped: the study keeps its finished trials; run the same command to "
+                    "finish it", label)  # fmt: skip
+    finally:
+        tune_ddp.finish(s)  # torchrun: the other ranks stop following (tune_ddp.py)
     path = write_outputs(s, mcfg, out_dir, _public_url(url), epochs)
-    log.info("[%s] tuned settings: %s", label, path)
+    if path is not None:
+        log.info("[%s] tuned settings: %s", label, path)
     return s

@@ -3,12 +3,13 @@
 In the tune folder OUT:
 - `tuned/<label>.yaml`: the best trial's settings as overrides of that model's ModelConfig (`model:`),
   plus the study's record (`tuning:` trials complete/pruned/failed, time spent, device, best
-  validation accuracy). It is plain YAML: edit it, or copy it between machines.
+  validation accuracy). It is plain YAML: edit it, or copy it between machines. A study without a
+  completed trial writes none: the model stays untuned (and the report says so).
 - `tune_summary.json`: every `tuned/*.yaml`'s record, side by side (the fairness table).
 - `plots/<label>_history.png`, `plots/<label>_importance.png`: Optuna's matplotlib figures.
 
-`apply_tuned(cfg, OUT)` puts each model's overrides into the config (`tuned_from` records the file), and
-with `out_dir` copies the records and the figures into `out_dir/tuning/`, where the report finds them.
+`apply_tuned(cfg, OUT)` puts each model's overrides into the config (`tuned_from` records the file; a file
+without overrides and without a best trial is ignored with a warning), and with `out_dir` copies the records and the figures into `out_dir/tuning/`, where the report finds them.
 """
 
 from __future__ import annotations
@@ -31,11 +32,19 @@ log = logging.getLogger(__name__)
 TUNED_DIR, SUMMARY_FILE, PLOTS_DIR, RUN_TUNING_DIR = "tuned", "tune_summary.json", "plots", "tuning"
 PLOTS = ("history", "importance")
 TS = optuna.trial.TrialState
+FINISHED = (TS.COMPLETE, TS.PRUNED)  # the trials that count towards a study's budget
 
 
 def _overrides(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     """The ModelConfig changes a trial trained with (recorded by the objective as a user attribute)."""
     return dict(trial.user_attrs.get("overrides", {}))
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The completed trial with the highest validation accuracy, the earliest among equals (Optuna's
+    `best_trial` leaves ties to the database); None without a completed trial."""
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TS.COMPLETE,)) if t.value is not None]
+    return max(complete, key=lambda t: (float(t.value or 0.0), -t.number)) if complete else None
 
 
 def study_record(study: optuna.Study, mcfg: ModelConfig, storage: str, epochs: int) -> dict[str, Any]:
@@ -44,12 +53,12 @@ def study_record(study: optuna.Study, mcfg: ModelConfig, storage: str, epochs: i
     states = [t.state for t in trials]
     seconds = [(end - start).total_seconds() for t in trials
                if (start := t.datetime_start) is not None and (end := t.datetime_complete) is not None]  # fmt: skip
-    complete = [t for t in trials if t.state == TS.COMPLETE and t.value is not None]
-    best = max(complete, key=lambda t: float(t.value or 0.0)) if complete else None
+    best = best_trial(study)
     devices = sorted({str(t.user_attrs["device"]) for t in trials if "device" in t.user_attrs})
     return {
         "label": mcfg.label, "timm": mcfg.timm, "study": study.study_name, "storage": storage,
-        "epochs_per_trial": epochs, "trials": sum(s.is_finished() for s in states),
+        "epochs_per_trial": epochs,
+        "trials": sum(s in FINISHED for s in states),  # the budget `--trials` targets: complete + pruned
         "complete": states.count(TS.COMPLETE), "pruned": states.count(TS.PRUNED), "failed": states.count(TS.FAIL),
         "running": states.count(TS.RUNNING),
         "tuning_time_s": sum(seconds),  # every finished trial, from every worker: the compute spent
@@ -107,13 +116,21 @@ def save_plots(study: optuna.Study, folder: Path, label: str) -> list[str]:
     return notes
 
 
-def write_outputs(study: optuna.Study, mcfg: ModelConfig, out_dir: Path, storage: str, epochs: int) -> Path:
-    """Write `tuned/<label>.yaml`, the plots and `tune_summary.json` in `out_dir`; return the YAML path."""
+def write_outputs(
+    study: optuna.Study, mcfg: ModelConfig, out_dir: Path, storage: str, epochs: int
+) -> Path | None:
+    """Write `tuned/<label>.yaml`, the plots and `tune_summary.json` in `out_dir`; return the YAML path,
+    or None when the study has no completed trial (no YAML: the model is not tuned)."""
     record = study_record(study, mcfg, storage, epochs)
     record["notes"] = save_plots(study, out_dir / PLOTS_DIR, mcfg.label)
-    path = atomic_write_text(
-        out_dir / TUNED_DIR / f"{mcfg.label}.yaml", best_params_yaml(study, mcfg, record)
-    )
+    path: Path | None = None
+    if record["best_trial"] is None:
+        log.warning("[%s] study %r has no completed trial: no tuned settings written; run the same command "
+                    "again to add trials", mcfg.label, study.study_name)  # fmt: skip
+    else:
+        path = atomic_write_text(
+            out_dir / TUNED_DIR / f"{mcfg.label}.yaml", best_params_yaml(study, mcfg, record)
+        )
     summary = {p.stem: (yaml.safe_load(p.read_text()) or {}).get("tuning", {})
                for p in sorted((out_dir / TUNED_DIR).glob("*.yaml"))}  # fmt: skip
     atomic_write_json(out_dir / SUMMARY_FILE, {"models": summary})
@@ -123,8 +140,8 @@ def write_outputs(study: optuna.Study, mcfg: ModelConfig, out_dir: Path, storage
 def apply_tuned(cfg: Config, tuned_dir: Path, out_dir: Path | None = None) -> Config:
     """`cfg` with each model's tuned settings from `tuned_dir` (a tune OUT folder, or its `tuned/`).
 
-    A model without a tuned file keeps its configured settings (logged: the comparison is then not
-    equal-budget). With `out_dir`, the tuning records and figures are copied to `out_dir/tuning/`.
+    A model without a tuned file, or whose file holds no overrides and no best trial (a study without a
+    completed trial), keeps its configured settings (logged: the comparison is then not equal-budget). With `out_dir`, the tuning records and figures are copied to `out_dir/tuning/`.
     """
     tuned_dir = Path(tuned_dir)
     folder = tuned_dir / TUNED_DIR if (tuned_dir / TUNED_DIR).is_dir() else tuned_dir
@@ -146,6 +163,10 @@ def apply_tuned(cfg: Config, tuned_dir: Path, out_dir: Path | None = None) -> Co
         if doc.get("timm", m.timm) != m.timm:
             raise ConfigError(f"{path} was tuned for {doc['timm']!r}, but model {m.label!r} is {m.timm!r}: "
                               "tune it again or remove the file")  # fmt: skip
+        if not doc.get("model") and (doc.get("tuning") or {}).get("best_trial") is None:
+            log.warning("model %s: %s holds no tuned settings (its study has no completed trial): it keeps "
+                        "its configured ones, so the comparison is not equal-budget", m.label, path)  # fmt: skip
+            continue
         changes = {**(doc.get("model") or {}), "tuned_from": str(path.resolve())}
         cfg = with_model_changes(cfg, m.label, changes, f"{path}: model")
         records[m.label] = doc.get("tuning", {})

@@ -14,11 +14,41 @@ import yaml
 from visionpoc.errors import ConfigError
 
 
+@dataclasses.dataclass(frozen=True)
+class SetValue:
+    """A `--set KEY=VALUE` value that YAML reads as a non-string scalar (`2024`, `yes`, `null`): a string
+    field takes the text as typed, any other field the YAML reading."""
+
+    text: str
+    value: Any
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, SetValue):
+        return v.value
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _wants_text(tp: Any, parsed: Any) -> bool:
+    if tp is str:
+        return True
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        return str in args and not (parsed is None and type(None) in args)
+    return False
+
+
 def _check_type(value: Any, tp: Any, key: str) -> Any:
     """Return `value` converted to `tp` where that is lossless, else raise ConfigError naming `key`."""
+    if isinstance(value, SetValue):
+        value = value.text if _wants_text(tp, value.value) else value.value
     origin = typing.get_origin(tp)
     if tp is Any:
-        return value
+        return _plain(value)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -40,7 +70,7 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
+        return _plain(dict(value))
     if origin is tuple:
         (item_tp, _) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -112,7 +142,12 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set train.epochs=3")
     key, text = assignment.split("=", 1)
-    value = yaml.safe_load(text) if text.strip() else ""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({e})") from e
+    if value is None or isinstance(value, (bool, int, float)):
+        value = SetValue(text.strip(), value)  # `data.root=2024` stays the text "2024"
     parts = key.strip().split(".")
     node: Any = raw
     for i, part in enumerate(parts):

@@ -1,6 +1,6 @@
 """Untrusted uploads, in memory only: read a request body with a size cap, take one file out of a
-multipart/form-data body, and decode it as an image with a pixel cap checked on the header, before
-any decoding.
+multipart/form-data body, and decode it as an image with a pixel cap and an aspect-ratio cap checked on
+the header, before any decoding.
 
 Nothing here touches the disk (no spooled temporary files, no path from the request is ever opened),
 and every refusal is an `UploadError` carrying the HTTP status and a message for the client.
@@ -9,7 +9,6 @@ and every refusal is an `UploadError` carrying the HTTP status and a message for
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import AsyncIterator
 
 from PIL import Image, UnidentifiedImageError
@@ -18,6 +17,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from visionpoc.data.images import to_rgb
 from visionpoc.errors import VisionpocError
+from visionpoc.predict import ImageShapeError, check_aspect_ratio
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers allowed on top of the file size limit
 DEFAULT_MAX_PIXELS = 64_000_000  # a 64-megapixel photo; a decoded RGB image then needs <= 192 MB
@@ -105,20 +105,27 @@ def multipart_file(body: bytes, content_type: str | None, field: str = "file") -
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode upload `data` to RGB. The header's width x height is compared with `max_pixels` before
     the pixels are decoded (413 if over, like PIL's MAX_IMAGE_PIXELS; PIL's own refusal above
-    2 x Image.MAX_IMAGE_PIXELS, raised while reading the header, is a 413 too); not an image is a 400."""
+    2 x Image.MAX_IMAGE_PIXELS, raised while reading the header, is a 413 too), and so is its shape: a
+    side more than `MAX_ASPECT_RATIO` times the other is a 400 (the eval transform would blow a
+    100000x1 strip up to gigapixels). Not an image is a 400.
+
+    No `warnings.catch_warnings()` (it swaps the process-wide filters, which is not thread-safe): the
+    explicit pixel check decides, and PIL's DecompressionBombWarning, emitted only above its own limit,
+    is left to the default filters."""
     if not data:
         raise UploadError(400, "the uploaded file is empty")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=FORMATS) as img:  # reads the header only
-                w, h = img.size
-                if w * h > max_pixels:
-                    raise UploadError(413, _bomb(f"{w}x{h}", max_pixels))
-                img.load()
-                return to_rgb(img)
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:  # reads the header only
+            w, h = img.size
+            if w * h > max_pixels:
+                raise UploadError(413, _bomb(f"{w}x{h}", max_pixels))
+            check_aspect_ratio(w, h, "the uploaded image")
+            img.load()
+            return to_rgb(img)
     except UploadError:
         raise
+    except ImageShapeError as e:
+        raise UploadError(400, str(e)) from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # PIL's own header check
         raise UploadError(413, _bomb(str(e), max_pixels)) from e
     except UnidentifiedImageError as e:

@@ -6,6 +6,10 @@ Every loader yields `(images, targets)`: float images normalized with the model'
 augmented (per-image transforms from `data/augment.py`; its batch ops, mixup/cutmix and erasing, run
 in the training step for both paths); evaluation batches keep the split's order, so predictions line up
 with its files.
+
+Each training image's augmentation is seeded by (train.seed, epoch, sample index) alone: it does not
+depend on the number of DataLoader workers, on which process (rank) draws the sample, or on where a
+resumed run restarts, so an interrupted and resumed run augments exactly like an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import os
 import random
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,7 +32,7 @@ from visionpoc.data.augment import train_transform as train_transform
 from visionpoc.data.images import load_rgb
 from visionpoc.data.sources import Split
 from visionpoc.data.splits import Splits
-from visionpoc.distributed import SINGLE, Dist, EpochSampler
+from visionpoc.distributed import MASK64, SINGLE, Dist, EpochSampler, rank_seed
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +42,57 @@ class Batches(Protocol):
     def __len__(self) -> int: ...
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """Decodes `split`'s files to RGB (errors name the file) and applies `transform`."""
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one training sample's augmentation in one epoch (64 bits)."""
+    return int(np.random.SeedSequence([seed & MASK64, epoch, index]).generate_state(1, np.uint64)[0])
 
-    def __init__(self, split: Split, transform: Any) -> None:
+
+@contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Python, NumPy and torch (CPU) seeded with `seed` inside, restored after: the transforms draw
+    from these global generators, and in the main process (`num_workers: 0`) the training stream
+    (dropout, mixup) must not see the draws."""
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes `split`'s files to RGB (errors name the file) and applies `transform`.
+
+    With `seed` set (training), items are asked for as (index, epoch) and each is transformed under
+    `sample_seed(seed, epoch, index)`."""
+
+    def __init__(self, split: Split, transform: Any, seed: int | None = None) -> None:
         self.split = split
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        i, epoch = key if isinstance(key, tuple) else (key, None)
         img = load_rgb(self.split.path(i))
-        return self.transform(img), int(self.split.labels[i])
+        if self.seed is None or epoch is None:
+            return self.transform(img), int(self.split.labels[i])
+        with seeded_rngs(sample_seed(self.seed, epoch, i)):
+            return self.transform(img), int(self.split.labels[i])
+
+
+class AugmentSampler(EpochSampler):
+    """EpochSampler for training: yields (index, epoch), so that the dataset seeds each sample itself
+    (exact across worker counts, persistent workers and mid-epoch resumes)."""
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        return ((i, self.epoch) for i in self.indices()[self.start :])
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -69,9 +112,10 @@ def stream_loader(split: Split, transform: Any, batch_size: int, shuffle: bool, 
     """A DataLoader over this process's shard of `split` (EpochSampler: seeded per epoch, resumable).
     `every_epoch` loaders (train, val) keep their workers alive between passes; one-pass loaders don't."""
     workers = default_workers(cfg)
-    sampler = EpochSampler(len(split), cfg.train.seed, d, shuffle=shuffle)
+    seed = cfg.train.seed
+    sampler = (AugmentSampler if shuffle else EpochSampler)(len(split), seed, d, shuffle=shuffle)
     return DataLoader(
-        ImageDataset(split, transform),
+        ImageDataset(split, transform, seed if shuffle else None),
         batch_size=batch_size,
         sampler=sampler,
         drop_last=shuffle and len(sampler) > batch_size,  # no 1-image batch for BatchNorm to choke on
@@ -79,7 +123,7 @@ def stream_loader(split: Split, transform: Any, batch_size: int, shuffle: bool, 
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0 and every_epoch,
         worker_init_fn=_seed_worker,
-        generator=torch.Generator().manual_seed(cfg.train.seed),
+        generator=torch.Generator().manual_seed(rank_seed(seed, d.rank)),  # workers' base seeds
     )
 
 

@@ -32,6 +32,8 @@ def fits_on_device(nbytes: int, device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     free, total = torch.cuda.mem_get_info(device)
+    # memory the previous model left in PyTorch's cache is free to us too (mem_get_info counts it as used)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return nbytes + max(HEADROOM_GIB * 2**30, HEADROOM_FRACTION * total) <= free
 
 

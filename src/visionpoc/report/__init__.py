@@ -1,7 +1,7 @@
 """The report: read a finished run's files and write `report.html` (self-contained) and `report.md`.
 
 `write_report(run_dir)` is the entry point; it never retrains. Modules: `inputs` (predictions and test
-images), `stats` (McNemar, bootstrap, Wilson, verdicts), `plots` (matplotlib figures), `pictures`
+images), `stats` (McNemar, bootstrap intervals, verdicts), `plots` (matplotlib figures), `pictures`
 (disagreement gallery, saliency maps), `caveats`, `build` (the `Report` value) and `render` (Jinja2).
 """
 

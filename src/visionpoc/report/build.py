@@ -34,8 +34,9 @@ class Row:
     """One model's line in the summary table."""
 
     m: ModelResult
-    train_acc: Interval | None = None  # Wilson interval from the count (no train predictions are saved)
+    train_acc: Interval | None = None  # bootstrap interval from the count (no train predictions are saved)
     test_acc: Interval | None = None  # bootstrap interval from the predictions file
+    top5_acc: Interval | None = None  # bootstrap interval from the predictions file's probabilities
 
 
 @dataclass
@@ -92,9 +93,13 @@ def _rows(r: RunResults, preds: dict[str, Predictions]) -> list[Row]:
     for m in r.models:
         row = Row(m)
         if m.train_accuracy is not None and r.dataset.train_size > 0:
-            row.train_acc = stats.wilson(round(m.train_accuracy * r.dataset.train_size), r.dataset.train_size)
+            # Only the count is saved, and the bootstrap of a mean of 0/1 outcomes depends only on it:
+            # bootstrap a 0/1 vector with that count (`stats.bootstrap_count`).
+            n = r.dataset.train_size
+            row.train_acc = stats.bootstrap_count(round(m.train_accuracy * n), n, N_RESAMPLES)
         if m.label in preds:
             row.test_acc = stats.bootstrap_accuracy(preds[m.label].correct, N_RESAMPLES)
+            row.top5_acc = stats.bootstrap_accuracy(preds[m.label].top5_correct, N_RESAMPLES)
         rows.append(row)
     return rows
 

@@ -2,7 +2,7 @@
 
 Each check reads `RunResults` and returns zero or more `Caveat`s: pretraining that may have seen the
 test images (Stanford Dogs is built from ImageNet), a large train/test gap, unequal budgets between
-the models, a small test set, CPU timings, memory figures of different kinds, failed models.
+the models, licences that restrict production use, a small test set, CPU timings, memory figures of different kinds, failed models.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from visionpoc.presets import may_have_seen_imagenet, pretrain_data, tagged_name
+from visionpoc.presets import licence_kind, may_have_seen_imagenet, pretrain_data, tagged_name
 from visionpoc.results import ModelResult, RunResults
 
 GAP = 0.10  # train minus test accuracy above which we call it a large gap
@@ -48,20 +48,28 @@ def _name(m: ModelResult) -> str:
 def overlap(r: RunResults) -> list[Caveat]:
     ok = [m for m in r.models if m.status == "ok"]  # a failed model reports nothing to be wary of
     sources = {m.label: pretraining_source(m) for m in ok}
-    seen = [m for m in ok if sources[m.label] in ("ImageNet", "web-scale")]
+    imagenet = [m for m in ok if sources[m.label] == "ImageNet"]
+    web = [m for m in ok if sources[m.label] == "web-scale"]
     unknown = [m for m in ok if sources[m.label] == "unknown"]
     scratch = [m.label for m in ok if not m.pretrained]
     out = []
     dogs = r.dataset.source == "stanford_dogs"
-    if seen:
+    if imagenet:  # only models whose tags name ImageNet: the others are not known to have seen it
         what = (
             "Stanford Dogs is built from ImageNet images, so its test images may be in the pretraining data of "
             if dogs
-            else "Web-scale or ImageNet pretraining may include images like (or identical to) this test set's: "
+            else "ImageNet pretraining may include images like (or identical to) this test set's: "
         )
         out.append(Caveat("Pretraining may have seen the test images",
-                          what + ", ".join(_name(m) for m in seen) + ". Their test accuracy can be optimistic; "
-                          "compare with that in mind, or hold out images collected elsewhere."))  # fmt: skip
+                          what + ", ".join(_name(m) for m in imagenet) + ", whose pretraining tags indicate "
+                          "ImageNet. Their test accuracy can be optimistic; compare with that in mind, or hold "
+                          "out images collected elsewhere."))  # fmt: skip
+    if web:
+        risk = "Stanford Dogs' test images (built from ImageNet)" if dogs else "this test set's images"
+        out.append(Caveat("Pretraining data not known to include ImageNet",
+                          "The pretraining data of " + ", ".join(_name(m) for m in web) + " is not known to "
+                          "include ImageNet: the tag names a web-scale crawl that documents no de-duplication "
+                          f"against it, so overlap with {risk} can be neither confirmed nor ruled out."))  # fmt: skip
     if unknown:
         out.append(Caveat("Pretraining data unknown",
                           "The pretraining data of " + ", ".join(_name(m) for m in unknown) + " is not recorded "
@@ -149,12 +157,35 @@ def timing(r: RunResults) -> list[Caveat]:
     return out
 
 
+def licences(r: RunResults) -> list[Caveat]:
+    """Weights whose licence restricts or may restrict production use (the decision this PoC informs)."""
+    ok = [m for m in r.models if m.status == "ok" and m.pretrained]
+    kinds = {m.label: licence_kind(m.license) for m in ok}
+    out = []
+    nc = [f"{m.label} ({m.license})" for m in ok if kinds[m.label] == "non-commercial"]
+    if nc:
+        out.append(Caveat("Non-commercial weights",
+                          f"The pretrained weights of {', '.join(nc)} are licensed for non-commercial use only: "
+                          "they cannot go into a commercial product as they are, whatever their accuracy."))  # fmt: skip
+    custom = [f"{m.label} ({m.license})" for m in ok if kinds[m.label] == "custom"]
+    if custom:
+        out.append(Caveat("Licences to review",
+                          f"The pretrained weights of {', '.join(custom)} come under a licence of their own: have "
+                          "someone read its terms (use, redistribution, attribution) before production."))  # fmt: skip
+    unknown = [m.label for m in ok if kinds[m.label] == "unknown"]
+    if unknown:
+        out.append(Caveat("Licence not recorded",
+                          f"No licence is recorded for the pretrained weights of {', '.join(unknown)}; check the "
+                          "model card before any production use."))  # fmt: skip
+    return out
+
+
 def failures(r: RunResults) -> list[Caveat]:
     return [Caveat(f"{m.label} failed", f"{m.label} did not finish: {m.error}. It is absent from the comparison.")
             for m in r.models if m.status != "ok"]  # fmt: skip
 
 
-CHECKS = (overlap, train_test_gap, budgets, small_test, timing, failures)
+CHECKS = (overlap, licences, train_test_gap, budgets, small_test, timing, failures)
 
 
 def caveats(r: RunResults) -> list[Caveat]:

@@ -36,6 +36,14 @@ class Predictions:
     def correct(self) -> np.ndarray:
         return self.preds == self.targets  # (N,) bool
 
+    @property
+    def top5_correct(self) -> np.ndarray:
+        """(N,) bool: the truth is among the 5 most probable classes (all of them with fewer than 5), the
+        same rule as `evaluate.topk_accuracy`, so its mean is the recorded top-5 accuracy."""
+        k = min(5, self.probs.shape[1])
+        topk = np.argpartition(-self.probs, kth=k - 1, axis=1)[:, :k]  # (N, k), unordered
+        return (topk == self.targets[:, None]).any(axis=1)
+
 
 def read_predictions(run_dir: Path, model: ModelResult) -> Predictions | None:
     """`RUN_DIR/<label>/test_predictions.npz`, or None (logged) when absent or unreadable."""

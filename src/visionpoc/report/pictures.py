@@ -56,6 +56,17 @@ def _pick_disagreements(
     return chosen + rest[: k - len(chosen)]
 
 
+def _disagreement_captions(names: list[str], baseline: str, candidate: str, pa: Predictions, pb: Predictions,
+                           ia: np.ndarray, ib: np.ndarray, picks: list[int]) -> list[list[Caption]]:  # fmt: skip
+    """For each picked position: the truth, then both models' predictions, coloured right or wrong."""
+    captions = []
+    for i in picks:
+        t, a, b = int(pa.targets[ia[i]]), int(pa.preds[ia[i]]), int(pb.preds[ib[i]])
+        captions.append([Caption(f"truth: {names[t]}"), Caption(f"{baseline}: {names[a]}", a == t),
+                         Caption(f"{candidate}: {names[b]}", b == t)])  # fmt: skip
+    return captions
+
+
 def disagreement_gallery(r: RunResults, baseline: str, candidate: str,
                          pa: Predictions, pb: Predictions) -> Picture:  # fmt: skip
     """Test images where `baseline` and `candidate` disagree, captioned with the truth and both predictions."""
@@ -70,12 +81,7 @@ def disagreement_gallery(r: RunResults, baseline: str, candidate: str,
     images = open_test_images(r.dataset, [pa.files[ia[i]] for i in picks])
     if images is None:
         return Picture(notes=[_missing_images(r)])
-    names = r.dataset.class_names
-    captions = []
-    for i in picks:
-        t, a, b = int(pa.targets[ia[i]]), int(pa.preds[ia[i]]), int(pb.preds[ib[i]])
-        captions.append([Caption(f"truth: {names[t]}"), Caption(f"{baseline}: {names[a]}", a == t),
-                         Caption(f"{candidate}: {names[b]}", b == t)])  # fmt: skip
+    captions = _disagreement_captions(r.dataset.class_names, baseline, candidate, pa, pb, ia, ib, picks)
     note = f"{len(picks)} of the {n_diff} test images where they disagree (green: right, red: wrong)."
     return Picture(plots.gallery(images, captions), [note])
 

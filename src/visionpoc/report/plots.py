@@ -81,6 +81,20 @@ def accuracy_vs_time(models: Sequence[ModelResult]) -> bytes | None:
     return to_png(fig)
 
 
+def most_different(acc_a: np.ndarray, acc_b: np.ndarray, class_names: Sequence[str],
+                   n_labels: int = 8) -> dict[tuple[float, float], list[str]]:  # fmt: skip
+    """The scatter's labels: the `n_labels` classes whose accuracies differ most (ties: class order), keyed
+    by their (baseline, candidate) point; classes at the same point share one label. Classes with equal
+    accuracy or absent from the test set (NaN) are never labelled."""
+    a, b = np.asarray(acc_a, dtype=float), np.asarray(acc_b, dtype=float)
+    gap = np.where(np.isfinite(a) & np.isfinite(b), np.abs(b - a), -1.0)
+    spots: dict[tuple[float, float], list[str]] = {}
+    for k in np.argsort(-gap, kind="stable")[:n_labels]:
+        if gap[k] > 0:
+            spots.setdefault((round(float(a[k]), 3), round(float(b[k]), 3)), []).append(class_names[k])
+    return spots
+
+
 def per_class_scatter(baseline: str, candidate: str, acc_a: np.ndarray, acc_b: np.ndarray,
                       class_names: Sequence[str], n_labels: int = 8) -> bytes:  # fmt: skip
     """Per-class test accuracy, candidate (y) against baseline (x); the most different classes are named."""
@@ -94,12 +108,7 @@ def per_class_scatter(baseline: str, candidate: str, acc_a: np.ndarray, acc_b: n
     ax.scatter(
         a[ok] + jitter[0, ok], b[ok] + jitter[1, ok], s=18, alpha=0.7, color=colour(1), edgecolors="none"
     )
-    gap = np.where(ok, np.abs(b - a), -1.0)
-    spots: dict[tuple[float, float], list[str]] = {}  # classes at the same point share one label
-    for k in np.argsort(-gap, kind="stable")[:n_labels]:
-        if gap[k] > 0:
-            spots.setdefault((round(float(a[k]), 3), round(float(b[k]), 3)), []).append(class_names[k])
-    for (x, y), names in spots.items():
+    for (x, y), names in most_different(a, b, class_names, n_labels).items():
         text = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
         ax.annotate(text, (x, y), fontsize=8, xytext=(5, -10 if y > 0.9 else 4), textcoords="offset points",
                     color=RIGHT if y > x else WRONG, ha="left" if x < 0.6 else "right")  # fmt: skip

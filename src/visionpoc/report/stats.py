@@ -3,8 +3,8 @@
 - `mcnemar`: the exact McNemar test on paired predictions (a two-sided binomial test with p = 1/2 on
   the discordant pairs, `scipy.stats.binomtest`), with its 2x2 table.
 - `bootstrap_accuracy` / `bootstrap_difference`: percentile bootstrap intervals over test images
-  (seeded, paired: both models are scored on the same resampled images).
-- `wilson`: the Wilson score interval of a proportion known only as a count (the train accuracy,
+  (`scipy.stats.bootstrap`, seeded; paired: both models are scored on the same resampled images).
+- `bootstrap_count`: the same interval for a proportion known only as a count (the train accuracy,
   which has no predictions file).
 - `verdict`: one plain sentence a decision-maker can read, with its uncertainty.
 - `confused_pairs`: the most frequent (true class, predicted class) mistakes.
@@ -12,12 +12,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from scipy.stats import binomtest
+from scipy.stats import binomtest, bootstrap
 
 ALPHA = 0.05
+BATCH = 250  # resamples scipy draws at once: (BATCH, N) floats in memory
 
 
 @dataclass(frozen=True)
@@ -66,21 +69,30 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemar:
     return McNemar(int((a & b).sum()), only_a, only_b, int((~a & ~b).sum()), min(p, 1.0))
 
 
-def _bootstrap_means(values: np.ndarray, n_resamples: int, seed: int, chunk: int = 250) -> np.ndarray:
-    """Means of `values` (N,) over `n_resamples` resamples with replacement, drawn in chunks of memory."""
-    rng = np.random.default_rng(seed)
-    n = values.size
-    out = np.empty(n_resamples, dtype=np.float64)
-    for start in range(0, n_resamples, chunk):
-        stop = min(start + chunk, n_resamples)
-        idx = rng.integers(0, n, size=(stop - start, n))  # (chunk, N)
-        out[start:stop] = values[idx].mean(1)
-    return out
+def _percentile_bootstrap(samples: tuple[np.ndarray, ...], statistic: Callable[..., Any], point: float,
+                          n_resamples: int, seed: int, level: float, paired: bool = False) -> Interval:  # fmt: skip
+    """`scipy.stats.bootstrap`'s percentile interval of `statistic` over `samples`, each (N,).
+
+    Constant data (every image right, or every image wrong, or two models that agree everywhere) has a
+    bootstrap distribution of one value: the interval is that value, without asking scipy, whose
+    degenerate-data handling differs between versions (warnings, NaN).
+    """
+    if all(np.ptp(s) == 0 for s in samples):
+        return Interval(point, point, point, level)
+    # `random_state`, not `rng` (new in scipy 1.15): the package supports scipy >= 1.10
+    res = bootstrap(samples, statistic, n_resamples=n_resamples, batch=BATCH, vectorized=True, paired=paired,
+                    axis=-1, confidence_level=level, method="percentile",
+                    random_state=np.random.default_rng(seed))  # fmt: skip
+    ci = res.confidence_interval
+    return Interval(point, float(ci.low), float(ci.high), level)
 
 
-def _percentile(point: float, samples: np.ndarray, level: float) -> Interval:
-    lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])
-    return Interval(point, float(min(lo, point)), float(max(hi, point)), level)
+def _mean(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(x, axis=axis)
+
+
+def _mean_difference(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(b, axis=axis) - np.mean(a, axis=axis)
 
 
 def bootstrap_accuracy(
@@ -88,7 +100,20 @@ def bootstrap_accuracy(
 ) -> Interval:
     """Accuracy of a boolean (N,) correctness vector with its percentile bootstrap interval."""
     c = _as_bool(correct).astype(np.float64)
-    return _percentile(float(c.mean()), _bootstrap_means(c, n_resamples, seed), level)
+    return _percentile_bootstrap((c,), _mean, float(c.mean()), n_resamples, seed, level)
+
+
+def bootstrap_count(
+    successes: int, n: int, n_resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> Interval:
+    """`bootstrap_accuracy` of a proportion known only as a count (the train accuracy: no per-image train
+    predictions are saved). Resampling a 0/1 vector draws its mean from Binomial(n, k/n) / n whatever the
+    order of the outcomes, so the vector with `successes` ones and `n - successes` zeros gives exactly the
+    interval the per-image outcomes would."""
+    if n <= 0:
+        raise ValueError("an accuracy interval needs n > 0")
+    k = min(max(int(successes), 0), n)
+    return bootstrap_accuracy(np.arange(n) < k, n_resamples, seed, level)
 
 
 def bootstrap_difference(correct_a: np.ndarray, correct_b: np.ndarray, n_resamples: int = 2000, seed: int = 0,
@@ -97,17 +122,11 @@ def bootstrap_difference(correct_a: np.ndarray, correct_b: np.ndarray, n_resampl
     a, b = _as_bool(correct_a), _as_bool(correct_b)
     if a.shape != b.shape:
         raise ValueError(f"paired bootstrap needs the same images: {a.size} vs {b.size} predictions")
-    d = b.astype(np.float64) - a.astype(np.float64)  # per-image difference: -1, 0 or 1
-    return _percentile(float(d.mean()), _bootstrap_means(d, n_resamples, seed), level)
-
-
-def wilson(successes: int, n: int, level: float = 0.95) -> Interval:
-    """The Wilson score interval of successes / n."""
-    if n <= 0:
-        raise ValueError("the Wilson interval needs n > 0")
-    k = min(max(int(successes), 0), n)
-    ci = binomtest(k, n).proportion_ci(confidence_level=level, method="wilson")
-    return Interval(k / n, float(ci.low), float(ci.high), level)
+    fa, fb = a.astype(np.float64), b.astype(np.float64)
+    point = float(fb.mean() - fa.mean())
+    if np.array_equal(a, b):  # no discordant image: every resample gives 0
+        return Interval(point, point, point, level)
+    return _percentile_bootstrap((fa, fb), _mean_difference, point, n_resamples, seed, level, paired=True)
 
 
 def _pts(v: float, signed: bool = False) -> str:

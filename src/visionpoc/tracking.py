@@ -1,0 +1,122 @@
+"""Optional MLflow logging of a finished run (`tracking.mlflow_uri`; off by default).
+
+One parent MLflow run per `compare`: the shared settings as params, and as artifacts `results.json`,
+`config.yaml`, `report.html`, `report.md` and every report figure (`report_files/*.png`). One nested run
+per model: its settings as params, its scores as metrics, and its learning curves as `epoch/...` metrics by epoch.
+It reads the run's files only, like the report, so a finished run can be logged again later with
+`visionpoc report RUN_DIR --mlflow-uri URI`. MLflow is an extra: `pip install -e '.[mlflow]'`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from visionpoc.errors import ConfigError
+from visionpoc.results import RESULTS_FILE, ModelResult, load_results
+
+log = logging.getLogger(__name__)
+
+RUN_FILES = ("results.json", "results.csv", "config.yaml", "report.html", "report.md")
+REPORT_FIGURES = "report_files"
+SCORES = ("train_accuracy", "val_accuracy", "test_accuracy", "test_top5_accuracy", "test_macro_f1",
+          "train_time_s", "warmup_s", "data_wait_s", "eval_time_s", "train_img_s", "eval_img_s",
+          "latency_ms_b1", "peak_memory_gib", "params", "trainable_params", "fwd_gflops", "epochs_run",
+          "best_epoch")  # fmt: skip
+"""ModelResult fields logged as metrics (numbers, compared across runs in the MLflow UI)."""
+CURVES = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_top5_accuracy", "lr",
+          "epoch_train_time_s", "cumulative_train_time_s", "train_img_s")  # fmt: skip
+"""EpochRecord fields logged as `epoch/<field>` metrics with step = epoch (the learning curves)."""
+SETTINGS = ("preset", "policy", "timm", "finetune", "pretrained", "fraction", "img_size", "lr", "batch_size",
+            "batch_size_per_device", "world_size", "micro_batch_size", "epochs", "weight_decay",
+            "warmup_epochs", "label_smoothing", "layer_decay", "ema_decay", "drop_path_rate", "augment",
+            "augment_applied", "data_pipeline", "pretrained_tag", "license", "tuned_from")  # fmt: skip
+"""ModelResult fields logged as params (what the model was given)."""
+
+
+def require_mlflow(uri: str | None) -> None:
+    """Fail before any training when tracking is asked for and MLflow is missing."""
+    if uri is None:
+        return
+    try:
+        import mlflow  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(
+            f"tracking.mlflow_uri is set ({uri}) but MLflow is not installed: "
+            "pip install -e '.[mlflow]', or unset tracking.mlflow_uri"
+        ) from e
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: next to a SQLite store (`mlartifacts/` beside the .db
+    file) rather than MLflow's default `./mlruns` of whatever folder the command ran in; a server
+    (http://...) decides for itself."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    db = Path(uri[len(prefix) :]).expanduser().resolve()
+    return (db.parent / "mlartifacts").as_uri()
+
+
+def _flat(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = "null" if value is None else value
+    return out
+
+
+def _numbers(obj: Any, keys: tuple[str, ...]) -> dict[str, float]:
+    values = {k: getattr(obj, k) for k in keys}
+    return {k: float(v) for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def _log_model(mlflow: Any, m: ModelResult) -> None:
+    params = {k: getattr(m, k) for k in SETTINGS if getattr(m, k) is not None}
+    mlflow.log_params(params)
+    mlflow.set_tags(
+        {"visionpoc.status": m.status, **({"visionpoc.error": m.error[:5000]} if m.error else {})}
+    )
+    scores = _numbers(m, SCORES)
+    if scores:
+        mlflow.log_metrics(scores)
+    for e in m.history:
+        mlflow.log_metrics({f"epoch/{k}": v for k, v in _numbers(e, CURVES).items()}, step=e.epoch)
+
+
+def log_run(run_dir: str | Path, uri: str, experiment: str = "visionpoc") -> str:
+    """Log the finished run in `run_dir` to the MLflow tracking server or store at `uri` under
+    `experiment`; returns the parent MLflow run id."""
+    require_mlflow(uri)
+    import mlflow
+
+    run_dir = Path(run_dir)
+    r = load_results(run_dir)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment, artifact_location(uri))
+    shared = {k: v for k, v in r.config.items() if k != "models"}
+    tags = {"visionpoc.run_dir": str(run_dir.resolve()), "visionpoc.dataset": r.dataset.source,
+            "visionpoc.models": ", ".join(m.label for m in r.models)}  # fmt: skip
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_dir.name, tags=tags) as parent:
+        mlflow.log_params(_flat("", shared, {}))
+        mlflow.log_params({f"dataset.{k}": v for k, v in dataclasses.asdict(r.dataset).items()
+                           if k != "class_names"})  # fmt: skip
+        mlflow.log_params(
+            {f"env.{k}": v for k, v in dataclasses.asdict(r.environment).items() if v is not None}
+        )
+        for name in RUN_FILES:
+            if (run_dir / name).is_file():
+                mlflow.log_artifact(str(run_dir / name))
+        if (run_dir / REPORT_FIGURES).is_dir():
+            mlflow.log_artifacts(str(run_dir / REPORT_FIGURES), REPORT_FIGURES)
+        for m in r.models:
+            with mlflow.start_run(experiment_id=exp_id, run_name=m.label, nested=True,
+                                  tags={"visionpoc.model": m.label}):  # fmt: skip
+                _log_model(mlflow, m)
+        log.info("mlflow: logged %s as run %s of experiment %r at %s", run_dir / RESULTS_FILE,
+                 parent.info.run_id, experiment, uri)  # fmt: skip
+        return str(parent.info.run_id)
