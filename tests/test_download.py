@@ -226,6 +226,30 @@ def test_from_dir_without_server(tars: Path, tmp_path: Path, monkeypatch: pytest
     assert sorted(p.name for p in src.iterdir()) == sorted(ARCHIVES)  # the user's archives untouched
 
 
+def test_cli_download_from_dir_then_check(
+    tars: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`visionpoc data download --from DIR --root R`, then `data check --json`: the commands, end to end."""
+    import json
+
+    from visionpoc.cli import main
+
+    monkeypatch.setenv(ENV_URL, "http://127.0.0.1:9/unreachable/")  # any download attempt would fail
+    root = tmp_path / "root"
+    assert (
+        main(["data", "download", "--root", str(root), "--from", str(_copy_tars(tars, tmp_path / "mine"))])
+        == 0
+    )
+    assert_valid_tree(root)
+    capsys.readouterr()
+    assert main(["data", "check", "--root", str(root), "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    ds = read_stanford_dogs(root)
+    assert (found["train"], found["test"], found["classes"]) == (len(ds.train), len(ds.test), ds.num_classes)
+    assert found["train"] > 0 and found["test"] > 0 and found["classes"] > 1
+    assert main(["data", "download", "--root", str(root), "--from", str(tmp_path / "nowhere")]) == 0  # no-op
+
+
 @pytest.mark.parametrize("cut", ["half", "member_boundary"])
 def test_truncated_archive_rejected(tars: Path, tmp_path: Path, cut: str) -> None:
     src = _copy_tars(tars, tmp_path / "mine")

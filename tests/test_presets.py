@@ -261,7 +261,8 @@ def test_three_model_compare_and_report(tmp_path: Path, mini_dogs: Path) -> None
     fairness = md.split("### What each model was given", 1)[1].split("## 2.", 1)[0]
     rows = [line for line in fairness.splitlines() if line.startswith("| **")]
     assert len(rows) == 3  # the fairness table: policy, budget and input size of each model
-    assert "top_fraction (10.0%)" in rows[0] and "| head |" in rows[1] and "| full |" in rows[2]
+    assert "| xception: production (top_fraction 10.0%) |" in rows[0]
+    assert "| dinov3_b16: linear_probe (head) |" in rows[1] and "| eva02_b14: full |" in rows[2]
     assert all("| 1 / 1 |" in row for row in rows)
     assert md.count("McNemar exact p =") == 2
     assert "### dinov3_b16 vs xception" in md and "### eva02 vs xception" in md

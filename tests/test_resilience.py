@@ -170,6 +170,20 @@ def test_injected_oom_halves_the_micro_batch(mini_dogs: Path, tmp_path: Path, mo
     assert [e["micro_batch"] for e in m["oom_events"]] == [4, 2] and m["oom_events"][0]["step"] == 0
 
 
+def test_a_batch_that_never_fits_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def never_fits(p: step.StepParts, x: torch.Tensor, y: torch.Tensor):  # type: ignore[no-untyped-def]
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(step, "_step", never_fits)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    parts = step.StepParts(model, opt, timm.scheduler.CosineLRScheduler(opt, t_initial=10), torch.nn.CrossEntropyLoss(),
+                           torch.device("cpu"), None, None, False)  # fmt: skip
+    with pytest.raises(torch.OutOfMemoryError, match="even with a micro-batch of 1 image.*lower img_size"):
+        step.train_step(parts, torch.randn(4, 4), torch.tensor([0, 1, 2, 0]), {"epoch": 1, "step": 0})
+    assert [e["micro_batch"] for e in parts.oom_events] == [2, 1]  # halved down to one image first
+
+
 def test_micro_batches_give_the_same_update_as_the_whole_batch() -> None:
     def parts(micro: int | None) -> step.StepParts:
         torch.manual_seed(0)

@@ -64,7 +64,11 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     desc: str = "eval",
 ) -> EvalStats:
-    """Run `model` over `batches` and compute metrics; asserts exactly `expected_n` samples were seen."""
+    """Run `model` over `batches` and compute metrics; asserts exactly `expected_n` samples were seen.
+
+    The time (`time_s`, `img_s`) is the pass's synchronized wall time, input included. On CUDA a batch
+    shape met for the first time (the first batch, a smaller last one) is run once untimed before its
+    timed run, so cuDNN's autotuning and kernel selection for it are not counted as evaluation."""
     model.eval()
     probs: list[torch.Tensor] = []  # kept on the device: one copy at the end, no sync per batch
     targets: list[torch.Tensor] = []
@@ -72,10 +76,18 @@ def evaluate(
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
+    t0, untimed, shapes = time.perf_counter(), 0.0, set()
     for x, y in tqdm(batches, desc=desc, leave=False, disable=None):
         x = x.to(device, non_blocking=True)  # (B, C, H, W)
         y = y.to(device, non_blocking=True)  # (B,)
+        if device.type == "cuda" and x.shape not in shapes:
+            shapes.add(x.shape)
+            torch.cuda.synchronize(device)
+            t_warm = time.perf_counter()
+            with autocast:
+                model(x)
+            torch.cuda.synchronize(device)
+            untimed += time.perf_counter() - t_warm
         with autocast:
             logits = model(x)  # (B, num_classes)
         logits = logits.float()
@@ -84,7 +96,7 @@ def evaluate(
         targets.append(y)
     p = torch.cat(probs).cpu().numpy() if probs else np.zeros((0, num_classes), np.float32)
     t = torch.cat(targets).cpu().numpy() if targets else np.zeros(0, np.int64)
-    dt = time.perf_counter() - t0  # the copy to the host above synchronized the device
+    dt = time.perf_counter() - t0 - untimed  # the copy to the host above synchronized the device
     if len(t) != expected_n:
         raise AssertionError(f"evaluated {len(t)} samples, expected exactly {expected_n}")
     return summarize(t, p.astype(np.float32), loss_sum.item() / max(1, len(t)), dt)

@@ -91,6 +91,7 @@ class ModelResult:
     latency_ms_b1: float | None = None  # measured forward latency at batch 1
     peak_memory_gib: float | None = None
     peak_memory_kind: str | None = None  # "cuda_max_allocated" or "process_max_rss"
+    input_store_gib: float | None = None  # the prepared store resident on the GPU, excluded from the peak
     pretrained_tag: str | None = None
     license: str | None = None
     history: list[EpochRecord] = field(default_factory=list)

@@ -4,6 +4,7 @@ that halves the micro-batch and retries the same batch."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -71,13 +72,18 @@ def train_step(
         try:
             return _step(p, x, y)
         except torch.OutOfMemoryError:
-            p.optimizer.zero_grad(set_to_none=True)
-            if p.device.type == "cuda":
-                torch.cuda.empty_cache()
-            current = p.micro_batch or len(y)
-            if current <= 1:
-                raise
-            p.micro_batch = current // 2
-            p.oom_events.append({**where, "micro_batch": p.micro_batch})
-            log.warning("out of memory at %s: micro-batch %d -> %d, gradients accumulated over %d steps",
-                        where, current, p.micro_batch, -(-len(y) // p.micro_batch))  # fmt: skip
+            pass  # the failed step's tensors live as long as the traceback: free the cache after it
+        p.optimizer.zero_grad(set_to_none=True)
+        if p.device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+        current = p.micro_batch or len(y)
+        if current <= 1:
+            raise torch.OutOfMemoryError(
+                f"out of memory at {where} even with a micro-batch of 1 image: the model does not fit this "
+                "device at this input size; lower img_size, or train fewer layers (finetune: top_fraction/head)"
+            )
+        p.micro_batch = current // 2
+        p.oom_events.append({**where, "micro_batch": p.micro_batch})
+        log.warning("out of memory at %s: micro-batch %d -> %d, gradients accumulated over %d steps",
+                    where, current, p.micro_batch, -(-len(y) // p.micro_batch))  # fmt: skip

@@ -84,11 +84,12 @@ def seed_rank(seed: int, d: Dist) -> None:
 def wrap_model(model: nn.Module, d: Dist, device: torch.device, compile_: bool) -> tuple[nn.Module, nn.Module]:  # fmt: skip
     """(the module the training step calls, the module evaluation calls). Under torchrun: DDP first,
     then torch.compile of the DDP module (PyTorch's order: the compiled graph is split at DDP's gradient
-    buckets so communication overlaps the backward); evaluation runs the plain module on each shard."""
+    buckets so communication overlaps the backward). Evaluation always runs the plain module (on each
+    shard under torchrun): compiled, its eval mode, inference mode, larger batch and smaller last batch
+    would each compile again, which costs more than the few seconds of evaluation it would save."""
     compile_ = compile_ and device.type == "cuda"
     if not d.enabled:
-        compiled = torch.compile(model) if compile_ else model
-        return compiled, compiled  # type: ignore[return-value]
+        return (torch.compile(model) if compile_ else model), model  # type: ignore[return-value]
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return (torch.compile(ddp) if compile_ else ddp), model  # type: ignore[return-value]
 
@@ -156,16 +157,17 @@ def train_one_epoch(p: StepParts, batches: Batches, epoch: int, step: int, progr
     sync(p.device)  # the epoch clock: synchronized at both ends only, so GPU work stays asynchronous
     t_epoch = time.perf_counter()
     while True:
+        first = step == 0  # the run's first step (its batch's fetch included) carries compilation and
+        if first:  # warm-up (workers starting, first augmentation call): timed apart
+            sync(p.device)
+            t_warm = time.perf_counter()
         t_wait = time.perf_counter()
         try:
             x, y = next(batch_iter)
         except StopIteration:
             break
-        wait_s += time.perf_counter() - t_wait  # host time blocked on the input path
-        first = step == 0  # the run's first step carries compilation and warm-up: timed apart
-        if first:
-            sync(p.device)
-            t_warm = time.perf_counter()
+        if not first:
+            wait_s += time.perf_counter() - t_wait  # host time blocked on the input path
         x = x.to(p.device, non_blocking=True)  # (B, C, H, W)
         y = y.to(p.device, non_blocking=True)  # (B,)
         if p.batch_aug is not None:
@@ -274,7 +276,10 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
     seed_rank(cfg.train.seed, d)
     val_model = ema.module if ema is not None else eval_model  # with EMA, the averaged weights are judged
 
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     loaders = build_loaders(splits, dcfg, cfg, device, d)
+    # a prepared store resident on the GPU is input data, not the model's footprint: reported apart
+    store_bytes = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else 0
     lr = mcfg.lr if mcfg.lr is not None else cfg.train.lr
     optimizer = recipe.make_optimizer(model, cfg.train, lr, device)
     set_epoch(loaders.train, 1)
@@ -392,6 +397,9 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
     result.train_img_s = s["n_steady"] / s["train_time"] if s["train_time"] > 0 else None
     result.micro_batch_size, result.oom_events = parts.micro_batch, parts.oom_events
     result.peak_memory_gib, result.peak_memory_kind = peak_memory_gib(device)
+    if store_bytes > 0:
+        result.peak_memory_gib -= store_bytes / 2**30
+        result.input_store_gib = store_bytes / 2**30
     if not score_test:  # tuning: validation only; the test split is never batched or read
         result.val_accuracy = s["best_val"] if len(splits.val) else None
         return result
