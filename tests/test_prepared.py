@@ -149,6 +149,24 @@ def test_prepared_loaders_batches_order_and_resume(fresh_dogs: Path) -> None:
     assert all(
         torch.equal(xa, xr) and torch.equal(ya, yr) for (xa, ya), (xr, yr) in zip(a[1:], rest, strict=True)
     )
+    # on the CPU whole batches are made on a thread each: the batches do not depend on how many
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        set_epoch(loaders.train, 1)
+        one = list(loaders.train)
+    finally:
+        torch.set_num_threads(threads)
+    torch.set_num_threads(3)
+    try:
+        set_epoch(loaders.train, 1)
+        three = list(loaders.train)
+    finally:
+        torch.set_num_threads(threads)
+    for many in (one, three):
+        assert all(
+            torch.equal(xa, xm) and torch.equal(ya, ym) for (xa, ya), (xm, ym) in zip(a, many, strict=True)
+        )
 
 
 def test_training_through_the_store_learns_like_the_stream_path(tmp_path: Path, one_thread: None) -> None:

@@ -192,10 +192,10 @@ def format_bench(d: dict[str, Any]) -> str:
     if "pil" in inp:
         pil, pr = inp["pil"], inp["prepared"]
         where = "on the device" if pr["resident"] else "from host memory"
-        lines += [f"input path: {inp['n_images']} JPEGs 500x375 ({inp['jpeg_kib']} KiB), batch {inp['batch']}, "
-                  f"random-resized-crop to {inp['input_size'][-1]}px",
-                  f"  PIL DataLoader, {pil['workers']} workers {pil['img_s']:10.1f} img/s",
-                  f"  prepared store + gpu_aug   {pr['img_s']:10.1f} img/s ({where}; built once in "
+        lines += [f"input path: {inp['n_images']} JPEGs 500x375 ({inp['jpeg_kib']} KiB), random-resized-crop "
+                  f"to {inp['input_size'][-1]}px, whole passes after a warm-up one",
+                  f"  PIL DataLoader, {pil['workers']} workers {pil['img_s']:10.1f} img/s (batch {pil.get('batch', '?')})",
+                  f"  prepared store + gpu_aug   {pr['img_s']:10.1f} img/s (batch {inp['batch']}; {where}; built once in "
                   f"{pr['build_s']:.1f}s = {pr['build_img_s']:.0f} img/s)"]  # fmt: skip
     lines += [
         f"{m['name']}: FAILED {m['error']}" for m in [inp, *d["ours"], *d["peer"], *d["hf"]] if "error" in m

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -97,14 +98,30 @@ class StoreBatches:
                 idx = torch.from_numpy(pos).to(self.device, non_blocking=True)  # (B,)
                 yield self.transform(self.images[rows[idx]], self._generator(first + k)), labels[idx]
             return
-        with ThreadPoolExecutor(1, thread_name_prefix="store-prefetch") as pool:  # gather k+1 while k runs
-            ahead = pool.submit(self._fetch_host, batches[0]) if batches else None
-            for k in range(len(batches)):
-                assert ahead is not None
-                x, y = ahead.result()
-                ahead = pool.submit(self._fetch_host, batches[k + 1]) if k + 1 < len(batches) else None
-                x = self.transform(x.to(self.device, non_blocking=True), self._generator(first + k))
-                yield x, y.to(self.device, non_blocking=True)
+        if self.device.type != "cpu":  # streamed to a GPU: gather k+1 on a thread while the GPU does k
+            with ThreadPoolExecutor(1, thread_name_prefix="store-prefetch") as pool:
+                ahead = pool.submit(self._fetch_host, batches[0]) if batches else None
+                for k in range(len(batches)):
+                    assert ahead is not None
+                    x, y = ahead.result()
+                    ahead = pool.submit(self._fetch_host, batches[k + 1]) if k + 1 < len(batches) else None
+                    x = self.transform(x.to(self.device, non_blocking=True), self._generator(first + k))
+                    yield x, y.to(self.device, non_blocking=True)
+            return
+        # on the CPU the transform is the work: whole batches on a thread each (roi_align, the gather and
+        # the tensor ops release the GIL), yielded in order; batch k's crops depend on k only
+        workers = max(1, torch.get_num_threads())
+        with ThreadPoolExecutor(workers, thread_name_prefix="store-batches") as pool:
+            pending: deque[Future[tuple[torch.Tensor, torch.Tensor]]] = deque()
+            for k in range(len(batches) + workers):
+                if k < len(batches):
+                    pending.append(pool.submit(self._cpu_batch, batches[k], first + k))
+                if k >= workers:
+                    yield pending.popleft().result()
+
+    def _cpu_batch(self, pos: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self._fetch_host(pos)
+        return self.transform(x, self._generator(k)), y
 
 
 def train_transform(data_cfg: dict[str, Any]) -> Transform:
