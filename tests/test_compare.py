@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -76,6 +77,8 @@ def test_compare_end_to_end(tmp_path: Path, mini_dogs: Path, capsys: pytest.Capt
             "test_predictions.npz",
         ):
             assert (d / f).is_file(), f
+        # the best epoch's weights are written once: LAST is a link to BEST when they are the same epoch
+        assert os.path.samefile(d / "best.safetensors", d / "last.safetensors") == (m["best_epoch"] == 2)
         preds = load_predictions(d / "test_predictions.npz")
         assert (
             preds["probs"].shape == (9, 3) and len(set(preds["files"].tolist())) == 9

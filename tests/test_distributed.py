@@ -157,3 +157,23 @@ def test_tune_trials_run_on_both_processes_with_one_study(tmp_path: Path) -> Non
     assert all((out / "trials" / "vit" / str(t) / "history.json").is_file() for t in (0, 1))
     assert _probe(probe, 1)["writes"] == []  # (SQLite writes in C, unseen by the hook: rank 1 has no Optuna)
     assert str(out / "tuned" / "vit.yaml") in _probe(probe, 0)["writes"]
+
+
+def test_stop_flag_through_the_control_group(tmp_path: Path) -> None:
+    """The per-step stop flag goes through a gloo group (on NCCL it would sync the GPU every step): a
+    flag raised on rank 1 reaches rank 0, and no flag stays no flag."""
+    script = tmp_path / "flag.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "from visionpoc import distributed\n"
+        "d = distributed.init('cpu')\n"
+        "assert distributed._control_group() is not None\n"
+        "out = [distributed.broadcast_flag(d, d.rank == 1), distributed.broadcast_flag(d, False)]\n"
+        "open(os.path.join(sys.argv[1], f'rank{d.rank}.json'), 'w').write(json.dumps(out))\n"
+        "distributed.shutdown(d)\n"
+    )
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    proc = subprocess.run([*run, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[True, False]] * 2

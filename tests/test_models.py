@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -109,6 +110,41 @@ def test_offline_weights_error_says_how_to_fix(tmp_path: Path, monkeypatch: pyte
         models.create_model(mcfg, 3)
     msg = str(e.value)
     assert "vit_b16" in msg and "timm/vit_tiny_patch16_224.augreg_in21k" in msg and "pretrained_path" in msg
+
+
+def test_without_the_hub_weights_load_offline_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No network: huggingface_hub's offline mode for the load (cache only, no minute of retries), and
+    the flag is put back afterwards."""
+    import huggingface_hub.constants as hc
+    import requests
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def unreachable(*a: object, **k: object) -> None:
+        raise requests.ConnectionError("no network (simulated)")
+
+    monkeypatch.setattr(requests, "head", unreachable)
+    assert models.hub_reachable.__wrapped__() is False  # type: ignore[attr-defined]
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    seen: list[bool] = []
+    real = timm.create_model
+
+    def spy(*a: object, **k: object) -> object:
+        seen.append(hc.HF_HUB_OFFLINE)
+        return real(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(timm, "create_model", spy)
+    mcfg = ModelConfig(
+        label="vit_b16", timm="vit_tiny_patch16_224.augreg_in21k", pretrained=True, img_size=32
+    )
+    with pytest.raises(WeightsError, match="vit_b16"):
+        models.create_model(mcfg, 3)
+    assert seen == [True] and hc.HF_HUB_OFFLINE is False
+    models.create_model(dataclasses.replace(mcfg, pretrained=False), 3)  # no weights: no offline switch
+    assert seen == [True, False]
 
 
 def test_unknown_model_is_named() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -41,3 +42,18 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def atomic_copy(src: str | Path, dst: str | Path) -> Path:
+    """`dst` becomes the same bytes as the finished file `src`: a hard link where the filesystem has
+    them (nothing written again), else a copy; atomic either way. Files here are only ever replaced by
+    rename, never rewritten in place, so a later replacement of `src` leaves `dst` as it is."""
+
+    def write(tmp: Path) -> None:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+    return atomic_write(dst, write)

@@ -65,7 +65,24 @@ def init(device_type: str) -> Dist:
             torch.cuda.set_device(d.local_rank)
         dist.init_process_group(backend=backend)
         log.info("process group: %s, rank %d of %d", backend, d.rank, d.world)
+        if backend == "nccl":
+            _control_group()
     return d
+
+
+_CONTROL: list[Any] = []  # the gloo group for host-side flags next to NCCL (made once, on every rank)
+
+
+def _control_group() -> Any:
+    """A gloo group for the per-step stop flag: on NCCL the flag would be a GPU tensor, and reading it
+    back would synchronize the host with the GPU at every step."""
+    if not _CONTROL:
+        try:
+            _CONTROL.append(dist.new_group(backend="gloo"))
+        except Exception as e:  # noqa: BLE001 - no gloo here: the flag goes through NCCL, slower
+            log.warning("no gloo group for control flags (%s); stop flags go through NCCL", e)
+            _CONTROL.append(None)
+    return _CONTROL[0]
 
 
 def barrier(d: Dist) -> None:
@@ -78,9 +95,10 @@ def broadcast_flag(d: Dist, flag: bool) -> bool:
     if not (d.enabled and dist.is_initialized()):
         return flag
     t = torch.tensor([1 if flag else 0])
-    if dist.get_backend() == "nccl":
+    group = _CONTROL[0] if _CONTROL else None
+    if group is None and dist.get_backend() == "nccl":
         t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
 
 
@@ -127,3 +145,4 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 def shutdown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
+        _CONTROL.clear()

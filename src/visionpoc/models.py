@@ -12,8 +12,11 @@ Policies:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +45,26 @@ def create_model(mcfg: ModelConfig, num_classes: int, pretrained: bool | None = 
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
     if mcfg.img_size is not None:
         kwargs["img_size"] = mcfg.img_size
+    # no network: cached weights still load, and missing ones fail at once, not after a minute of retries
+    offline = (
+        _hub_offline()
+        if use_pretrained and not mcfg.pretrained_path and not hub_reachable()
+        else nullcontext()
+    )
     try:
-        try:
-            return timm.create_model(mcfg.timm, pretrained=use_pretrained, num_classes=num_classes, **kwargs)
-        except TypeError as e:
-            if "img_size" not in str(e) or "img_size" not in kwargs:
-                raise
-            # CNNs take any resolution; img_size then only sets the input size of the data config
-            del kwargs["img_size"]
-            return timm.create_model(mcfg.timm, pretrained=use_pretrained, num_classes=num_classes, **kwargs)
+        with offline:
+            try:
+                return timm.create_model(
+                    mcfg.timm, pretrained=use_pretrained, num_classes=num_classes, **kwargs
+                )
+            except TypeError as e:
+                if "img_size" not in str(e) or "img_size" not in kwargs:
+                    raise
+                # CNNs take any resolution; img_size then only sets the input size of the data config
+                del kwargs["img_size"]
+                return timm.create_model(
+                    mcfg.timm, pretrained=use_pretrained, num_classes=num_classes, **kwargs
+                )
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise WeightsError(
@@ -64,6 +78,37 @@ def create_model(mcfg: ModelConfig, num_classes: int, pretrained: bool | None = 
         if not use_pretrained:
             raise
         raise _weights_error(mcfg, e) from e
+
+
+@functools.cache
+def hub_reachable(timeout_s: float = 5.0) -> bool:
+    """Whether the Hugging Face Hub answers (once per process; honours HF_ENDPOINT, HF_HUB_OFFLINE and
+    the usual proxy variables). Without it, huggingface_hub retries each file for about a minute."""
+    import huggingface_hub.constants as hc
+    import requests
+
+    if hc.HF_HUB_OFFLINE:
+        return False
+    try:
+        requests.head(hc.ENDPOINT, timeout=timeout_s)
+    except requests.RequestException:
+        log.warning("the Hugging Face Hub (%s) does not answer: pretrained weights load from the local cache "
+                    "only", hc.ENDPOINT)  # fmt: skip
+        return False
+    return True
+
+
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """huggingface_hub's offline mode for the calls inside (it reads the flag at call time)."""
+    import huggingface_hub.constants as hc
+
+    before = hc.HF_HUB_OFFLINE
+    hc.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hc.HF_HUB_OFFLINE = before
 
 
 def _weights_error(mcfg: ModelConfig, e: Exception) -> WeightsError:

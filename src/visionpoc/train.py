@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from visionpoc import checkpoint, distributed, models, presets, recipe, recovery
-from visionpoc.atomic import atomic_write_json
+from visionpoc.atomic import atomic_copy, atomic_write_json
 from visionpoc.config import Config, ConfigError, ModelConfig, for_model
 from visionpoc.data import augment
 from visionpoc.data.loaders import Batches, build_loaders, set_epoch
@@ -326,11 +326,14 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
         result.resumed_from_epoch = s["epoch"]
         log.info("[%s] resuming at epoch %d, batch %d", mcfg.label, s["epoch"], s["progress"].batches)
 
-    def save_last(epoch: int, progress: EpochProgress) -> None:
+    def save_last(epoch: int, progress: EpochProgress, best_is_current: bool = False) -> None:
         rngs = distributed.all_gather(d, recovery.rng_state())  # every rank saves its own streams
         if not d.main:
             return
-        checkpoint.save_weights(model, out_dir / LAST, {**meta, "step": str(s["step"])})
+        if best_is_current:  # BEST was just written from these very weights: link it, no second write
+            atomic_copy(out_dir / BEST, out_dir / LAST)
+        else:
+            checkpoint.save_weights(model, out_dir / LAST, {**meta, "step": str(s["step"])})
         checkpoint.save_state(out_dir / STATE, {
             "epoch": epoch, "step": s["step"], "progress": dataclasses.asdict(progress), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": rngs[0], "rng_ranks": rngs, "history": [dataclasses.asdict(h) for h in result.history],
@@ -375,12 +378,12 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
             improved = score > s["best_val"]
             if improved:
                 s["best_val"], s["bad_epochs"], result.best_epoch = score, 0, epoch
-                if d.main:
-                    checkpoint.save_weights(val_model, out_dir / BEST, meta)  # with EMA: the EMA weights
+                if d.main:  # with EMA: the EMA weights; without, the trained ones, which LAST then shares
+                    checkpoint.save_weights(val_model, out_dir / BEST, {**meta, "step": str(s["step"])})
             else:
                 s["bad_epochs"] += 1
             s["epoch"], s["progress"] = epoch + 1, EpochProgress()
-            save_last(epoch + 1, EpochProgress())
+            save_last(epoch + 1, EpochProgress(), best_is_current=improved and ema is None)
             if d.main:
                 atomic_write_json(out_dir / "history.json", [dataclasses.asdict(h) for h in result.history])
             if on_epoch is not None:
