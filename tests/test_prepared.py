@@ -184,3 +184,28 @@ def test_training_through_the_store_learns_like_the_stream_path(tmp_path: Path, 
         acc[pipeline] = m.test_accuracy
     assert acc["stream"] >= 0.8 and acc["prepared"] >= 0.8, acc  # 9 test images, 3 colour-coded breeds
     assert abs(acc["stream"] - acc["prepared"]) <= 2 / 9, acc
+
+
+def test_the_gpu_copy_is_uploaded_once_per_process(
+    fresh_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The models of a compare and the trials of a tune share one GPU copy of the store; another store
+    replaces it. (The upload is faked with a CPU tensor: no GPU here.)"""
+    uploads: list[str] = []
+
+    def fake_place(images: np.ndarray, device: torch.device) -> torch.Tensor:
+        uploads.append(str(device))
+        return torch.from_numpy(np.array(images))
+
+    monkeypatch.setattr(prepared, "place", fake_place)
+    monkeypatch.setattr(prepared, "_RESIDENT", {})
+    paths = all_paths(fresh_dogs)
+    a = prepare_store(paths, 32, tmp_path / "a", workers=1)
+    b = prepare_store(paths[:4], 32, tmp_path / "b", workers=1)
+    gpu = torch.device("cuda", 0)
+    first = prepared.resident(a, gpu)
+    assert prepared.resident(a, gpu) is first and uploads == ["cuda:0"]  # the second model: no upload
+    assert isinstance(first, torch.Tensor) and torch.equal(first, torch.from_numpy(np.array(a.images)))
+    prepared.resident(b, gpu)  # another store replaces the first
+    assert uploads == ["cuda:0", "cuda:0"] and len(prepared._RESIDENT) == 1
+    assert prepared.resident(a, torch.device("cpu")) is a.images  # on the CPU: the memory map, no copy

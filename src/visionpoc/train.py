@@ -276,10 +276,9 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
     seed_rank(cfg.train.seed, d)
     val_model = ema.module if ema is not None else eval_model  # with EMA, the averaged weights are judged
 
-    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     loaders = build_loaders(splits, dcfg, cfg, device, d)
     # a prepared store resident on the GPU is input data, not the model's footprint: reported apart
-    store_bytes = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else 0
+    store_bytes = loaders.resident_bytes
     lr = mcfg.lr if mcfg.lr is not None else cfg.train.lr
     optimizer = recipe.make_optimizer(model, cfg.train, lr, device)
     set_epoch(loaders.train, 1)

@@ -144,6 +144,7 @@ class Loaders:
     val: Batches
     test: Batches
     pipeline: str
+    resident_bytes: int = 0  # the prepared store's GPU copy, when it lives on the device
 
 
 def resolve_pipeline(cfg: Config, device: torch.device) -> str:

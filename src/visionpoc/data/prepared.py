@@ -236,6 +236,26 @@ def split_batches(store: PreparedStore, images: torch.Tensor | np.ndarray, split
                         drop_last=train and len(sampler) > batch_size)  # fmt: skip
 
 
+_RESIDENT: dict[tuple[str, str], torch.Tensor] = {}  # the last store placed on a GPU, by (store key, device)
+
+
+def resident(store: PreparedStore, device: torch.device) -> torch.Tensor | np.ndarray:
+    """The store on `device` when it fits there (else its host memory map), uploaded once per process:
+    the models of a `compare` and the trials of a `tune` share one GPU copy. A different store
+    replaces it (its GPU memory is released first)."""
+    if device.type != "cuda":
+        return store.images
+    key = (store.key, str(device))
+    if key not in _RESIDENT:
+        _RESIDENT.clear()
+        torch.cuda.empty_cache()
+        images = place(store.images, device)
+        if not isinstance(images, torch.Tensor):
+            return images
+        _RESIDENT[key] = images
+    return _RESIDENT[key]
+
+
 def prepared_loaders(splits: Splits, data_cfg: dict[str, Any], cfg: Config, device: torch.device,
                      d: Dist = SINGLE) -> Loaders:  # fmt: skip
     """Loaders for one model over the shared prepared store (built on first use, then reused)."""
@@ -250,7 +270,7 @@ def prepared_loaders(splits: Splits, data_cfg: dict[str, Any], cfg: Config, devi
     store = prepare_store(paths, size, cache, workers=default_workers(cfg))
     if d.main:
         distributed.barrier(d)
-    images = place(store.images, device)
+    images = resident(store, device)
     bs = cfg.train.batch_size // d.world  # train.batch_size is the global batch
     ebs = cfg.train.eval_batch_size or 2 * bs
     et = eval_transform(data_cfg)
@@ -262,4 +282,5 @@ def prepared_loaders(splits: Splits, data_cfg: dict[str, Any], cfg: Config, devi
         val=split_batches(store, images, splits.val, et, ebs, device, False, seed, d),
         test=split_batches(store, images, splits.test, et, ebs, device, False, seed, d),
         pipeline="prepared",
+        resident_bytes=images.nbytes if isinstance(images, torch.Tensor) else 0,
     )
