@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import random
 import signal
 from pathlib import Path
@@ -92,13 +91,26 @@ def test_batch_ops_work_on_the_prepared_paths_device_batches(caplog: pytest.LogC
     x = gpu_aug.train_batch(store, DCFG, torch.Generator().manual_seed(0))  # (8, 3, 32, 32)
     xb, yb = augment.batch_augment("strong", C, 0.0, x.device)(x, torch.arange(8) % C)
     assert xb.shape == (8, 3, 32, 32) and yb.shape == (8, C)
-    augment._warned.clear()
-    with caplog.at_level(logging.WARNING, logger="visionpoc.data.augment"):
-        text = augment.describe("strong", "prepared")
-        augment.describe("strong", "prepared")
-    assert "no RandAugment" in text and "mixup" in text
-    assert sum("RandAugment" in r.message for r in caplog.records) == 1  # warned once
-    assert "randaugment" in augment.describe("strong", "stream")
+    text = augment.describe("strong", "prepared")
+    assert "gpu randaugment" in text and "mixup" in text
+    assert "randaugment(rand-m9" in augment.describe("strong", "stream")
+
+
+def test_randaugment_on_device_batches_is_seeded_and_changes_images() -> None:
+    """`strong` on the prepared path: RandAugment on the batch, from the batch's own generator (the same
+    ops again for the same seed, whichever thread or device), values still 0..255 before normalizing."""
+    store = torch.randint(0, 256, (40, 3, 40, 40), dtype=torch.uint8)
+
+    def run(seed: int, ra: bool) -> torch.Tensor:
+        return gpu_aug.train_batch(store, DCFG, torch.Generator().manual_seed(seed), rand_augment=ra)
+
+    plain, a, b, other = run(0, False), run(0, True), run(0, True), run(1, True)
+    assert a.shape == plain.shape == (40, 3, 32, 32) and a.dtype == torch.float32
+    assert torch.equal(a, b) and not torch.equal(a, other)  # seeded by the batch's generator
+    changed = [(a[i : i + 16] - plain[i : i + 16]).abs().amax().item() > 0 for i in range(0, 40, 16)]
+    assert sum(changed) >= 2  # the crop and flip are the same: the difference is RandAugment's
+    lo, hi = (0 - 0.5) / 0.25, (1 - 0.5) / 0.25  # DCFG's normalization of 0..255
+    assert a.min() >= lo - 1e-5 and a.max() <= hi + 1e-5
 
 
 def _cfg(root: Path, epochs: int) -> tuple[Config, ModelConfig]:

@@ -103,7 +103,9 @@ class ModelResult:
     ema_decay: float | None = None  # set: the scored weights are the EMA of the trained ones
     drop_path_rate: float | None = None
     augment: str | None = None  # the preset asked for
-    augment_applied: str | None = None  # what ran on this input path (e.g. no RandAugment on `prepared`)
+    augment_applied: str | None = (
+        None  # what ran on this input path (e.g. RandAugment's GPU form on `prepared`)
+    )
     tuned_from: str | None = None  # the `tune` YAML these settings came from (`compare --tuned`)
 
 

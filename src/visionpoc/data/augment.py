@@ -12,9 +12,9 @@ returns the batch ops, which take normalized float batches (B, 3, H, W) on any d
 (B,), so the same function serves the streaming path and the prepared-store path.
 
 In the prepared-store path (`data/prepared.py` + `data/gpu_aug.py`) images are augmented as whole
-batches on the device, and RandAugment (a per-image PIL op) has no GPU form here: there `strong` is
-GPU random-resized-crop + flip, then erasing + mixup/cutmix. `describe` says what ran (it goes into
-`results.json` as `augment_applied`) and logs a warning, once, when RandAugment was left out.
+batches on the device: `strong` there is GPU random-resized-crop + flip, torchvision's RandAugment on
+the batch (same strength, ops drawn per chunk of 16 images instead of per image), then erasing +
+mixup/cutmix. `describe` says what ran (it goes into `results.json` as `augment_applied`).
 
 Training accuracy with soft targets counts a prediction as right when its argmax equals the argmax of
 the (mixed) target, i.e. the class with the larger share of the mixed image.
@@ -109,9 +109,6 @@ def loss_for(preset: str, label_smoothing: float) -> nn.Module:
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
 
-_warned: set[str] = set()
-
-
 def describe(preset: str, pipeline: str) -> str:
     """What `preset` actually does on `pipeline` (`stream` or `prepared`), for `results.json`."""
     _check(preset)
@@ -122,12 +119,9 @@ def describe(preset: str, pipeline: str) -> str:
         return crop
     batch = f"random-erasing(p={ERASE_PROB})+mixup({MIXUP_ALPHA})/cutmix({CUTMIX_ALPHA})"
     if pipeline == "prepared":
-        if "prepared" not in _warned:
-            _warned.add("prepared")
-            log.warning(
-                "augment=strong on the prepared (GPU) path: RandAugment has no batched GPU form here and "
-                "is left out; running GPU crop+flip, random erasing and mixup/cutmix. Set "
-                "data.pipeline=stream to include RandAugment."
-            )
-        return f"{crop}+{batch} (no RandAugment on the prepared path)"
+        from visionpoc.data import gpu_aug
+
+        ra = (f"gpu randaugment(torchvision, {gpu_aug.RAND_AUGMENT_OPS} ops, m{gpu_aug.RAND_AUGMENT_MAGNITUDE}, "
+              f"per {gpu_aug.RAND_AUGMENT_CHUNK} images)")  # fmt: skip
+        return f"{crop}+{ra}+{batch}"
     return f"{crop}+randaugment({RAND_AUGMENT})+{batch}"

@@ -21,12 +21,14 @@ same crops and flips on the CPU and on the GPU. Everything runs on CPU tensors t
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
+from torchvision.transforms import v2
 
 SCALE = (0.08, 1.0)  # timm / torchvision RandomResizedCrop defaults
 RATIO = (3 / 4, 4 / 3)
@@ -119,15 +121,38 @@ def _size(data_cfg: dict[str, Any]) -> tuple[int, int]:
     return int(h), int(w)
 
 
+RAND_AUGMENT_OPS, RAND_AUGMENT_MAGNITUDE = 2, 9  # as timm's `rand-m9` of the stream path (2 ops, m9/10)
+RAND_AUGMENT_CHUNK = 16  # images that share one draw of ops: per image would be hundreds of tiny kernels
+_RNG_LOCK = threading.Lock()  # torchvision draws from the global generator: one batch at a time
+
+
+def rand_augment_(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """torchvision's RandAugment on a float batch with values 0..255, in place: 2 ops at 9/10 of the
+    full strength (bin 27 of torchvision's 0..30, timm's m9 of 10), drawn per chunk of
+    RAND_AUGMENT_CHUNK images. Seeded from `generator`: a batch gets the same ops on any device and
+    after a resume."""
+    ra = v2.RandAugment(num_ops=RAND_AUGMENT_OPS, magnitude=round(RAND_AUGMENT_MAGNITUDE / 10 * 30))
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    u8 = x.round_().clamp_(0, 255).to(torch.uint8)  # the ops (posterize, solarize, ...) want uint8
+    with _RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = torch.cat([ra(chunk) for chunk in u8.split(RAND_AUGMENT_CHUNK)])
+    return x.copy_(out)
+
+
 def train_batch(
     images: torch.Tensor,
     data_cfg: dict[str, Any],
     generator: torch.Generator | None = None,
     hflip: float = 0.5,
+    rand_augment: bool = False,
 ) -> torch.Tensor:
-    """timm's `basic` train augmentation for a uint8 batch: float32 (B, 3, H, W), normalized."""
+    """timm's `basic` train augmentation for a uint8 batch (`rand_augment`: plus RandAugment, the
+    per-image part of `strong`): float32 (B, 3, H, W), normalized."""
     x = random_resized_crop(images, _size(data_cfg), generator)  # (B, 3, H, W), 0..255
     x = random_hflip_(x, hflip, generator)
+    if rand_augment:
+        x = rand_augment_(x, generator)
     return normalize_(x, data_cfg["mean"], data_cfg["std"])
 
 

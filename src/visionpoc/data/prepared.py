@@ -274,7 +274,8 @@ def prepared_loaders(splits: Splits, data_cfg: dict[str, Any], cfg: Config, devi
     bs = cfg.train.batch_size // d.world  # train.batch_size is the global batch
     ebs = cfg.train.eval_batch_size or 2 * bs
     et = eval_transform(data_cfg)
-    tt = et if cfg.train.augment == "none" else train_transform(data_cfg)  # `none`: shuffled, not augmented
+    aug = cfg.train.augment  # `none`: shuffled, not augmented; `strong`: RandAugment on the batch too
+    tt = et if aug == "none" else train_transform(data_cfg, rand_augment=aug == "strong")
     seed = cfg.train.seed
     return Loaders(
         train=split_batches(store, images, splits.train, tt, bs, device, True, seed, d),

@@ -124,8 +124,8 @@ class StoreBatches:
         return self.transform(x, self._generator(k)), y
 
 
-def train_transform(data_cfg: dict[str, Any]) -> Transform:
-    return lambda x, g: gpu_aug.train_batch(x, data_cfg, g)
+def train_transform(data_cfg: dict[str, Any], rand_augment: bool = False) -> Transform:
+    return lambda x, g: gpu_aug.train_batch(x, data_cfg, g, rand_augment=rand_augment)
 
 
 def eval_transform(data_cfg: dict[str, Any]) -> Transform:
