@@ -447,3 +447,43 @@ def checkpoint_unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def test_results_state_how_the_lr_relates_to_the_batch(straight_run: Path) -> None:
     m = json.loads((straight_run / "results.json").read_text())["models"][0]
     assert m["lr_scaling"].startswith("none: lr is the peak LR for the global batch")
+
+
+def test_checkpoint_writer_snapshots_then_writes_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The training goes on while the files are written: what is saved is the state at the call."""
+    from safetensors.torch import load_file
+
+    from visionpoc import checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    meta = {"timm": "lin", "num_classes": "2", "step": "1"}
+    with checkpoint.Writer() as ckpt:
+        ckpt.weights(model, tmp_path / "best.safetensors", meta)
+        ckpt.copy(tmp_path / "best.safetensors", tmp_path / "last.safetensors")  # after the write above
+        ckpt.state(tmp_path / "last_state.pt", {"w": model.weight, "step": 1})
+        before = model.weight.detach().clone()
+        with torch.no_grad():
+            model.weight.add_(1.0)  # the next training step, while the writes may still be running
+    saved = load_file(tmp_path / "last.safetensors")
+    assert torch.equal(saved["weight"], before) and os.path.samefile(
+        tmp_path / "best.safetensors", tmp_path / "last.safetensors"
+    )
+    assert torch.equal(checkpoint.load_state(tmp_path / "last_state.pt")["w"], before)
+
+    class DiskFull(OSError):
+        pass
+
+    def full(*a: object, **k: object) -> None:
+        raise DiskFull("no space left (simulated)")
+
+    monkeypatch.setattr(checkpoint, "save_state", full)
+    ckpt = checkpoint.Writer()
+    ckpt.state(tmp_path / "last_state.pt", {"step": 2})
+    with pytest.raises(DiskFull):  # a failed write is not lost in the thread
+        ckpt.wait()
+    with pytest.raises(KeyError), checkpoint.Writer() as ckpt:  # a stop in flight is not masked by it
+        ckpt.state(tmp_path / "last_state.pt", {"step": 3})
+        raise KeyError("the run's own error")
+    assert checkpoint.load_state(tmp_path / "last_state.pt")["step"] == 1  # the old file, whole

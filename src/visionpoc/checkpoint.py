@@ -4,7 +4,9 @@ mismatched file is a clear error, never a silent restart."""
 
 from __future__ import annotations
 
+import logging
 import pickle
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +15,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from visionpoc.atomic import atomic_write
+from visionpoc.atomic import atomic_copy, atomic_write
 from visionpoc.errors import CheckpointError
 
 BEST = "best.safetensors"  # best-on-validation weights: the ones scored on test
 LAST = "last.safetensors"  # weights at the last save (epoch end or interruption)
 STATE = "last_state.pt"  # optimizer, scheduler, RNG and loop state matching LAST
+
+log = logging.getLogger(__name__)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -30,6 +34,61 @@ def unwrap(model: nn.Module) -> nn.Module:
 def save_weights(model: nn.Module, path: Path, meta: dict[str, str]) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
+
+
+def _host_copy(obj: Any) -> Any:
+    """`obj` with every tensor copied to host memory (a snapshot the training can no longer change)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(v) for v in obj)
+    return obj
+
+
+class Writer:
+    """Checkpoint writes off the training's path: each call snapshots what it saves to host memory at
+    once, then one background thread writes the files in call order (atomically, as above). `wait()`
+    (and leaving the `with` block) returns when everything asked for is on disk, re-raising a failed
+    write. A crash before then leaves the previous files, whole."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self._pending: list[Future[Any]] = []
+
+    def weights(self, model: nn.Module, path: Path, meta: dict[str, str]) -> None:
+        state = {k: v.contiguous() for k, v in _host_copy(unwrap(model).state_dict()).items()}
+        self._submit(lambda: atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta)))
+
+    def state(self, path: Path, state: dict[str, Any]) -> None:
+        snapshot = _host_copy(state)
+        self._submit(lambda: save_state(path, snapshot))
+
+    def copy(self, src: Path, dst: Path) -> None:
+        """`dst` as the same bytes as `src` once the writes before this call are done (a hard link)."""
+        self._submit(lambda: atomic_copy(src, dst))
+
+    def _submit(self, fn: Any) -> None:
+        self._pending.append(self._pool.submit(fn))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            self.wait()
+        except Exception:
+            if exc_type is None:
+                raise
+            log.exception("a checkpoint write failed while the run was already stopping")
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def read_meta(path: Path) -> dict[str, str]:

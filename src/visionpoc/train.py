@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from visionpoc import checkpoint, distributed, models, presets, recipe, recovery
-from visionpoc.atomic import atomic_copy, atomic_write_json
+from visionpoc.atomic import atomic_write_json
 from visionpoc.config import Config, ConfigError, ModelConfig, for_model
 from visionpoc.data import augment
 from visionpoc.data.loaders import Batches, build_loaders, set_epoch
@@ -325,15 +325,17 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
         result.resumed_from_epoch = s["epoch"]
         log.info("[%s] resuming at epoch %d, batch %d", mcfg.label, s["epoch"], s["progress"].batches)
 
+    ckpt = checkpoint.Writer()  # snapshots now, files written by a background thread (in order)
+
     def save_last(epoch: int, progress: EpochProgress, best_is_current: bool = False) -> None:
         rngs = distributed.all_gather(d, recovery.rng_state())  # every rank saves its own streams
         if not d.main:
             return
         if best_is_current:  # BEST was just written from these very weights: link it, no second write
-            atomic_copy(out_dir / BEST, out_dir / LAST)
+            ckpt.copy(out_dir / BEST, out_dir / LAST)
         else:
-            checkpoint.save_weights(model, out_dir / LAST, {**meta, "step": str(s["step"])})
-        checkpoint.save_state(out_dir / STATE, {
+            ckpt.weights(model, out_dir / LAST, {**meta, "step": str(s["step"])})
+        ckpt.state(out_dir / STATE, {
             "epoch": epoch, "step": s["step"], "progress": dataclasses.asdict(progress), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": rngs[0], "rng_ranks": rngs, "history": [dataclasses.asdict(h) for h in result.history],
             "best_epoch": result.best_epoch, "micro_batch": parts.micro_batch, "oom_events": parts.oom_events,
@@ -344,7 +346,7 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
     reset_peak_memory(device)
-    with recovery.stop_on_signals() as stop:
+    with recovery.stop_on_signals() as stop, ckpt:  # leaving: every checkpoint asked for is on disk
         for epoch in range(s["epoch"], cfg.train.epochs + 1):
             progress: EpochProgress = s["progress"]
             set_epoch(loaders.train, epoch, skip_batches=progress.batches)
@@ -378,7 +380,7 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
             if improved:
                 s["best_val"], s["bad_epochs"], result.best_epoch = score, 0, epoch
                 if d.main:  # with EMA: the EMA weights; without, the trained ones, which LAST then shares
-                    checkpoint.save_weights(val_model, out_dir / BEST, {**meta, "step": str(s["step"])})
+                    ckpt.weights(val_model, out_dir / BEST, {**meta, "step": str(s["step"])})
             else:
                 s["bad_epochs"] += 1
             s["epoch"], s["progress"] = epoch + 1, EpochProgress()
