@@ -202,6 +202,14 @@ def test_micro_batches_give_the_same_update_as_the_whole_batch() -> None:
         assert torch.allclose(pa, pb, atol=1e-6)
 
 
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path: Path) -> None:
+    """A team shares run folders: results are not left private (mkstemp's 0600) to whoever ran it."""
+    (tmp_path / "plain.json").write_text("{}")
+    atomic_write_text(tmp_path / "results.json", "{}")
+    mode = (tmp_path / "results.json").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain.json").stat().st_mode & 0o777
+
+
 def test_atomic_write_leaves_the_old_file_on_a_crash(tmp_path: Path) -> None:
     target = tmp_path / "results.json"
     atomic_write_text(target, '{"ok": 1}')
