@@ -113,3 +113,40 @@ def test_early_stop_clean_train_pass_and_metrics_on_every_split(mini_dogs: Path,
     counts = np.bincount(train.labels, minlength=3)
     per = np.nan_to_num(np.asarray(saved["train_per_class_accuracy"], dtype=float))
     assert (per * counts).sum() / counts.sum() == pytest.approx(saved["train_accuracy"])
+
+
+def test_training_time_excludes_evaluation_and_the_first_step(
+    mini_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train_time_s is the steady training steps only: a slow first step (compilation) lands in
+    warmup_s, and slow evaluations land in neither."""
+    import time
+
+    from visionpoc import train
+
+    real_step, real_eval = train.train_step, train.evaluate_split
+    calls = {"steps": 0}
+
+    def slow_first_step(*a, **k):  # type: ignore[no-untyped-def]
+        calls["steps"] += 1
+        if calls["steps"] == 1:
+            time.sleep(2.0)  # as a compilation would
+        return real_step(*a, **k)
+
+    def slow_eval(*a, **k):  # type: ignore[no-untyped-def]
+        time.sleep(1.0)
+        return real_eval(*a, **k)
+
+    monkeypatch.setattr(train, "train_step", slow_first_step)
+    monkeypatch.setattr(train, "evaluate_split", slow_eval)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"data: {{root: '{mini_dogs}', val_fraction: 0.2, num_workers: 0, download: false}}\n"
+        "models:\n  - {label: vit, timm: vit_tiny_patch16_224, pretrained: false, img_size: 32, model_kwargs: {depth: 1}}\n"
+        "train: {epochs: 2, batch_size: 4}\n"
+    )
+    (m,) = run_compare(load_config(cfg), tmp_path / "run").models
+    assert m.status == "ok", m.error
+    assert m.warmup_s is not None and m.warmup_s >= 2.0  # the first step, timed apart
+    assert m.train_time_s is not None and m.train_time_s < 1.5  # no first step, no 5 x 1 s of evaluation
+    assert m.history[-1].cumulative_train_time_s == pytest.approx(m.train_time_s + m.warmup_s)
