@@ -52,7 +52,12 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
 def build_parser() -> argparse.ArgumentParser:
     from visionpoc import __version__
 
-    parser = argparse.ArgumentParser(prog="visionpoc", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="visionpoc",
+        description="Is the newer vision model worth it? Fine-tune it and your production baseline on the "
+        "same data, with the same loop and budget, and compare training time, accuracy and whether the "
+        "difference is real. `visionpoc compare` runs the default PoC (Stanford Dogs, Xception vs ViT-B/16).",
+    )
     parser.add_argument("--version", action="version", version=f"visionpoc {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
