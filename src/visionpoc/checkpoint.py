@@ -32,7 +32,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_weights(model: nn.Module, path: Path, meta: dict[str, str]) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
+    _write_weights({k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}, path, meta)
+
+
+def _write_weights(state: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
+    """`state` (host tensors) as a safetensors file at `path`, atomically."""
+    state = {k: v.contiguous() for k, v in state.items()}
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
 
@@ -58,8 +63,8 @@ class Writer:
         self._pending: list[Future[Any]] = []
 
     def weights(self, model: nn.Module, path: Path, meta: dict[str, str]) -> None:
-        state = {k: v.contiguous() for k, v in _host_copy(unwrap(model).state_dict()).items()}
-        self._submit(lambda: atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta)))
+        state = _host_copy(unwrap(model).state_dict())
+        self._submit(lambda: _write_weights(state, path, meta))
 
     def state(self, path: Path, state: dict[str, Any]) -> None:
         snapshot = _host_copy(state)

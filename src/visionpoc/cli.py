@@ -238,13 +238,12 @@ def _export(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     from visionpoc import distributed
     from visionpoc.config import load_config
-    from visionpoc.distributed import from_env
     from visionpoc.tune import run_tune
     from visionpoc.tuned import best_trial
 
     cfg = load_config(args.config, args.overrides)
     out = args.out or _default_out("tune")
-    d = from_env()
+    d = distributed.from_env()
     try:
         study = run_tune(cfg, args.model, trials=args.trials, storage=args.storage, study=args.study,
                          timeout=args.timeout, out_dir=out)  # fmt: skip

@@ -41,10 +41,16 @@ SINGLE = Dist()  # one process
 MASK64 = 2**64 - 1
 
 
+def derive_seed(*parts: int) -> int:
+    """A 64-bit seed mixed from `parts` by NumPy's SeedSequence: distinct tuples give unrelated streams
+    (a sum would not: seed 1 at epoch 2 would replay seed 2 at epoch 1)."""
+    return int(np.random.SeedSequence([p & MASK64 for p in parts]).generate_state(1, np.uint64)[0])
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """Process `rank`'s own seed for its random streams (dropout, mixup, DataLoader workers): the
     ranks of one run draw different numbers, and no rank repeats another seed's stream."""
-    return int(np.random.SeedSequence([seed & MASK64, rank]).generate_state(1, np.uint64)[0])
+    return derive_seed(seed, rank)
 
 
 def from_env() -> Dist:

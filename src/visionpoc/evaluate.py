@@ -30,10 +30,15 @@ class EvalStats:
     probs: np.ndarray  # (N, C) float32
 
 
-def topk_accuracy(targets: np.ndarray, probs: np.ndarray, k: int) -> float:
+def topk_correct(targets: np.ndarray, probs: np.ndarray, k: int) -> np.ndarray:
+    """(N,) bool: the truth is among the `k` most probable classes (all of them with fewer than `k`)."""
     k = min(k, probs.shape[1])
     topk = np.argpartition(-probs, kth=k - 1, axis=1)[:, :k]  # (N, k), unordered
-    return float((topk == targets[:, None]).any(axis=1).mean()) if len(targets) else float("nan")
+    return (topk == targets[:, None]).any(axis=1)
+
+
+def topk_accuracy(targets: np.ndarray, probs: np.ndarray, k: int) -> float:
+    return float(topk_correct(targets, probs, k).mean()) if len(targets) else float("nan")
 
 
 def per_class_accuracy(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> list[float]:

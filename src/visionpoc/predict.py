@@ -131,8 +131,8 @@ class Predictor:
         rows: list[Row] = []
         for path in tqdm(files, desc="predict", unit="img", disable=None):
             try:
-                check_aspect_ratio(*_declared_size(path), f"image {path}")  # before decoding
-                image = load_rgb(path)
+                image = load_rgb(path)  # within PIL's pixel limit, like any image: a strip decodes cheaply
+                check_aspect_ratio(image.width, image.height, f"image {path}")  # before the resize
             except VisionpocError as e:
                 log.warning("%s", e)
                 rows.append({"image": str(path), "error": str(e)})
@@ -163,16 +163,6 @@ class Predictor:
             except Exception as e:  # an explanation is a bonus; the prediction stands without it
                 log.warning("no explanation for %s: %s: %s", tm.label, type(e).__name__, e)
         return out
-
-
-def _declared_size(path: Path) -> tuple[int, int]:
-    """The width and height in the header of `path`, without decoding it; (1, 1) when it cannot be
-    read, so that `load_rgb` reports the problem with its own message."""
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except Exception:
-        return 1, 1
 
 
 def image_files(paths: Iterable[str | Path]) -> list[Path]:

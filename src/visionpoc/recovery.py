@@ -21,6 +21,7 @@ from torch import nn
 from visionpoc import checkpoint
 from visionpoc.config import Config, load_config, to_dict
 from visionpoc.errors import CheckpointError, ConfigError
+from visionpoc.typed import flat_keys
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,13 @@ def stop_on_signals() -> Iterator[StopRequest]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def seed_streams(seed: int) -> None:
+    """Seed the global streams the training draws from: Python's, NumPy's (32 bits) and torch's."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:
@@ -95,17 +103,6 @@ RESUME_MAY_CHANGE = ("tracking.", "data.num_workers", "data.root", "data.downloa
                      "train.device", "train.compile")  # fmt: skip
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """`{"train": {"lr": 1}}` -> `{"train.lr": 1}`; list items by index (`models.0.lr`)."""
-    if isinstance(tree, dict) and tree:
-        items: Any = tree.items()
-    elif isinstance(tree, (list, tuple)) and tree:
-        items = enumerate(tree)
-    else:  # a leaf, or an empty dict/list
-        return {prefix[:-1]: tree}
-    return {k: v for key, sub in items for k, v in _flat(sub, f"{prefix}{key}.").items()}
-
-
 def _may_change(key: str) -> bool:
     return any(key == a or (a.endswith(".") and key.startswith(a)) for a in RESUME_MAY_CHANGE)
 
@@ -116,7 +113,7 @@ def resume_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) ->
     if not path.is_file():
         raise ConfigError(f"{path} not found: --resume takes the folder of a run started by compare or train")
     cfg = load_config(path, overrides)
-    saved, new = _flat(to_dict(load_config(path))), _flat(to_dict(cfg))
+    saved, new = flat_keys(to_dict(load_config(path))), flat_keys(to_dict(cfg))
     changed = sorted(k for k in saved.keys() | new.keys() if saved.get(k) != new.get(k))
     refused = [k for k in changed if not _may_change(k)]
     if refused:

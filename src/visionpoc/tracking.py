@@ -16,6 +16,7 @@ from typing import Any
 
 from visionpoc.errors import ConfigError
 from visionpoc.results import RESULTS_FILE, ModelResult, load_results
+from visionpoc.typed import flat_keys
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +61,6 @@ def artifact_location(uri: str) -> str | None:
     return (db.parent / "mlartifacts").as_uri()
 
 
-def _flat(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flat(f"{prefix}.{k}" if prefix else str(k), v, out)
-    else:
-        out[prefix] = "null" if value is None else value
-    return out
-
-
 def _numbers(obj: Any, keys: tuple[str, ...]) -> dict[str, float]:
     values = {k: getattr(obj, k) for k in keys}
     return {k: float(v) for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)}
@@ -102,7 +94,7 @@ def log_run(run_dir: str | Path, uri: str, experiment: str = "visionpoc") -> str
     tags = {"visionpoc.run_dir": str(run_dir.resolve()), "visionpoc.dataset": r.dataset.source,
             "visionpoc.models": ", ".join(m.label for m in r.models)}  # fmt: skip
     with mlflow.start_run(experiment_id=exp_id, run_name=run_dir.name, tags=tags) as parent:
-        mlflow.log_params(_flat("", shared, {}))
+        mlflow.log_params({k: "null" if v is None else v for k, v in flat_keys(shared, lists=False).items()})
         mlflow.log_params({f"dataset.{k}": v for k, v in dataclasses.asdict(r.dataset).items()
                            if k != "class_names"})  # fmt: skip
         mlflow.log_params(

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,9 +61,7 @@ LOOP_KEYS = (
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed Python, NumPy and torch; `deterministic` also picks deterministic kernels (slower on GPU)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    recovery.seed_streams(seed)
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = not deterministic
@@ -75,10 +72,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 def seed_rank(seed: int, d: Dist) -> None:
     """After the model is built (identical on every rank, and DDP broadcasts rank 0's weights anyway),
     give each process its own stream for dropout, drop-path and the batch ops (mixup/cutmix, erasing)."""
-    s = distributed.rank_seed(seed, d.rank)
-    random.seed(s)
-    np.random.seed(s % 2**32)
-    torch.manual_seed(s)
+    recovery.seed_streams(distributed.rank_seed(seed, d.rank))
 
 
 def wrap_model(model: nn.Module, d: Dist, device: torch.device, compile_: bool) -> tuple[nn.Module, nn.Module]:  # fmt: skip

@@ -124,6 +124,18 @@ def from_dict(cls: Any, data: Any, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def flat_keys(tree: Any, lists: bool = True, prefix: str = "") -> dict[str, Any]:
+    """`{"train": {"lr": 1}}` -> `{"train.lr": 1}`; list items by index (`models.0.lr`), or, with
+    `lists=False`, each list as one value."""
+    if isinstance(tree, dict) and tree:
+        items: Any = tree.items()
+    elif lists and isinstance(tree, (list, tuple)) and tree:
+        items = enumerate(tree)
+    else:  # a leaf, or an empty dict/list
+        return {prefix[:-1]: tree}
+    return {k: v for key, sub in items for k, v in flat_keys(sub, lists, f"{prefix}{key}.").items()}
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain dict/list form of a config (tuples become lists), ready for YAML or JSON."""
 

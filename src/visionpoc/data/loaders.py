@@ -32,7 +32,8 @@ from visionpoc.data.augment import train_transform as train_transform
 from visionpoc.data.images import load_rgb
 from visionpoc.data.sources import Split
 from visionpoc.data.splits import Splits
-from visionpoc.distributed import MASK64, SINGLE, Dist, EpochSampler, rank_seed
+from visionpoc.distributed import SINGLE, Dist, EpochSampler, derive_seed, rank_seed
+from visionpoc.recovery import seed_streams
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class Batches(Protocol):
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The seed of one training sample's augmentation in one epoch (64 bits)."""
-    return int(np.random.SeedSequence([seed & MASK64, epoch, index]).generate_state(1, np.uint64)[0])
+    return derive_seed(seed, epoch, index)
 
 
 @contextmanager
@@ -54,9 +55,7 @@ def seeded_rngs(seed: int) -> Iterator[None]:
     (dropout, mixup) must not see the draws."""
     py, npy = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+        seed_streams(seed)
         try:
             yield
         finally:

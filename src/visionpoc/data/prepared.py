@@ -247,8 +247,7 @@ def resident(store: PreparedStore, device: torch.device) -> torch.Tensor | np.nd
         return store.images
     key = (store.key, str(device))
     if key not in _RESIDENT:
-        _RESIDENT.clear()
-        torch.cuda.empty_cache()
+        _RESIDENT.clear()  # its memory goes back to PyTorch's cache, which `place` counts as free
         images = place(store.images, device)
         if not isinstance(images, torch.Tensor):
             return images

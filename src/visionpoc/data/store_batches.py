@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from visionpoc.data import gpu_aug
-from visionpoc.distributed import EpochSampler
+from visionpoc.distributed import EpochSampler, derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ class StoreBatches:
 
     def _generator(self, k: int) -> torch.Generator:
         s = self.sampler
-        seed = np.random.SeedSequence([s.seed, s.epoch, s.d.rank, k]).generate_state(1, np.uint64)[0]
-        return torch.Generator().manual_seed(int(seed))
+        return torch.Generator().manual_seed(derive_seed(s.seed, s.epoch, s.d.rank, k))
 
     def _fetch_host(self, pos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         assert isinstance(self.images, np.ndarray)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from visionpoc.data.images import load_rgb
 from visionpoc.errors import DataError
+from visionpoc.evaluate import topk_correct
 from visionpoc.results import PREDICTIONS_FILE, DatasetInfo, ModelResult, load_predictions
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,9 @@ class Predictions:
 
     @property
     def top5_correct(self) -> np.ndarray:
-        """(N,) bool: the truth is among the 5 most probable classes (all of them with fewer than 5), the
-        same rule as `evaluate.topk_accuracy`, so its mean is the recorded top-5 accuracy."""
-        k = min(5, self.probs.shape[1])
-        topk = np.argpartition(-self.probs, kth=k - 1, axis=1)[:, :k]  # (N, k), unordered
-        return (topk == self.targets[:, None]).any(axis=1)
+        """(N,) bool: the truth is among the 5 most probable classes: `evaluate`'s rule, so its mean is the
+        recorded top-5 accuracy."""
+        return topk_correct(self.targets, self.probs, 5)
 
 
 def read_predictions(run_dir: Path, model: ModelResult) -> Predictions | None:

@@ -87,10 +87,6 @@ def _percentile_bootstrap(samples: tuple[np.ndarray, ...], statistic: Callable[.
     return Interval(point, float(ci.low), float(ci.high), level)
 
 
-def _mean(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    return np.mean(x, axis=axis)
-
-
 def _mean_difference(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.mean(b, axis=axis) - np.mean(a, axis=axis)
 
@@ -100,7 +96,7 @@ def bootstrap_accuracy(
 ) -> Interval:
     """Accuracy of a boolean (N,) correctness vector with its percentile bootstrap interval."""
     c = _as_bool(correct).astype(np.float64)
-    return _percentile_bootstrap((c,), _mean, float(c.mean()), n_resamples, seed, level)
+    return _percentile_bootstrap((c,), np.mean, float(c.mean()), n_resamples, seed, level)
 
 
 def bootstrap_count(
