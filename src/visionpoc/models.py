@@ -42,7 +42,10 @@ def create_model(mcfg: ModelConfig, num_classes: int, pretrained: bool | None = 
                 f"model {mcfg.label!r}: pretrained_path {path} not found; point it to a .safetensors or .pth "
                 "state dict of the same architecture"
             )
-        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+        overlay: dict[str, Any] = {"file": str(path)}
+        if path.suffix != ".npz":  # timm < 1.0.31 sends any file of a `custom_load` tag to its .npz reader
+            overlay["custom_load"] = False
+        kwargs["pretrained_cfg_overlay"] = overlay
     if mcfg.img_size is not None:
         kwargs["img_size"] = mcfg.img_size
     # no network: cached weights still load, and missing ones fail at once, not after a minute of retries
