@@ -45,6 +45,22 @@ def test_store_holds_the_pil_resize_and_center_crop(mini_dogs: Path, tmp_path: P
     assert not any(mini_dogs.rglob(CACHE_DIRNAME))  # the cache went where it was told
 
 
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_that_keeps_the_store_size(tmp_path: Path) -> None:
+    h, w = 1600, 2000  # a photo 4x the store size and more: libjpeg can decode it at 1/4 scale
+    yy, xx = np.mgrid[0:h, 0:w]
+    pixels = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 255 // (w + h)], -1).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "big.jpg", quality=95)
+    Image.fromarray(pixels).save(tmp_path / "big.png")  # the same pixels, no DCT scaling possible
+    assert load_rgb(tmp_path / "big.jpg", min_side=400).size == (500, 400)  # 1/4 scale: still >= 400
+    assert load_rgb(tmp_path / "big.jpg", min_side=401).size == (1000, 800)  # 1/4 would be too small
+    assert load_rgb(tmp_path / "big.png", min_side=400).size == (w, h)  # not a JPEG: full size
+    assert load_rgb(tmp_path / "big.jpg").size == (w, h)  # by default: full size
+    fast = prepared.decode_square(tmp_path / "big.jpg", 400)
+    full = prepared.decode_square(tmp_path / "big.png", 400)
+    assert fast.shape == full.shape == (3, 400, 400)
+    assert np.abs(fast.astype(np.float32) - full).mean() < 2  # the same picture
+
+
 def test_store_is_reused_and_rebuilt_when_a_file_changes(fresh_dogs: Path, tmp_path: Path) -> None:
     paths, cache = all_paths(fresh_dogs), tmp_path / "cache"
     first = prepare_store(paths, 32, cache)

@@ -32,8 +32,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open and fully decode `path` as an RGB image."""
+def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int | None = None) -> Image.Image:
+    """Open and fully decode `path` as an RGB image. `min_side`: a JPEG may be decoded at 1/2, 1/4 or
+    1/8 scale (libjpeg's DCT scaling, PIL's `draft`) as long as both sides stay at least `min_side`:
+    several times faster for photos much larger than the size they are resized to."""
     path = Path(path)
     try:
         with warnings.catch_warnings():
@@ -45,6 +47,8 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
                         f"image {path} declares {w}x{h} pixels, over the {max_pixels:,} limit: "
                         "it is not a photo this tool can use; remove it from the dataset"
                     )
+                if min_side is not None:
+                    img.draft(None, (min_side, min_side))  # JPEG only; a no-op for other formats
                 img.load()
                 return to_rgb(img)
     except DataError:

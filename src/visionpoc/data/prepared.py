@@ -1,11 +1,12 @@
 """The prepared store (the fast input path): building it, caching it, and the loaders over it. Every
-image of the splits is decoded once (`load_rgb`), its central square is resized to `prepared_size`
+image of the splits is decoded once (`load_rgb`; a JPEG at least twice the size at libjpeg's reduced
+scale, 1/2 to 1/8, that keeps both sides >= S), its central square is resized to `prepared_size`
 (the same pixels as resizing the short side to S and center-cropping S x S), and the result is kept as
 one uint8 array (N, 3, S, S) in a `.npy` file. Training then gathers batches from that array and
 augments them on the device (`StoreBatches`, `gpu_aug`).
 
 - Where: `<data.root>/.visionpoc-cache/`, else `$XDG_CACHE_HOME/visionpoc` (`~/.cache/visionpoc`) when
-  the dataset folder is read-only. Stanford Dogs at S=320 takes 20,580 x 300 KiB = 5.9 GiB.
+  the dataset folder is read-only. Stanford Dogs at the default S=336 takes 20,580 x 331 KiB = 6.5 GiB.
 - Key: a hash of STORE_VERSION, S, and every file's path (relative to the files' common folder),
   size and mtime_ns. A changed, added or removed image, or another S, gives another key and a rebuild;
   the store it replaces (same files, older content) is deleted. Labels are not part of the key: they
@@ -15,8 +16,8 @@ augments them on the device (`StoreBatches`, `gpu_aug`).
 - Shared: one store for train, validation and test, and for every model: each model crops it at its
   own input size. The crop keeps the central square, as timm's eval transform does anyway; training's
   random-resized-crop samples inside that square (the image's far left/right edges are never seen).
-  Eval needs S >= floor(input / crop_pct) to be exact: Xception's 299 / 0.8975 asks for 333, so at the
-  default S=320 its eval crop is upsampled by 4% (`data.prepared_size=336` avoids it).
+  Eval needs S >= floor(input / crop_pct) to be exact: Xception's 299 / 0.8975 asks for 333, hence the
+  default S=336 (at S=320 its eval crop would be upsampled by 4%).
 - Loaders: `split_batches` and `prepared_loaders` turn the store and the splits into `Loaders`; where
   the store is placed and how batches are gathered and augmented on the device is `data/store_batches.py`.
 """
@@ -52,14 +53,14 @@ from visionpoc.distributed import SINGLE, Dist, EpochSampler
 
 log = logging.getLogger(__name__)
 
-STORE_VERSION = 1  # bump when the stored pixels change (filter, layout), so old stores are rebuilt
+STORE_VERSION = 2  # bump when the stored pixels change (filter, layout), so old stores are rebuilt
 CACHE_DIRNAME = ".visionpoc-cache"
 CHUNK = 64  # images per task of a build worker
 
 
 def decode_square(path: str | Path, size: int) -> np.ndarray:
     """(3, S, S) uint8: the central square of the image at `path`, resized (bicubic) to S x S."""
-    img = load_rgb(path)
+    img = load_rgb(path, min_side=size)  # a large JPEG decodes at a reduced scale still >= size
     w, h = img.size
     m = min(w, h)
     box = ((w - m) / 2, (h - m) / 2, (w + m) / 2, (h + m) / 2)  # exact central square, sub-pixel
