@@ -11,7 +11,8 @@
 #   mkdir -p build/bench && cp /work/shared/bench/peer_anchor.py build/bench/
 # Then with the device tool:  run(command="bash bench/gpu_check.sh", carry=["build/bench"], timeout_s=590)
 # Results: $OUT/bench.json and bench.txt (ours + peers), peer_anchor.json, env.txt -> docs/benchmarks.md.
-# Expect ~6 min for the bench (six torch.compile warm-ups of 30-50 s) and ~1.5 min for the anchor.
+# Expect ~6-7 min for the bench (seven torch.compile warm-ups of 30-50 s; the last, ViT-B/16 at batch 512,
+# is the first thing the 430 s limit cuts) and ~1.5 min for the anchor.
 # PEER_ANCHOR=0 skips the anchor; BENCH_ARGS="--sections peer,input,ours" skips the HF peer, for example.
 set -uo pipefail
 PY=${PYTHON:-python3}  # the device image's interpreter with PyTorch is python3

@@ -20,19 +20,30 @@ def test_smoke_bench_reports_every_figure(tmp_path: Path, one_thread: None) -> N
     inp = d["input"]
     assert inp["pil"]["img_s"] > 0 and inp["prepared"]["img_s"] > 0 and inp["prepared"]["build_s"] > 0
     assert inp["ratio_prepared_vs_pil"] == pytest.approx(inp["prepared"]["img_s"] / inp["pil"]["img_s"])
-    assert [m["name"] for m in d["ours"]] == ["vit_b16", "xception_top10"]
+    assert [m["name"] for m in d["ours"]] == ["vit_b16", "xception_top10", "vit_b16_bs8"]  # the variant last
     for m in d["ours"]:
         assert "error" not in m, m
         assert m["synthetic_img_s"] > 0 and m["prepared_img_s"] > 0 and m["input_efficiency"] > 0
+        assert m["micro_batch"] is None  # no out-of-memory fallback
+    variant = d["ours"][-1]
+    assert variant["bs"] == 2 * d["ours"][0]["bs"] and variant["peer"] == "vit_b16"
+    vit_eager = next(m["img_s"] for m in d["peer"] if m["name"] == "vit_b16")  # compared with its base's peer
+    assert d["ratios"]["vit_b16_bs8 vs timm eager"] == pytest.approx(variant["prepared_img_s"] / vit_eager)
+    assert ("vit_b16_bs8 vs hf" in d["ratios"]) == bool(d["hf"])
     assert {(m["name"], m["compile"]) for m in d["peer"]} == {("vit_b16", False), ("xception_top10", False)}
     assert all(m["img_s"] > 0 for m in d["peer"])
     assert set(d["ratios"]) >= {"input prepared/pil", "vit_b16 input efficiency", "vit_b16 vs timm eager",
-                                "xception_top10 input efficiency", "xception_top10 vs timm eager"}  # fmt: skip
+                                "xception_top10 input efficiency", "xception_top10 vs timm eager",
+                                "vit_b16_bs8 input efficiency"}  # fmt: skip
+    assert "xception_top10 vs hf" not in d["ratios"]  # HF's peer is a ViT
     if not d["hf"]:
         assert d["skipped"]["hf"] == "transformers is not installed"
     assert "targets" not in d  # the targets are for an H100, not a smoke run
     text = format_bench(d)
-    assert "prepared store + gpu_aug" in text and "ratio input prepared/pil" in text and "vit_b16" in text
+    assert "prepared store + gpu_aug" in text and "ratio input prepared/pil" in text and "vit_b16_bs8" in text
+    assert "out of memory" not in text
+    d["ours"][-1]["micro_batch"] = 4  # as the step's fallback leaves it: said, not hidden
+    assert "vit_b16_bs8: out of memory at batch 8, measured with micro-batches of 4" in format_bench(d)
 
 
 def test_on_a_cpu_the_full_bench_measures_only_the_input_path(monkeypatch: pytest.MonkeyPatch) -> None:

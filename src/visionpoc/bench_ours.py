@@ -123,6 +123,8 @@ def ours(spec: Spec, store: PreparedStore, images: torch.Tensor | np.ndarray, sp
     run(fed, 1)  # the augmentation's first call
     t_syn = timed(lambda: run(synthetic, p.steps), device)
     t_store = timed(lambda: run(fed, p.steps), device)
-    return {"name": spec.label, "timm": spec.timm, "finetune": spec.finetune, "bs": spec.batch, "size": spec.size,
-            "compile": device.type == "cuda", "warmup_s": warm, "synthetic_img_s": spec.batch * p.steps / t_syn,
-            "prepared_img_s": spec.batch * p.steps / t_store, "input_efficiency": t_syn / t_store}  # fmt: skip
+    return {"name": spec.label, "peer": spec.peer or spec.label, "timm": spec.timm, "finetune": spec.finetune,
+            "bs": spec.batch, "size": spec.size, "compile": device.type == "cuda", "warmup_s": warm,
+            "micro_batch": parts.micro_batch,  # None, or what an out-of-memory fallback left
+            "synthetic_img_s": spec.batch * p.steps / t_syn, "prepared_img_s": spec.batch * p.steps / t_store,
+            "input_efficiency": t_syn / t_store}  # fmt: skip

@@ -33,6 +33,7 @@ class Spec:
     size: int
     batch: int
     kwargs: dict[str, Any] = field(default_factory=dict)
+    peer: str | None = None  # the peer rows it is compared with (a variant of another spec); None: its own
 
 
 @dataclass(frozen=True)
@@ -45,19 +46,22 @@ class Plan:
     workers: int
     input_batch: int = 32  # the input section's batch: each DataLoader worker builds several per pass
     input_passes: int = 5  # the prepared path's timed passes (median)
+    variants: tuple[Spec, ...] = ()  # our loop only, measured last: levers such as a larger batch
 
 
 def plan(smoke: bool) -> Plan:
     if smoke:  # toy sizes: checks the code on a CPU in seconds
         vit = Spec("vit_b16", "vit_tiny_patch16_224", "full", 32, 4, {"depth": 2})
         cnn = Spec("xception_top10", "legacy_xception", "top_fraction", 48, 2)
-        return Plan(
-            (vit, cnn), n_images=32, store_size=48, steps=2, warm=1, workers=0, input_batch=4, input_passes=2
-        )
+        big = Spec("vit_b16_bs8", "vit_tiny_patch16_224", "full", 32, 8, {"depth": 2}, peer="vit_b16")
+        return Plan((vit, cnn), n_images=32, store_size=48, steps=2, warm=1, workers=0, input_batch=4,
+                    input_passes=2, variants=(big,))  # fmt: skip
     return Plan((Spec("vit_b16", "vit_base_patch16_224", "full", 224, 256),
                  Spec("xception_top10", "legacy_xception", "top_fraction", 299, 128),
                  Spec("xception_full", "legacy_xception", "full", 299, 128)),
-                n_images=2048, store_size=320, steps=20, warm=5, workers=min(16, os.cpu_count() or 1))  # fmt: skip
+                n_images=2048, store_size=320, steps=20, warm=5, workers=min(16, os.cpu_count() or 1),
+                # does a batch twice the peers' fill the GPU better? (the issue's "batch that fills the GPU")
+                variants=(Spec("vit_b16_bs512", "vit_base_patch16_224", "full", 224, 512, peer="vit_b16"),))  # fmt: skip
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> float:
