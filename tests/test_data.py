@@ -94,8 +94,79 @@ def test_class_in_train_but_not_test_warns(tmp_path: Path, caplog: pytest.LogCap
 
 
 def test_class_in_test_but_not_train_is_an_error(tmp_path: Path) -> None:
-    root = _folder_dataset(tmp_path, {"a": 3}, {"a": 2, "zebra": 1})
+    root = _folder_dataset(tmp_path, {"a": 3, "b": 3}, {"a": 2, "zebra": 1})
     with pytest.raises(DataError, match="zebra"):
+        read_folder(root)
+
+
+def test_hidden_junk_and_unsupported_files_are_left_out_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = _folder_dataset(tmp_path, {"a": 2, "b": 2}, {"a": 1, "b": 1})
+    for split in ("train", "test"):  # a notebook's checkpoints folder: hidden, in train/ and in test/
+        (root / split / ".ipynb_checkpoints").mkdir()
+        dog_image(0, 9, (20, 16)).save(root / split / ".ipynb_checkpoints" / "x.png")
+    (root / "train" / "a" / ".thumbs").mkdir()  # a hidden folder inside a class: its files are not images
+    dog_image(0, 9, (20, 16)).save(root / "train" / "a" / ".thumbs" / "t.png")
+    (root / "train" / "a" / "Thumbs.db").write_bytes(b"junk")
+    (root / "train" / "a" / "photo.heic").write_bytes(b"heic")  # a photo this tool cannot read: counted
+    (root / "train" / "b" / "nested").mkdir()  # a visible sub-folder of a class is part of the class
+    dog_image(1, 9, (20, 16)).save(root / "train" / "b" / "nested" / "n.jfif", format="JPEG")
+    dog_image(1, 8, (20, 16)).save(root / "train" / "loose.png")  # not in a class folder
+    with caplog.at_level(logging.WARNING):
+        ds = read_folder(root)
+    assert ds.class_names == ["a", "b"]
+    assert ds.train.files == ["a/0.png", "a/1.png", "b/0.png", "b/1.png", "b/nested/n.jfif"]
+    assert "1 file(s) skipped" in caplog.text and ".heic: 1" in caplog.text  # Thumbs.db is not counted
+    assert "1 image(s) directly in" in caplog.text and "loose.png" in caplog.text
+
+
+def test_one_class_and_an_empty_test_split_are_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="at least two"):
+        read_folder(_folder_dataset(tmp_path / "one", {"a": 3}, {"a": 2}))
+    root = _folder_dataset(tmp_path / "flat", {"a": 2, "b": 2}, {})
+    (root / "test").mkdir()
+    dog_image(0, 0, (20, 16)).save(root / "test" / "0.png")  # in test/, not in test/<class>/
+    with pytest.raises(DataError, match="holds no images in class folders"):
+        read_folder(root)
+    with pytest.raises(DataError, match="is a file"):
+        read_folder(root / "test" / "0.png")
+
+
+def test_val_beside_test_is_said_to_be_unused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = _folder_dataset(tmp_path, {"a": 2, "b": 2}, {"a": 1, "b": 1})
+    shutil.copytree(root / "test", root / "val")
+    with caplog.at_level(logging.WARNING):
+        ds = read_folder(root)
+    assert ds.test.root == root / "test" and f"{root / 'val'} is not read" in caplog.text
+
+
+def test_class_names_match_across_unicode_normalizations(tmp_path: Path) -> None:
+    import unicodedata
+
+    nfd, nfc = unicodedata.normalize("NFD", "café"), unicodedata.normalize("NFC", "café")
+    assert nfd != nfc
+    root = _folder_dataset(tmp_path, {nfd: 2, "b": 2}, {nfc: 1, "b": 1})  # macOS wrote train/, Linux test/
+    ds = read_folder(root)
+    assert ds.class_names == ["b", nfc] and ds.test.labels.tolist() == [0, 1]
+    assert all(ds.train.path(i).is_file() for i in range(len(ds.train)))  # the folders' own names
+
+
+def test_names_that_are_not_utf8_are_refused_with_their_fix(tmp_path: Path) -> None:
+    import os
+
+    root = _folder_dataset(tmp_path, {"a": 2, "b": 2}, {"a": 1, "b": 1})
+    latin1 = os.fsdecode(b"r\xe9nard")  # a Latin-1 folder name, as a Windows zip leaves it
+    try:
+        (root / "train" / latin1).mkdir()
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses non-UTF-8 names")
+    dog_image(0, 0, (20, 16)).save(root / "train" / latin1 / "0.png")
+    with pytest.raises(DataError, match="not valid UTF-8.*convmv"):
+        read_folder(root)
+    shutil.rmtree(root / "train" / latin1)
+    dog_image(0, 0, (20, 16)).save(root / "train" / "a" / (latin1 + ".png"))  # a file name this time
+    with pytest.raises(DataError, match="not valid UTF-8"):
         read_folder(root)
 
 
@@ -144,12 +215,35 @@ def test_odd_images_decode_to_rgb(tmp_path: Path) -> None:
     rgba.save(tmp_path / "alpha.png")
     rgb.convert("P").save(tmp_path / "palette.gif")
     rgb.save(tmp_path / "png_named.jpg", format="PNG")  # content and extension disagree
-    Image.fromarray(np.arange(200, dtype=np.uint16).reshape(10, 20) * 300).save(tmp_path / "gray16.png")
-    for name in ("gray.jpg", "cmyk.jpg", "alpha.png", "palette.gif", "png_named.jpg", "gray16.png"):
+    gray16 = np.arange(200, dtype=np.uint16).reshape(10, 20) * 300
+    Image.fromarray(gray16).save(tmp_path / "gray16.png")
+    Image.fromarray(gray16.astype(">u2")).save(tmp_path / "gray16_big_endian.tif")  # I;16B, as ImageJ writes
+    Image.fromarray(gray16.astype(np.float32) / 60_000).save(tmp_path / "float01.tif")  # mode F, 0..1
+    names = ("gray.jpg", "cmyk.jpg", "alpha.png", "palette.gif", "png_named.jpg", "gray16.png",
+             "gray16_big_endian.tif", "float01.tif")  # fmt: skip
+    for name in names:
         img = load_rgb(tmp_path / name)
         assert img.mode == "RGB" and img.size == (20, 10), name
+    top8 = (gray16 >> 8).astype(np.uint8)  # 16-bit keeps its top 8 bits, whatever the byte order
+    for name in ("gray16.png", "gray16_big_endian.tif"):
+        assert np.array_equal(np.asarray(load_rgb(tmp_path / name))[..., 0], top8), name
+    as_255 = np.round(gray16.astype(np.float32) / 60_000 * 255)
+    assert np.abs(np.asarray(load_rgb(tmp_path / "float01.tif"))[..., 0] - as_255).max() <= 1  # not black
     # the PNG named .jpg is decoded losslessly from its content
     assert np.array_equal(np.asarray(load_rgb(tmp_path / "png_named.jpg")), np.asarray(rgb))
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    img = dog_image(0, 0, (40, 30))  # stored landscape; the camera says "rotate 90 degrees clockwise"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    img.save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    upright = load_rgb(tmp_path / "phone.jpg")
+    assert upright.size == (30, 40)  # portrait, as a photo viewer shows it
+    with Image.open(tmp_path / "phone.jpg") as raw:  # the stored pixels, turned by hand
+        assert raw.size == (40, 30)
+        expected = np.asarray(raw.convert("RGB").transpose(Image.Transpose.ROTATE_270))
+    assert np.array_equal(np.asarray(upright), expected)
 
 
 def test_truncated_and_non_images_are_named(tmp_path: Path) -> None:

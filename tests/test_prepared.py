@@ -87,6 +87,38 @@ def test_store_is_reused_and_rebuilt_when_a_file_changes(fresh_dogs: Path, tmp_p
     assert not list(cache.glob(".*.tmp"))
 
 
+def test_an_edited_dataset_keeps_two_stores_at_most(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    paths = []
+    for i in range(4):
+        paths.append(root / f"{i}.png")
+        Image.new("RGB", (20, 16), (i * 40, 0, 0)).save(paths[-1])
+    cache = tmp_path / "cache"
+    full = prepare_store(paths, 16, cache)
+    subset = prepare_store(paths[:2], 16, cache)  # a quick run's subset: both are kept
+    assert full.path.exists() and subset.path.exists()
+    assert not prepare_store(paths, 16, cache).built  # reusing the full store marks it as last used
+    paths.append(root / "new.png")  # the dataset grows: the store before it is kept, the subset goes
+    Image.new("RGB", (20, 16)).save(paths[-1])
+    grown = prepare_store(paths, 16, cache)
+    assert grown.built and full.path.exists() and not subset.path.exists()
+    assert sorted(cache.glob("store-*.npy")) == sorted([grown.path, full.path])
+    assert prepare_store(paths[:3], 24, cache).built and grown.path.exists()  # another size: its own
+
+
+def test_file_names_that_are_not_utf8_are_stored(tmp_path: Path) -> None:
+    import os
+
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not UTF-8
+    try:
+        Image.new("RGB", (20, 16), (9, 9, 9)).save(tmp_path / name)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses non-UTF-8 names")
+    store = prepare_store([tmp_path / name], 16, tmp_path / "cache")
+    assert store.built and int(store.images[0].max()) == 9
+
+
 def test_a_half_built_store_is_never_used(
     fresh_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

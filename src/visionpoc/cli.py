@@ -10,8 +10,9 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from visionpoc.errors import TrainingInterrupted, VisionpocError
+from visionpoc.errors import DataError, TrainingInterrupted, VisionpocError
 
 log = logging.getLogger("visionpoc")
 
@@ -73,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--root", type=Path, default=Path("data/stanford_dogs"))
     ck.add_argument("--source", choices=["stanford_dogs", "folder"], default="stanford_dogs")
     ck.add_argument("--json", action="store_true", help="print one JSON object")
+    ck.add_argument("--decode", action="store_true",
+                    help="also decode every image (in parallel) and list every file that fails")  # fmt: skip
+    ck.add_argument(
+        "--workers", type=int, default=None, help="processes for --decode (default: min(8, CPUs))"
+    )
 
     cmp_ = sub.add_parser("compare", help="the PoC: train and compare every model of the config")
     _add_config_args(cmp_)
@@ -149,14 +155,22 @@ def _data_check(args: argparse.Namespace) -> int:
     from visionpoc.data.sources import read_dataset
 
     ds = read_dataset(args.source, args.root)
-    summary = {"source": ds.source, "root": str(ds.root), "train": len(ds.train), "test": len(ds.test),
-               "classes": ds.num_classes, "class_names": ds.class_names}  # fmt: skip
+    summary: dict[str, Any] = {"source": ds.source, "root": str(ds.root), "train": len(ds.train),
+                               "test": len(ds.test), "classes": ds.num_classes, "class_names": ds.class_names}  # fmt: skip
+    if args.decode:
+        from visionpoc.data.images import undecodable
+
+        paths = [s.path(i) for s in (ds.train, ds.test) for i in range(len(s))]
+        summary["undecodable"] = undecodable(paths, args.workers or min(8, os.cpu_count() or 1))
     if args.json:
         print(json.dumps(summary))
     else:
         print(f"{ds.source} dataset in {ds.root}: {len(ds.train)} train / {len(ds.test)} test images, "
               f"{ds.num_classes} classes ({', '.join(ds.class_names[:5])}{', ...' if ds.num_classes > 5 else ''})")  # fmt: skip
-    return 0
+        if args.decode:
+            bad = summary["undecodable"]
+            print(f"decoded every image: {len(bad)} failed" + "".join(f"\n  {e}" for e in bad))
+    return 2 if summary.get("undecodable") else 0
 
 
 def _run(args: argparse.Namespace, labels: list[str] | None) -> int:
@@ -189,6 +203,9 @@ def _run(args: argparse.Namespace, labels: list[str] | None) -> int:
     except TrainingInterrupted as e:
         hint = resume_hint(args.command, out, labels[0] if labels else None, d.world)
         raise TrainingInterrupted(f"{e}. Resume with: {hint}") from None
+    except DataError as e:  # e.g. a corrupt image met mid-run: what the run finished is kept
+        hint = resume_hint(args.command, out, labels[0] if labels else None, d.world)
+        raise DataError(f"{_user_message(e)}. Once it is fixed, continue the run with: {hint}") from None
     finally:
         distributed.shutdown(d)  # a no-op for one process
     if not d.main:

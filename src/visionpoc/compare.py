@@ -45,8 +45,10 @@ def load_data(cfg: Config) -> tuple[Dataset, Splits]:
             download_stanford_dogs(root, base_url=cfg.data.base_url)
     ds = read_dataset(cfg.data.source, root)
     splits = make_splits(ds, cfg.data.val_fraction, cfg.data.limit_per_class, cfg.train.seed)
-    if len(splits.train) == 0 or len(splits.test) == 0:
-        raise DataError(f"{root}: the train or test split is empty after data.limit_per_class")
+    empty = [name for name, split in (("train", splits.train), ("test", splits.test)) if len(split) == 0]
+    if empty:
+        why = f" after data.limit_per_class={cfg.data.limit_per_class}" if cfg.data.limit_per_class else ""
+        raise DataError(f"{root}: the {' and '.join(empty)} split is empty{why}")
     log.info("data: %d train / %d val / %d test images, %d classes",
              len(splits.train), len(splits.val), len(splits.test), splits.num_classes)  # fmt: skip
     return ds, splits

@@ -9,7 +9,10 @@ augments them on the device (`StoreBatches`, `gpu_aug`).
   the dataset folder is read-only. Stanford Dogs at the default S=336 takes 20,580 x 331 KiB = 6.5 GiB.
 - Key: a hash of STORE_VERSION, S, and every file's path (relative to the files' common folder),
   size and mtime_ns. A changed, added or removed image, or another S, gives another key and a rebuild;
-  the store it replaces (same files, older content) is deleted. Labels are not part of the key: they
+  the store it replaces (same files, older content) is deleted, and of the other stores of the same
+  folder and S only the last used one is kept (a quick run's subset next to the full set). The key
+  reads file stats, not contents: a file replaced by one of the same size with its old mtime kept
+  (`cp -p`, `rsync -a`) is not seen; delete the cache folder after such a copy. Labels are not part of the key: they
   come from the splits, so a relabelling never forces a re-decode.
 - Atomic: the array is written to a temp file, fsynced and renamed, then its `.json` sidecar is
   written the same way; a store without its sidecar (a crash mid-build) is never used.
@@ -24,6 +27,7 @@ augments them on the device (`StoreBatches`, `gpu_aug`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -106,7 +110,8 @@ def _digest(base: Path, names: list[str], size: int, with_stats: bool) -> str:
     h = hashlib.sha256(f"visionpoc-store v{STORE_VERSION} size={size}\n".encode())
     for name in names:
         st = (base / name).stat() if with_stats else None
-        h.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode() if st else f"{name}\n".encode())
+        line = f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n" if st else f"{name}\n"
+        h.update(os.fsencode(line))  # a file name's bytes as the file system gave them, UTF-8 or not
     return h.hexdigest()[:24]
 
 
@@ -182,13 +187,16 @@ def prepare_store(
     npy, meta = cache / f"store-{key}.npy", cache / f"store-{key}.json"
     t0, built = time.perf_counter(), False
     images = _load(npy, meta, key, len(names), size)
-    if images is None:
+    if images is not None:
+        with contextlib.suppress(OSError):
+            os.utime(meta)  # last used: pruning keeps the stores in use
+    else:
         log.info("building the prepared store %s (%d images at %dx%d)", npy, len(names), size, size)
         _build(npy, [str(base / n) for n in names], size, workers)
         names_key = _digest(base, names, size, with_stats=False)
         atomic_write_json(meta, {"key": key, "names_key": names_key, "version": STORE_VERSION, "size": size,
                                  "n": len(names), "base": str(base)})  # fmt: skip
-        _prune(cache, key, names_key)
+        _prune(cache, key, names_key, base, size)
         images, built = np.load(npy, mmap_mode="r"), True
     dt = time.perf_counter() - t0
     log.info("prepared store %s: %d images, %.2f GiB, %s in %.1fs", npy.name, len(names),
@@ -211,17 +219,34 @@ def _load(npy: Path, meta: Path, key: str, n: int, size: int) -> np.ndarray | No
     return images
 
 
-def _prune(cache: Path, key: str, names_key: str) -> None:
-    """Delete stores of the same files and size built from older content (they can never match again)."""
+KEEP_PER_DATASET = 2  # stores kept per (dataset folder, size): e.g. a quick run's subset and the full one
+
+
+def _prune(cache: Path, key: str, names_key: str, base: Path, size: int) -> None:
+    """Delete stores of the same files and size built from older content (they can never match again),
+    and of the same dataset folder and size all but the KEEP_PER_DATASET last used (files were added,
+    removed or renamed since): an edited dataset does not leave a full-size copy behind each time."""
+    same_dataset = []
     for meta in cache.glob("store-*.json"):
         try:
             info = json.loads(meta.read_text())
         except (OSError, ValueError):
             continue
-        if info.get("names_key") == names_key and info.get("key") != key:
-            log.info("removing the outdated prepared store %s", meta.with_suffix(".npy"))
-            meta.unlink(missing_ok=True)
-            meta.with_suffix(".npy").unlink(missing_ok=True)
+        if info.get("key") == key:
+            continue
+        if info.get("names_key") == names_key:
+            _remove(meta)
+        elif info.get("base") == str(base) and info.get("size") == size:
+            same_dataset.append(meta)
+    same_dataset.sort(key=lambda m: m.stat().st_mtime, reverse=True)  # last used first (reuse touches it)
+    for meta in same_dataset[KEEP_PER_DATASET - 1 :]:
+        _remove(meta)
+
+
+def _remove(meta: Path) -> None:
+    log.info("removing the outdated prepared store %s", meta.with_suffix(".npy"))
+    meta.unlink(missing_ok=True)
+    meta.with_suffix(".npy").unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------- loaders

@@ -11,6 +11,9 @@ Two sources:
 from __future__ import annotations
 
 import logging
+import os
+import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +23,20 @@ from visionpoc.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+IMG_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".jpe",
+    ".jfif",
+    ".png",
+    ".ppm",
+    ".bmp",
+    ".pgm",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".gif",
+)
 DOGS_LISTS = ("train_list.mat", "test_list.mat")
 
 
@@ -134,16 +150,56 @@ def read_stanford_dogs(root: str | Path) -> Dataset:
 # -------------------------------------------------------------------------------------------- folders
 
 
-def _list_images(class_dir: Path) -> list[str]:
-    return sorted(
-        str(p.relative_to(class_dir.parent))
-        for p in class_dir.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith(".")
-    )
+JUNK_FILES = {"thumbs.db", "desktop.ini", "ehthumbs.db"}  # system files that are never images
+
+
+def _not_utf8(names: list[str]) -> list[str]:
+    """The names the file system gave that are not valid UTF-8 (Python keeps such bytes as surrogates)."""
+    bad = []
+    for n in names:
+        try:
+            n.encode("utf-8")
+        except UnicodeEncodeError:
+            bad.append(n)
+    return bad
+
+
+def _refuse_non_utf8(names: list[str], where: Path) -> None:
+    bad = _not_utf8(names)
+    if bad:
+        shown = ", ".join(repr(os.fsencode(n))[1:] for n in bad[:5])
+        raise DataError(
+            f"{len(bad)} name(s) under {where} are not valid UTF-8 (e.g. {shown}); they would break the "
+            "results and the report: rename them to UTF-8, e.g. `convmv -f latin1 -t utf8 -r --notest "
+            f"{where}`"
+        )
+
+
+def _list_images(class_dir: Path, skipped: Counter[str]) -> list[str]:
+    """Image files under `class_dir` (sub-folders included, hidden files and folders not), relative to
+    its parent; files with other extensions are counted by extension in `skipped`."""
+    found = []
+    for p in class_dir.rglob("*"):
+        rel = p.relative_to(class_dir)
+        if not p.is_file() or any(part.startswith(".") for part in rel.parts) or p.name.lower() in JUNK_FILES:
+            continue
+        if p.suffix.lower() in IMG_EXTENSIONS:
+            found.append(str(p.relative_to(class_dir.parent)))
+        else:
+            skipped[p.suffix.lower() or "(no extension)"] += 1
+    return sorted(found)
+
+
+def _class_dirs(d: Path) -> dict[str, Path]:
+    """Class name (Unicode NFC: a name typed on macOS matches the same name typed elsewhere) -> folder."""
+    return {unicodedata.normalize("NFC", c.name): c for c in sorted(d.iterdir())
+            if c.is_dir() and not c.name.startswith(".")}  # fmt: skip
 
 
 def read_folder(root: str | Path) -> Dataset:
     root = Path(root)
+    if root.is_file():
+        raise DataError(f"data.root {root} is a file; point it to the folder that holds train/ and test/")
     train_dir = root / "train"
     test_dir = next((d for d in (root / "test", root / "val") if d.is_dir()), None)
     if not train_dir.is_dir() or test_dir is None:
@@ -151,32 +207,57 @@ def read_folder(root: str | Path) -> Dataset:
             f"{root} must hold train/<class>/* and test/<class>/* (or val/<class>/*) folders; "
             f"found {sorted(p.name for p in root.iterdir()) if root.is_dir() else 'no such folder'}"
         )
-    class_names = sorted(d.name for d in train_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not class_names:
-        raise DataError(f"{train_dir} has no class folders: put each class's images in train/<class>/")
+    if test_dir.name == "test" and (root / "val").is_dir():
+        log.warning("%s is not read: test/ is the test split, and validation is carved out of train/ "
+                    "(data.val_fraction); merge val/ into train/ to train on it", root / "val")  # fmt: skip
+    train_classes, test_classes = _class_dirs(train_dir), _class_dirs(test_dir)
+    _refuse_non_utf8([c.name for c in [*train_classes.values(), *test_classes.values()]], root)
+    class_names = sorted(train_classes)
+    if len(class_names) < 2:
+        raise DataError(
+            f"{train_dir} has {len(class_names)} class folder(s) {class_names}: a classifier needs at least "
+            "two; put each class's images in train/<class>/"
+        )
     index = {c: i for i, c in enumerate(class_names)}
-    unknown = sorted(d.name for d in test_dir.iterdir() if d.is_dir() and d.name not in index)
+    skipped: dict[str, Counter[str]] = {}
+
+    def split(d: Path, classes: dict[str, Path]) -> Split:
+        files: list[str] = []
+        labels: list[int] = []
+        skipped[d.name] = Counter()
+        for c in class_names:
+            if c in classes:
+                found = _list_images(classes[c], skipped[d.name])
+                files += found
+                labels += [index[c]] * len(found)
+        _refuse_non_utf8(files, d)
+        loose = [p.name for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS]
+        if loose:
+            log.warning("%d image(s) directly in %s are not read (e.g. %s): put each in its class folder, "
+                        "%s/<class>/", len(loose), d, loose[0], d)  # fmt: skip
+        return Split(d, files, np.asarray(labels, dtype=np.int64))
+
+    train = split(train_dir, train_classes)
+    empty = [c for c in class_names if not (train.labels == index[c]).any()]
+    if empty:
+        raise DataError(f"class folders with no images in {train_dir}: {empty}; add images or remove them")
+    unknown = sorted(
+        c for c, path in test_classes.items() if c not in index and _list_images(path, Counter())
+    )
     if unknown:
         raise DataError(
             f"{test_dir} has classes absent from {train_dir}: {unknown}; a model cannot learn them: "
             "add training images for them or remove those folders"
         )
-
-    def split(d: Path) -> Split:
-        files: list[str] = []
-        labels: list[int] = []
-        for c in class_names:
-            if (d / c).is_dir():
-                found = _list_images(d / c)
-                files += found
-                labels += [index[c]] * len(found)
-        return Split(d, files, np.asarray(labels, dtype=np.int64))
-
-    train = split(train_dir)
-    empty = [c for c in class_names if not (train.labels == index[c]).any()]
-    if empty:
-        raise DataError(f"class folders with no images in {train_dir}: {empty}; add images or remove them")
-    ds = Dataset("folder", root, train, split(test_dir), class_names)
+    test = split(test_dir, test_classes)
+    if len(test) == 0:
+        raise DataError(f"{test_dir} holds no images in class folders: put them in {test_dir}/<class>/")
+    for name, counts in skipped.items():
+        if counts:
+            log.warning("%s: %d file(s) skipped, not an image type this tool reads (%s); supported: %s",
+                        root / name, sum(counts.values()), ", ".join(f"{k}: {v}" for k, v in counts.most_common()),
+                        " ".join(IMG_EXTENSIONS))  # fmt: skip
+    ds = Dataset("folder", root, train, test, class_names)
     _check_class_coverage(ds)
     return ds
 

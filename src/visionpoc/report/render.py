@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import logging
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,9 +54,13 @@ def millions(v: int | None) -> str:
     return DASH if v is None else f"{v / 1e6:,.2f} M"
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|])")
+
+
 def md_cell(text: object) -> str:
-    """Text safe inside a Markdown table cell."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """Text shown as is inside a Markdown table cell: a class named `a_b*c*` or `<b>` stays that text
+    (Markdown's emphasis, links, inline HTML and cell separators are backslash-escaped)."""
+    return _MD_SPECIAL.sub(r"\\\1", str(text)).replace("\n", " ")
 
 
 def _environment(image_src: Callable[[str], str]) -> jinja2.Environment:
