@@ -618,3 +618,14 @@ def test_failed_candidate_single_model_and_escaping(tmp_path: Path) -> None:
     save_results(r, run_dir)
     html = write_report(run_dir).read_text()
     assert "the run has one model" in html and "85.7%" in _summary(html)
+
+
+def test_markdown_cells_show_names_as_they_are() -> None:
+    from visionpoc.report.render import md_cell
+
+    # a class named like Markdown: no italics, no inline HTML, no broken table; snake_case stays readable
+    assert md_cell("under_score*star*") == "under_score\\*star\\*"
+    assert md_cell("<b>bold<") == "\\<b\\>bold\\<"
+    assert md_cell("a|b\nc") == "a\\|b c"
+    assert md_cell("_x_ [link](u) `code`") == "\\_x\\_ \\[link\\](u) \\`code\\`"
+    assert md_cell("dinov3_b16") == "dinov3_b16"

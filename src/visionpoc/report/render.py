@@ -54,7 +54,9 @@ def millions(v: int | None) -> str:
     return DASH if v is None else f"{v / 1e6:,.2f} M"
 
 
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|])")
+# backslash, code, emphasis, links, inline HTML, cell separators; `_` only at a word's edge (snake_case
+# names never emphasize, and stay readable in the .md file)
+_MD_SPECIAL = re.compile(r"([\\`*\[\]<>|]|(?<![^\W_])_|_(?![^\W_]))")
 
 
 def md_cell(text: object) -> str:
