@@ -80,3 +80,51 @@ def test_tune_then_compare_tuned(run: Path, tmp_path: Path, capsys: pytest.Captu
     )
     resolved = yaml.safe_load((out / "config.yaml").read_text())["models"][0]
     assert resolved["tuned_from"] and resolved["lr"] == pytest.approx(tuned["model"]["lr"])
+
+
+def test_a_run_folder_is_never_reused_by_a_new_run(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A new run into a folder that holds one would mix its results and checkpoints with the old ones
+    (and a later --resume would read the old ones): refused, with the two ways out."""
+    out = tmp_path / "again"
+    out.mkdir()
+    (out / "config.yaml").write_text((run / "config.yaml").read_text())
+    before = (out / "config.yaml").read_text()
+    assert main(["compare", "--config", str(run / "config.yaml"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} already holds a run" in err and f"--resume {out}" in err and "Traceback" not in err
+    assert (out / "config.yaml").read_text() == before and sorted(p.name for p in out.iterdir()) == [
+        "config.yaml"
+    ]
+    (tmp_path / "a_file").write_text("")
+    assert (
+        main(["compare", "--config", str(run / "config.yaml"), "--out", str(tmp_path / "a_file" / "x")]) == 2
+    )
+    assert "cannot create the folder" in capsys.readouterr().err
+
+
+def test_unreadable_results_and_bad_arguments_are_user_errors(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    text = (broken / "results.json").read_text()
+    for damaged in (text[: len(text) // 2], '{"models": 5}'):  # cut short by a full disk; edited by hand
+        (broken / "results.json").write_text(damaged)
+        for argv in (["report", str(broken)], ["predict", str(broken), str(tmp_path)],
+                     ["compare", "--resume", str(broken)]):  # fmt: skip
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert "is not a readable visionpoc results file" in err and "Traceback" not in err, argv
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(run), str(tmp_path / "empty")]) == 2  # not a silent success
+    assert "no image files" in capsys.readouterr().err
+    (tmp_path / "f").write_text("")
+    assert main(["export", str(run), "--format", "safetensors", "--out", str(tmp_path / "f")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse's usage error
+        main(["serve", str(run), "--port", "99999"])
+    assert e.value.code == 2 and "port number from 0 to 65535" in capsys.readouterr().err

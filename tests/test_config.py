@@ -57,6 +57,21 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
         (["models.0.colour=red"], "'models.0.colour'"),
         (["train.epochs"], "expected KEY=VALUE"),
         (["data.val_fraction=1.5"], "data.val_fraction"),
+        (["train.lr=-0.001"], "train.lr: -0.001 must be above 0"),
+        (["train.lr=.nan"], "train.lr: nan must be above 0"),
+        (["models.1.lr=0"], "models.1.lr: 0.0 must be above 0"),
+        (["train.min_lr=-1"], "train.min_lr: -1.0 must be at least 0"),
+        (["train.grad_clip=-1"], "train.grad_clip: -1.0 must be above 0"),  # would turn descent into ascent
+        (["train.eval_batch_size=0"], "train.eval_batch_size: 0 must be at least 1"),
+        (["train.early_stop_patience=0"], "train.early_stop_patience"),
+        (["train.seed=-5"], "train.seed: -5 must be at least 0"),
+        (["train.device=gpu"], "train.device: 'gpu' must be auto, cpu, cuda or cuda:N"),
+        (["data.num_workers=-1"], "data.num_workers"),
+        (["data.prepared_size=0"], "data.prepared_size"),
+        (["models.0.img_size=0"], "models.0.img_size"),
+        (["models.0.label=.."], "models.0.label: '..' names the model's folder"),
+        (["models.1.label=a/b"], "models.1.label: 'a/b'"),
+        (["models.0.label="], "models.0.label: ''"),
     ],
 )
 def test_bad_keys_and_types_are_named(overrides: list[str], needle: str) -> None:
@@ -78,6 +93,20 @@ def test_bad_yaml_files_are_named(tmp_path: Path) -> None:
     p.write_text("models:\n  - {label: a, timm: resnet18}\n  - {label: a, timm: resnet18}\n")
     with pytest.raises(ConfigError, match="unique"):
         load_config(p)
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)
+    p.write_bytes(b"\x00\xff\xfe")
+    with pytest.raises(ConfigError, match="bad.yaml is not UTF-8"):
+        load_config(p)
+    p.write_text("train: {epochs: 1, epochs: 3}\n")  # YAML alone would keep 3 without a word
+    with pytest.raises(ConfigError, match="'epochs' is given twice"):
+        load_config(p)
+    for text, needle in [("data:\n", "`data:` must be a mapping"), ("train: 5\n", "`train:` must be a mapping"),
+                         ("models: {label: a}\n", "`models:` must be a list")]:  # fmt: skip
+        p.write_text(text)
+        with pytest.raises(ConfigError, match=needle) as e:
+            load_config(p, ["train.batch_size=4"])  # the file is blamed, not the --set
+        assert "bad.yaml" in str(e.value)
 
 
 def test_resolved_config_round_trips(tmp_path: Path) -> None:

@@ -216,9 +216,11 @@ def test_an_interrupt_ends_the_study_with_its_finished_trials(
 ) -> None:
     cfg = load_config(_config(tmp_path, mini_dogs, pruner="none"))
     monkeypatch.setattr(tune, "fit", _fake_fit([[0.3, 0.5], [0.4, 0.6], [0.9, 0.9]], interrupt_at=1))
-    study = run_tune(cfg, "vit", 3, None, None, None, tmp_path / "out")  # returns: no exception
+    with pytest.raises(TrainingInterrupted, match="1 finished trial.*run the same command"):
+        run_tune(cfg, "vit", 3, None, None, None, tmp_path / "out")  # stops, and says so (exit 130)
+    study = optuna.load_study(study_name="vit", storage=f"sqlite:///{tmp_path / 'out' / 'tune.db'}")
     assert [t.state for t in study.trials] == [TS.COMPLETE, TS.FAIL]
-    doc = yaml.safe_load((tmp_path / "out" / "tuned" / "vit.yaml").read_text())
+    doc = yaml.safe_load((tmp_path / "out" / "tuned" / "vit.yaml").read_text())  # the best so far is written
     assert doc["tuning"]["complete"] == 1 and doc["tuning"]["best_val_accuracy"] == 0.5
 
 
@@ -360,9 +362,8 @@ def test_trials_is_the_studys_target_of_finished_trials(
     monkeypatch.setattr(tune, "fit", _fake_fit([[0.3, 0.5]] * 2))
     assert len(run_tune(cfg, "vit", 2, None, None, None, out).trials) == 2
     monkeypatch.setattr(tune, "fit", _fake_fit([[0.4, 0.6]] * 3, interrupt_at=0))  # Ctrl-C, then rerun
-    assert [t.state for t in run_tune(cfg, "vit", 3, None, None, None, out).trials] == [TS.COMPLETE] * 2 + [
-        TS.FAIL
-    ]
+    with pytest.raises(TrainingInterrupted):
+        run_tune(cfg, "vit", 3, None, None, None, out)
     monkeypatch.setattr(tune, "fit", _fake_fit([[0.4, 0.6]] * 3))
     study = run_tune(cfg, "vit", 3, None, None, None, out)
     assert [t.state for t in study.trials] == [TS.COMPLETE, TS.COMPLETE, TS.FAIL, TS.COMPLETE]

@@ -50,6 +50,13 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
     return parse
 
 
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free port) to 65535."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from visionpoc import __version__
 
@@ -117,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="web API and demo page for the models of a run")
     sv.add_argument("run_dir", type=Path)
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=_port, default=8000)
     sv.add_argument("--max-upload-mb", type=_positive(float), default=10,
                     help="larger uploads are refused with 413 (default 10)")  # fmt: skip
 

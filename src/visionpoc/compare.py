@@ -16,7 +16,7 @@ from visionpoc import distributed
 from visionpoc.config import Config, ModelConfig, save_config, to_dict
 from visionpoc.data.sources import Dataset, read_dataset
 from visionpoc.data.splits import Splits, make_splits
-from visionpoc.errors import CheckpointError, DataError, TrainingInterrupted, VisionpocError
+from visionpoc.errors import CheckpointError, ConfigError, DataError, TrainingInterrupted, VisionpocError
 from visionpoc.results import (
     RESULTS_FILE,
     DatasetInfo,
@@ -68,7 +68,17 @@ def run_compare(
     if resume and (out_dir / RESULTS_FILE).is_file():
         done = {m.label: m for m in load_results(out_dir).models if m.status == "ok"}
     if d.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if (
+            not resume and (out_dir / "config.yaml").exists()
+        ):  # its results and checkpoints would mix with ours
+            raise ConfigError(
+                f"{out_dir} already holds a run (its config.yaml): continue it with --resume {out_dir}, "
+                "or give another --out (or delete that folder)"
+            )
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--out {out_dir}: cannot create the folder ({e}); choose another path") from e
         save_config(cfg, out_dir / "config.yaml")
     if d.main:  # one process downloads; the others wait for it
         ds, splits = load_data(cfg)

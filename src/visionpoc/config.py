@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,16 +225,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     raw = to_dict(Config())
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file {p} is a folder: pass a YAML file to --config")
         if not p.is_file():
             raise ConfigError(f"config file {p} not found: pass an existing YAML file to --config")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p} is not UTF-8 text ({e}): save it as UTF-8 YAML") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p}: the top level must be a mapping of sections")
         for section, value in loaded.items():
-            if section in raw and isinstance(raw[section], dict) and isinstance(value, dict):
+            if section in raw and isinstance(raw[section], dict) and not isinstance(value, dict):
+                raise ConfigError(
+                    f"config file {p}: `{section}:` must be a mapping of keys (e.g. `{section}: {{...}}`), "
+                    f"got {value!r}"
+                )
+            if section == "models" and not isinstance(value, list):
+                raise ConfigError(
+                    f"config file {p}: `models:` must be a list of model entries, got {value!r}"
+                )
+            if section in raw and isinstance(raw[section], dict):
                 raw[section].update(value)
             else:
                 raw[section] = value  # `models` replaces the default list; unknown keys fail below
@@ -246,12 +260,63 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_label(i: int, label: str) -> None:
+    """A label names the model's folder in the run: a plain name, never a path."""
+    if (not label.strip() or label != label.strip() or label.startswith(".") or any(c in label for c in "/\\")
+            or any(ord(c) < 32 for c in label)):  # fmt: skip
+        raise ConfigError(
+            f"models.{i}.label: {label!r} names the model's folder in the run; use a plain name "
+            "(letters, digits, '_', '-', '.'; not starting with '.', no '/' or '\\')"
+        )
+
+
+def _positive(where: str, v: float | None, rule: str = "above 0", allow_zero: bool = False) -> None:
+    if v is not None and not (math.isfinite(v) and (v >= 0 if allow_zero else v > 0)):
+        raise ConfigError(f"{where}: {v} must be {rule}")
+
+
 def _validate(cfg: Config) -> None:
     if not cfg.models:
         raise ConfigError("models: the list is empty; name at least one timm model")
     labels = [m.label for m in cfg.models]
+    for i, label in enumerate(labels):
+        _check_label(i, label)
     if len(set(labels)) != len(labels):
         raise ConfigError(f"models: labels must be unique, got {labels}")
+    t, dc = cfg.train, cfg.data
+    _positive("train.lr", t.lr)
+    _positive("train.min_lr", t.min_lr, "at least 0", allow_zero=True)
+    _positive("train.grad_clip", t.grad_clip, "above 0 (or null: no clipping)")
+    for key in ("early_stop_patience", "eval_batch_size"):
+        if getattr(t, key) is not None and getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}: {getattr(t, key)} must be at least 1 (or null)")
+    if t.seed < 0:
+        raise ConfigError(f"train.seed: {t.seed} must be at least 0")
+    if t.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", t.device):
+        raise ConfigError(f"train.device: {t.device!r} must be auto, cpu, cuda or cuda:N")
+    if dc.num_workers is not None and dc.num_workers < 0:
+        raise ConfigError(f"data.num_workers: {dc.num_workers} must be at least 0 (or null)")
+    if dc.prepared_size < 16:
+        raise ConfigError(f"data.prepared_size: {dc.prepared_size} must be at least 16 (pixels)")
+    for i, m in enumerate(cfg.models):
+        _positive(f"models.{i}.lr", m.lr)
+        if m.img_size is not None and m.img_size < 16:
+            raise ConfigError(f"models.{i}.img_size: {m.img_size} must be at least 16 (pixels), or null")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: {cfg.data.val_fraction} must be in [0, 1)")
     if cfg.data.limit_per_class is not None and cfg.data.limit_per_class < 1:
@@ -263,8 +328,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.epochs: must be at least 1")
     if cfg.train.batch_size < 1:
         raise ConfigError("train.batch_size: must be at least 1")
-    for where, t in [("train", cfg.train)] + [(f"models.{i}", m) for i, m in enumerate(cfg.models)]:
-        _check_regularisers(where, t)
+    scopes: list[tuple[str, TrainConfig | ModelConfig]] = [("train", cfg.train)]
+    for where, scope in scopes + [(f"models.{i}", m) for i, m in enumerate(cfg.models)]:
+        _check_regularisers(where, scope)
     _validate_tune(cfg.tune)
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from visionpoc.atomic import atomic_write, atomic_write_json
 from visionpoc.config import ModelConfig
-from visionpoc.errors import VisionpocError
+from visionpoc.errors import ConfigError, VisionpocError
 from visionpoc.trained import TrainedModel, load_trained, trained_labels
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,10 @@ def export(run_dir: str | Path, fmt: Literal["onnx", "safetensors"], label: str 
             f"{run_dir}: no successfully trained model {label!r}; choose from {', '.join(labels) or '(none)'}"
         )
     out_dir = Path(out) if out is not None else run_dir / "export"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(
+            f"--out {out_dir} is a file: give a folder (each model's files go in <out>/<label>/)"
+        )
     written: list[Path] = []
     for lab in [label] if label else labels:
         tm = load_trained(run_dir, lab)

@@ -167,6 +167,7 @@ class Predictor:
 
 def image_files(paths: Iterable[str | Path]) -> list[Path]:
     """Files named in `paths`, with folders expanded recursively (sorted) to their image files."""
+    paths = list(paths)
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -178,6 +179,10 @@ def image_files(paths: Iterable[str | Path]) -> list[Path]:
             files.append(p)
         else:
             raise VisionpocError(f"{p} not found: pass image files or folders of images")
+    if not files:
+        raise VisionpocError(
+            f"no image files ({' '.join(IMG_EXTENSIONS)}) in {', '.join(map(str, paths))}: nothing to predict"
+        )
     return files
 
 

@@ -188,24 +188,30 @@ def load_results(run_dir: str | Path) -> RunResults:
     """Read `RUN_DIR/results.json` back into dataclasses."""
     import json
 
+    from visionpoc.errors import VisionpocError
+
     path = Path(run_dir) / RESULTS_FILE
     if not path.is_file():
-        from visionpoc.errors import VisionpocError
-
         raise VisionpocError(f"{path} not found: pass the output folder of a finished `visionpoc compare`")
-    data = json.loads(path.read_text())
-    models = []
-    for m in data["models"]:
-        m = dict(m)
-        m["history"] = [_build(EpochRecord, h) for h in m.get("history", [])]
-        models.append(_build(ModelResult, m))
-    return RunResults(
-        dataset=_build(DatasetInfo, data["dataset"]),
-        models=models,
-        environment=_build(Environment, data["environment"]),
-        config=data.get("config", {}),
-        created=data.get("created", ""),
-    )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        models = []
+        for m in data["models"]:
+            m = dict(m)
+            m["history"] = [_build(EpochRecord, h) for h in m.get("history", [])]
+            models.append(_build(ModelResult, m))
+        return RunResults(
+            dataset=_build(DatasetInfo, data["dataset"]),
+            models=models,
+            environment=_build(Environment, data["environment"]),
+            config=data.get("config", {}),
+            created=data.get("created", ""),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # truncated, hand-edited, another tool's
+        raise VisionpocError(
+            f"{path} is not a readable visionpoc results file ({type(e).__name__}: {e}); it was cut short or "
+            "edited: restore it, or rerun the comparison"
+        ) from e
 
 
 # ------------------------------------------------------------------------------------------ predictions

@@ -234,17 +234,36 @@ def run_tune(cfg: Config, label: str, trials: int | None = None, storage: str | 
     log.info("[%s] tuning: %d finished trial(s) of %d epochs wanted, %d to run; study %r (%d trials so far) "
              "in %s; searching %s", label, target, epochs, max(missing, 0), s.study_name, before,
              _public_url(url), family)  # fmt: skip
+    interrupted = False
+    quiet = _NoTracebackOnInterrupt()
+    optuna_log = logging.getLogger("optuna.study._optimize")  # where Optuna logs a failed trial
+    optuna_log.addFilter(quiet)
     try:
         if missing > 0:  # every worker stops once the study (not this worker) has `target` finished trials
             s.optimize(lambda t: objective(t, cfg, mcfg, splits, family, out_dir), n_trials=missing,
                        timeout=timeout, catch=(RuntimeError,), gc_after_trial=True,
                        callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED)])  # fmt: skip
     except (KeyboardInterrupt, TrainingInterrupted):
-        log.warning("[%s] tuning stopped: the study keeps its finished trials; run the same command to "
-                    "finish it", label)  # fmt: skip
+        interrupted = True
     finally:
+        optuna_log.removeFilter(quiet)
         tune_ddp.finish(s)  # torchrun: the other ranks stop following (tune_ddp.py)
     path = write_outputs(s, mcfg, out_dir, _public_url(url), epochs)
     if path is not None:
-        log.info("[%s] tuned settings: %s", label, path)
+        log.info("[%s] tuned settings%s: %s", label, " so far" if interrupted else "", path)
+    if interrupted:
+        raise TrainingInterrupted(
+            f"tuning of {label!r} stopped; the study keeps its {len(s.get_trials(deepcopy=False, states=FINISHED))} "
+            f"finished trial(s) (the interrupted one counts as failed): run the same command, with the same "
+            f"--out or --storage, to finish it"
+        )
     return s
+
+
+class _NoTracebackOnInterrupt(logging.Filter):
+    """Optuna logs a failed trial with its traceback; a trial the user interrupted gets one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, TrainingInterrupted)):
+            record.exc_info = None
+        return True
