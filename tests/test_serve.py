@@ -444,6 +444,18 @@ def test_serve_command(
     assert any("reachable from other machines" in r.getMessage() for r in caplog.records)
 
 
+def test_a_taken_port_is_a_user_error(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(run_dir), "--port", str(port)]) == 2  # uvicorn itself exits with 3
+    err = capsys.readouterr().err
+    assert f"could not start on 127.0.0.1:{port}" in err and "--port" in err
+
+
 def test_decoding_leaves_the_warning_filters_alone() -> None:
     """`warnings.catch_warnings()` swaps the process-wide filters under every other thread's feet: the
     decoder refuses a bomb with its own check instead, also above PIL's warning threshold."""

@@ -31,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 
 from visionpoc import __version__
 from visionpoc.demo_page import CSP, PAGE
+from visionpoc.errors import VisionpocError
 from visionpoc.predict import Predictor
 from visionpoc.uploads import (
     DEFAULT_MAX_PIXELS,
@@ -191,4 +192,12 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_up
         )
     app = create_app(run_dir, max_upload_bytes=int(max_upload_mb * 2**20), device=device)
     log.info("serving %s on http://%s:%d/ (docs: /docs, API schema: /openapi.json)", run_dir, host, port)
-    uvicorn.run(app, host=host, port=port, server_header=False, timeout_keep_alive=5)
+    try:
+        uvicorn.run(app, host=host, port=port, server_header=False, timeout_keep_alive=5)
+    except SystemExit as e:  # uvicorn exits (code 3) when it cannot start, e.g. the port is taken
+        if e.code in (0, None):
+            raise
+        raise VisionpocError(
+            f"the web service could not start on {host}:{port} (see the error above: a port already in use "
+            "or not allowed?); choose another with --port"
+        ) from None
