@@ -197,10 +197,15 @@ def test_limit_per_class(mini_dogs: Path) -> None:
     assert len(limit_per_class(ds.train, None, 0)) == 18
 
 
-def test_val_split_needs_two_images_per_class(tmp_path: Path) -> None:
-    ds = read_folder(_folder_dataset(tmp_path, {"a": 3, "lonely": 1}, {"a": 1, "lonely": 1}))
+def test_val_split_needs_two_images_per_class(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from visionpoc.cli import main
+
+    root = _folder_dataset(tmp_path, {"a": 3, "lonely": 1}, {"a": 1, "lonely": 1})
+    ds = read_folder(root)
     with pytest.raises(DataError, match="'lonely' has 1 training image"):
         make_splits(ds, val_fraction=0.1, limit=None, seed=0)
+    assert main(["data", "check", "--source", "folder", "--root", str(root)]) == 2  # said before a run
+    assert "'lonely' has 1 training image" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------- images

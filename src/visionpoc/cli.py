@@ -159,9 +159,12 @@ def _data_download(args: argparse.Namespace) -> int:
 
 
 def _data_check(args: argparse.Namespace) -> int:
+    from visionpoc.config import DataConfig
     from visionpoc.data.sources import read_dataset
+    from visionpoc.data.splits import make_splits
 
     ds = read_dataset(args.source, args.root)
+    make_splits(ds, DataConfig().val_fraction, None, 0)  # e.g. a class with one training image: said now
     summary: dict[str, Any] = {"source": ds.source, "root": str(ds.root), "train": len(ds.train),
                                "test": len(ds.test), "classes": ds.num_classes, "class_names": ds.class_names}  # fmt: skip
     if args.decode:
