@@ -57,9 +57,9 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
         (["models.0.colour=red"], "'models.0.colour'"),
         (["train.epochs"], "expected KEY=VALUE"),
         (["data.val_fraction=1.5"], "data.val_fraction"),
-        (["train.lr=-0.001"], "train.lr: -0.001 must be above 0"),
-        (["train.lr=.nan"], "train.lr: nan must be above 0"),
-        (["models.1.lr=0"], "models.1.lr: 0.0 must be above 0"),
+        (["train.lr=-0.001"], "train.lr: -0.001 must be at least 0"),
+        (["train.lr=.nan"], "train.lr: nan must be at least 0"),
+        (["models.1.lr=-1e-4"], "models.1.lr: -0.0001 must be at least 0"),
         (["train.min_lr=-1"], "train.min_lr: -1.0 must be at least 0"),
         (["train.grad_clip=-1"], "train.grad_clip: -1.0 must be above 0"),  # would turn descent into ascent
         (["train.eval_batch_size=0"], "train.eval_batch_size: 0 must be at least 1"),

@@ -299,7 +299,7 @@ def _validate(cfg: Config) -> None:
     if len(set(labels)) != len(labels):
         raise ConfigError(f"models: labels must be unique, got {labels}")
     t, dc = cfg.train, cfg.data
-    _positive("train.lr", t.lr)
+    _positive("train.lr", t.lr, "at least 0", allow_zero=True)  # 0: weights stay as loaded
     _positive("train.min_lr", t.min_lr, "at least 0", allow_zero=True)
     _positive("train.grad_clip", t.grad_clip, "above 0 (or null: no clipping)")
     for key in ("early_stop_patience", "eval_batch_size"):
@@ -314,7 +314,7 @@ def _validate(cfg: Config) -> None:
     if dc.prepared_size < 16:
         raise ConfigError(f"data.prepared_size: {dc.prepared_size} must be at least 16 (pixels)")
     for i, m in enumerate(cfg.models):
-        _positive(f"models.{i}.lr", m.lr)
+        _positive(f"models.{i}.lr", m.lr, "at least 0", allow_zero=True)
         if m.img_size is not None and m.img_size < 16:
             raise ConfigError(f"models.{i}.img_size: {m.img_size} must be at least 16 (pixels), or null")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
