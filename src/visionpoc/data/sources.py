@@ -23,20 +23,8 @@ from visionpoc.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMG_EXTENSIONS = (
-    ".jpg",
-    ".jpeg",
-    ".jpe",
-    ".jfif",
-    ".png",
-    ".ppm",
-    ".bmp",
-    ".pgm",
-    ".tif",
-    ".tiff",
-    ".webp",
-    ".gif",
-)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
+                  ".gif")  # fmt: skip
 DOGS_LISTS = ("train_list.mat", "test_list.mat")
 
 
