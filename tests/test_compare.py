@@ -133,6 +133,19 @@ def test_undecodable_image_stops_with_its_name(tmp_path: Path, fresh_dogs: Path,
     assert f"continue the run with: visionpoc compare --resume {tmp_path / 'r'}" in err  # once it is fixed
 
 
+def test_a_data_error_before_training_leaves_the_folder_free(
+    tmp_path: Path, fresh_dogs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "no_dogs_here", models=[TINY_MODELS[1]], epochs=1)
+    out = tmp_path / "r"
+    assert main(["compare", "--config", str(cfg), "--out", str(out), "--no-report"]) == 2
+    err = capsys.readouterr().err
+    assert "no_dogs_here" in err and "--resume" not in err  # nothing started: nothing to resume
+    assert not (out / "config.yaml").exists()
+    fixed = ["--set", f"data.root={fresh_dogs}"]  # the same command, fixed: the folder is free to use
+    assert main(["compare", "--config", str(cfg), "--out", str(out), "--no-report", *fixed]) == 0
+
+
 def test_data_check_decode_lists_every_bad_file(fresh_dogs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data", "check", "--root", str(fresh_dogs), "--decode", "--workers", "2"]) == 0
     assert "decoded every image: 0 failed" in capsys.readouterr().out

@@ -213,7 +213,9 @@ def _run(args: argparse.Namespace, labels: list[str] | None) -> int:
     except TrainingInterrupted as e:
         hint = resume_hint(args.command, out, labels[0] if labels else None, d.world)
         raise TrainingInterrupted(f"{e}. Resume with: {hint}") from None
-    except DataError as e:  # e.g. a corrupt image met mid-run: what the run finished is kept
+    except DataError as e:  # e.g. a corrupt image met mid-run (the run has its config.yaml): it is kept
+        if not (out / "config.yaml").is_file():
+            raise
         hint = resume_hint(args.command, out, labels[0] if labels else None, d.world)
         raise DataError(f"{_user_message(e)}. Once it is fixed, continue the run with: {hint}") from None
     finally:

@@ -68,9 +68,7 @@ def run_compare(
     if resume and (out_dir / RESULTS_FILE).is_file():
         done = {m.label: m for m in load_results(out_dir).models if m.status == "ok"}
     if d.main:
-        if (
-            not resume and (out_dir / "config.yaml").exists()
-        ):  # its results and checkpoints would mix with ours
+        if not resume and (out_dir / "config.yaml").exists():  # results, checkpoints: two runs mixed
             raise ConfigError(
                 f"{out_dir} already holds a run (its config.yaml): continue it with --resume {out_dir}, "
                 "or give another --out (or delete that folder)"
@@ -79,9 +77,8 @@ def run_compare(
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"--out {out_dir}: cannot create the folder ({e}); choose another path") from e
-        save_config(cfg, out_dir / "config.yaml")
-    if d.main:  # one process downloads; the others wait for it
-        ds, splits = load_data(cfg)
+        ds, splits = load_data(cfg)  # one process downloads; the others wait for it
+        save_config(cfg, out_dir / "config.yaml")  # the run starts: a data error before it leaves none
     distributed.barrier(d)
     if not d.main:
         ds, splits = load_data(cfg)
