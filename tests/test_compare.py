@@ -130,6 +130,7 @@ def test_undecodable_image_stops_with_its_name(tmp_path: Path, fresh_dogs: Path,
                  "--set", f"data.num_workers={workers}"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and f"cannot decode image {bad}" in err and "Traceback" not in err
+    assert "`visionpoc data check --decode` lists every such file" in err  # all of them, before a rerun
     assert f"continue the run with: visionpoc compare --resume {tmp_path / 'r'}" in err  # once it is fixed
 
 

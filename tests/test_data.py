@@ -106,6 +106,8 @@ def test_hidden_junk_and_unsupported_files_are_left_out_and_counted(
     for split in ("train", "test"):  # a notebook's checkpoints folder: hidden, in train/ and in test/
         (root / split / ".ipynb_checkpoints").mkdir()
         dog_image(0, 9, (20, 16)).save(root / split / ".ipynb_checkpoints" / "x.png")
+    (root / "train" / "__MACOSX" / "a").mkdir(parents=True)  # a macOS zip's debris: not a class
+    (root / "train" / "__MACOSX" / "a" / "._0.png").write_bytes(b"resource fork")
     (root / "train" / "a" / ".thumbs").mkdir()  # a hidden folder inside a class: its files are not images
     dog_image(0, 9, (20, 16)).save(root / "train" / "a" / ".thumbs" / "t.png")
     (root / "train" / "a" / "Thumbs.db").write_bytes(b"junk")
@@ -162,8 +164,9 @@ def test_names_that_are_not_utf8_are_refused_with_their_fix(tmp_path: Path) -> N
     except (OSError, UnicodeEncodeError):
         pytest.skip("this file system refuses non-UTF-8 names")
     dog_image(0, 0, (20, 16)).save(root / "train" / latin1 / "0.png")
-    with pytest.raises(DataError, match="not valid UTF-8.*convmv"):
+    with pytest.raises(DataError, match="not valid UTF-8") as e:
         read_folder(root)
+    assert "convmv" in str(e.value) and "'train/r\\xe9nard'" in str(e.value)  # which folder, readable
     shutil.rmtree(root / "train" / latin1)
     dog_image(0, 0, (20, 16)).save(root / "train" / "a" / (latin1 + ".png"))  # a file name this time
     with pytest.raises(DataError, match="not valid UTF-8"):

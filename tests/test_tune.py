@@ -514,3 +514,35 @@ def test_the_cli_prints_the_trial_the_yaml_records_and_honours_timeout(
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     n = len(optuna.load_study(study_name="vit", storage=f"sqlite:///{tmp_path / 'b' / 'tune.db'}").trials)
     assert 1 <= n <= 2  # no trial starts after 0.5 s
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_terminal_stops_tuning(mini_dogs: Path, tmp_path: Path) -> None:
+    """A terminal's Ctrl-C signals the whole process group, DataLoader workers included: the tuning
+    stops (exit 130, the best settings so far written), instead of a worker's death failing one trial
+    and the study going on, or the signal being lost between trials."""
+    import os
+    import signal
+
+    cfg = _config(tmp_path, mini_dogs, epochs=3, pruner="none", trials=50)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "visionpoc", "tune", "--config", str(cfg), "--model", "vit", "--out", str(out),
+         "--set", "data.num_workers=2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:  # wait until the first trial is done: the second is training
+        lines.append(line)
+        if "Trial 0 finished" in line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: every process of the group
+    _, rest = proc.communicate(timeout=120)
+    err = "".join(lines) + rest
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted: tuning of 'vit' stopped" in err and "Traceback" not in err
+    study = optuna.load_study(study_name="vit", storage=f"sqlite:///{out / 'tune.db'}")
+    assert len(study.trials) <= 3  # stopped, not run to 50
+    assert (out / "tuned" / "vit.yaml").is_file()  # the best so far

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from visionpoc.errors import DataError, TrainingInterrupted, VisionpocError
+from visionpoc.errors import DataError, ImageError, TrainingInterrupted, VisionpocError
 
 log = logging.getLogger("visionpoc")
 
@@ -214,10 +214,12 @@ def _run(args: argparse.Namespace, labels: list[str] | None) -> int:
         hint = resume_hint(args.command, out, labels[0] if labels else None, d.world)
         raise TrainingInterrupted(f"{e}. Resume with: {hint}") from None
     except DataError as e:  # e.g. a corrupt image met mid-run (the run has its config.yaml): it is kept
-        if not (out / "config.yaml").is_file():
-            raise
-        hint = resume_hint(args.command, out, labels[0] if labels else None, d.world)
-        raise DataError(f"{_user_message(e)}. Once it is fixed, continue the run with: {hint}") from None
+        msg = _user_message(e)
+        if isinstance(e, ImageError):
+            msg += " (`visionpoc data check --decode` lists every such file of the dataset at once)"
+        if (out / "config.yaml").is_file():
+            msg += f". Once it is fixed, continue the run with: {resume_hint(args.command, out, labels[0] if labels else None, d.world)}"
+        raise DataError(msg) from None
     finally:
         distributed.shutdown(d)  # a no-op for one process
     if not d.main:

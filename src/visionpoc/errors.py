@@ -13,6 +13,10 @@ class DataError(VisionpocError):
     """A missing, truncated or undecodable dataset file."""
 
 
+class ImageError(DataError):
+    """One image file that cannot be used: corrupt, not an image, too many pixels, absent."""
+
+
 class WeightsError(VisionpocError):
     """Pretrained weights that cannot be found or loaded."""
 

@@ -48,6 +48,7 @@ from visionpoc.compare import load_data
 from visionpoc.config import Config, ConfigError, ModelConfig, TuneConfig, with_model_changes
 from visionpoc.data.splits import Splits
 from visionpoc.errors import TrainingInterrupted
+from visionpoc.recovery import stop_on_signals
 from visionpoc.train import fit, is_transformer, resolve_device
 from visionpoc.tuned import FINISHED, apply_tuned, best_params_yaml, write_outputs
 
@@ -238,11 +239,26 @@ def run_tune(cfg: Config, label: str, trials: int | None = None, storage: str | 
     quiet = _NoTracebackOnInterrupt()
     optuna_log = logging.getLogger("optuna.study._optimize")  # where Optuna logs a failed trial
     optuna_log.addFilter(quiet)
+
+    def run_trial(t: optuna.Trial) -> float:
+        if stop.signum is not None:  # a signal between two trials: start no other
+            raise TrainingInterrupted("stopped by a signal before the trial started")
+        return objective(t, cfg, mcfg, splits, family, out_dir)  # fit() catches signals during training
+
+    def stop_if_asked(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
+        if stop.signum is not None:
+            study.stop()
+
     try:
-        if missing > 0:  # every worker stops once the study (not this worker) has `target` finished trials
-            s.optimize(lambda t: objective(t, cfg, mcfg, splits, family, out_dir), n_trials=missing,
-                       timeout=timeout, catch=(RuntimeError,), gc_after_trial=True,
-                       callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED)])  # fmt: skip
+        # between trials too (Optuna's bookkeeping), a signal is a request, not an exception thrown
+        # wherever Python happens to be (it was lost in a weakref callback, and tuning went on)
+        with stop_on_signals() as stop:
+            if (
+                missing > 0
+            ):  # every worker stops once the study (not this worker) has `target` finished trials
+                s.optimize(run_trial, n_trials=missing, timeout=timeout, catch=(RuntimeError,), gc_after_trial=True,
+                           callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED), stop_if_asked])  # fmt: skip
+        interrupted = stop.signum is not None
     except (KeyboardInterrupt, TrainingInterrupted):
         interrupted = True
     finally:

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from visionpoc.errors import DataError
+from visionpoc.errors import DataError, ImageError
 
 MAX_PIXELS = 178_956_970  # PIL's own default bomb threshold (~0.18 gigapixel), made explicit
 
@@ -56,7 +56,7 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int | Non
             with Image.open(path) as img:
                 w, h = img.size
                 if w * h > max_pixels:
-                    raise DataError(
+                    raise ImageError(
                         f"image {path} declares {w}x{h} pixels, over the {max_pixels:,} limit: "
                         "it is not a photo this tool can use; remove it from the dataset"
                     )
@@ -67,19 +67,18 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int | Non
     except DataError:
         raise
     except FileNotFoundError as e:
-        raise DataError(
+        raise ImageError(
             f"image {path} is listed but absent: re-extract the dataset or run 'visionpoc data check'"
         ) from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # raised by the header read
-        raise DataError(
+        raise ImageError(
             f"image {path} declares too many pixels ({e}): it is not a photo this tool can use; "
             "remove it from the dataset"
         ) from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(
+        raise ImageError(
             f"cannot decode image {path} ({type(e).__name__}: {e}): the file is corrupt or not an image; "
-            "replace or delete it (or re-download the dataset); `visionpoc data check --decode` lists every "
-            "such file at once"
+            "replace or delete it"
         ) from e
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -95,6 +96,9 @@ class AugmentSampler(EpochSampler):
 
 
 def _seed_worker(worker_id: int) -> None:
+    # a terminal's Ctrl-C reaches the whole process group: the main process stops at a step boundary and
+    # ends its workers; a worker that died of it first would turn a clean stop into a loader crash
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32  # torch already derives a distinct seed for each worker
     np.random.seed(seed)
     random.seed(seed)

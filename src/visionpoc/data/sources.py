@@ -139,6 +139,11 @@ def read_stanford_dogs(root: str | Path) -> Dataset:
 
 
 JUNK_FILES = {"thumbs.db", "desktop.ini", "ehthumbs.db"}  # system files that are never images
+JUNK_DIRS = {"__MACOSX", "@eaDir"}  # a macOS zip's resource forks, a Synology NAS's thumbnails
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name in JUNK_DIRS
 
 
 def _not_utf8(names: list[str]) -> list[str]:
@@ -169,7 +174,7 @@ def _list_images(class_dir: Path, skipped: Counter[str]) -> list[str]:
     found = []
     for p in class_dir.rglob("*"):
         rel = p.relative_to(class_dir)
-        if not p.is_file() or any(part.startswith(".") for part in rel.parts) or p.name.lower() in JUNK_FILES:
+        if not p.is_file() or any(_hidden(part) for part in rel.parts) or p.name.lower() in JUNK_FILES:
             continue
         if p.suffix.lower() in IMG_EXTENSIONS:
             found.append(str(p.relative_to(class_dir.parent)))
@@ -181,7 +186,7 @@ def _list_images(class_dir: Path, skipped: Counter[str]) -> list[str]:
 def _class_dirs(d: Path) -> dict[str, Path]:
     """Class name (Unicode NFC: a name typed on macOS matches the same name typed elsewhere) -> folder."""
     return {unicodedata.normalize("NFC", c.name): c for c in sorted(d.iterdir())
-            if c.is_dir() and not c.name.startswith(".")}  # fmt: skip
+            if c.is_dir() and not _hidden(c.name)}  # fmt: skip
 
 
 def read_folder(root: str | Path) -> Dataset:
@@ -199,7 +204,9 @@ def read_folder(root: str | Path) -> Dataset:
         log.warning("%s is not read: test/ is the test split, and validation is carved out of train/ "
                     "(data.val_fraction); merge val/ into train/ to train on it", root / "val")  # fmt: skip
     train_classes, test_classes = _class_dirs(train_dir), _class_dirs(test_dir)
-    _refuse_non_utf8([c.name for c in [*train_classes.values(), *test_classes.values()]], root)
+    _refuse_non_utf8(
+        [str(c.relative_to(root)) for c in [*train_classes.values(), *test_classes.values()]], root
+    )
     class_names = sorted(train_classes)
     if len(class_names) < 2:
         raise DataError(
