@@ -145,6 +145,8 @@ def test_a_data_error_before_training_leaves_the_folder_free(
     assert not (out / "config.yaml").exists()
     fixed = ["--set", f"data.root={fresh_dogs}"]  # the same command, fixed: the folder is free to use
     assert main(["compare", "--config", str(cfg), "--out", str(out), "--no-report", *fixed]) == 0
+    (m,) = json.loads((out / "results.json").read_text())["models"]
+    assert m["warmup_s"] > 0 and m["train_img_s"] is None  # one step, the warm-up: no rate, not "0 img/s"
 
 
 def test_data_check_decode_lists_every_bad_file(fresh_dogs: Path, capsys: pytest.CaptureFixture[str]) -> None:

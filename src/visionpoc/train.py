@@ -392,7 +392,10 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
 
     result.epochs_run = len(result.history)
     result.train_time_s, result.warmup_s, result.data_wait_s = s["train_time"], s["warmup"], s["data_wait"]
-    result.train_img_s = s["n_steady"] / s["train_time"] if s["train_time"] > 0 else None
+    # None (shown as "–") when every step was warm-up: a rate of 0 img/s would be a measurement
+    result.train_img_s = (
+        s["n_steady"] / s["train_time"] if s["n_steady"] > 0 and s["train_time"] > 0 else None
+    )
     result.micro_batch_size, result.oom_events = parts.micro_batch, parts.oom_events
     result.peak_memory_gib, result.peak_memory_kind = peak_memory_gib(device)
     if store_bytes > 0:
