@@ -285,11 +285,6 @@ def _check_label(i: int, label: str) -> None:
         )
 
 
-def _positive(where: str, v: float | None, rule: str = "above 0", allow_zero: bool = False) -> None:
-    if v is not None and not (math.isfinite(v) and (v >= 0 if allow_zero else v > 0)):
-        raise ConfigError(f"{where}: {v} must be {rule}")
-
-
 def _validate(cfg: Config) -> None:
     if not cfg.models:
         raise ConfigError("models: the list is empty; name at least one timm model")
@@ -298,25 +293,8 @@ def _validate(cfg: Config) -> None:
         _check_label(i, label)
     if len(set(labels)) != len(labels):
         raise ConfigError(f"models: labels must be unique, got {labels}")
-    t, dc = cfg.train, cfg.data
-    _positive("train.lr", t.lr, "at least 0", allow_zero=True)  # 0: weights stay as loaded
-    _positive("train.min_lr", t.min_lr, "at least 0", allow_zero=True)
-    _positive("train.grad_clip", t.grad_clip, "above 0 (or null: no clipping)")
-    for key in ("early_stop_patience", "eval_batch_size"):
-        if getattr(t, key) is not None and getattr(t, key) < 1:
-            raise ConfigError(f"train.{key}: {getattr(t, key)} must be at least 1 (or null)")
-    if t.seed < 0:
-        raise ConfigError(f"train.seed: {t.seed} must be at least 0")
-    if t.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", t.device):
-        raise ConfigError(f"train.device: {t.device!r} must be auto, cpu, cuda or cuda:N")
-    if dc.num_workers is not None and dc.num_workers < 0:
-        raise ConfigError(f"data.num_workers: {dc.num_workers} must be at least 0 (or null)")
-    if dc.prepared_size < 16:
-        raise ConfigError(f"data.prepared_size: {dc.prepared_size} must be at least 16 (pixels)")
-    for i, m in enumerate(cfg.models):
-        _positive(f"models.{i}.lr", m.lr, "at least 0", allow_zero=True)
-        if m.img_size is not None and m.img_size < 16:
-            raise ConfigError(f"models.{i}.img_size: {m.img_size} must be at least 16 (pixels), or null")
+    if cfg.train.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", cfg.train.device):
+        raise ConfigError(f"train.device: {cfg.train.device!r} must be auto, cpu, cuda or cuda:N")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: {cfg.data.val_fraction} must be in [0, 1)")
     if cfg.data.limit_per_class is not None and cfg.data.limit_per_class < 1:
@@ -328,23 +306,42 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.epochs: must be at least 1")
     if cfg.train.batch_size < 1:
         raise ConfigError("train.batch_size: must be at least 1")
-    scopes: list[tuple[str, TrainConfig | ModelConfig]] = [("train", cfg.train)]
-    for where, scope in scopes + [(f"models.{i}", m) for i, m in enumerate(cfg.models)]:
-        _check_regularisers(where, scope)
+    _check_rules("train", cfg.train, SHARED_RULES | TRAIN_RULES)
+    _check_rules("data", cfg.data, DATA_RULES)
+    for i, m in enumerate(cfg.models):
+        _check_rules(f"models.{i}", m, SHARED_RULES | MODEL_RULES)
     _validate_tune(cfg.tune)
 
 
-def _check_regularisers(where: str, t: TrainConfig | ModelConfig) -> None:
-    rules: dict[str, tuple[Callable[[Any], bool], str]] = {
-        "batch_size": (lambda v: v >= 1, "at least 1"),
-        "weight_decay": (lambda v: v >= 0, "at least 0"),
-        "warmup_epochs": (lambda v: v >= 0, "at least 0"),
-        "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
-        "layer_decay": (lambda v: 0 < v <= 1, "in (0, 1] (or null)"),
-        "ema_decay": (lambda v: 0 < v < 1, "in (0, 1) (or null)"),
-    }
+Rules = dict[
+    str, tuple[Callable[[Any], bool], str]
+]  # key -> (is the value fine, the rule in words); null passes
+SHARED_RULES: Rules = {  # `train.*` and each model's override of it (PER_MODEL)
+    "lr": (lambda v: math.isfinite(v) and v >= 0, "at least 0"),  # 0: the weights stay as loaded
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "weight_decay": (lambda v: v >= 0, "at least 0"),
+    "warmup_epochs": (lambda v: v >= 0, "at least 0"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "layer_decay": (lambda v: 0 < v <= 1, "in (0, 1] (or null)"),
+    "ema_decay": (lambda v: 0 < v < 1, "in (0, 1) (or null)"),
+}
+TRAIN_RULES: Rules = {
+    "min_lr": (lambda v: math.isfinite(v) and v >= 0, "at least 0"),
+    "grad_clip": (lambda v: math.isfinite(v) and v > 0, "above 0 (or null: no clipping)"),
+    "early_stop_patience": (lambda v: v >= 1, "at least 1 (or null)"),
+    "eval_batch_size": (lambda v: v >= 1, "at least 1 (or null)"),
+    "seed": (lambda v: v >= 0, "at least 0"),
+}
+DATA_RULES: Rules = {
+    "num_workers": (lambda v: v >= 0, "at least 0 (or null)"),
+    "prepared_size": (lambda v: v >= 16, "at least 16 (pixels)"),
+}
+MODEL_RULES: Rules = {"img_size": (lambda v: v >= 16, "at least 16 (pixels), or null")}
+
+
+def _check_rules(where: str, section: Any, rules: Rules) -> None:
     for key, (ok, rule) in rules.items():
-        v = getattr(t, key)
+        v = getattr(section, key)
         if v is not None and not ok(v):
             raise ConfigError(f"{where}.{key}: {v} must be {rule}")
 
