@@ -169,9 +169,10 @@ def _data_check(args: argparse.Namespace) -> int:
                                "test": len(ds.test), "classes": ds.num_classes, "class_names": ds.class_names}  # fmt: skip
     if args.decode:
         from visionpoc.data.images import undecodable
+        from visionpoc.data.loaders import default_workers
 
         paths = [s.path(i) for s in (ds.train, ds.test) for i in range(len(s))]
-        summary["undecodable"] = undecodable(paths, args.workers or min(8, os.cpu_count() or 1))
+        summary["undecodable"] = undecodable(paths, default_workers(DataConfig(num_workers=args.workers)))
     if args.json:
         print(json.dumps(summary))
     else:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from visionpoc.config import Config
+from visionpoc.config import Config, DataConfig
 from visionpoc.data.augment import eval_transform as eval_transform  # re-exported: bench, tests
 from visionpoc.data.augment import train_transform as train_transform
 from visionpoc.data.images import load_rgb
@@ -104,9 +104,10 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def default_workers(cfg: Config) -> int:
-    if cfg.data.num_workers is not None:
-        return cfg.data.num_workers
+def default_workers(data: DataConfig) -> int:
+    """`data.num_workers`, or min(8, CPUs) when it is null."""
+    if data.num_workers is not None:
+        return data.num_workers
     return min(8, os.cpu_count() or 1)
 
 
@@ -114,7 +115,7 @@ def stream_loader(split: Split, transform: Any, batch_size: int, shuffle: bool, 
                   device: torch.device, d: Dist = SINGLE, every_epoch: bool = False) -> DataLoader:  # fmt: skip
     """A DataLoader over this process's shard of `split` (EpochSampler: seeded per epoch, resumable).
     `every_epoch` loaders (train, val) keep their workers alive between passes; one-pass loaders don't."""
-    workers = default_workers(cfg)
+    workers = default_workers(cfg.data)
     seed = cfg.train.seed
     sampler = (AugmentSampler if shuffle else EpochSampler)(len(split), seed, d, shuffle=shuffle)
     return DataLoader(

@@ -292,7 +292,7 @@ def prepared_loaders(splits: Splits, data_cfg: dict[str, Any], cfg: Config, devi
     cache = cache_dir_for(cfg.data.root)
     if not d.main:  # rank 0 builds; the others wait, then reuse it
         distributed.barrier(d)
-    store = prepare_store(paths, size, cache, workers=default_workers(cfg))
+    store = prepare_store(paths, size, cache, workers=default_workers(cfg.data))
     if d.main:
         distributed.barrier(d)
     images = resident(store, device)
