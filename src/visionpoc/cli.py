@@ -209,17 +209,17 @@ def _run(args: argparse.Namespace, labels: list[str] | None) -> int:
             cfg = apply_tuned(cfg, args.tuned, out)
     require_mlflow(cfg.tracking.mlflow_uri)  # before hours of training, not after
     d = distributed.from_env()
+    hint = resume_hint(args.command, out, labels[0] if labels else None, d.world)
     try:
         results = run_compare(cfg, out, labels, resume=args.resume is not None)
     except TrainingInterrupted as e:
-        hint = resume_hint(args.command, out, labels[0] if labels else None, d.world)
         raise TrainingInterrupted(f"{e}. Resume with: {hint}") from None
     except DataError as e:  # e.g. a corrupt image met mid-run (the run has its config.yaml): it is kept
         msg = _user_message(e)
         if isinstance(e, ImageError):
             msg += " (`visionpoc data check --decode` lists every such file of the dataset at once)"
         if (out / "config.yaml").is_file():
-            msg += f". Once it is fixed, continue the run with: {resume_hint(args.command, out, labels[0] if labels else None, d.world)}"
+            msg += f". Once it is fixed, continue the run with: {hint}"
         raise DataError(msg) from None
     finally:
         distributed.shutdown(d)  # a no-op for one process

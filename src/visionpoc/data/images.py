@@ -1,8 +1,8 @@
 """Decode one image file to RGB, or fail with an error that names the file and says what to do.
 
 Grayscale (8/16-bit, float), CMYK, palette and alpha images are converted to RGB and turned upright
-by their EXIF orientation; the format is read from the file's content, not its extension. Truncated files and decompression bombs are errors, never silently
-padded or decoded into memory.
+by their EXIF orientation; the format is read from the file's content, not its extension. Truncated
+files and decompression bombs are errors, never silently padded or decoded into memory.
 """
 
 from __future__ import annotations

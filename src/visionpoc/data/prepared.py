@@ -12,8 +12,8 @@ augments them on the device (`StoreBatches`, `gpu_aug`).
   the store it replaces (same files, older content) is deleted, and of the other stores of the same
   folder and S only the last used one is kept (a quick run's subset next to the full set). The key
   reads file stats, not contents: a file replaced by one of the same size with its old mtime kept
-  (`cp -p`, `rsync -a`) is not seen; delete the cache folder after such a copy. Labels are not part of the key: they
-  come from the splits, so a relabelling never forces a re-decode.
+  (`cp -p`, `rsync -a`) is not seen; delete the cache folder after such a copy. Labels are not part
+  of the key: they come from the splits, so a relabelling never forces a re-decode.
 - Atomic: the array is written to a temp file, fsynced and renamed, then its `.json` sidecar is
   written the same way; a store without its sidecar (a crash mid-build) is never used.
 - Shared: one store for train, validation and test, and for every model: each model crops it at its
