@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -521,9 +522,6 @@ def test_ctrl_c_in_a_terminal_stops_tuning(mini_dogs: Path, tmp_path: Path) -> N
     """A terminal's Ctrl-C signals the whole process group, DataLoader workers included: the tuning
     stops (exit 130, the best settings so far written), instead of a worker's death failing one trial
     and the study going on, or the signal being lost between trials."""
-    import os
-    import signal
-
     cfg = _config(tmp_path, mini_dogs, epochs=3, pruner="none", trials=50)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
