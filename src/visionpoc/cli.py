@@ -186,9 +186,10 @@ def _data_check(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, labels: list[str] | None) -> int:
     from visionpoc import distributed
-    from visionpoc.compare import format_table, run_compare
+    from visionpoc.compare import format_repeats_table, format_table, run_compare, run_repeats
     from visionpoc.config import ConfigError, load_config
     from visionpoc.recovery import resume_config, resume_hint
+    from visionpoc.results import RESULTS_FILE
     from visionpoc.tracking import require_mlflow
 
     if args.resume is not None:
@@ -211,7 +212,10 @@ def _run(args: argparse.Namespace, labels: list[str] | None) -> int:
     d = distributed.from_env()
     hint = resume_hint(args.command, out, labels[0] if labels else None, d.world)
     try:
-        results = run_compare(cfg, out, labels, resume=args.resume is not None)
+        if cfg.train.repeats > 1:
+            runs = run_repeats(cfg, out, labels, resume=args.resume is not None)
+        else:
+            runs = [run_compare(cfg, out, labels, resume=args.resume is not None)]
     except TrainingInterrupted as e:
         raise TrainingInterrupted(f"{e}. Resume with: {hint}") from None
     except DataError as e:  # e.g. a corrupt image met mid-run (the run has its config.yaml): it is kept
@@ -225,27 +229,38 @@ def _run(args: argparse.Namespace, labels: list[str] | None) -> int:
         distributed.shutdown(d)  # a no-op for one process
     if not d.main:
         return 0
-    print(format_table(results))
+    print(format_table(runs[0]) if len(runs) == 1 else format_repeats_table(runs))
     if args.command == "compare" and not args.no_report:
         _write_report(out)
-    print(f"results: {out / 'results.json'}")
-    ok = all(m.status == "ok" for m in results.models)
+    print("results: " + ", ".join(str(f / RESULTS_FILE) for f in _run_folders(out)))
+    ok = all(m.status == "ok" for r in runs for m in r.models)
     if cfg.tracking.mlflow_uri is not None:
         ok = _log_mlflow(out, cfg.tracking.mlflow_uri, cfg.tracking.experiment) and ok
     return 0 if ok else 1
 
 
+def _run_folders(run_dir: Path) -> list[Path]:
+    """The finished run folders of `run_dir`: itself, or each repeat's (`train.repeats`)."""
+    from visionpoc.repeats import read_repeats
+    from visionpoc.results import RESULTS_FILE
+
+    repeats = read_repeats(run_dir)
+    return [run_dir] if repeats is None else [d for _, d in repeats if (d / RESULTS_FILE).is_file()]
+
+
 def _log_mlflow(run_dir: Path, uri: str, experiment: str) -> bool:
-    """Log a finished run to MLflow; a tracking failure is reported, and the run's files stay as they are."""
+    """Log a finished run (a run with repeats: one MLflow run per seed) to MLflow; a tracking failure is
+    reported, and the run's files stay as they are."""
     from visionpoc.tracking import log_run
 
-    try:
-        run_id = log_run(run_dir, uri, experiment)
-    except Exception as e:  # the server is down, the store is read-only, ...: the run itself is saved
-        print(f"error: MLflow logging to {uri} failed ({type(e).__name__}: {e}); the run is saved in "
-              f"{run_dir}; log it later with: visionpoc report {run_dir} --mlflow-uri {uri}", file=sys.stderr)  # fmt: skip
-        return False
-    print(f"mlflow: run {run_id} in experiment {experiment!r} at {uri}")
+    for folder in _run_folders(run_dir):
+        try:
+            run_id = log_run(folder, uri, experiment)
+        except Exception as e:  # the server is down, the store is read-only, ...: the run itself is saved
+            print(f"error: MLflow logging to {uri} failed ({type(e).__name__}: {e}); the run is saved in "
+                  f"{run_dir}; log it later with: visionpoc report {run_dir} --mlflow-uri {uri}", file=sys.stderr)  # fmt: skip
+            return False
+        print(f"mlflow: run {run_id} ({folder}) in experiment {experiment!r} at {uri}")
     return True
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from visionpoc.config import Config, ModelConfig, save_config, to_dict
 from visionpoc.data.sources import Dataset, read_dataset
 from visionpoc.data.splits import Splits, make_splits
 from visionpoc.errors import CheckpointError, ConfigError, DataError, TrainingInterrupted, VisionpocError
+from visionpoc.repeats import repeat_dir, save_repeats, spread
 from visionpoc.results import (
     RESULTS_FILE,
     DatasetInfo,
@@ -44,7 +46,8 @@ def load_data(cfg: Config) -> tuple[Dataset, Splits]:
             )
             download_stanford_dogs(root, base_url=cfg.data.base_url)
     ds = read_dataset(cfg.data.source, root)
-    splits = make_splits(ds, cfg.data.val_fraction, cfg.data.limit_per_class, cfg.train.seed)
+    split_seed = cfg.train.seed if cfg.data.split_seed is None else cfg.data.split_seed
+    splits = make_splits(ds, cfg.data.val_fraction, cfg.data.limit_per_class, split_seed)
     empty = [name for name, split in (("train", splits.train), ("test", splits.test)) if len(split) == 0]
     if empty:
         why = f" after data.limit_per_class={cfg.data.limit_per_class}" if cfg.data.limit_per_class else ""
@@ -52,6 +55,20 @@ def load_data(cfg: Config) -> tuple[Dataset, Splits]:
     log.info("data: %d train / %d val / %d test images, %d classes",
              len(splits.train), len(splits.val), len(splits.test), splits.num_classes)  # fmt: skip
     return ds, splits
+
+
+def _run_folder(out_dir: Path, resume: bool) -> None:
+    """Create `out_dir`; one that already holds a run is refused unless it is resumed (results and
+    checkpoints of two runs would mix)."""
+    if not resume and (out_dir / "config.yaml").exists():
+        raise ConfigError(
+            f"{out_dir} already holds a run (its config.yaml): continue it with --resume {out_dir}, "
+            "or give another --out (or delete that folder)"
+        )
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out_dir}: cannot create the folder ({e}); choose another path") from e
 
 
 def run_compare(
@@ -68,15 +85,7 @@ def run_compare(
     if resume and (out_dir / RESULTS_FILE).is_file():
         done = {m.label: m for m in load_results(out_dir).models if m.status == "ok"}
     if d.main:
-        if not resume and (out_dir / "config.yaml").exists():  # results, checkpoints: two runs mixed
-            raise ConfigError(
-                f"{out_dir} already holds a run (its config.yaml): continue it with --resume {out_dir}, "
-                "or give another --out (or delete that folder)"
-            )
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"--out {out_dir}: cannot create the folder ({e}); choose another path") from e
+        _run_folder(out_dir, resume)
         ds, splits = load_data(cfg)  # one process downloads; the others wait for it
         save_config(cfg, out_dir / "config.yaml")  # the run starts: a data error before it leaves none
     distributed.barrier(d)
@@ -124,6 +133,33 @@ def run_compare(
     return results
 
 
+def run_repeats(
+    cfg: Config, out_dir: Path, labels: list[str] | None = None, resume: bool = False
+) -> list[RunResults]:
+    """`run_compare` once per seed of `cfg.train.repeats` (seed, seed+1, ...), each a whole run in
+    `out_dir/seed-<s>/` on the same splits (the first seed's); `out_dir` holds the config and the list.
+
+    With `resume`, finished repeats are kept and an interrupted one continues from its checkpoints.
+    """
+    out_dir = Path(out_dir)
+    seeds = [cfg.train.seed + k for k in range(cfg.train.repeats)]
+    split_seed = cfg.train.seed if cfg.data.split_seed is None else cfg.data.split_seed
+    if distributed.from_env().main:
+        _run_folder(out_dir, resume)
+        load_data(cfg)  # a data error before the run starts leaves no config.yaml, as in run_compare
+        save_config(cfg, out_dir / "config.yaml")
+        save_repeats(out_dir, seeds)  # a resumed run may have raised train.repeats
+    runs = []
+    for k, seed in enumerate(seeds):
+        one = replace(
+            cfg, data=replace(cfg.data, split_seed=split_seed), train=replace(cfg.train, seed=seed, repeats=1)
+        )
+        sub = out_dir / repeat_dir(seed)
+        log.info("=== repeat %d of %d: seed %d, in %s", k + 1, len(seeds), seed, sub)
+        runs.append(run_compare(one, sub, labels, resume=resume and (sub / "config.yaml").is_file()))
+    return runs
+
+
 def warn_imagenet_overlap(chosen: list[ModelConfig]) -> list[str]:
     """Log (and return) the pretrained models whose pretraining data contains ImageNet, from which
     Stanford Dogs was built: they may have seen its test images."""
@@ -158,5 +194,29 @@ def format_table(results: RunResults) -> str:
             f"{m.label:<16} {_fmt(m.train_time_s, '14.1f')} {_fmt(m.train_accuracy, '9.4f')} "
             f"{_fmt(m.val_accuracy, '8.4f')} {_fmt(m.test_accuracy, '8.4f')} "
             f"{_fmt(m.test_top5_accuracy, '7.4f')} {_fmt(m.test_macro_f1, '8.4f')}"
+        )
+    return "\n".join(lines)
+
+
+def format_repeats_table(runs: list[RunResults]) -> str:
+    """Each model's mean +- standard deviation across the repeats (the models that finished in each)."""
+    n = len(runs)
+    head = f"{'model':<16} {'runs':>4} {'train time (s)':>16} {'val acc':>15} {'test acc':>15}"
+    lines = [f"across {n} seeds (mean +- std):", head, "-" * len(head)]
+
+    def cell(values: list[float | None], width: int, spec: str) -> str:
+        s = spread(values)
+        text = (
+            "-"
+            if s is None
+            else format(s.mean, spec) + ("" if s.std is None else " +- " + format(s.std, spec))
+        )
+        return f"{text:>{width}}"
+
+    for label in dict.fromkeys(m.label for r in runs for m in r.models):
+        ok = [m for r in runs for m in r.models if m.label == label and m.status == "ok"]
+        lines.append(
+            f"{label:<16} {len(ok):>4} {cell([m.train_time_s for m in ok], 16, '.1f')} "
+            f"{cell([m.val_accuracy for m in ok], 15, '.4f')} {cell([m.test_accuracy for m in ok], 15, '.4f')}"
         )
     return "\n".join(lines)

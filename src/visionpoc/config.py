@@ -33,6 +33,9 @@ class DataConfig:
     """Stratified, seeded share of train held out for validation (model selection, early stopping)."""
     limit_per_class: int | None = None
     """Keep at most this many images per class in every split, for quick runs."""
+    split_seed: int | None = None
+    """Seed of the validation carve-out and of `limit_per_class`; null takes `train.seed`. The repeats of
+    a run (`train.repeats`) all take the first one's, so they share the same images."""
     download: bool = True
     """Stanford Dogs only: download the official archives when `root` holds no dataset."""
     base_url: str | None = None
@@ -121,7 +124,10 @@ class TrainConfig:
     early_stop_patience: int | None = None
     """Stop after this many epochs without a better validation accuracy; null disables."""
     seed: int = 0
-    """Seed for Python, NumPy, torch and the data order."""
+    """Seed for Python, NumPy, torch, the validation split and the data order."""
+    repeats: int = 1
+    """`compare`/`train`: train every model this many times, with seeds seed, seed+1, ...; each repeat is a
+    whole run in `OUT/seed-<s>/`, and the report gives each model's mean and spread across them."""
     deterministic: bool = False
     """Deterministic kernels: reproducible to the bit on one machine, slower on GPU."""
     device: str = "auto"
@@ -331,9 +337,11 @@ TRAIN_RULES: Rules = {
     "early_stop_patience": (lambda v: v >= 1, "at least 1 (or null)"),
     "eval_batch_size": (lambda v: v >= 1, "at least 1 (or null)"),
     "seed": (lambda v: v >= 0, "at least 0"),
+    "repeats": (lambda v: v >= 1, "at least 1"),
 }
 DATA_RULES: Rules = {
     "num_workers": (lambda v: v >= 0, "at least 0 (or null)"),
+    "split_seed": (lambda v: v >= 0, "at least 0 (or null: train.seed)"),
     "prepared_size": (lambda v: v >= 16, "at least 16 (pixels)"),
 }
 MODEL_RULES: Rules = {"img_size": (lambda v: v >= 16, "at least 16 (pixels), or null")}

@@ -98,7 +98,8 @@ def load_resume(out_dir: Path, model: nn.Module, meta: dict[str, str]) -> dict[s
 
 
 # settings a resumed run may change: where the data is and how it is read, the device, compilation and
-# tracking; everything else (batch size, epochs, LR, fine-tuning, ...) would mix with the saved schedule
+# tracking; everything else (batch size, epochs, LR, fine-tuning, ...) would mix with the saved schedule.
+# A run with repeats may also raise `train.repeats` (more seeds; the finished ones are kept).
 RESUME_MAY_CHANGE = ("tracking.", "data.num_workers", "data.root", "data.download", "data.base_url",
                      "train.device", "train.compile")  # fmt: skip
 
@@ -115,13 +116,14 @@ def resume_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) ->
     cfg = load_config(path, overrides)
     saved, new = flat_keys(to_dict(load_config(path))), flat_keys(to_dict(cfg))
     changed = sorted(k for k in saved.keys() | new.keys() if saved.get(k) != new.get(k))
-    refused = [k for k in changed if not _may_change(k)]
+    more_seeds = saved.get("train.repeats", 1) > 1 and cfg.train.repeats >= saved.get("train.repeats", 1)
+    refused = [k for k in changed if not _may_change(k) and not (k == "train.repeats" and more_seeds)]
     if refused:
         raise ConfigError(
             f"--resume {run_dir}: --set would change {', '.join(refused)} of the interrupted run, whose "
             f"optimizer and schedule were built for its saved settings. A resumed run may only change "
-            f"{', '.join(a.rstrip('.') + ('.*' if a.endswith('.') else '') for a in RESUME_MAY_CHANGE)}; "
-            f"to train with other settings, start a new run: --config {path} --set ... --out NEW_DIR"
+            f"{', '.join(a.rstrip('.') + ('.*' if a.endswith('.') else '') for a in RESUME_MAY_CHANGE)} "
+            f"(and raise train.repeats, in a run with repeats); to train with other settings, start a new run: --config {path} --set ... --out NEW_DIR"
         )
     return cfg
 

@@ -19,6 +19,7 @@ import numpy as np
 from visionpoc.atomic import atomic_write, atomic_write_json, atomic_write_text
 
 RESULTS_FILE = "results.json"
+REPEATS_FILE = "repeats.json"  # a folder of repeats (`repeats.py`): one whole run per seed
 PREDICTIONS_FILE = "test_predictions.npz"
 LR_SCALING = (
     "none: lr is the peak LR for the global batch (batch_size = batch_size_per_device x world_size); "
@@ -191,6 +192,11 @@ def load_results(run_dir: str | Path) -> RunResults:
     from visionpoc.errors import VisionpocError
 
     path = Path(run_dir) / RESULTS_FILE
+    if not path.is_file() and (Path(run_dir) / REPEATS_FILE).is_file():
+        raise VisionpocError(
+            f"{run_dir} holds the repeats of a comparison, one run per seed in its seed-<s> folders: pass one "
+            f"of them (e.g. {Path(run_dir) / 'seed-<s>'}); `visionpoc report {run_dir}` compares them"
+        )
     if not path.is_file():
         raise VisionpocError(f"{path} not found: pass the output folder of a finished `visionpoc compare`")
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from visionpoc.errors import ConfigError
-from visionpoc.results import RESULTS_FILE, ModelResult, load_results
+from visionpoc.results import REPEATS_FILE, RESULTS_FILE, ModelResult, load_results
 from visionpoc.typed import flat_keys
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,10 @@ def log_run(run_dir: str | Path, uri: str, experiment: str = "visionpoc") -> str
     shared = {k: v for k, v in r.config.items() if k != "models"}
     tags = {"visionpoc.run_dir": str(run_dir.resolve()), "visionpoc.dataset": r.dataset.source,
             "visionpoc.models": ", ".join(m.label for m in r.models)}  # fmt: skip
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_dir.name, tags=tags) as parent:
+    name = (
+        f"{run_dir.parent.name}/{run_dir.name}" if (run_dir.parent / REPEATS_FILE).is_file() else run_dir.name
+    )
+    with mlflow.start_run(experiment_id=exp_id, run_name=name, tags=tags) as parent:
         mlflow.log_params({k: "null" if v is None else v for k, v in flat_keys(shared, lists=False).items()})
         mlflow.log_params({f"dataset.{k}": v for k, v in dataclasses.asdict(r.dataset).items()
                            if k != "class_names"})  # fmt: skip

@@ -209,6 +209,9 @@ def run_tune(cfg: Config, label: str, trials: int | None = None, storage: str | 
     if cfg.data.val_fraction <= 0:
         raise ConfigError("tune scores trials on the validation split: set data.val_fraction > 0 (e.g. 0.1)")
     tc = cfg.tune
+    if cfg.train.repeats > 1:
+        log.warning("train.repeats=%d is for compare and train: each trial trains once (compare the tuned "
+                    "settings across seeds with: visionpoc compare --tuned OUT)", cfg.train.repeats)  # fmt: skip
     epochs = tc.epochs or cfg.train.epochs
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
     if tune_ddp.follower(cfg):  # torchrun: ranks > 0 run rank 0's trials and write nothing (tune_ddp.py)

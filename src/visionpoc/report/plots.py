@@ -179,3 +179,27 @@ def image_grid(
         axes[r, 0].set_ylabel(title, fontsize=9, rotation=90)
     fig.subplots_adjust(hspace=0.3, wspace=0.08)
     return to_png(fig)
+
+
+def seeds_strip(
+    labels: Sequence[str], per_seed: Sequence[Sequence[float | None]], seeds: Sequence[int]
+) -> bytes | None:
+    """Each model's test accuracy in every seed (a dot per seed, a bar at the mean): the spread that
+    one run cannot show."""
+    if not any(v is not None for values in per_seed for v in values):
+        return None
+    fig = Figure(figsize=(max(4.5, 1.4 * len(labels) + 2), 3.6))
+    ax = fig.subplots()
+    jitter = np.linspace(-0.12, 0.12, len(seeds)) if len(seeds) > 1 else np.zeros(1)
+    for i, values in enumerate(per_seed):
+        pts = [(i + jitter[k], v) for k, v in enumerate(values) if v is not None]
+        if not pts:
+            continue
+        ax.plot(*zip(*pts, strict=True), "o", color=colour(i), alpha=0.85)
+        mean = float(np.mean([v for _, v in pts]))
+        ax.hlines(mean, i - 0.25, i + 0.25, color=colour(i), linewidth=2.5)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set(title=f"Test accuracy in each of {len(seeds)} seeds (bar: mean)", ylabel="test accuracy",
+           xlim=(-0.6, len(labels) - 0.4))  # fmt: skip
+    ax.grid(alpha=0.3, axis="y")
+    return to_png(fig)

@@ -16,8 +16,11 @@ from pathlib import Path
 import jinja2
 
 from visionpoc.atomic import atomic_write_bytes, atomic_write_text
+from visionpoc.repeats import Spread, read_repeats
+from visionpoc.report.across_seeds import SeedsReport, build_seeds_report
 from visionpoc.report.build import N_RESAMPLES, Report, build_report
 from visionpoc.report.stats import Interval, format_p
+from visionpoc.results import RESULTS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,29 @@ def md_cell(text: object) -> str:
     return _MD_SPECIAL.sub(r"\\\1", str(text)).replace("\n", " ")
 
 
+def spread_pct(s: Spread | None) -> str:
+    """An accuracy across seeds: '85.3% ± 0.4' (mean, sample standard deviation in points)."""
+    if s is None:
+        return DASH
+    return pct(s.mean) + ("" if s.std is None else f" ± {100 * s.std:.1f}")
+
+
+def range_pct(s: Spread | None) -> str:
+    """The lowest and highest seed of an accuracy, in percent: '[84.9, 85.7]'."""
+    return "" if s is None or len(s.values) < 2 else f"[{100 * s.low:.1f}, {100 * s.high:.1f}]"
+
+
+def spread_num(s: Spread | None, spec: str = ",.1f") -> str:
+    """Any other figure across seeds: '123.4 ± 5.6'."""
+    if s is None:
+        return DASH
+    return num(s.mean, spec) + ("" if s.std is None else f" ± {num(s.std, spec)}")
+
+
+def p_or_dash(p: float | None) -> str:
+    return DASH if p is None else format_p(p)
+
+
 def _environment(image_src: Callable[[str], str]) -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("visionpoc.report", "templates"),
@@ -73,7 +99,8 @@ def _environment(image_src: Callable[[str], str]) -> jinja2.Environment:
         lstrip_blocks=True,
         undefined=jinja2.StrictUndefined,
     )
-    env.filters.update(pct=pct, ci=ci, points=points, num=num, millions=millions, p=format_p, md=md_cell)
+    env.filters.update(pct=pct, ci=ci, points=points, num=num, millions=millions, p=format_p, md=md_cell,
+                       spread_pct=spread_pct, range_pct=range_pct, spread_num=spread_num, p_or_dash=p_or_dash)  # fmt: skip
     env.globals["img"] = image_src
     env.globals["n_resamples"] = N_RESAMPLES
     return env
@@ -83,20 +110,31 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def render_html(rep: Report) -> str:
-    return (
-        _environment(lambda name: _data_uri(rep.figures[name])).get_template("report.html.j2").render(r=rep)
-    )
+def render_html(rep: Report | SeedsReport) -> str:
+    template = "seeds.html.j2" if isinstance(rep, SeedsReport) else "report.html.j2"
+    return _environment(lambda name: _data_uri(rep.figures[name])).get_template(template).render(r=rep)
 
 
-def render_markdown(rep: Report) -> str:
-    return _environment(lambda name: f"{FILES_DIR}/{name}.png").get_template("report.md.j2").render(r=rep)
+def render_markdown(rep: Report | SeedsReport) -> str:
+    template = "seeds.md.j2" if isinstance(rep, SeedsReport) else "report.md.j2"
+    return _environment(lambda name: f"{FILES_DIR}/{name}.png").get_template(template).render(r=rep)
 
 
 def write_report(run_dir: str | Path, explain: bool = True) -> Path:
-    """Write `RUN_DIR/report.html`, `RUN_DIR/report.md` and `RUN_DIR/report_files/*.png`; return the HTML path."""
+    """Write `RUN_DIR/report.html`, `RUN_DIR/report.md` and `RUN_DIR/report_files/*.png`; return the HTML path.
+
+    For a run with repeats (`RUN_DIR/repeats.json`), each finished seed's folder gets its own report first,
+    and `RUN_DIR`'s report compares the seeds.
+    """
     run_dir = Path(run_dir)
-    rep = build_report(run_dir, explain=explain)
+    repeats = read_repeats(run_dir)
+    if repeats is not None:
+        for _, seed_dir in repeats:
+            if (seed_dir / RESULTS_FILE).is_file():
+                write_report(seed_dir, explain=explain)
+    rep: Report | SeedsReport = (
+        build_seeds_report(run_dir) if repeats is not None else build_report(run_dir, explain)
+    )
     files = run_dir / FILES_DIR
     for old in files.glob("*.png") if files.is_dir() else []:
         old.unlink()  # figures of an earlier report that this one may not have

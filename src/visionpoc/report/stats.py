@@ -7,6 +7,8 @@
 - `bootstrap_count`: the same interval for a proportion known only as a count (the train accuracy,
   which has no predictions file).
 - `verdict`: one plain sentence a decision-maker can read, with its uncertainty.
+- `across_seeds` / `seeds_verdict`: the same question over repeated trainings (`train.repeats`): the
+  per-seed differences, a paired t-test over seeds (`scipy.stats.ttest_1samp`) and a sentence.
 - `confused_pairs`: the most frequent (true class, predicted class) mistakes.
 """
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.stats import binomtest, bootstrap
+from scipy.stats import binomtest, bootstrap, ttest_1samp
 
 ALPHA = 0.05
 BATCH = 250  # resamples scipy draws at once: (BATCH, N) floats in memory
@@ -152,6 +154,58 @@ def verdict(baseline: str, candidate: str, diff: Interval, test: McNemar) -> str
     return (f"{ahead} is ahead of {other} by {_pts(lead.point)} points {n}, but this test set cannot tell "
             f"them apart: the 95% CI on that lead runs from {_pts(lead.low, True)} to {_pts(lead.high, True)} "
             f"points ({p}).")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SeedsDifference:
+    """Candidate minus baseline test accuracy, one value per seed where both finished."""
+
+    diffs: tuple[float, ...]
+    mean: float
+    std: float | None  # sample standard deviation across seeds (ddof=1); None for one seed
+    p_value: float | None  # paired t-test over seeds (H0: mean difference 0); None below 2 seeds or no spread
+
+
+def across_seeds(baseline_acc: list[float], candidate_acc: list[float]) -> SeedsDifference | None:
+    """The per-seed differences of two models' test accuracies (paired by seed); None without a seed."""
+    if len(baseline_acc) != len(candidate_acc):
+        raise ValueError(f"paired by seed: {len(baseline_acc)} vs {len(candidate_acc)} accuracies")
+    d = np.asarray(candidate_acc, dtype=np.float64) - np.asarray(baseline_acc, dtype=np.float64)
+    if d.size == 0:
+        return None
+    std = float(d.std(ddof=1)) if d.size > 1 else None
+    # identical differences in every seed: the t statistic is undefined (no spread to scale by)
+    p = float(ttest_1samp(d, 0.0).pvalue) if std is not None and std > 0 else None
+    return SeedsDifference(tuple(float(x) for x in d), float(d.mean()), std, p)
+
+
+def seeds_verdict(baseline: str, candidate: str, diff: SeedsDifference | None) -> str:
+    """One sentence: which model leads across the seeds, how often, and whether the training's own
+    randomness could explain it."""
+    if diff is None:
+        return f"No seed finished with both {baseline} and {candidate}: nothing to compare."
+    k = len(diff.diffs)
+    if k == 1:
+        return (f"Only one seed finished with both {baseline} and {candidate}: one training run cannot say how "
+                "much the training's randomness moves the result.")  # fmt: skip
+    if diff.mean == 0:
+        return f"{candidate} and {baseline} are equally accurate on average over {k} seeds."
+    ahead, other = (candidate, baseline) if diff.mean > 0 else (baseline, candidate)
+    lead = [x if diff.mean > 0 else -x for x in diff.diffs]  # the leader's lead in each seed
+    wins, losses = sum(1 for x in lead if x > 0), sum(1 for x in lead if x < 0)
+    ties = f", tied in {k - wins - losses}" if wins + losses < k else ""
+    head = f"{ahead} is ahead of {other} in {wins} of {k} seeds{ties}, by {_pts(abs(diff.mean))} points on average"
+    spread = f"standard deviation across seeds {_pts(diff.std or 0.0)} points"
+    if diff.p_value is None:
+        return f"{head}: the same difference in every seed."
+    p = f"paired t-test over seeds p = {format_p(diff.p_value)}"
+    if diff.p_value < ALPHA:
+        return f"{head} ({spread}; {p}): the lead holds across training runs."
+    if losses == 0:
+        return (f"{head} ({spread}; {p}): never behind, but {k} seeds are too few to rule out the training's "
+                "randomness.")  # fmt: skip
+    return (f"{head} ({spread}; {p}): the seeds disagree ({other} leads in {losses}), so the training's "
+            "randomness can reverse this result.")  # fmt: skip
 
 
 def format_p(p: float) -> str:

@@ -1,0 +1,172 @@
+"""The report of a run with repeats (`train.repeats`): the same comparison trained once per seed.
+
+One run's intervals and McNemar test measure the test set's noise for those trained weights; the repeats
+measure the training's (the new head's initialisation, data order, augmentation, dropout). This page
+gives each model's mean and spread across seeds next to the test set's own sampling error, each
+candidate's per-seed difference to the baseline with a paired t-test over seeds and a sentence, McNemar
+per seed, a figure, and a link to each seed's full report (`seed-<s>/report.html`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from visionpoc.errors import VisionpocError
+from visionpoc.repeats import Spread, load_repeats, repeat_dir, spread
+from visionpoc.report import plots, stats
+from visionpoc.report.caveats import Caveat, caveats
+from visionpoc.report.inputs import align, read_predictions
+from visionpoc.results import ModelResult, RunResults
+
+
+@dataclass
+class SeedRow:
+    """One model across the seeds."""
+
+    label: str
+    timm: str
+    finished: int  # seeds where it trained and was scored
+    test: Spread | None
+    val: Spread | None
+    train: Spread | None
+    top5: Spread | None
+    macro_f1: Spread | None
+    train_time_s: Spread | None
+    train_img_s: Spread | None
+    per_seed: list[
+        float | None
+    ]  # test accuracy, in the order of `SeedsReport.seeds` (None: failed or missing)
+    test_se: float | None  # one run's binomial standard error of test accuracy (the test set's noise)
+
+
+@dataclass
+class SeedPair:
+    """A candidate against the baseline, seed by seed."""
+
+    baseline: str
+    candidate: str
+    per_seed: list[float | None]  # candidate minus baseline test accuracy, by seed
+    diff: stats.SeedsDifference | None
+    mcnemar_p: list[float | None]  # by seed (None: no predictions to pair)
+    verdict: str
+
+
+@dataclass
+class SeedsReport:
+    title: str
+    run_dir: Path
+    seeds: list[int]
+    runs: list[str]  # each seed's folder, relative to `run_dir`
+    reports: list[bool]  # whether each seed's own report.html exists (for the links)
+    rows: list[SeedRow]
+    pairs: list[SeedPair]
+    caveats: list[Caveat]
+    environment: list[tuple[str, str]]
+    config_yaml: str
+    figures: dict[str, bytes] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _by_label(runs: list[RunResults | None], label: str) -> list[ModelResult | None]:
+    out: list[ModelResult | None] = []
+    for r in runs:
+        m = next((m for m in r.models if m.label == label), None) if r is not None else None
+        out.append(m if m is not None and m.status == "ok" else None)
+    return out
+
+
+def _row(label: str, ms: list[ModelResult | None], test_size: int) -> SeedRow:
+    ok = [m for m in ms if m is not None]
+    test = spread([m.test_accuracy for m in ok])
+    se = None
+    if test is not None and test_size > 0:
+        se = math.sqrt(test.mean * (1 - test.mean) / test_size)
+    return SeedRow(
+        label=label, timm=ok[0].timm if ok else "", finished=len(ok), test=test,
+        val=spread([m.val_accuracy for m in ok]), train=spread([m.train_accuracy for m in ok]),
+        top5=spread([m.test_top5_accuracy for m in ok]), macro_f1=spread([m.test_macro_f1 for m in ok]),
+        train_time_s=spread([m.train_time_s for m in ok]), train_img_s=spread([m.train_img_s for m in ok]),
+        per_seed=[m.test_accuracy if m is not None else None for m in ms], test_se=se,
+    )  # fmt: skip
+
+
+def _mcnemar_p(run_dir: Path, a: ModelResult | None, b: ModelResult | None) -> float | None:
+    if a is None or b is None:
+        return None
+    pa, pb = read_predictions(run_dir, a), read_predictions(run_dir, b)
+    pair = align(pa, pb) if pa is not None and pb is not None else None
+    if pair is None or pa is None or pb is None:
+        return None
+    return stats.mcnemar(pa.correct[pair[0]], pb.correct[pair[1]]).p_value
+
+
+def _pair(run_dirs: list[Path], labels: tuple[str, str], base: list[ModelResult | None],
+          cand: list[ModelResult | None]) -> SeedPair:  # fmt: skip
+    acc = [
+        (a.test_accuracy if a else None, b.test_accuracy if b else None)
+        for a, b in zip(base, cand, strict=True)
+    ]
+    per_seed = [b - a if a is not None and b is not None else None for a, b in acc]
+    known = [(a, b) for a, b in acc if a is not None and b is not None]
+    diff = stats.across_seeds([a for a, _ in known], [b for _, b in known])
+    return SeedPair(
+        labels[0], labels[1], per_seed, diff,
+        [_mcnemar_p(d, a, b) for d, a, b in zip(run_dirs, base, cand, strict=True)],
+        stats.seeds_verdict(labels[0], labels[1], diff),
+    )  # fmt: skip
+
+
+def _environment(first: RunResults, seeds: list[int]) -> list[tuple[str, str]]:
+    e, d = first.environment, first.dataset
+    return [
+        ("device", e.device + (f" ({e.gpu_name})" if e.gpu_name else "")), ("platform", e.platform),
+        ("python", e.python), ("torch", e.torch), ("timm", e.timm), ("CUDA", e.cuda or "none"),
+        ("visionpoc", e.visionpoc), ("seeds", ", ".join(map(str, seeds))),
+        ("git commit", e.git_commit or "unknown"),
+        ("dataset", f"{d.source} at {d.root}: {d.train_size:,} train / {d.val_size:,} val / "
+                    f"{d.test_size:,} test images, {d.num_classes} classes (the same split in every seed)"),
+    ]  # fmt: skip
+
+
+def build_seeds_report(run_dir: str | Path) -> SeedsReport:
+    """Read every repeat of `run_dir` and compute the across-seed tables, tests and figure."""
+    run_dir = Path(run_dir)
+    repeats = load_repeats(run_dir)
+    seeds = [s for s, _ in repeats]
+    runs = [r for _, r in repeats]
+    finished = [r for r in runs if r is not None]
+    if not finished:
+        raise VisionpocError(f"{run_dir}: no repeat has finished yet (each writes seed-<s>/results.json)")
+    folders = [repeat_dir(s) for s in seeds]
+    first = finished[0]
+    labels = list(dict.fromkeys(m.label for r in finished for m in r.models))
+    per_label = {label: _by_label(runs, label) for label in labels}
+    rows = [_row(label, per_label[label], first.dataset.test_size) for label in labels]
+    dirs = [run_dir / f for f in folders]
+    pairs = [_pair(dirs, (labels[0], c), per_label[labels[0]], per_label[c]) for c in labels[1:]]
+    config = run_dir / "config.yaml"
+    rep = SeedsReport(
+        title=f"Model comparison across {len(seeds)} seeds: {', '.join(labels)}", run_dir=run_dir, seeds=seeds,
+        runs=folders, reports=[(d / "report.html").is_file() for d in dirs], rows=rows, pairs=pairs,
+        caveats=caveats(first), environment=_environment(first, seeds),
+        config_yaml=config.read_text() if config.is_file() else "(no config.yaml)",
+    )  # fmt: skip
+    missing = [str(s) for s, r in repeats if r is None]
+    if missing:
+        rep.notes.append(
+            f"Seed {', '.join(missing)} has no results yet (interrupted?): continue the run with "
+            f"`visionpoc compare --resume {run_dir}`; the figures below cover the finished seeds only."
+        )
+    failed = [
+        f"{m.label} (seed {s})" for s, r in repeats if r is not None for m in r.models if m.status != "ok"
+    ]
+    if failed:
+        rep.notes.append(
+            f"Failed, left out of the spreads: {', '.join(failed)}; each seed's report says why."
+        )
+    png = plots.seeds_strip([row.label for row in rows], [row.per_seed for row in rows], seeds)
+    if png is not None:
+        rep.figures["test_accuracy_by_seed"] = png
+    return rep
