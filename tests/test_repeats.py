@@ -257,3 +257,18 @@ def test_the_report_of_unfinished_repeats_says_which_seeds_are_missing(
     (run / "seed-3" / "results.json").unlink()
     with pytest.raises(VisionpocError, match="no repeat has finished yet"):
         build_seeds_report(run)
+
+
+def test_several_candidates_across_seeds_get_holms_correction() -> None:
+    from visionpoc.report.across_seeds import SeedPair, _verdicts
+
+    strong = stats.across_seeds([0.5] * 3, [0.6, 0.7, 0.8])
+    weak = stats.across_seeds([0.5] * 3, [0.55, 0.5, 0.6])
+    assert strong is not None and weak is not None and strong.p_value is not None and weak.p_value is not None
+    pairs = [SeedPair("a", c, list(d.diffs), d, [None] * 3) for c, d in (("b", strong), ("c", weak))]
+    _verdicts(pairs)
+    assert [p.p_holm for p in pairs] == pytest.approx(stats.holm([strong.p_value, weak.p_value]))
+    assert all("after Holm's correction for 2 candidates" in p.verdict for p in pairs)
+    alone = [SeedPair("a", "b", list(strong.diffs), strong, [None] * 3)]
+    _verdicts(alone)
+    assert alone[0].p_holm is None and "Holm" not in alone[0].verdict

@@ -27,6 +27,8 @@ from visionpoc.report.stats import (
     bootstrap_count,
     bootstrap_difference,
     confused_pairs,
+    format_p,
+    holm,
     mcnemar,
     verdict,
 )
@@ -271,6 +273,35 @@ def test_verdict_sentences() -> None:
     a4, b4 = np.tile(a, 4), np.tile(b, 4)
     clear = verdict("a", "b", bootstrap_difference(a4, b4), mcnemar(a4, b4))
     assert clear.startswith("a is more accurate than b by 10.0 points") and "unlikely to be chance" in clear
+
+
+def test_holm_correction() -> None:
+    # sorted 0.01, 0.03, 0.04 times 3, 2, 1 = 0.03, 0.06, 0.04 -> kept non-decreasing: 0.03, 0.06, 0.06
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.6, 0.7]) == [1.0, 1.0]  # capped
+    assert holm([0.02]) == [0.02]  # one comparison: nothing to correct
+    assert holm([]) == []
+
+
+def test_a_win_that_does_not_survive_holms_correction_is_not_called_one() -> None:
+    a, b = correctness()
+    a4, b4 = np.tile(a, 4), np.tile(b, 4)
+    table, diff = mcnemar(a4, b4), bootstrap_difference(a4, b4)
+    assert table.p_value < 0.05 and "unlikely to be chance" in verdict("a", "b", diff, table)
+    corrected = verdict("a", "b", diff, table, p_adjusted=0.2, family=3)
+    assert "cannot tell them apart" in corrected
+    assert f"McNemar p = {format_p(table.p_value)}, 0.2 after Holm's correction for 3 candidates" in corrected
+
+
+def test_several_candidates_get_holm_adjusted_p_values(tmp_path: Path) -> None:
+    rep = build_report(make_run(tmp_path / "three", n_models=3), explain=False)
+    raw = [pw.table.p_value for pw in rep.pairwise if pw.table]
+    assert len(raw) == 2 and [pw.p_holm for pw in rep.pairwise] == pytest.approx(holm(raw))
+    assert all("after Holm's correction for 2 candidates" in pw.verdict for pw in rep.pairwise)
+    write_report(rep.run_dir, explain=False)
+    assert "after Holm's correction (every candidate)" in (rep.run_dir / "report.html").read_text()
+    one = build_report(make_run(tmp_path / "two", n_models=2), explain=False)
+    assert one.pairwise[0].p_holm is None and "Holm" not in one.pairwise[0].verdict
 
 
 # ------------------------------------------------------------------------------------------ the report

@@ -50,7 +50,8 @@ class SeedPair:
     per_seed: list[float | None]  # candidate minus baseline test accuracy, by seed
     diff: stats.SeedsDifference | None
     mcnemar_p: list[float | None]  # by seed (None: no predictions to pair)
-    verdict: str
+    p_holm: float | None = None  # the t-test's p after Holm's correction, when several candidates were tested
+    verdict: str = ""
 
 
 @dataclass
@@ -114,8 +115,17 @@ def _pair(run_dirs: list[Path], labels: tuple[str, str], base: list[ModelResult 
     return SeedPair(
         labels[0], labels[1], per_seed, diff,
         [_mcnemar_p(d, a, b) for d, a, b in zip(run_dirs, base, cand, strict=True)],
-        stats.seeds_verdict(labels[0], labels[1], diff),
     )  # fmt: skip
+
+
+def _verdicts(pairs: list[SeedPair]) -> None:
+    """Each pair's sentence; with several tested candidates, Holm's correction of the t-tests decides."""
+    tested = [(p, p.diff.p_value) for p in pairs if p.diff is not None and p.diff.p_value is not None]
+    if len(tested) > 1:
+        for (p, _), value in zip(tested, stats.holm([v for _, v in tested]), strict=True):
+            p.p_holm = value
+    for p in pairs:
+        p.verdict = stats.seeds_verdict(p.baseline, p.candidate, p.diff, p.p_holm, max(len(tested), 1))
 
 
 def _environment(first: RunResults, seeds: list[int]) -> list[tuple[str, str]]:
@@ -146,6 +156,7 @@ def build_seeds_report(run_dir: str | Path) -> SeedsReport:
     rows = [_row(label, per_label[label], first.dataset.test_size) for label in labels]
     dirs = [run_dir / f for f in folders]
     pairs = [_pair(dirs, (labels[0], c), per_label[labels[0]], per_label[c]) for c in labels[1:]]
+    _verdicts(pairs)
     config = run_dir / "config.yaml"
     rep = SeedsReport(
         title=f"Model comparison across {len(seeds)} seeds: {', '.join(labels)}", run_dir=run_dir, seeds=seeds,

@@ -47,6 +47,7 @@ class Pairwise:
     candidate: str
     table: McNemar | None = None
     diff: Interval | None = None
+    p_holm: float | None = None  # McNemar's p after Holm's correction, when several candidates were tested
     verdict: str = ""
     scatter: str | None = None  # figure name
     gallery: str | None = None  # figure name
@@ -129,7 +130,6 @@ def _pairwise(rep: Report, preds: dict[str, Predictions]) -> list[Pairwise]:
         ca, cb = pa.correct[pair[0]], pb.correct[pair[1]]
         pw.table = stats.mcnemar(ca, cb)
         pw.diff = stats.bootstrap_difference(ca, cb, N_RESAMPLES)
-        pw.verdict = stats.verdict(base.label, cand.label, pw.diff, pw.table)
         nc = r.dataset.num_classes
         scatter = plots.per_class_scatter(base.label, cand.label, _per_class(base, pa, nc), _per_class(cand, pb, nc),
                                           r.dataset.class_names)  # fmt: skip
@@ -137,6 +137,11 @@ def _pairwise(rep: Report, preds: dict[str, Predictions]) -> list[Pairwise]:
         gallery = disagreement_gallery(r, base.label, cand.label, pa, pb)
         pw.gallery = rep.figure(f"disagreements_{_slug(cand.label)}", gallery)
         pw.notes += gallery.notes
+    tested = [(pw, pw.table, pw.diff) for pw in out if pw.table is not None and pw.diff is not None]
+    adjusted = stats.holm([t.p_value for _, t, _ in tested]) if len(tested) > 1 else [None] * len(tested)
+    for (pw, table, diff), p_holm in zip(tested, adjusted, strict=True):  # several candidates: Holm decides
+        pw.p_holm = p_holm
+        pw.verdict = stats.verdict(pw.baseline, pw.candidate, diff, table, p_holm, len(tested))
     return out
 
 

@@ -7,6 +7,8 @@
 - `bootstrap_count`: the same interval for a proportion known only as a count (the train accuracy,
   which has no predictions file).
 - `verdict`: one plain sentence a decision-maker can read, with its uncertainty.
+- `holm`: Holm's step-down correction when several candidates are tested against the baseline (the
+  chance that at least one "win" is a fluke stays at 5%, not 1 - 0.95^k).
 - `across_seeds` / `seeds_verdict`: the same question over repeated trainings (`train.repeats`): the
   per-seed differences, a paired t-test over seeds (`scipy.stats.ttest_1samp`) and a sentence.
 - `confused_pairs`: the most frequent (true class, predicted class) mistakes.
@@ -131,13 +133,37 @@ def _pts(v: float, signed: bool = False) -> str:
     return f"{100 * v:+.1f}" if signed else f"{100 * v:.1f}"
 
 
-def verdict(baseline: str, candidate: str, diff: Interval, test: McNemar) -> str:
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of `p_values` (in their order): the k-th smallest of m is multiplied
+    by m - k + 1, kept non-decreasing in that order, and capped at 1. A single p-value is unchanged."""
+    m = len(p_values)
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda j: p_values[j])):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def _p_text(name: str, p: float, adjusted: float | None, family: int) -> str:
+    text = f"{name} p = {format_p(p)}"
+    return (
+        text
+        if adjusted is None
+        else f"{text}, {format_p(adjusted)} after Holm's correction for {family} candidates"
+    )
+
+
+def verdict(baseline: str, candidate: str, diff: Interval, test: McNemar, p_adjusted: float | None = None,
+            family: int = 1) -> str:  # fmt: skip
     """One sentence: which model is more accurate on test, by how much, and whether chance explains it.
 
     `diff` is candidate minus baseline; the sentence states it as the leader's lead, interval included.
+    With several candidates (`family` > 1), `p_adjusted` (Holm) decides, and both p-values are shown.
     """
     n = f"on {test.n:,} test images"
-    p = f"McNemar p = {format_p(test.p_value)}"
+    p = _p_text("McNemar", test.p_value, p_adjusted, family)
+    decisive = test.p_value if p_adjusted is None else p_adjusted
     if test.discordant == 0:
         return (
             f"{candidate} and {baseline} make exactly the same mistakes {n}: there is no difference to test."
@@ -147,7 +173,7 @@ def verdict(baseline: str, candidate: str, diff: Interval, test: McNemar) -> str
                 f"(95% CI on the difference {_pts(diff.low, True)} to {_pts(diff.high, True)} points; {p}).")  # fmt: skip
     ahead, other = (candidate, baseline) if diff.point > 0 else (baseline, candidate)
     lead = diff if diff.point > 0 else Interval(-diff.point, -diff.high, -diff.low, diff.level)
-    if test.p_value < ALPHA and lead.low > 0:
+    if decisive < ALPHA and lead.low > 0:
         return (f"{ahead} is more accurate than {other} by {_pts(lead.point)} points {n} "
                 f"(95% CI {_pts(lead.low)} to {_pts(lead.high)} points; {p}): the difference is unlikely "
                 "to be chance.")  # fmt: skip
@@ -179,9 +205,10 @@ def across_seeds(baseline_acc: list[float], candidate_acc: list[float]) -> Seeds
     return SeedsDifference(tuple(float(x) for x in d), float(d.mean()), std, p)
 
 
-def seeds_verdict(baseline: str, candidate: str, diff: SeedsDifference | None) -> str:
+def seeds_verdict(baseline: str, candidate: str, diff: SeedsDifference | None, p_adjusted: float | None = None,
+                  family: int = 1) -> str:  # fmt: skip
     """One sentence: which model leads across the seeds, how often, and whether the training's own
-    randomness could explain it."""
+    randomness could explain it. With several candidates, `p_adjusted` (Holm) decides, as in `verdict`."""
     if diff is None:
         return f"No seed finished with both {baseline} and {candidate}: nothing to compare."
     k = len(diff.diffs)
@@ -198,8 +225,8 @@ def seeds_verdict(baseline: str, candidate: str, diff: SeedsDifference | None) -
     spread = f"standard deviation across seeds {_pts(diff.std or 0.0)} points"
     if diff.p_value is None:
         return f"{head}: the same difference in every seed."
-    p = f"paired t-test over seeds p = {format_p(diff.p_value)}"
-    if diff.p_value < ALPHA:
+    p = _p_text("paired t-test over seeds", diff.p_value, p_adjusted, family)
+    if (diff.p_value if p_adjusted is None else p_adjusted) < ALPHA:
         return f"{head} ({spread}; {p}): the lead holds across training runs."
     if losses == 0:
         return (f"{head} ({spread}; {p}): never behind, but {k} seeds are too few to rule out the training's "
