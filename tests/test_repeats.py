@@ -51,6 +51,7 @@ def test_each_seed_is_a_whole_run_on_the_same_splits(repeats_run: Path) -> None:
     assert json.loads((repeats_run / "repeats.json").read_text()) == {
         "seeds": [3, 4],
         "runs": ["seed-3", "seed-4"],
+        "labels": None,  # compare: every model of the config
     }
     runs = {seed: load_results(repeats_run / f"seed-{seed}") for seed in (3, 4)}
     for seed, r in runs.items():
@@ -106,7 +107,7 @@ def test_the_report_compares_the_seeds(repeats_run: Path) -> None:
 def test_commands_that_need_one_run_name_the_seed_folders(
     repeats_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(VisionpocError, match=r"one run per seed in its seed-<s> folders"):
+    with pytest.raises(VisionpocError, match=r"one run per seed: pass one of them \(.*seed-3, .*seed-4\)"):
         load_results(repeats_run)
     assert (
         main(["predict", str(repeats_run), str(repeats_run / "report_files" / "test_accuracy_by_seed.png")])
@@ -139,19 +140,26 @@ def test_an_interrupted_repeat_resumes_and_the_finished_ones_are_kept(
     assert not (run / "seed-1" / "results.json").exists() and not (run / "seed-2").exists()
     assert main(["compare", "--config", str(cfg), "--out", str(run)]) == 2  # a new run may not reuse it
     monkeypatch.setattr(train, "train_step", real)
-    assert main(["compare", "--resume", str(run)]) == 0
+    # the seeds of a run with repeats may be fewer, down to the last one started (seed 1), never 1
+    assert main(["compare", "--resume", str(run), "--set", "train.repeats=1"]) == 2
+    assert "would change train.repeats" in capsys.readouterr().err
+    assert main(["compare", "--resume", str(run / "seed-1")]) == 2  # one seed alone: the others wait
+    assert (
+        f"is one seed of the repeats in {run}: resume them all with --resume {run}" in capsys.readouterr().err
+    )
+    assert main(["compare", "--resume", str(run), "--set", "train.repeats=2"]) == 0
     assert (run / "seed-0" / "results.json").stat().st_mtime_ns == first  # not trained again
     assert load_results(run / "seed-1").models[0].resumed_from_epoch == 1
-    assert load_results(run / "seed-2").models[0].status == "ok"
-    assert "across 3 seeds" in capsys.readouterr().out
+    assert not (run / "seed-2").exists()
+    assert "across 2 seeds" in capsys.readouterr().out
     assert (run / "report.html").is_file()
-    # more seeds later: the finished ones are kept; fewer is refused (their folders would be orphaned)
-    assert main(["compare", "--resume", str(run), "--set", "train.repeats=2"]) == 2
-    assert "would change train.repeats" in capsys.readouterr().err
-    assert main(["compare", "--resume", str(run), "--set", "train.repeats=4", "--no-report"]) == 0
-    assert json.loads((run / "repeats.json").read_text())["seeds"] == [0, 1, 2, 3]
-    assert load_results(run / "seed-3").models[0].status == "ok"
+    # more seeds later: the finished ones are kept; fewer than those started is refused
+    assert main(["compare", "--resume", str(run), "--set", "train.repeats=3", "--no-report"]) == 0
+    assert json.loads((run / "repeats.json").read_text())["seeds"] == [0, 1, 2]
+    assert load_results(run / "seed-2").models[0].status == "ok"
     assert (run / "seed-0" / "results.json").stat().st_mtime_ns == first
+    assert main(["compare", "--resume", str(run), "--set", "train.repeats=2"]) == 2
+    assert "down to its last started seed" in capsys.readouterr().err
 
 
 def test_a_single_run_cannot_become_repeats_on_resume(mini_dogs: Path, tmp_path: Path,
@@ -238,6 +246,12 @@ def test_report_logs_one_mlflow_run_per_seed(repeats_run: Path, tmp_path: Path) 
     parents = sorted(r.info.run_name for r in runs if "mlflow.parentRunId" not in r.data.tags)
     assert parents == [f"{repeats_run.name}/seed-3", f"{repeats_run.name}/seed-4"]
     assert len(runs) == 2 * 3  # each seed: its run and one nested run per model
+    assert {
+        r.data.tags.get("visionpoc.repeats_of") for r in runs if "mlflow.parentRunId" not in r.data.tags
+    } == {str(repeats_run.resolve())}
+    # logging again (a retry, or a resumed run that added seeds) does not log the finished seeds twice
+    assert main(["report", str(repeats_run), "--mlflow-uri", uri, "--mlflow-experiment", "seeds"]) == 0
+    assert len(client.search_runs([exp.experiment_id])) == 2 * 3
 
 
 def test_the_report_of_unfinished_repeats_says_which_seeds_are_missing(
@@ -252,7 +266,8 @@ def test_the_report_of_unfinished_repeats_says_which_seeds_are_missing(
     rep = build_seeds_report(run)
     assert [row.finished for row in rep.rows] == [1, 1]
     assert rep.rows[0].per_seed[1] is None and rep.pairs[0].per_seed[1] is None
-    assert any(n.startswith("Seed 4 has no results yet") and f"--resume {run}" in n for n in rep.notes)
+    assert any(n.startswith("Not finished (interrupted?): seed 4 (no results yet).")
+               and f"`visionpoc compare --resume {run}`" in n for n in rep.notes)  # fmt: skip
     assert rep.pairs[0].verdict.startswith("Only one seed finished with both cnn and vit")
     (run / "seed-3" / "results.json").unlink()
     with pytest.raises(VisionpocError, match="no repeat has finished yet"):
@@ -272,3 +287,87 @@ def test_several_candidates_across_seeds_get_holms_correction() -> None:
     alone = [SeedPair("a", "b", list(strong.diffs), strong, [None] * 3)]
     _verdicts(alone)
     assert alone[0].p_holm is None and "Holm" not in alone[0].verdict
+
+
+def test_equal_leads_are_equal_despite_floating_point() -> None:
+    # 0.8 - 0.7 and 0.7 - 0.6 differ in the last bit: the same lead must give no spread, not p ~ 1e-31
+    same = stats.across_seeds([0.7, 0.6], [0.8, 0.7])
+    assert same is not None and same.std == 0 and same.p_value is None
+    assert stats.seeds_verdict("a", "b", same).endswith("the same difference in every seed.")
+    even = stats.across_seeds([0.5, 0.6, 0.7], [0.55, 0.55, 0.7])
+    assert even is not None and even.mean == 0
+    assert stats.seeds_verdict("a", "b", even) == "b and a are equally accurate on average over 3 seeds."
+
+
+def _edit_results(run: Path, seed: int, edit) -> None:  # type: ignore[no-untyped-def]
+    path = run / f"seed-{seed}" / "results.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_the_report_names_partial_failed_and_mixed_seeds(repeats_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from visionpoc.report.across_seeds import build_seeds_report
+
+    run = Path(shutil.copytree(repeats_run, tmp_path / "run"))
+    # seed 4 stopped between its two models, on another device
+    _edit_results(
+        run, 4, lambda d: (d["models"].pop(), d["environment"].update(device="cuda:0", gpu_name="H100"))
+    )
+    rep = build_seeds_report(run)
+    assert [row.finished for row in rep.rows] == [2, 1] and rep.pairs[0].per_seed[1] is None
+    assert any("Not finished (interrupted?): vit in seed 4." in n for n in rep.notes)
+    assert any("did not all run on the same device" in n and "cuda:0 (H100)" in n for n in rep.notes)
+    assert "Peak memory is the whole process's" not in [c.title for c in rep.caveats]  # not shown here
+    # vit failed in every seed: its timm name is still shown, and the verdict says why there is none
+    for seed in (3, 4):
+        _edit_results(
+            run,
+            seed,
+            lambda d: (
+                d["models"][-1].update(status="failed", error="boom")
+                if d["models"][-1]["label"] == "vit"
+                else None
+            ),
+        )
+    _edit_results(
+        run,
+        4,
+        lambda d: d["models"].append(
+            dict(d["models"][0], label="vit", timm="vit_tiny_patch16_224", status="failed", error="boom")
+        ),
+    )
+    rep = build_seeds_report(run)
+    assert rep.rows[1].finished == 0 and rep.rows[1].timm == "vit_tiny_patch16_224"
+    assert rep.pairs[0].verdict == "vit finished in no seed: there is nothing to compare."
+    assert any(n.startswith("Failed, left out of the spreads: vit (seed 3), vit (seed 4)") for n in rep.notes)
+
+
+def test_a_misspelt_model_or_a_taken_folder_leaves_nothing_behind(
+    mini_dogs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _config(tmp_path / "c.yaml", mini_dogs, [VIT], repeats=2)
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(cfg), "--model", "vti", "--out", str(out)]) == 2
+    assert "no model labelled 'vti'" in capsys.readouterr().err and not out.exists()
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "config.yaml").write_text("data: {}\n")
+    assert (
+        main(["compare", "--config", str(cfg), "--tuned", str(tmp_path / "tune"), "--out", str(taken)]) == 2
+    )
+    assert "already holds a run" in capsys.readouterr().err
+    assert sorted(p.name for p in taken.iterdir()) == ["config.yaml"]  # no tuning records copied into it
+
+
+def test_seed_folders_without_their_list_are_named(repeats_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = Path(shutil.copytree(repeats_run, tmp_path / "run"))
+    (run / "repeats.json").unlink()
+    with pytest.raises(VisionpocError) as e:
+        load_results(run)
+    assert f"({run / 'seed-3'}, {run / 'seed-4'})" in str(e.value)
+    assert f"`visionpoc compare --resume {run}` writes it again" in str(e.value)

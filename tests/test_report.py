@@ -27,9 +27,9 @@ from visionpoc.report.stats import (
     bootstrap_count,
     bootstrap_difference,
     confused_pairs,
-    format_p,
     holm,
     mcnemar,
+    p_is,
     verdict,
 )
 from visionpoc.results import (
@@ -290,7 +290,8 @@ def test_a_win_that_does_not_survive_holms_correction_is_not_called_one() -> Non
     assert table.p_value < 0.05 and "unlikely to be chance" in verdict("a", "b", diff, table)
     corrected = verdict("a", "b", diff, table, p_adjusted=0.2, family=3)
     assert "cannot tell them apart" in corrected
-    assert f"McNemar p = {format_p(table.p_value)}, 0.2 after Holm's correction for 3 candidates" in corrected
+    assert f"McNemar {p_is(table.p_value)}, 0.2 after Holm's correction for 3 candidates" in corrected
+    assert p_is(0.0001) == "p < 0.001" and p_is(0.0123) == "p = 0.0123"
 
 
 def test_several_candidates_get_holm_adjusted_p_values(tmp_path: Path) -> None:

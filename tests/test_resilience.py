@@ -256,6 +256,44 @@ def test_a_signal_during_validation_stops_after_that_epoch(
     assert [h["epoch"] for h in m["history"]] == [1, 2] and m["resumed_from_epoch"] == 2
 
 
+def test_a_signal_while_scoring_or_writing_the_report_says_how_to_go_on(
+    mini_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Outside the loop's step boundaries (the final scoring, the report) SIGTERM is no silent exit 143:
+    exit code 130, and the command that continues from what is saved."""
+    import visionpoc.report
+    from visionpoc import train
+
+    real = train.evaluate_split
+
+    def evaluate_or_sigterm(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if "train (clean)" in args:  # the final scoring, after the last epoch's checkpoint
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs at the next bytecode: it must not be reached
+            raise AssertionError("SIGTERM did not interrupt the scoring")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate_split", evaluate_or_sigterm)
+    run = tmp_path / "run"
+    cfg = _config(tmp_path / "c.yaml", mini_dogs, epochs=1)
+    assert main(["compare", "--config", str(cfg), "--out", str(run)]) == 130
+    assert f"interrupted. Resume with: visionpoc compare --resume {run}\n" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was put back
+    monkeypatch.setattr(train, "evaluate_split", real)
+
+    def report_then_sigterm(run_dir: Path, explain: bool = True) -> Path:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+        raise AssertionError("SIGTERM did not interrupt the report")
+
+    monkeypatch.setattr(visionpoc.report, "write_report", report_then_sigterm)
+    assert main(["compare", "--resume", str(run)]) == 130
+    err = capsys.readouterr().err
+    assert f"the results are saved: write it with: visionpoc report {run}" in err
+    m = json.loads((run / "results.json").read_text())["models"][0]
+    assert m["status"] == "ok" and m["epochs_run"] == 1 and m["test_accuracy"] is not None
+
+
 # ------------------------------------------------------------------ exact resume, in process (fast)
 
 

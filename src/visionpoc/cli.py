@@ -186,9 +186,15 @@ def _data_check(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, labels: list[str] | None) -> int:
     from visionpoc import distributed
-    from visionpoc.compare import format_repeats_table, format_table, run_compare, run_repeats
+    from visionpoc.compare import (
+        format_repeats_table,
+        format_table,
+        refuse_existing_run,
+        run_compare,
+        run_repeats,
+    )
     from visionpoc.config import ConfigError, load_config
-    from visionpoc.recovery import resume_config, resume_hint
+    from visionpoc.recovery import resume_config, resume_hint, sigterm_interrupts
     from visionpoc.results import RESULTS_FILE
     from visionpoc.tracking import require_mlflow
 
@@ -207,17 +213,25 @@ def _run(args: argparse.Namespace, labels: list[str] | None) -> int:
         if getattr(args, "tuned", None) is not None:
             from visionpoc.tune import apply_tuned
 
+            refuse_existing_run(out)  # before the tuning records are copied into it
             cfg = apply_tuned(cfg, args.tuned, out)
     require_mlflow(cfg.tracking.mlflow_uri)  # before hours of training, not after
+    for label in labels or []:
+        cfg.model(label)  # a misspelt --model: said before a run folder is started
     d = distributed.from_env()
     hint = resume_hint(args.command, out, labels[0] if labels else None, d.world)
     try:
-        if cfg.train.repeats > 1:
-            runs = run_repeats(cfg, out, labels, resume=args.resume is not None)
-        else:
-            runs = [run_compare(cfg, out, labels, resume=args.resume is not None)]
+        with sigterm_interrupts():
+            if cfg.train.repeats > 1:
+                runs = run_repeats(cfg, out, labels, resume=args.resume is not None)
+            else:
+                runs = [run_compare(cfg, out, labels, resume=args.resume is not None)]
     except TrainingInterrupted as e:
         raise TrainingInterrupted(f"{e}. Resume with: {hint}") from None
+    except KeyboardInterrupt:  # outside the loop's step boundaries: the last checkpoint stands
+        if not (out / "config.yaml").is_file():
+            raise
+        raise TrainingInterrupted(f"interrupted. Resume with: {hint}") from None
     except DataError as e:  # e.g. a corrupt image met mid-run (the run has its config.yaml): it is kept
         msg = _user_message(e)
         if isinstance(e, ImageError):
@@ -231,7 +245,12 @@ def _run(args: argparse.Namespace, labels: list[str] | None) -> int:
         return 0
     print(format_table(runs[0]) if len(runs) == 1 else format_repeats_table(runs))
     if args.command == "compare" and not args.no_report:
-        _write_report(out)
+        try:
+            with sigterm_interrupts():
+                _write_report(out)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(f"interrupted while writing the report; the results are saved: "
+                                      f"write it with: visionpoc report {out}") from None  # fmt: skip
     print("results: " + ", ".join(str(f / RESULTS_FILE) for f in _run_folders(out)))
     ok = all(m.status == "ok" for r in runs for m in r.models)
     if cfg.tracking.mlflow_uri is not None:
@@ -245,7 +264,7 @@ def _run_folders(run_dir: Path) -> list[Path]:
     from visionpoc.results import RESULTS_FILE
 
     repeats = read_repeats(run_dir)
-    return [run_dir] if repeats is None else [d for _, d in repeats if (d / RESULTS_FILE).is_file()]
+    return [run_dir] if repeats is None else [d for d in repeats.dirs if (d / RESULTS_FILE).is_file()]
 
 
 def _log_mlflow(run_dir: Path, uri: str, experiment: str) -> bool:

@@ -57,14 +57,20 @@ def load_data(cfg: Config) -> tuple[Dataset, Splits]:
     return ds, splits
 
 
-def _run_folder(out_dir: Path, resume: bool) -> None:
-    """Create `out_dir`; one that already holds a run is refused unless it is resumed (results and
-    checkpoints of two runs would mix)."""
-    if not resume and (out_dir / "config.yaml").exists():
+def refuse_existing_run(out_dir: Path) -> None:
+    """A new run may not go into a folder that holds one (its config.yaml): results and checkpoints of the
+    two runs would mix."""
+    if (Path(out_dir) / "config.yaml").exists():
         raise ConfigError(
             f"{out_dir} already holds a run (its config.yaml): continue it with --resume {out_dir}, "
             "or give another --out (or delete that folder)"
         )
+
+
+def _run_folder(out_dir: Path, resume: bool) -> None:
+    """Create `out_dir`, refused if it holds another run (unless this one resumes it)."""
+    if not resume:
+        refuse_existing_run(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -148,7 +154,7 @@ def run_repeats(
         _run_folder(out_dir, resume)
         load_data(cfg)  # a data error before the run starts leaves no config.yaml, as in run_compare
         save_config(cfg, out_dir / "config.yaml")
-        save_repeats(out_dir, seeds)  # a resumed run may have raised train.repeats
+        save_repeats(out_dir, seeds, labels)  # a resumed run may have changed train.repeats
     runs = []
     for k, seed in enumerate(seeds):
         one = replace(

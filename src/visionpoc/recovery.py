@@ -21,6 +21,8 @@ from torch import nn
 from visionpoc import checkpoint
 from visionpoc.config import Config, load_config, to_dict
 from visionpoc.errors import CheckpointError, ConfigError
+from visionpoc.repeats import repeat_dir
+from visionpoc.results import REPEATS_FILE
 from visionpoc.typed import flat_keys
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,25 @@ def stop_on_signals() -> Iterator[StopRequest]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM ends the command like Ctrl-C (KeyboardInterrupt: a message and exit code 130) wherever it
+    lands outside the training loop (a model being built or scored, data loading, the report), instead of
+    the silent exit 143 of Python's default; inside the loop `stop_on_signals` makes it a clean stop."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def seed_streams(seed: int) -> None:
@@ -99,7 +120,7 @@ def load_resume(out_dir: Path, model: nn.Module, meta: dict[str, str]) -> dict[s
 
 # settings a resumed run may change: where the data is and how it is read, the device, compilation and
 # tracking; everything else (batch size, epochs, LR, fine-tuning, ...) would mix with the saved schedule.
-# A run with repeats may also raise `train.repeats` (more seeds; the finished ones are kept).
+# A run with repeats may also change `train.repeats`: more seeds, or fewer down to the last one started.
 RESUME_MAY_CHANGE = ("tracking.", "data.num_workers", "data.root", "data.download", "data.base_url",
                      "train.device", "train.compile")  # fmt: skip
 
@@ -108,22 +129,39 @@ def _may_change(key: str) -> bool:
     return any(key == a or (a.endswith(".") and key.startswith(a)) for a in RESUME_MAY_CHANGE)
 
 
+def _seeds_may_change(run_dir: Path, saved: Config, repeats: int) -> bool:
+    """A run with repeats may get more seeds, or fewer down to the last one it started."""
+    if saved.train.repeats < 2 or repeats < 2:  # a single run's folder is laid out differently
+        return False
+    started = [k + 1 for k in range(saved.train.repeats)
+               if (Path(run_dir) / repeat_dir(saved.train.seed + k) / "config.yaml").is_file()]  # fmt: skip
+    return repeats >= max(started, default=0)
+
+
 def resume_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """The interrupted run's `config.yaml` with `overrides`; ConfigError if they change the training."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{path} not found: --resume takes the folder of a run started by compare or train")
+    parent = Path(run_dir).resolve().parent
+    if (
+        parent / REPEATS_FILE
+    ).is_file():  # resumed alone, the other seeds and the report would be left behind
+        raise ConfigError(
+            f"{run_dir} is one seed of the repeats in {parent}: resume them all with --resume {parent}"
+        )
     cfg = load_config(path, overrides)
-    saved, new = flat_keys(to_dict(load_config(path))), flat_keys(to_dict(cfg))
+    saved_cfg = load_config(path)
+    saved, new = flat_keys(to_dict(saved_cfg)), flat_keys(to_dict(cfg))
     changed = sorted(k for k in saved.keys() | new.keys() if saved.get(k) != new.get(k))
-    more_seeds = saved.get("train.repeats", 1) > 1 and cfg.train.repeats >= saved.get("train.repeats", 1)
-    refused = [k for k in changed if not _may_change(k) and not (k == "train.repeats" and more_seeds)]
+    refused = [k for k in changed if not _may_change(k)
+               and not (k == "train.repeats" and _seeds_may_change(run_dir, saved_cfg, cfg.train.repeats))]  # fmt: skip
     if refused:
         raise ConfigError(
             f"--resume {run_dir}: --set would change {', '.join(refused)} of the interrupted run, whose "
             f"optimizer and schedule were built for its saved settings. A resumed run may only change "
             f"{', '.join(a.rstrip('.') + ('.*' if a.endswith('.') else '') for a in RESUME_MAY_CHANGE)} "
-            f"(and raise train.repeats, in a run with repeats); to train with other settings, start a new run: --config {path} --set ... --out NEW_DIR"
+            f"(and, in a run with repeats, train.repeats down to its last started seed); to train with other settings, start a new run: --config {path} --set ... --out NEW_DIR"
         )
     return cfg
 

@@ -23,35 +23,46 @@ def repeat_dir(seed: int) -> str:
     return f"seed-{seed}"
 
 
-def save_repeats(out_dir: Path, seeds: list[int]) -> Path:
-    """Write `OUT/repeats.json`: the seeds and their run folders, in order."""
-    return atomic_write_json(
-        Path(out_dir) / REPEATS_FILE, {"seeds": seeds, "runs": [repeat_dir(s) for s in seeds]}
-    )
+@dataclass
+class Repeats:
+    """What `repeats.json` records: the seeds, in order, and the models the command trained."""
+
+    run_dir: Path
+    seeds: list[int]
+    labels: list[str] | None = None  # `train --model X`: [X]; None: every model of the config (`compare`)
+
+    @property
+    def dirs(self) -> list[Path]:
+        """Each seed's run folder (always `run_dir/seed-<s>`: the file's own paths are not trusted)."""
+        return [self.run_dir / repeat_dir(s) for s in self.seeds]
+
+    def results(self) -> list[RunResults | None]:
+        """Each seed's results; None for a seed that has not written its `results.json` yet."""
+        return [load_results(d) if (d / RESULTS_FILE).is_file() else None for d in self.dirs]
 
 
-def read_repeats(run_dir: Path) -> list[tuple[int, Path]] | None:
-    """The (seed, run folder) of each repeat listed in `run_dir/repeats.json`; None when there is none."""
+def save_repeats(out_dir: Path, seeds: list[int], labels: list[str] | None = None) -> Path:
+    """Write `OUT/repeats.json`: the seeds, their run folders and the models asked for."""
+    data = {"seeds": seeds, "runs": [repeat_dir(s) for s in seeds], "labels": labels}
+    return atomic_write_json(Path(out_dir) / REPEATS_FILE, data)
+
+
+def read_repeats(run_dir: Path) -> Repeats | None:
+    """The repeats listed in `run_dir/repeats.json`; None when there is no such file."""
     path = Path(run_dir) / REPEATS_FILE
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return [(int(s), Path(run_dir) / str(r)) for s, r in zip(data["seeds"], data["runs"], strict=True)]
-    except (ValueError, KeyError, TypeError) as e:
-        raise VisionpocError(
-            f"{path} is not a readable list of repeats ({type(e).__name__}: {e}): restore it, or rerun the comparison"
-        ) from e
-
-
-def load_repeats(run_dir: Path) -> list[tuple[int, RunResults | None]]:
-    """Each repeat's seed and results; None for a repeat that has not written its results yet."""
-    repeats = read_repeats(run_dir)
-    if repeats is None:
-        raise VisionpocError(
-            f"{Path(run_dir) / REPEATS_FILE} not found: {run_dir} is not a run with train.repeats > 1"
+        labels = data.get("labels")
+        return Repeats(
+            Path(run_dir), [int(s) for s in data["seeds"]], [str(x) for x in labels] if labels else None
         )
-    return [(seed, load_results(d) if (d / RESULTS_FILE).is_file() else None) for seed, d in repeats]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise VisionpocError(
+            f"{path} is not a readable list of repeats ({type(e).__name__}: {e}): restore it, or let "
+            f"`visionpoc compare --resume {run_dir}` write it again"
+        ) from e
 
 
 @dataclass

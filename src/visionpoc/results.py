@@ -192,11 +192,15 @@ def load_results(run_dir: str | Path) -> RunResults:
     from visionpoc.errors import VisionpocError
 
     path = Path(run_dir) / RESULTS_FILE
-    if not path.is_file() and (Path(run_dir) / REPEATS_FILE).is_file():
+    seeds = sorted((p.parent for p in Path(run_dir).glob("seed-*/" + RESULTS_FILE)),
+                   key=lambda d: int(d.name[5:]) if d.name[5:].isdigit() else -1)  # fmt: skip
+    if not path.is_file() and ((Path(run_dir) / REPEATS_FILE).is_file() or seeds):
+        listed = ", ".join(str(d) for d in seeds) or "none has finished yet"
         raise VisionpocError(
-            f"{run_dir} holds the repeats of a comparison, one run per seed in its seed-<s> folders: pass one "
-            f"of them (e.g. {Path(run_dir) / 'seed-<s>'}); `visionpoc report {run_dir}` compares them"
-        )
+            f"{run_dir} holds the repeats of a comparison, one run per seed: pass one of them ({listed}); "
+            + (f"`visionpoc report {run_dir}` compares them" if (Path(run_dir) / REPEATS_FILE).is_file() else
+               f"its {REPEATS_FILE} is missing: `visionpoc compare --resume {run_dir}` writes it again")
+        )  # fmt: skip
     if not path.is_file():
         raise VisionpocError(f"{path} not found: pass the output folder of a finished `visionpoc compare`")
     try:

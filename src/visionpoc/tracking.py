@@ -79,6 +79,16 @@ def _log_model(mlflow: Any, m: ModelResult) -> None:
         mlflow.log_metrics({f"epoch/{k}": v for k, v in _numbers(e, CURVES).items()}, step=e.epoch)
 
 
+def _already_logged(mlflow: Any, exp_id: str, tags: dict[str, str]) -> str | None:
+    """The parent run already logged for this run folder and these results (same creation time), if any."""
+    if not tags["visionpoc.created"]:
+        return None
+    found = mlflow.search_runs([exp_id], filter_string=f"tags.`visionpoc.created` = '{tags['visionpoc.created']}'",
+                               output_format="list")  # fmt: skip
+    same = [x for x in found if x.data.tags.get("visionpoc.run_dir") == tags["visionpoc.run_dir"]]
+    return str(same[0].info.run_id) if same else None
+
+
 def log_run(run_dir: str | Path, uri: str, experiment: str = "visionpoc") -> str:
     """Log the finished run in `run_dir` to the MLflow tracking server or store at `uri` under
     `experiment`; returns the parent MLflow run id."""
@@ -92,10 +102,15 @@ def log_run(run_dir: str | Path, uri: str, experiment: str = "visionpoc") -> str
     exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment, artifact_location(uri))
     shared = {k: v for k, v in r.config.items() if k != "models"}
     tags = {"visionpoc.run_dir": str(run_dir.resolve()), "visionpoc.dataset": r.dataset.source,
-            "visionpoc.models": ", ".join(m.label for m in r.models)}  # fmt: skip
-    name = (
-        f"{run_dir.parent.name}/{run_dir.name}" if (run_dir.parent / REPEATS_FILE).is_file() else run_dir.name
-    )
+            "visionpoc.models": ", ".join(m.label for m in r.models), "visionpoc.created": r.created}  # fmt: skip
+    name = run_dir.name
+    if (run_dir.parent / REPEATS_FILE).is_file():  # one seed of a run with repeats: say which, and of what
+        tags["visionpoc.repeats_of"] = str(run_dir.resolve().parent)
+        name = f"{run_dir.parent.name}/{run_dir.name}"
+    logged = _already_logged(mlflow, exp_id, tags)
+    if logged is not None:  # e.g. a finished seed when a resumed run adds seeds, or a retry after a failure
+        log.info("mlflow: %s is already logged as run %s of experiment %r", run_dir, logged, experiment)
+        return logged
     with mlflow.start_run(experiment_id=exp_id, run_name=name, tags=tags) as parent:
         mlflow.log_params({k: "null" if v is None else v for k, v in flat_keys(shared, lists=False).items()})
         mlflow.log_params({f"dataset.{k}": v for k, v in dataclasses.asdict(r.dataset).items()

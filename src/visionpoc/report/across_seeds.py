@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from visionpoc.errors import VisionpocError
-from visionpoc.repeats import Spread, load_repeats, repeat_dir, spread
+from visionpoc.repeats import Spread, read_repeats, spread
 from visionpoc.report import plots, stats
 from visionpoc.report.caveats import Caveat, caveats
 from visionpoc.report.inputs import align, read_predictions
-from visionpoc.results import ModelResult, RunResults
+from visionpoc.results import REPEATS_FILE, ModelResult, RunResults
 
 
 @dataclass
@@ -78,14 +78,15 @@ def _by_label(runs: list[RunResults | None], label: str) -> list[ModelResult | N
     return out
 
 
-def _row(label: str, ms: list[ModelResult | None], test_size: int) -> SeedRow:
+def _row(label: str, ms: list[ModelResult | None], test_size: int, finished: list[RunResults]) -> SeedRow:
     ok = [m for m in ms if m is not None]
+    timm = next((m.timm for r in finished for m in r.models if m.label == label), "")  # failed ones too
     test = spread([m.test_accuracy for m in ok])
     se = None
     if test is not None and test_size > 0:
         se = math.sqrt(test.mean * (1 - test.mean) / test_size)
     return SeedRow(
-        label=label, timm=ok[0].timm if ok else "", finished=len(ok), test=test,
+        label=label, timm=timm, finished=len(ok), test=test,
         val=spread([m.val_accuracy for m in ok]), train=spread([m.train_accuracy for m in ok]),
         top5=spread([m.test_top5_accuracy for m in ok]), macro_f1=spread([m.test_macro_f1 for m in ok]),
         train_time_s=spread([m.train_time_s for m in ok]), train_img_s=spread([m.train_img_s for m in ok]),
@@ -118,14 +119,19 @@ def _pair(run_dirs: list[Path], labels: tuple[str, str], base: list[ModelResult 
     )  # fmt: skip
 
 
-def _verdicts(pairs: list[SeedPair]) -> None:
-    """Each pair's sentence; with several tested candidates, Holm's correction of the t-tests decides."""
+def _verdicts(pairs: list[SeedPair], never: frozenset[str] = frozenset()) -> None:
+    """Each pair's sentence; with several tested candidates, Holm's correction of the t-tests decides.
+    `never`: the models that finished in no seed."""
     tested = [(p, p.diff.p_value) for p in pairs if p.diff is not None and p.diff.p_value is not None]
     if len(tested) > 1:
         for (p, _), value in zip(tested, stats.holm([v for _, v in tested]), strict=True):
             p.p_holm = value
     for p in pairs:
-        p.verdict = stats.seeds_verdict(p.baseline, p.candidate, p.diff, p.p_holm, max(len(tested), 1))
+        if never & {p.baseline, p.candidate}:
+            who = " and ".join(x for x in (p.baseline, p.candidate) if x in never)
+            p.verdict = f"{who} finished in no seed: there is nothing to compare."
+        else:
+            p.verdict = stats.seeds_verdict(p.baseline, p.candidate, p.diff, p.p_holm, max(len(tested), 1))
 
 
 def _environment(first: RunResults, seeds: list[int]) -> list[tuple[str, str]]:
@@ -140,44 +146,86 @@ def _environment(first: RunResults, seeds: list[int]) -> list[tuple[str, str]]:
     ]  # fmt: skip
 
 
+# caveats of one run that the page across seeds does not show the figures for (each seed's report does)
+NOT_HERE = ("Large train/test gap", "Memory figures are not comparable", "Peak memory is the whole process's")
+
+
+def _listing(things: list[str], one: str, several: str) -> str:
+    return (
+        f"{one} {things[0]}" if len(things) == 1 else f"{several} {', '.join(things[:-1])} and {things[-1]}"
+    )
+
+
+def _notes(rep: SeedsReport, runs: list[RunResults | None], labels: list[str], resume: str) -> list[str]:
+    """What the reader must know about the seeds behind the figures: missing, partial, failed, mixed."""
+    notes = []
+    absent = [str(s) for s, r in zip(rep.seeds, runs, strict=True) if r is None]
+    partial = [f"{', '.join(missing)} in seed {s}" for s, r in zip(rep.seeds, runs, strict=True) if r is not None
+               and (missing := [x for x in labels if x not in {m.label for m in r.models}])]  # fmt: skip
+    if absent or partial:
+        what = [_listing(absent, "seed", "seeds") + (" (no results yet)" if absent else "")] if absent else []
+        notes.append(
+            f"Not finished (interrupted?): {'; '.join(what + partial)}. Continue the run with `{resume}`; until then "
+            "each spread covers the seeds its model finished, and each comparison the seeds where both did."
+        )
+    failed = [f"{m.label} (seed {s})" for s, r in zip(rep.seeds, runs, strict=True) if r is not None
+              for m in r.models if m.status != "ok"]  # fmt: skip
+    if failed:
+        notes.append(f"Failed, left out of the spreads: {', '.join(failed)}; each seed's report says why.")
+    setups = {(r.environment.device, r.environment.gpu_name, r.environment.torch, r.environment.timm)
+              for r in runs if r is not None}  # fmt: skip
+    if len(setups) > 1:
+        notes.append(
+            "The seeds did not all run on the same device and software ("
+            + "; ".join(
+                sorted(f"{d}{f' ({g})' if g else ''}, torch {t}, timm {tm}" for d, g, t, tm in setups)
+            )
+            + "): their training times and img/s are not comparable across seeds."
+        )
+    first = next(r for r in runs if r is not None)
+    tuned = [m.label for m in first.models if m.tuned_from]
+    if tuned:
+        untuned = [m.label for m in first.models if not m.tuned_from]
+        notes.append(f"Tuned settings (`compare --tuned`): {', '.join(tuned)}"
+                     + (f"; not tuned: {', '.join(untuned)}" if untuned else "")
+                     + ". Each seed's report has the tuning table.")  # fmt: skip
+    return notes
+
+
 def build_seeds_report(run_dir: str | Path) -> SeedsReport:
     """Read every repeat of `run_dir` and compute the across-seed tables, tests and figure."""
+    from visionpoc.recovery import resume_hint
+
     run_dir = Path(run_dir)
-    repeats = load_repeats(run_dir)
-    seeds = [s for s, _ in repeats]
-    runs = [r for _, r in repeats]
+    repeats = read_repeats(run_dir)
+    if repeats is None:
+        raise VisionpocError(
+            f"{run_dir / REPEATS_FILE} not found: {run_dir} is not a run with train.repeats > 1"
+        )
+    runs = repeats.results()
     finished = [r for r in runs if r is not None]
     if not finished:
         raise VisionpocError(f"{run_dir}: no repeat has finished yet (each writes seed-<s>/results.json)")
-    folders = [repeat_dir(s) for s in seeds]
     first = finished[0]
-    labels = list(dict.fromkeys(m.label for r in finished for m in r.models))
+    labels = repeats.labels or list(dict.fromkeys(m.label for r in finished for m in r.models))
     per_label = {label: _by_label(runs, label) for label in labels}
-    rows = [_row(label, per_label[label], first.dataset.test_size) for label in labels]
-    dirs = [run_dir / f for f in folders]
-    pairs = [_pair(dirs, (labels[0], c), per_label[labels[0]], per_label[c]) for c in labels[1:]]
-    _verdicts(pairs)
+    rows = [_row(label, per_label[label], first.dataset.test_size, finished) for label in labels]
+    pairs = [_pair(repeats.dirs, (labels[0], c), per_label[labels[0]], per_label[c]) for c in labels[1:]]
+    _verdicts(pairs, frozenset(row.label for row in rows if row.finished == 0))
     config = run_dir / "config.yaml"
     rep = SeedsReport(
-        title=f"Model comparison across {len(seeds)} seeds: {', '.join(labels)}", run_dir=run_dir, seeds=seeds,
-        runs=folders, reports=[(d / "report.html").is_file() for d in dirs], rows=rows, pairs=pairs,
-        caveats=caveats(first), environment=_environment(first, seeds),
+        title=f"Model comparison across {len(repeats.seeds)} seeds: {', '.join(labels)}", run_dir=run_dir,
+        seeds=repeats.seeds, runs=[d.name for d in repeats.dirs],
+        reports=[(d / "report.html").is_file() for d in repeats.dirs], rows=rows, pairs=pairs,
+        caveats=[c for c in caveats(first) if c.title not in NOT_HERE], environment=_environment(first, repeats.seeds),
         config_yaml=config.read_text() if config.is_file() else "(no config.yaml)",
     )  # fmt: skip
-    missing = [str(s) for s, r in repeats if r is None]
-    if missing:
-        rep.notes.append(
-            f"Seed {', '.join(missing)} has no results yet (interrupted?): continue the run with "
-            f"`visionpoc compare --resume {run_dir}`; the figures below cover the finished seeds only."
-        )
-    failed = [
-        f"{m.label} (seed {s})" for s, r in repeats if r is not None for m in r.models if m.status != "ok"
-    ]
-    if failed:
-        rep.notes.append(
-            f"Failed, left out of the spreads: {', '.join(failed)}; each seed's report says why."
-        )
-    png = plots.seeds_strip([row.label for row in rows], [row.per_seed for row in rows], seeds)
+    command = "train" if repeats.labels else "compare"
+    resume = resume_hint(
+        command, run_dir, repeats.labels[0] if repeats.labels else None, first.models[0].world_size
+    )
+    rep.notes = _notes(rep, runs, labels, resume)
+    png = plots.seeds_strip([row.label for row in rows], [row.per_seed for row in rows], repeats.seeds)
     if png is not None:
         rep.figures["test_accuracy_by_seed"] = png
     return rep

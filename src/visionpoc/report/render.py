@@ -19,7 +19,7 @@ from visionpoc.atomic import atomic_write_bytes, atomic_write_text
 from visionpoc.repeats import Spread, read_repeats
 from visionpoc.report.across_seeds import SeedsReport, build_seeds_report
 from visionpoc.report.build import N_RESAMPLES, Report, build_report
-from visionpoc.report.stats import Interval, format_p
+from visionpoc.report.stats import Interval, format_p, p_is
 from visionpoc.results import RESULTS_FILE
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def _environment(image_src: Callable[[str], str]) -> jinja2.Environment:
         lstrip_blocks=True,
         undefined=jinja2.StrictUndefined,
     )
-    env.filters.update(pct=pct, ci=ci, points=points, num=num, millions=millions, p=format_p, md=md_cell,
+    env.filters.update(pct=pct, ci=ci, points=points, num=num, millions=millions, p=format_p, p_is=p_is, md=md_cell,
                        spread_pct=spread_pct, range_pct=range_pct, spread_num=spread_num, p_or_dash=p_or_dash)  # fmt: skip
     env.globals["img"] = image_src
     env.globals["n_resamples"] = N_RESAMPLES
@@ -129,7 +129,7 @@ def write_report(run_dir: str | Path, explain: bool = True) -> Path:
     run_dir = Path(run_dir)
     repeats = read_repeats(run_dir)
     if repeats is not None:
-        for _, seed_dir in repeats:
+        for seed_dir in repeats.dirs:
             if (seed_dir / RESULTS_FILE).is_file():
                 write_report(seed_dir, explain=explain)
     rep: Report | SeedsReport = (

@@ -145,8 +145,14 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
+def p_is(p: float) -> str:
+    """'p = 0.0123' or 'p < 0.001'."""
+    text = format_p(p)
+    return f"p {text}" if text.startswith("<") else f"p = {text}"
+
+
 def _p_text(name: str, p: float, adjusted: float | None, family: int) -> str:
-    text = f"{name} p = {format_p(p)}"
+    text = f"{name} {p_is(p)}"
     return (
         text
         if adjusted is None
@@ -196,13 +202,15 @@ def across_seeds(baseline_acc: list[float], candidate_acc: list[float]) -> Seeds
     """The per-seed differences of two models' test accuracies (paired by seed); None without a seed."""
     if len(baseline_acc) != len(candidate_acc):
         raise ValueError(f"paired by seed: {len(baseline_acc)} vs {len(candidate_acc)} accuracies")
-    d = np.asarray(candidate_acc, dtype=np.float64) - np.asarray(baseline_acc, dtype=np.float64)
+    # accuracies are counts over a finite test set: equal leads (e.g. 3 images in every seed) must compare
+    # equal, not differ by 1e-17 and give the t-test a spread of rounding errors to divide by
+    d = np.round(np.asarray(candidate_acc, dtype=np.float64) - np.asarray(baseline_acc, dtype=np.float64), 12)
     if d.size == 0:
         return None
     std = float(d.std(ddof=1)) if d.size > 1 else None
     # identical differences in every seed: the t statistic is undefined (no spread to scale by)
     p = float(ttest_1samp(d, 0.0).pvalue) if std is not None and std > 0 else None
-    return SeedsDifference(tuple(float(x) for x in d), float(d.mean()), std, p)
+    return SeedsDifference(tuple(float(x) for x in d), float(np.round(d.mean(), 12)), std, p)
 
 
 def seeds_verdict(baseline: str, candidate: str, diff: SeedsDifference | None, p_adjusted: float | None = None,
