@@ -249,9 +249,17 @@ def test_report_logs_one_mlflow_run_per_seed(repeats_run: Path, tmp_path: Path) 
     assert {
         r.data.tags.get("visionpoc.repeats_of") for r in runs if "mlflow.parentRunId" not in r.data.tags
     } == {str(repeats_run.resolve())}
-    # logging again (a retry, or a resumed run that added seeds) does not log the finished seeds twice
+    # logging again (a retry, or a resumed run that added seeds) does not log the finished seeds twice;
+    # a logging attempt cut short (here: seed 4's, marked FAILED) does not count as logged
+    (cut,) = [r for r in runs if r.info.run_name.endswith("seed-4")]
+    client.set_terminated(cut.info.run_id, status="FAILED")
     assert main(["report", str(repeats_run), "--mlflow-uri", uri, "--mlflow-experiment", "seeds"]) == 0
-    assert len(client.search_runs([exp.experiment_id])) == 2 * 3
+    again = client.search_runs([exp.experiment_id])
+    assert len(again) == 2 * 3 + 3  # seed 4 logged once more (its run and its two models)
+    assert sorted(r.info.status for r in again if r.info.run_name.endswith("seed-4")) == [
+        "FAILED",
+        "FINISHED",
+    ]
 
 
 def test_the_report_of_unfinished_repeats_says_which_seeds_are_missing(
@@ -289,11 +297,28 @@ def test_several_candidates_across_seeds_get_holms_correction() -> None:
     assert alone[0].p_holm is None and "Holm" not in alone[0].verdict
 
 
+def test_a_resume_trains_the_models_the_run_was_started_with(repeats_run: Path, run_dir: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    import shutil
+
+    assert main(["train", "--resume", str(repeats_run), "--model", "vit"]) == 2
+    assert (
+        f"was started by `visionpoc compare`: resume it with `visionpoc compare --resume {repeats_run}`"
+        in (capsys.readouterr().err)
+    )
+    # a single run resumed for one model keeps the other's finished results
+    one = Path(shutil.copytree(run_dir, tmp_path / "one"))
+    assert main(["train", "--resume", str(one), "--model", "cnn", "--set", "data.num_workers=0"]) == 0
+    assert [m.label for m in load_results(one).models] == ["cnn", "vit"]
+
+
 def test_equal_leads_are_equal_despite_floating_point() -> None:
     # 0.8 - 0.7 and 0.7 - 0.6 differ in the last bit: the same lead must give no spread, not p ~ 1e-31
     same = stats.across_seeds([0.7, 0.6], [0.8, 0.7])
     assert same is not None and same.std == 0 and same.p_value is None
     assert stats.seeds_verdict("a", "b", same).endswith("the same difference in every seed.")
+    three = stats.across_seeds([0.7, 0.6, 0.5], [0.8, 0.7, 0.6])  # rounded differences, and their std too
+    assert three is not None and three.std == 0 and three.p_value is None
     even = stats.across_seeds([0.5, 0.6, 0.7], [0.55, 0.55, 0.7])
     assert even is not None and even.mean == 0
     assert stats.seeds_verdict("a", "b", even) == "b and a are equally accurate on average over 3 seeds."
@@ -321,6 +346,14 @@ def test_the_report_names_partial_failed_and_mixed_seeds(repeats_run: Path, tmp_
     assert any("Not finished (interrupted?): vit in seed 4." in n for n in rep.notes)
     assert any("did not all run on the same device" in n and "cuda:0 (H100)" in n for n in rep.notes)
     assert "Peak memory is the whole process's" not in [c.title for c in rep.caveats]  # not shown here
+    # vit never finished anywhere (stopped in seed 3's vit, seed 4 not started): still named, from the config
+    empty = Path(shutil.copytree(repeats_run, tmp_path / "empty"))
+    _edit_results(empty, 3, lambda d: d["models"].pop())
+    shutil.rmtree(empty / "seed-4")
+    rep = build_seeds_report(empty)
+    assert [row.label for row in rep.rows] == ["cnn", "vit"] and rep.rows[1].finished == 0
+    assert rep.pairs[0].verdict == "vit finished in no seed: there is nothing to compare."
+    assert any("Not finished (interrupted?): seed 4 (no results yet); vit in seed 3." in n for n in rep.notes)
     # vit failed in every seed: its timm name is still shown, and the verdict says why there is none
     for seed in (3, 4):
         _edit_results(
@@ -370,4 +403,4 @@ def test_seed_folders_without_their_list_are_named(repeats_run: Path, tmp_path: 
     with pytest.raises(VisionpocError) as e:
         load_results(run)
     assert f"({run / 'seed-3'}, {run / 'seed-4'})" in str(e.value)
-    assert f"`visionpoc compare --resume {run}` writes it again" in str(e.value)
+    assert f"resuming the run writes it again (`visionpoc compare --resume {run}`" in str(e.value)

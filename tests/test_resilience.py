@@ -277,7 +277,8 @@ def test_a_signal_while_scoring_or_writing_the_report_says_how_to_go_on(
     run = tmp_path / "run"
     cfg = _config(tmp_path / "c.yaml", mini_dogs, epochs=1)
     assert main(["compare", "--config", str(cfg), "--out", str(run)]) == 130
-    assert f"interrupted. Resume with: visionpoc compare --resume {run}\n" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"interrupted: the last checkpoint stands. Resume with: visionpoc compare --resume {run}\n" in err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was put back
     monkeypatch.setattr(train, "evaluate_split", real)
 
@@ -292,6 +293,9 @@ def test_a_signal_while_scoring_or_writing_the_report_says_how_to_go_on(
     assert f"the results are saved: write it with: visionpoc report {run}" in err
     m = json.loads((run / "results.json").read_text())["models"][0]
     assert m["status"] == "ok" and m["epochs_run"] == 1 and m["test_accuracy"] is not None
+    assert main(["report", str(run)]) == 130  # any command: not Python's silent exit 143
+    assert capsys.readouterr().err == "interrupted\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 # ------------------------------------------------------------------ exact resume, in process (fast)

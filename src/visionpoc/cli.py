@@ -7,8 +7,11 @@ import datetime as dt
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +197,7 @@ def _run(args: argparse.Namespace, labels: list[str] | None) -> int:
         run_repeats,
     )
     from visionpoc.config import ConfigError, load_config
-    from visionpoc.recovery import resume_config, resume_hint, sigterm_interrupts
+    from visionpoc.recovery import resume_config, resume_hint
     from visionpoc.results import RESULTS_FILE
     from visionpoc.tracking import require_mlflow
 
@@ -221,17 +224,16 @@ def _run(args: argparse.Namespace, labels: list[str] | None) -> int:
     d = distributed.from_env()
     hint = resume_hint(args.command, out, labels[0] if labels else None, d.world)
     try:
-        with sigterm_interrupts():
-            if cfg.train.repeats > 1:
-                runs = run_repeats(cfg, out, labels, resume=args.resume is not None)
-            else:
-                runs = [run_compare(cfg, out, labels, resume=args.resume is not None)]
+        if cfg.train.repeats > 1:
+            runs = run_repeats(cfg, out, labels, resume=args.resume is not None)
+        else:
+            runs = [run_compare(cfg, out, labels, resume=args.resume is not None)]
     except TrainingInterrupted as e:
         raise TrainingInterrupted(f"{e}. Resume with: {hint}") from None
-    except KeyboardInterrupt:  # outside the loop's step boundaries: the last checkpoint stands
+    except KeyboardInterrupt:  # outside the loop's step boundaries (SIGTERM too: `main`)
         if not (out / "config.yaml").is_file():
             raise
-        raise TrainingInterrupted(f"interrupted. Resume with: {hint}") from None
+        raise TrainingInterrupted(f"the last checkpoint stands. Resume with: {hint}") from None
     except DataError as e:  # e.g. a corrupt image met mid-run (the run has its config.yaml): it is kept
         msg = _user_message(e)
         if isinstance(e, ImageError):
@@ -246,8 +248,7 @@ def _run(args: argparse.Namespace, labels: list[str] | None) -> int:
     print(format_table(runs[0]) if len(runs) == 1 else format_repeats_table(runs))
     if args.command == "compare" and not args.no_report:
         try:
-            with sigterm_interrupts():
-                _write_report(out)
+            _write_report(out)
         except KeyboardInterrupt:
             raise TrainingInterrupted(f"interrupted while writing the report; the results are saved: "
                                       f"write it with: visionpoc report {out}") from None  # fmt: skip
@@ -275,6 +276,9 @@ def _log_mlflow(run_dir: Path, uri: str, experiment: str) -> bool:
     for folder in _run_folders(run_dir):
         try:
             run_id = log_run(folder, uri, experiment)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(f"interrupted while logging to MLflow; the run is saved in {run_dir}; log it "
+                                      f"with: visionpoc report {run_dir} --mlflow-uri {uri}") from None  # fmt: skip
         except Exception as e:  # the server is down, the store is read-only, ...: the run itself is saved
             print(f"error: MLflow logging to {uri} failed ({type(e).__name__}: {e}); the run is saved in "
                   f"{run_dir}; log it later with: visionpoc report {run_dir} --mlflow-uri {uri}", file=sys.stderr)  # fmt: skip
@@ -345,6 +349,26 @@ def _write_report(run_dir: Path) -> None:
     print(f"report: {html}")
 
 
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM ends the command like Ctrl-C (KeyboardInterrupt: a message and exit code 130) wherever it
+    lands outside the training loop (a model being built or scored, data loading, the report), instead of
+    the silent exit 143 of Python's default; inside the loop `recovery.stop_on_signals` makes it a
+    clean stop at the next step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), os.environ.get("RANK", "0")
@@ -352,41 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format=f"%(asctime)s{speaker} %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")  # fmt: skip
     try:
-        if args.command == "data":
-            return _data_download(args) if args.data_command == "download" else _data_check(args)
-        if args.command == "compare":
-            return _run(args, None)
-        if args.command == "train":
-            return _run(args, [args.model])
-        if args.command == "report":
-            from visionpoc.tracking import require_mlflow
-
-            require_mlflow(args.mlflow_uri)
-            _write_report(args.run_dir)
-            if args.mlflow_uri is not None:
-                return 0 if _log_mlflow(args.run_dir, args.mlflow_uri, args.mlflow_experiment) else 1
-            return 0
-        if args.command == "tune":
-            return _tune(args)
-        if args.command == "models":
-            return _models(args)
-        if args.command == "predict":
-            return _predict(args)
-        if args.command == "serve":
+        if args.command == "serve":  # uvicorn handles its signals itself
             from visionpoc.serve import serve
 
             serve(args.run_dir, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
             return 0
-        if args.command == "export":
-            return _export(args)
-        if args.command == "bench":
-            from visionpoc.bench import format_bench, run_bench
-
-            sections = args.sections.split(",") if args.sections else None
-            print(
-                format_bench(run_bench(smoke=args.smoke, device=args.device, out=args.out, sections=sections))
-            )
-            return 0
+        with _sigterm_interrupts():  # SIGTERM anywhere: the message and exit code of Ctrl-C, not a silent 143
+            return _command(args)
     except TrainingInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return 130
@@ -396,6 +392,37 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _command(args: argparse.Namespace) -> int:
+    if args.command == "data":
+        return _data_download(args) if args.data_command == "download" else _data_check(args)
+    if args.command == "compare":
+        return _run(args, None)
+    if args.command == "train":
+        return _run(args, [args.model])
+    if args.command == "report":
+        from visionpoc.tracking import require_mlflow
+
+        require_mlflow(args.mlflow_uri)
+        _write_report(args.run_dir)
+        if args.mlflow_uri is not None:
+            return 0 if _log_mlflow(args.run_dir, args.mlflow_uri, args.mlflow_experiment) else 1
+        return 0
+    if args.command == "tune":
+        return _tune(args)
+    if args.command == "models":
+        return _models(args)
+    if args.command == "predict":
+        return _predict(args)
+    if args.command == "export":
+        return _export(args)
+    if args.command == "bench":
+        from visionpoc.bench import format_bench, run_bench
+
+        sections = args.sections.split(",") if args.sections else None
+        print(format_bench(run_bench(smoke=args.smoke, device=args.device, out=args.out, sections=sections)))
+        return 0
     return 2
 
 

@@ -18,7 +18,7 @@ from visionpoc.config import Config, ModelConfig, save_config, to_dict
 from visionpoc.data.sources import Dataset, read_dataset
 from visionpoc.data.splits import Splits, make_splits
 from visionpoc.errors import CheckpointError, ConfigError, DataError, TrainingInterrupted, VisionpocError
-from visionpoc.repeats import repeat_dir, save_repeats, spread
+from visionpoc.repeats import read_repeats, repeat_dir, save_repeats, spread
 from visionpoc.results import (
     RESULTS_FILE,
     DatasetInfo,
@@ -115,6 +115,8 @@ def run_compare(
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
     chosen = [cfg.model(label) for label in labels] if labels else list(cfg.models)
+    # a resume that trains some models keeps the others' finished results (in the config's order)
+    chosen = [m for m in cfg.models if m in chosen or m.label in done]
     if d.main and ds.source == "stanford_dogs":
         warn_imagenet_overlap(chosen)
     for mcfg in chosen:
@@ -150,6 +152,13 @@ def run_repeats(
     out_dir = Path(out_dir)
     seeds = [cfg.train.seed + k for k in range(cfg.train.repeats)]
     split_seed = cfg.train.seed if cfg.data.split_seed is None else cfg.data.split_seed
+    before = read_repeats(out_dir) if resume else None
+    if before is not None and before.labels != labels:  # e.g. `compare --resume` of a `train --model vit` run
+        was = f"visionpoc train --model {before.labels[0]}" if before.labels else "visionpoc compare"
+        now = f"visionpoc train --resume {out_dir} --model {before.labels[0]}" if before.labels else (
+            f"visionpoc compare --resume {out_dir}")  # fmt: skip
+        raise ConfigError(f"{out_dir} was started by `{was}`: resume it with `{now}` (another command would "
+                          "train other models into its seeds)")  # fmt: skip
     if distributed.from_env().main:
         _run_folder(out_dir, resume)
         load_data(cfg)  # a data error before the run starts leaves no config.yaml, as in run_compare

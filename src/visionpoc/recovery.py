@@ -55,25 +55,6 @@ def stop_on_signals() -> Iterator[StopRequest]:
             signal.signal(s, h)
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-@contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM ends the command like Ctrl-C (KeyboardInterrupt: a message and exit code 130) wherever it
-    lands outside the training loop (a model being built or scored, data loading, the report), instead of
-    the silent exit 143 of Python's default; inside the loop `stop_on_signals` makes it a clean stop."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def seed_streams(seed: int) -> None:
     """Seed the global streams the training draws from: Python's, NumPy's (32 bits) and torch's."""
     random.seed(seed)
@@ -129,13 +110,14 @@ def _may_change(key: str) -> bool:
     return any(key == a or (a.endswith(".") and key.startswith(a)) for a in RESUME_MAY_CHANGE)
 
 
-def _seeds_may_change(run_dir: Path, saved: Config, repeats: int) -> bool:
-    """A run with repeats may get more seeds, or fewer down to the last one it started."""
-    if saved.train.repeats < 2 or repeats < 2:  # a single run's folder is laid out differently
-        return False
+def _fewest_seeds(run_dir: Path, saved: Config) -> int | None:
+    """The fewest `train.repeats` a resumed run with repeats may ask for: down to its last started seed
+    (never 1: a single run's folder is laid out differently); None for a single run (no repeats)."""
+    if saved.train.repeats < 2:
+        return None
     started = [k + 1 for k in range(saved.train.repeats)
                if (Path(run_dir) / repeat_dir(saved.train.seed + k) / "config.yaml").is_file()]  # fmt: skip
-    return repeats >= max(started, default=0)
+    return max(2, *started)
 
 
 def resume_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -143,25 +125,28 @@ def resume_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) ->
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{path} not found: --resume takes the folder of a run started by compare or train")
-    parent = Path(run_dir).resolve().parent
-    if (
-        parent / REPEATS_FILE
-    ).is_file():  # resumed alone, the other seeds and the report would be left behind
-        raise ConfigError(
-            f"{run_dir} is one seed of the repeats in {parent}: resume them all with --resume {parent}"
-        )
+    here = Path(run_dir).resolve()
+    if (here.parent / REPEATS_FILE).is_file() and here.name.startswith("seed-"):
+        # resumed alone, the other seeds and the report across them would be left behind
+        raise ConfigError(f"{run_dir} is one seed of the repeats in {here.parent}: resume them all with "
+                          f"--resume {here.parent}")  # fmt: skip
     cfg = load_config(path, overrides)
     saved_cfg = load_config(path)
     saved, new = flat_keys(to_dict(saved_cfg)), flat_keys(to_dict(cfg))
     changed = sorted(k for k in saved.keys() | new.keys() if saved.get(k) != new.get(k))
+    fewest = _fewest_seeds(run_dir, saved_cfg)
     refused = [k for k in changed if not _may_change(k)
-               and not (k == "train.repeats" and _seeds_may_change(run_dir, saved_cfg, cfg.train.repeats))]  # fmt: skip
+               and not (k == "train.repeats" and fewest is not None and cfg.train.repeats >= fewest)]  # fmt: skip
     if refused:
+        seeds = (
+            f" (train.repeats may go down to {fewest} here)" if "train.repeats" in refused and fewest else ""
+        )
         raise ConfigError(
             f"--resume {run_dir}: --set would change {', '.join(refused)} of the interrupted run, whose "
             f"optimizer and schedule were built for its saved settings. A resumed run may only change "
-            f"{', '.join(a.rstrip('.') + ('.*' if a.endswith('.') else '') for a in RESUME_MAY_CHANGE)} "
-            f"(and, in a run with repeats, train.repeats down to its last started seed); to train with other settings, start a new run: --config {path} --set ... --out NEW_DIR"
+            f"{', '.join(a.rstrip('.') + ('.*' if a.endswith('.') else '') for a in RESUME_MAY_CHANGE)}, "
+            f"and, in a run with repeats, train.repeats down to its last started seed{seeds}; to train with "
+            f"other settings, start a new run: --config {path} --set ... --out NEW_DIR"
         )
     return cfg
 

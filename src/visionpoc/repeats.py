@@ -55,13 +55,16 @@ def read_repeats(run_dir: Path) -> Repeats | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         labels = data.get("labels")
+        if labels is not None and not isinstance(labels, list):
+            raise TypeError(f"labels must be a list or null, not {labels!r}")
         return Repeats(
             Path(run_dir), [int(s) for s in data["seeds"]], [str(x) for x in labels] if labels else None
         )
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise VisionpocError(
-            f"{path} is not a readable list of repeats ({type(e).__name__}: {e}): restore it, or let "
-            f"`visionpoc compare --resume {run_dir}` write it again"
+            f"{path} is not a readable list of repeats ({type(e).__name__}: {e}): restore it, or let resuming "
+            f"the run write it again (`visionpoc compare --resume {run_dir}`, or `visionpoc train --resume "
+            f"{run_dir} --model LABEL` for a `train` run)"
         ) from e
 
 

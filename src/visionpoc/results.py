@@ -199,7 +199,8 @@ def load_results(run_dir: str | Path) -> RunResults:
         raise VisionpocError(
             f"{run_dir} holds the repeats of a comparison, one run per seed: pass one of them ({listed}); "
             + (f"`visionpoc report {run_dir}` compares them" if (Path(run_dir) / REPEATS_FILE).is_file() else
-               f"its {REPEATS_FILE} is missing: `visionpoc compare --resume {run_dir}` writes it again")
+               f"its {REPEATS_FILE} is missing: resuming the run writes it again (`visionpoc compare --resume "
+               f"{run_dir}`, or `visionpoc train --resume {run_dir} --model LABEL` for a `train` run)")
         )  # fmt: skip
     if not path.is_file():
         raise VisionpocError(f"{path} not found: pass the output folder of a finished `visionpoc compare`")

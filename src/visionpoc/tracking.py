@@ -85,7 +85,8 @@ def _already_logged(mlflow: Any, exp_id: str, tags: dict[str, str]) -> str | Non
         return None
     found = mlflow.search_runs([exp_id], filter_string=f"tags.`visionpoc.created` = '{tags['visionpoc.created']}'",
                                output_format="list")  # fmt: skip
-    same = [x for x in found if x.data.tags.get("visionpoc.run_dir") == tags["visionpoc.run_dir"]]
+    same = [x for x in found if x.data.tags.get("visionpoc.run_dir") == tags["visionpoc.run_dir"]
+            and x.info.status == "FINISHED"]  # one cut short (failed, killed) is logged again  # fmt: skip
     return str(same[0].info.run_id) if same else None
 
 

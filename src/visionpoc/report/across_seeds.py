@@ -192,6 +192,16 @@ def _notes(rep: SeedsReport, runs: list[RunResults | None], labels: list[str], r
     return notes
 
 
+def _config_labels(run_dir: Path) -> list[str] | None:
+    """The models of the run's config.yaml (every one `compare` trains, finished or not); None if unreadable."""
+    from visionpoc.config import load_config
+
+    try:
+        return [m.label for m in load_config(run_dir / "config.yaml").models]
+    except VisionpocError:
+        return None
+
+
 def build_seeds_report(run_dir: str | Path) -> SeedsReport:
     """Read every repeat of `run_dir` and compute the across-seed tables, tests and figure."""
     from visionpoc.recovery import resume_hint
@@ -206,8 +216,13 @@ def build_seeds_report(run_dir: str | Path) -> SeedsReport:
     finished = [r for r in runs if r is not None]
     if not finished:
         raise VisionpocError(f"{run_dir}: no repeat has finished yet (each writes seed-<s>/results.json)")
-    first = finished[0]
-    labels = repeats.labels or list(dict.fromkeys(m.label for r in finished for m in r.models))
+    # the seed whose caveats and environment the page shows: the first where every model finished
+    first = next((r for r in finished if all(m.status == "ok" for m in r.models)), finished[0])
+    labels = (
+        repeats.labels
+        or _config_labels(run_dir)
+        or list(dict.fromkeys(m.label for r in finished for m in r.models))
+    )
     per_label = {label: _by_label(runs, label) for label in labels}
     rows = [_row(label, per_label[label], first.dataset.test_size, finished) for label in labels]
     pairs = [_pair(repeats.dirs, (labels[0], c), per_label[labels[0]], per_label[c]) for c in labels[1:]]
@@ -217,13 +232,13 @@ def build_seeds_report(run_dir: str | Path) -> SeedsReport:
         title=f"Model comparison across {len(repeats.seeds)} seeds: {', '.join(labels)}", run_dir=run_dir,
         seeds=repeats.seeds, runs=[d.name for d in repeats.dirs],
         reports=[(d / "report.html").is_file() for d in repeats.dirs], rows=rows, pairs=pairs,
-        caveats=[c for c in caveats(first) if c.title not in NOT_HERE], environment=_environment(first, repeats.seeds),
+        caveats=[c for c in caveats(first) if c.title not in NOT_HERE and not c.title.endswith(" failed")],
+        environment=_environment(first, repeats.seeds),
         config_yaml=config.read_text() if config.is_file() else "(no config.yaml)",
     )  # fmt: skip
     command = "train" if repeats.labels else "compare"
-    resume = resume_hint(
-        command, run_dir, repeats.labels[0] if repeats.labels else None, first.models[0].world_size
-    )
+    world = max((m.world_size for r in finished for m in r.models), default=1)
+    resume = resume_hint(command, run_dir, repeats.labels[0] if repeats.labels else None, world)
     rep.notes = _notes(rep, runs, labels, resume)
     png = plots.seeds_strip([row.label for row in rows], [row.per_seed for row in rows], repeats.seeds)
     if png is not None:

@@ -207,7 +207,7 @@ def across_seeds(baseline_acc: list[float], candidate_acc: list[float]) -> Seeds
     d = np.round(np.asarray(candidate_acc, dtype=np.float64) - np.asarray(baseline_acc, dtype=np.float64), 12)
     if d.size == 0:
         return None
-    std = float(d.std(ddof=1)) if d.size > 1 else None
+    std = float(np.round(d.std(ddof=1), 12)) if d.size > 1 else None  # (0.1, 0.1, 0.1): 0, not 1.7e-17
     # identical differences in every seed: the t statistic is undefined (no spread to scale by)
     p = float(ttest_1samp(d, 0.0).pvalue) if std is not None and std > 0 else None
     return SeedsDifference(tuple(float(x) for x in d), float(np.round(d.mean(), 12)), std, p)
