@@ -275,6 +275,19 @@ def test_verdict_sentences() -> None:
     assert clear.startswith("a is more accurate than b by 10.0 points") and "unlikely to be chance" in clear
 
 
+def test_points_are_never_negative_zero() -> None:
+    from visionpoc.report.render import points
+    from visionpoc.report.stats import _pts
+
+    assert (points(-0.0), points(-1e-17), points(-0.0004), points(-0.0006)) == (
+        "+0.0",
+        "+0.0",
+        "+0.0",
+        "-0.1",
+    )
+    assert (_pts(-0.0, True), _pts(-1e-17), _pts(0.1234, True)) == ("+0.0", "0.0", "+12.3")
+
+
 def test_holm_correction() -> None:
     # sorted 0.01, 0.03, 0.04 times 3, 2, 1 = 0.03, 0.06, 0.04 -> kept non-decreasing: 0.03, 0.06, 0.06
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])

@@ -46,7 +46,10 @@ def ci(iv: Interval | None) -> str:
 
 def points(v: float | None, signed: bool = True) -> str:
     """A difference of accuracies in percentage points: 0.0123 -> '+1.2'."""
-    return DASH if _missing(v) else f"{100 * v:{'+' if signed else ''}.1f}"  # type: ignore[operator]
+    if _missing(v):
+        return DASH
+    x = round(100 * v, 1) + 0.0  # type: ignore[operator]  # a value that rounds to zero: never '-0.0'
+    return f"{x:{'+' if signed else ''}.1f}"
 
 
 def num(v: float | int | None, spec: str = ",.1f") -> str:

@@ -130,7 +130,9 @@ def bootstrap_difference(correct_a: np.ndarray, correct_b: np.ndarray, n_resampl
 
 
 def _pts(v: float, signed: bool = False) -> str:
-    return f"{100 * v:+.1f}" if signed else f"{100 * v:.1f}"
+    """0.0123 -> '1.2' (or '+1.2'); a value that rounds to zero is '0.0', never '-0.0'."""
+    x = round(100 * v, 1) + 0.0  # + 0.0 turns -0.0 into 0.0
+    return f"{x:+.1f}" if signed else f"{x:.1f}"
 
 
 def holm(p_values: list[float]) -> list[float]:
