@@ -177,3 +177,34 @@ def test_stop_flag_through_the_control_group(tmp_path: Path) -> None:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[True, False]] * 2
+
+
+def test_repeats_under_torchrun(tmp_path: Path) -> None:
+    """Each seed trains on both processes; rank 0 alone writes the seeds' folders, the list and the report."""
+    root = make_mini_dogs(tmp_path / "dogs")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "data": {"source": "stanford_dogs", "root": str(root), "val_fraction": 0.34, "num_workers": 0,
+                 "download": False},
+        "models": [{"label": "vit", "timm": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32,
+                    "model_kwargs": {"depth": 1}}],
+        "train": {"epochs": 1, "batch_size": 4, "warmup_epochs": 0.0, "augment": "none", "device": "cpu",
+                  "repeats": 2},
+    }))  # fmt: skip
+    out, probe = tmp_path / "run", tmp_path / "probe"
+    probe.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROBE_DIR": str(probe), "PROBE_WATCH": str(out)}
+    proc = subprocess.run([*TORCHRUN, "compare", "--config", str(cfg), "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for seed in (0, 1):
+        m = _model(out / f"seed-{seed}")
+        assert (m["status"], m["world_size"]) == ("ok", 2)
+    assert json.loads((out / "repeats.json").read_text())["seeds"] == [0, 1]
+    assert (out / "report.html").is_file()
+    assert (
+        proc.stderr.count("[rank 1/2] INFO visionpoc.train: [vit] epoch 1/1") == 2
+    )  # both seeds, both ranks
+    rank0 = _probe(probe, 0)["writes"]
+    assert str(out / "repeats.json") in rank0 and str(out / "seed-1" / "results.json") in rank0
+    assert _probe(probe, 1)["writes"] == []
