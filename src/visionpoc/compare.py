@@ -18,6 +18,7 @@ from visionpoc.config import Config, ModelConfig, save_config, to_dict
 from visionpoc.data.sources import Dataset, read_dataset
 from visionpoc.data.splits import Splits, make_splits
 from visionpoc.errors import CheckpointError, ConfigError, DataError, TrainingInterrupted, VisionpocError
+from visionpoc.recovery import resume_hint
 from visionpoc.repeats import read_repeats, repeat_dir, save_repeats, spread
 from visionpoc.results import (
     RESULTS_FILE,
@@ -33,6 +34,10 @@ from visionpoc.train import fit, resolve_device
 log = logging.getLogger(__name__)
 
 
+def _split_seed(cfg: Config) -> int:
+    return cfg.train.seed if cfg.data.split_seed is None else cfg.data.split_seed
+
+
 def load_data(cfg: Config) -> tuple[Dataset, Splits]:
     """The dataset of `cfg.data`, downloading Stanford Dogs first when allowed and absent."""
     root = Path(cfg.data.root).expanduser()
@@ -46,8 +51,7 @@ def load_data(cfg: Config) -> tuple[Dataset, Splits]:
             )
             download_stanford_dogs(root, base_url=cfg.data.base_url)
     ds = read_dataset(cfg.data.source, root)
-    split_seed = cfg.train.seed if cfg.data.split_seed is None else cfg.data.split_seed
-    splits = make_splits(ds, cfg.data.val_fraction, cfg.data.limit_per_class, split_seed)
+    splits = make_splits(ds, cfg.data.val_fraction, cfg.data.limit_per_class, _split_seed(cfg))
     empty = [name for name, split in (("train", splits.train), ("test", splits.test)) if len(split) == 0]
     if empty:
         why = f" after data.limit_per_class={cfg.data.limit_per_class}" if cfg.data.limit_per_class else ""
@@ -151,12 +155,11 @@ def run_repeats(
     """
     out_dir = Path(out_dir)
     seeds = [cfg.train.seed + k for k in range(cfg.train.repeats)]
-    split_seed = cfg.train.seed if cfg.data.split_seed is None else cfg.data.split_seed
     before = read_repeats(out_dir) if resume else None
     if before is not None and before.labels != labels:  # e.g. `compare --resume` of a `train --model vit` run
-        was = f"visionpoc train --model {before.labels[0]}" if before.labels else "visionpoc compare"
-        now = f"visionpoc train --resume {out_dir} --model {before.labels[0]}" if before.labels else (
-            f"visionpoc compare --resume {out_dir}")  # fmt: skip
+        label = before.labels[0] if before.labels else None
+        was = f"visionpoc train --model {label}" if label else "visionpoc compare"
+        now = resume_hint("train" if label else "compare", out_dir, label, distributed.from_env().world)
         raise ConfigError(f"{out_dir} was started by `{was}`: resume it with `{now}` (another command would "
                           "train other models into its seeds)")  # fmt: skip
     if distributed.from_env().main:
@@ -166,9 +169,8 @@ def run_repeats(
         save_repeats(out_dir, seeds, labels)  # a resumed run may have changed train.repeats
     runs = []
     for k, seed in enumerate(seeds):
-        one = replace(
-            cfg, data=replace(cfg.data, split_seed=split_seed), train=replace(cfg.train, seed=seed, repeats=1)
-        )
+        one = replace(cfg, data=replace(cfg.data, split_seed=_split_seed(cfg)),
+                      train=replace(cfg.train, seed=seed, repeats=1))  # fmt: skip
         sub = out_dir / repeat_dir(seed)
         log.info("=== repeat %d of %d: seed %d, in %s", k + 1, len(seeds), seed, sub)
         runs.append(run_compare(one, sub, labels, resume=resume and (sub / "config.yaml").is_file()))
