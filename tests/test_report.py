@@ -316,6 +316,9 @@ def test_several_candidates_get_holm_adjusted_p_values(tmp_path: Path) -> None:
     assert "after Holm's correction (every candidate)" in (rep.run_dir / "report.html").read_text()
     one = build_report(make_run(tmp_path / "two", n_models=2), explain=False)
     assert one.pairwise[0].p_holm is None and "Holm" not in one.pairwise[0].verdict
+    # one run per model: the page says what its tests do not cover, and how to measure it
+    (single,) = [c for c in one.caveats if c.title == "One training run per model"]
+    assert "`train.repeats: 3`" in single.text
 
 
 # ------------------------------------------------------------------------------------------ the report

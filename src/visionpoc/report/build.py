@@ -186,6 +186,13 @@ def build_report(run_dir: str | Path, explain: bool = True) -> Report:
             f"This run is seed {r.environment.seed}, one of the repeats in {run_dir.parent}: the report there "
             "compares the models across every seed."
         )
+    elif sum(m.status == "ok" for m in r.models) > 1:
+        rep.caveats.append(Caveat(
+            "One training run per model",
+            "The intervals and McNemar's test measure the test set's noise for the weights these runs produced, "
+            "not the training's own randomness (new head, data order, augmentation): another seed can move "
+            "each accuracy too. `train.repeats: 3` trains every model with three seeds and reports the spread.",
+        ))  # fmt: skip
     no_preds = [m.label for m in r.models if m.status == "ok" and m.label not in preds]
     if no_preds:
         rep.notes.append(
