@@ -35,6 +35,20 @@ PROBE = Path(__file__).parent / "ddp_probe.py"  # records each rank's writes and
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(PROBE)]
 
 
+def _config(path: Path, root: Path, depth: int, train: dict, **sections: dict) -> Path:
+    """The tiny run these tests share: the miniature dogs (val_fraction 0.34: 4 train + 2 val images per
+    class, an even 12 in all) and one ViT of `depth` blocks on the CPU; `train` and `sections` add to it."""
+    path.write_text(yaml.safe_dump({
+        "data": {"source": "stanford_dogs", "root": str(root), "val_fraction": 0.34, "num_workers": 0,
+                 "download": False},
+        "models": [{"label": "vit", "timm": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32,
+                    "model_kwargs": {"depth": depth}}],
+        "train": {"batch_size": 4, "device": "cpu", **train},
+        **sections,
+    }))  # fmt: skip
+    return path
+
+
 def _probe(probe: Path, rank: int) -> dict:
     return json.loads((probe / f"rank{rank}.json").read_text())
 
@@ -42,16 +56,9 @@ def _probe(probe: Path, rank: int) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str, Path, Path]:
     tmp = tmp_path_factory.mktemp("ddp")
-    root = make_mini_dogs(tmp / "dogs")  # 6 train images per class: 4 train + 2 val, an even 12 in all
-    cfg = tmp / "c.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "data": {"source": "stanford_dogs", "root": str(root), "val_fraction": 0.34, "num_workers": 0,
-                 "download": False},
-        "models": [{"label": "vit", "timm": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32,
-                    "model_kwargs": {"depth": 2}}],
-        "train": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "warmup_epochs": 0.5, "augment": "basic",
-                  "deterministic": True, "device": "cpu"},
-    }))  # fmt: skip
+    root = make_mini_dogs(tmp / "dogs")
+    cfg = _config(tmp / "c.yaml", root, 2, {"epochs": 2, "lr": 1e-3, "warmup_epochs": 0.5, "augment": "basic",
+                                            "deterministic": True})  # fmt: skip
     ddp, single, probe = tmp / "ddp", tmp / "single", tmp / "probe"
     probe.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PROBE_DIR": str(probe), "PROBE_WATCH": str(ddp)}
@@ -128,17 +135,10 @@ def test_ranks_draw_their_own_random_streams_from_identical_weights(
 def test_tune_trials_run_on_both_processes_with_one_study(tmp_path: Path) -> None:
     import optuna
 
-    root = make_mini_dogs(tmp_path / "dogs")
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "data": {"source": "stanford_dogs", "root": str(root), "val_fraction": 0.34, "num_workers": 0,
-                 "download": False},
-        "models": [{"label": "vit", "timm": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32,
-                    "model_kwargs": {"depth": 1}}],
-        "train": {"epochs": 2, "batch_size": 4, "warmup_epochs": 0.0, "augment": "none", "device": "cpu"},
-        "tune": {"trials": 2, "pruner": "none", "batch_size": [4], "augment": None, "warmup_epochs": None,
-                 "label_smoothing": None, "layer_decay": None, "drop_path": None, "drop_rate": None},
-    }))  # fmt: skip
+    cfg = _config(tmp_path / "c.yaml", make_mini_dogs(tmp_path / "dogs"), 1,
+                  {"epochs": 2, "warmup_epochs": 0.0, "augment": "none"},
+                  tune={"trials": 2, "pruner": "none", "batch_size": [4], "augment": None, "warmup_epochs": None,
+                        "label_smoothing": None, "layer_decay": None, "drop_path": None, "drop_rate": None})  # fmt: skip
     out, probe = tmp_path / "tune", tmp_path / "probe"
     probe.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PROBE_DIR": str(probe), "PROBE_WATCH": str(out),
@@ -181,16 +181,12 @@ def test_stop_flag_through_the_control_group(tmp_path: Path) -> None:
 
 def test_repeats_under_torchrun(tmp_path: Path) -> None:
     """Each seed trains on both processes; rank 0 alone writes the seeds' folders, the list and the report."""
-    root = make_mini_dogs(tmp_path / "dogs")
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "data": {"source": "stanford_dogs", "root": str(root), "val_fraction": 0.34, "num_workers": 0,
-                 "download": False},
-        "models": [{"label": "vit", "timm": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32,
-                    "model_kwargs": {"depth": 1}}],
-        "train": {"epochs": 1, "batch_size": 4, "warmup_epochs": 0.0, "augment": "none", "device": "cpu",
-                  "repeats": 2},
-    }))  # fmt: skip
+    cfg = _config(
+        tmp_path / "c.yaml",
+        make_mini_dogs(tmp_path / "dogs"),
+        1,
+        {"epochs": 1, "warmup_epochs": 0.0, "augment": "none", "repeats": 2},
+    )
     out, probe = tmp_path / "run", tmp_path / "probe"
     probe.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PROBE_DIR": str(probe), "PROBE_WATCH": str(out)}

@@ -277,7 +277,7 @@ def test_verdict_sentences() -> None:
 
 def test_points_are_never_negative_zero() -> None:
     from visionpoc.report.render import points
-    from visionpoc.report.stats import _pts
+    from visionpoc.report.stats import pts
 
     assert (points(-0.0), points(-1e-17), points(-0.0004), points(-0.0006)) == (
         "+0.0",
@@ -285,7 +285,7 @@ def test_points_are_never_negative_zero() -> None:
         "+0.0",
         "-0.1",
     )
-    assert (_pts(-0.0, True), _pts(-1e-17), _pts(0.1234, True)) == ("+0.0", "0.0", "+12.3")
+    assert (pts(-0.0, True), pts(-1e-17), pts(0.1234, True)) == ("+0.0", "0.0", "+12.3")
 
 
 def test_holm_correction() -> None:

@@ -21,8 +21,7 @@ from torch import nn
 from visionpoc import checkpoint
 from visionpoc.config import Config, load_config, to_dict
 from visionpoc.errors import CheckpointError, ConfigError
-from visionpoc.repeats import repeat_dir
-from visionpoc.results import REPEATS_FILE
+from visionpoc.repeats import repeat_dir, repeats_of
 from visionpoc.typed import flat_keys
 
 log = logging.getLogger(__name__)
@@ -125,11 +124,11 @@ def resume_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) ->
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{path} not found: --resume takes the folder of a run started by compare or train")
-    here = Path(run_dir).resolve()
-    if (here.parent / REPEATS_FILE).is_file() and here.name.startswith("seed-"):
-        # resumed alone, the other seeds and the report across them would be left behind
-        raise ConfigError(f"{run_dir} is one seed of the repeats in {here.parent}: resume them all with "
-                          f"--resume {here.parent}")  # fmt: skip
+    parent = repeats_of(run_dir)
+    if parent is not None:  # resumed alone, the other seeds and the report across them would be left behind
+        raise ConfigError(
+            f"{run_dir} is one seed of the repeats in {parent}: resume them all with --resume {parent}"
+        )
     cfg = load_config(path, overrides)
     saved_cfg = load_config(path)
     saved, new = flat_keys(to_dict(saved_cfg)), flat_keys(to_dict(cfg))

@@ -23,6 +23,12 @@ def repeat_dir(seed: int) -> str:
     return f"seed-{seed}"
 
 
+def repeats_of(run_dir: Path) -> Path | None:
+    """The run with repeats that `run_dir` is one seed of (its `seed-<s>` folders' parent), or None."""
+    here = Path(run_dir).resolve()
+    return here.parent if here.name.startswith("seed-") and (here.parent / REPEATS_FILE).is_file() else None
+
+
 @dataclass
 class Repeats:
     """What `repeats.json` records: the seeds, in order, and the models the command trained."""

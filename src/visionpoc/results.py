@@ -192,8 +192,8 @@ def load_results(run_dir: str | Path) -> RunResults:
     from visionpoc.errors import VisionpocError
 
     path = Path(run_dir) / RESULTS_FILE
-    seeds = sorted((p.parent for p in Path(run_dir).glob("seed-*/" + RESULTS_FILE)),
-                   key=lambda d: int(d.name[5:]) if d.name[5:].isdigit() else -1)  # fmt: skip
+    seeds = [] if path.is_file() else sorted((p.parent for p in Path(run_dir).glob("seed-*/" + RESULTS_FILE)),
+                                             key=lambda d: int(d.name[5:]) if d.name[5:].isdigit() else -1)  # fmt: skip
     if not path.is_file() and ((Path(run_dir) / REPEATS_FILE).is_file() or seeds):
         listed = ", ".join(str(d) for d in seeds) or "none has finished yet"
         raise VisionpocError(

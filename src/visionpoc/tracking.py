@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from visionpoc.errors import ConfigError
-from visionpoc.results import REPEATS_FILE, RESULTS_FILE, ModelResult, load_results
+from visionpoc.repeats import repeats_of
+from visionpoc.results import RESULTS_FILE, ModelResult, load_results
 from visionpoc.typed import flat_keys
 
 log = logging.getLogger(__name__)
@@ -104,10 +105,10 @@ def log_run(run_dir: str | Path, uri: str, experiment: str = "visionpoc") -> str
     shared = {k: v for k, v in r.config.items() if k != "models"}
     tags = {"visionpoc.run_dir": str(run_dir.resolve()), "visionpoc.dataset": r.dataset.source,
             "visionpoc.models": ", ".join(m.label for m in r.models), "visionpoc.created": r.created}  # fmt: skip
-    name = run_dir.name
-    if (run_dir.parent / REPEATS_FILE).is_file():  # one seed of a run with repeats: say which, and of what
-        tags["visionpoc.repeats_of"] = str(run_dir.resolve().parent)
-        name = f"{run_dir.parent.name}/{run_dir.name}"
+    name, parent = run_dir.name, repeats_of(run_dir)
+    if parent is not None:  # one seed of a run with repeats: say which, and of what
+        tags["visionpoc.repeats_of"] = str(parent)
+        name = f"{parent.name}/{run_dir.name}"
     logged = _already_logged(mlflow, exp_id, tags)
     if logged is not None:  # e.g. a finished seed when a resumed run adds seeds, or a retry after a failure
         log.info("mlflow: %s is already logged as run %s of experiment %r", run_dir, logged, experiment)

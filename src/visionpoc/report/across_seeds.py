@@ -156,7 +156,8 @@ def _listing(things: list[str], one: str, several: str) -> str:
     )
 
 
-def _notes(rep: SeedsReport, runs: list[RunResults | None], labels: list[str], resume: str) -> list[str]:
+def _notes(rep: SeedsReport, runs: list[RunResults | None], first: RunResults, labels: list[str],
+           resume: str) -> list[str]:  # fmt: skip
     """What the reader must know about the seeds behind the figures: missing, partial, failed, mixed."""
     notes = []
     absent = [str(s) for s, r in zip(rep.seeds, runs, strict=True) if r is None]
@@ -182,7 +183,6 @@ def _notes(rep: SeedsReport, runs: list[RunResults | None], labels: list[str], r
             )
             + "): their training times and img/s are not comparable across seeds."
         )
-    first = next(r for r in runs if r is not None)
     tuned = [m.label for m in first.models if m.tuned_from]
     if tuned:
         untuned = [m.label for m in first.models if not m.tuned_from]
@@ -239,7 +239,7 @@ def build_seeds_report(run_dir: str | Path) -> SeedsReport:
     command = "train" if repeats.labels else "compare"
     world = max((m.world_size for r in finished for m in r.models), default=1)
     resume = resume_hint(command, run_dir, repeats.labels[0] if repeats.labels else None, world)
-    rep.notes = _notes(rep, runs, labels, resume)
+    rep.notes = _notes(rep, runs, first, labels, resume)
     png = plots.seeds_strip([row.label for row in rows], [row.per_seed for row in rows], repeats.seeds)
     if png is not None:
         rep.figures["test_accuracy_by_seed"] = png

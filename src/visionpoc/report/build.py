@@ -16,13 +16,14 @@ from typing import Any
 import numpy as np
 import yaml
 
+from visionpoc.repeats import repeats_of
 from visionpoc.report import plots, stats
 from visionpoc.report.caveats import Caveat, caveats
 from visionpoc.report.inputs import Predictions, align, read_predictions
 from visionpoc.report.pictures import Picture, disagreement_gallery, what_they_look_at
 from visionpoc.report.stats import Confusion, Interval, McNemar
 from visionpoc.report.tuning import Tuning, read_tuning
-from visionpoc.results import REPEATS_FILE, ModelResult, RunResults, load_results
+from visionpoc.results import ModelResult, RunResults, load_results
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +182,10 @@ def build_report(run_dir: str | Path, explain: bool = True) -> Report:
         confusions=[], explain_notes=[], caveats=caveats(r), environment=_environment(r),
         config_yaml=_config_yaml(r, run_dir),
     )  # fmt: skip
-    if (run_dir.parent / REPEATS_FILE).is_file():
+    parent = repeats_of(run_dir)
+    if parent is not None:
         rep.notes.append(
-            f"This run is seed {r.environment.seed}, one of the repeats in {run_dir.parent}: the report there "
+            f"This run is seed {r.environment.seed}, one of the repeats in {parent}: the report there "
             "compares the models across every seed."
         )
     elif sum(m.status == "ok" for m in r.models) > 1:

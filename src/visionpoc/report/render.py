@@ -19,7 +19,7 @@ from visionpoc.atomic import atomic_write_bytes, atomic_write_text
 from visionpoc.repeats import Spread, read_repeats
 from visionpoc.report.across_seeds import SeedsReport, build_seeds_report
 from visionpoc.report.build import N_RESAMPLES, Report, build_report
-from visionpoc.report.stats import Interval, format_p, p_is
+from visionpoc.report.stats import Interval, format_p, p_is, pts
 from visionpoc.results import RESULTS_FILE
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,7 @@ def ci(iv: Interval | None) -> str:
 
 def points(v: float | None, signed: bool = True) -> str:
     """A difference of accuracies in percentage points: 0.0123 -> '+1.2'."""
-    if _missing(v):
-        return DASH
-    x = round(100 * v, 1) + 0.0  # type: ignore[operator]  # a value that rounds to zero: never '-0.0'
-    return f"{x:{'+' if signed else ''}.1f}"
+    return DASH if _missing(v) else pts(v, signed)  # type: ignore[arg-type]
 
 
 def num(v: float | int | None, spec: str = ",.1f") -> str:

@@ -129,7 +129,7 @@ def bootstrap_difference(correct_a: np.ndarray, correct_b: np.ndarray, n_resampl
     return _percentile_bootstrap((fa, fb), _mean_difference, point, n_resamples, seed, level, paired=True)
 
 
-def _pts(v: float, signed: bool = False) -> str:
+def pts(v: float, signed: bool = False) -> str:
     """0.0123 -> '1.2' (or '+1.2'); a value that rounds to zero is '0.0', never '-0.0'."""
     x = round(100 * v, 1) + 0.0  # + 0.0 turns -0.0 into 0.0
     return f"{x:+.1f}" if signed else f"{x:.1f}"
@@ -178,15 +178,15 @@ def verdict(baseline: str, candidate: str, diff: Interval, test: McNemar, p_adju
         )
     if diff.point == 0:
         return (f"{candidate} and {baseline} are equally accurate {n}, though they err on different images "
-                f"(95% CI on the difference {_pts(diff.low, True)} to {_pts(diff.high, True)} points; {p}).")  # fmt: skip
+                f"(95% CI on the difference {pts(diff.low, True)} to {pts(diff.high, True)} points; {p}).")  # fmt: skip
     ahead, other = (candidate, baseline) if diff.point > 0 else (baseline, candidate)
     lead = diff if diff.point > 0 else Interval(-diff.point, -diff.high, -diff.low, diff.level)
     if decisive < ALPHA and lead.low > 0:
-        return (f"{ahead} is more accurate than {other} by {_pts(lead.point)} points {n} "
-                f"(95% CI {_pts(lead.low)} to {_pts(lead.high)} points; {p}): the difference is unlikely "
+        return (f"{ahead} is more accurate than {other} by {pts(lead.point)} points {n} "
+                f"(95% CI {pts(lead.low)} to {pts(lead.high)} points; {p}): the difference is unlikely "
                 "to be chance.")  # fmt: skip
-    return (f"{ahead} is ahead of {other} by {_pts(lead.point)} points {n}, but this test set cannot tell "
-            f"them apart: the 95% CI on that lead runs from {_pts(lead.low, True)} to {_pts(lead.high, True)} "
+    return (f"{ahead} is ahead of {other} by {pts(lead.point)} points {n}, but this test set cannot tell "
+            f"them apart: the 95% CI on that lead runs from {pts(lead.low, True)} to {pts(lead.high, True)} "
             f"points ({p}).")  # fmt: skip
 
 
@@ -231,8 +231,8 @@ def seeds_verdict(baseline: str, candidate: str, diff: SeedsDifference | None, p
     lead = [x if diff.mean > 0 else -x for x in diff.diffs]  # the leader's lead in each seed
     wins, losses = sum(1 for x in lead if x > 0), sum(1 for x in lead if x < 0)
     ties = f", tied in {k - wins - losses}" if wins + losses < k else ""
-    head = f"{ahead} is ahead of {other} in {wins} of {k} seeds{ties}, by {_pts(abs(diff.mean))} points on average"
-    spread = f"standard deviation across seeds {_pts(diff.std or 0.0)} points"
+    head = f"{ahead} is ahead of {other} in {wins} of {k} seeds{ties}, by {pts(abs(diff.mean))} points on average"
+    spread = f"standard deviation across seeds {pts(diff.std or 0.0)} points"
     if diff.p_value is None:
         return f"{head}: the same difference in every seed."
     p = _p_text("paired t-test over seeds", diff.p_value, p_adjusted, family)

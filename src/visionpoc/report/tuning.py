@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from visionpoc.results import REPEATS_FILE, RunResults
+from visionpoc.repeats import repeats_of
+from visionpoc.results import RunResults
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,9 @@ def _fmt(v: Any) -> str:
 def _sources(run_dir: Path, r: RunResults) -> list[Path]:
     """Folders that may hold the summary and the figures, the run's own copy first."""
     folders = [run_dir / "tuning"]
-    if (run_dir.parent / REPEATS_FILE).is_file():  # a repeat of a `compare --tuned`: the copy is one level up
-        folders.append(run_dir.parent / "tuning")
+    parent = repeats_of(run_dir)
+    if parent is not None:  # a seed of a `compare --tuned`: the run's copy is one level up
+        folders.append(parent / "tuning")
     for m in r.models:
         if m.tuned_from:  # OUT/tuned/<label>.yaml -> OUT
             folders.append(Path(m.tuned_from).parent.parent)
