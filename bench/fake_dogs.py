@@ -49,10 +49,14 @@ def make(root: Path, classes: int, train: int, test: int, size: tuple[int, int])
     with ProcessPoolExecutor(os.cpu_count()) as pool:
         list(pool.map(_write, tasks, chunksize=64))
     for name, (files, labels) in lists.items():
-        scipy.io.savemat(str(root / f"{name}_list.mat"), {
-            "file_list": _cell(files), "annotation_list": _cell([f[:-4] for f in files]),
-            "labels": np.asarray(labels, dtype=np.float64).reshape(-1, 1),
-        })  # fmt: skip
+        scipy.io.savemat(
+            str(root / f"{name}_list.mat"),
+            {
+                "file_list": _cell(files),
+                "annotation_list": _cell([f[:-4] for f in files]),
+                "labels": np.asarray(labels, dtype=np.float64).reshape(-1, 1),
+            },
+        )
 
 
 def main() -> None:

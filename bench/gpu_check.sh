@@ -20,7 +20,7 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" -c 'import torch, timm; print("torch", torch.__version__, "timm", timm.__version__)'; } | tee "$OUT/env.txt"
-PYTHONPATH=src "$PY" -c 'import visionpoc.bench' || { echo "visionpoc does not import here (missing deps?)"; exit 2; }
+PYTHONPATH=src "$PY" -c 'import visionpoc.bench.run' || { echo "visionpoc does not import here (missing deps?)"; exit 2; }
 # shellcheck disable=SC2086
 PYTHONPATH=src timeout 430 "$PY" -m visionpoc bench --out "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt"
 echo "bench exit status: ${PIPESTATUS[0]}"

@@ -1,4 +1,4 @@
-"""Load check of the web service: start `visionpoc.serve.serve` in a subprocess on a loopback port, send
+"""Load check of the web service: start `visionpoc.serving.app.serve` in a subprocess on a loopback port, send
 N prediction requests from a thread pool (keep-alive connections), and report requests/s and client
 latency percentiles. Not a test: run it by hand and paste (or `--append`) the section it prints.
 
@@ -55,10 +55,8 @@ def free_port() -> int:
 
 
 def start_server(run: Path, port: int) -> subprocess.Popen[bytes]:
-    code = f"from visionpoc.serve import serve; serve({str(run)!r}, host='127.0.0.1', port={port})"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    code = f"from visionpoc.serving.app import serve; serve({str(run)!r}, host='127.0.0.1', port={port})"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -139,7 +137,7 @@ def main() -> None:
     section = f"""
 ## Service load check (CPU, tiny models)
 
-`python scripts/load_check.py` on {dt.date.today().isoformat()}: the service (`visionpoc.serve`, uvicorn, one
+`python scripts/load_check.py` on {dt.date.today().isoformat()}: the service (`visionpoc.serving.app`, uvicorn, one
 process) on 127.0.0.1, {args.requests} `POST /predict` requests (one {w}x{h} JPEG of {len(data) / 1024:.0f} KiB,
 top-5, no explanation) from {args.concurrency} client threads with keep-alive connections, after
 {2 * args.concurrency} warm-up requests. Every request runs all models: {", ".join(labels)}.

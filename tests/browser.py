@@ -13,8 +13,15 @@ from typing import Any, TypeVar, cast
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 BUILD = Path(__file__).resolve().parents[1] / "build"  # screenshots kept as CI artifacts
 
 REQUIRE_ENV = "VISIONPOC_REQUIRE_BROWSER"  # CI sets it to 1: a missing browser fails instead of skipping
@@ -58,8 +65,12 @@ def chromium_page(allowed: tuple[str, ...], width: int = 1200) -> Iterator[tuple
             page = browser.new_page(viewport={"width": width, "height": 900})
             page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.on("request", lambda req: errors.append(f"request outside {allowed}: {req.url}")
-                    if not req.url.startswith(allowed) else None)  # fmt: skip
+            page.on(
+                "request",
+                lambda req: (
+                    errors.append(f"request outside {allowed}: {req.url}") if not req.url.startswith(allowed) else None
+                ),
+            )
             yield page, errors
         finally:
             browser.close()

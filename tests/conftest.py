@@ -59,6 +59,6 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, mini_dogs: Path) -> Path:
 @pytest.fixture(scope="session")
 def predictor(run_dir: Path):  # type: ignore[no-untyped-def]
     """The two models of `run_dir`, loaded once."""
-    from visionpoc.predict import Predictor
+    from visionpoc.serving.predict import Predictor
 
     return Predictor(run_dir)

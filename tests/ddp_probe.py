@@ -53,9 +53,7 @@ def main() -> int:
 
     def probe_step(p, x, y, where):  # type: ignore[no-untyped-def]
         if "first_step" not in record:
-            weights = b"".join(
-                t.detach().cpu().numpy().tobytes() for t in unwrap(p.model).state_dict().values()
-            )
+            weights = b"".join(t.detach().cpu().numpy().tobytes() for t in unwrap(p.model).state_dict().values())
             record["first_step"] = {
                 "torch": digest(torch.get_rng_state().numpy().tobytes()),
                 "python": digest(repr(random.getstate()).encode()),

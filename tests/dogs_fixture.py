@@ -81,16 +81,22 @@ def make_mini_dogs(
     for name, (files, annos, labels) in splits.items():
         scipy.io.savemat(
             str(lists / f"{name}_list.mat"),
-            {"file_list": _cell(files), "annotation_list": _cell(annos),
-             "labels": np.asarray(labels, dtype=np.float64).reshape(-1, 1)},
-        )  # fmt: skip
+            {
+                "file_list": _cell(files),
+                "annotation_list": _cell(annos),
+                "labels": np.asarray(labels, dtype=np.float64).reshape(-1, 1),
+            },
+        )
         for acc, part in zip(everything, (files, annos, labels), strict=True):
             acc += part  # type: ignore[operator]
     scipy.io.savemat(
         str(lists / "file_list.mat"),
-        {"file_list": _cell(everything[0]), "annotation_list": _cell(everything[1]),
-         "labels": np.asarray(everything[2], dtype=np.float64).reshape(-1, 1)},
-    )  # fmt: skip
+        {
+            "file_list": _cell(everything[0]),
+            "annotation_list": _cell(everything[1]),
+            "labels": np.asarray(everything[2], dtype=np.float64).reshape(-1, 1),
+        },
+    )
     return root
 
 

@@ -24,8 +24,14 @@ from visionpoc.config import Config, DataConfig, ModelConfig, TrainConfig, for_m
 from visionpoc.data import augment, gpu_aug
 from visionpoc.errors import TrainingInterrupted
 
-DCFG: dict[str, Any] = {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5),
-                        "std": (0.25, 0.25, 0.25), "crop_pct": 0.9, "crop_mode": "center"}  # fmt: skip
+DCFG: dict[str, Any] = {
+    "input_size": (3, 32, 32),
+    "interpolation": "bicubic",
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.25, 0.25, 0.25),
+    "crop_pct": 0.9,
+    "crop_mode": "center",
+}
 C = 5
 
 
@@ -114,17 +120,20 @@ def test_randaugment_on_device_batches_is_seeded_and_changes_images() -> None:
 
 
 def _cfg(root: Path, epochs: int) -> tuple[Config, ModelConfig]:
-    mcfg = ModelConfig(label="vit", timm="vit_tiny_patch16_224", pretrained=False, img_size=32,
-                       model_kwargs={"depth": 2, "drop_path_rate": 0.1}, augment="strong", ema_decay=0.9,
-                       layer_decay=0.75)  # fmt: skip
+    mcfg = ModelConfig(
+        label="vit",
+        timm="vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        model_kwargs={"depth": 2, "drop_path_rate": 0.1},
+        augment="strong",
+        ema_decay=0.9,
+        layer_decay=0.75,
+    )
     cfg = Config(
-        data=DataConfig(
-            source="stanford_dogs", root=str(root), val_fraction=0.2, num_workers=0, download=False
-        ),
+        data=DataConfig(source="stanford_dogs", root=str(root), val_fraction=0.2, num_workers=0, download=False),
         models=(mcfg,),
-        train=TrainConfig(
-            epochs=epochs, batch_size=4, lr=1e-3, warmup_epochs=0.5, device="cpu", deterministic=True
-        ),  # fmt: skip
+        train=TrainConfig(epochs=epochs, batch_size=4, lr=1e-3, warmup_epochs=0.5, device="cpu", deterministic=True),
     )
     return cfg, mcfg
 
@@ -137,7 +146,11 @@ def test_strong_with_ema_trains_records_what_ran_and_resumes_exactly(
     _, splits = load_data(cfg)
     straight = train.fit(cfg, mcfg, splits, tmp_path / "straight")
     assert (straight.augment, straight.ema_decay, straight.layer_decay, straight.drop_path_rate) == (
-        "strong", 0.9, 0.75, 0.1)  # fmt: skip
+        "strong",
+        0.9,
+        0.75,
+        0.1,
+    )
     assert straight.augment_applied is not None and "mixup" in straight.augment_applied
     assert all(0.0 <= h.train_accuracy <= 1.0 for h in straight.history)  # argmax vs the soft target's argmax
     state = torch.load(tmp_path / "straight" / "last_state.pt", weights_only=True)
@@ -253,19 +266,24 @@ def test_mixup_and_cutmix_mix_the_images_and_their_targets(monkeypatch: pytest.M
 
 
 def test_layer_decay_gives_deeper_blocks_a_higher_lr() -> None:
-    from visionpoc import models, recipe
+    from visionpoc import models, optim
 
-    mcfg = ModelConfig(label="vit", timm="vit_tiny_patch16_224", pretrained=False, img_size=32,
-                       model_kwargs={"depth": 2})  # fmt: skip
+    mcfg = ModelConfig(
+        label="vit", timm="vit_tiny_patch16_224", pretrained=False, img_size=32, model_kwargs={"depth": 2}
+    )
     model = models.create_model(mcfg, C, pretrained=False)
 
     def lrs(layer_decay: float | None) -> dict[str, float]:
         t = TrainConfig(epochs=1, warmup_epochs=0.0, layer_decay=layer_decay)
-        opt = recipe.make_optimizer(model, t, 1e-3, torch.device("cpu"))
-        recipe.make_scheduler(opt, t, 1e-3, 10).step_update(num_updates=0)
+        opt = optim.make_optimizer(model, t, 1e-3, torch.device("cpu"))
+        optim.make_scheduler(opt, t, 1e-3, 10).step_update(num_updates=0)
         group = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
-        names = {"embed": "patch_embed.proj.weight", "block0": "blocks.0.mlp.fc1.weight",
-                 "block1": "blocks.1.mlp.fc1.weight", "head": "head.weight"}  # fmt: skip
+        names = {
+            "embed": "patch_embed.proj.weight",
+            "block0": "blocks.0.mlp.fc1.weight",
+            "block1": "blocks.1.mlp.fc1.weight",
+            "head": "head.weight",
+        }
         params = dict(model.named_parameters())
         return {k: group[id(params[name])] for k, name in names.items()}
 

@@ -21,42 +21,95 @@ from visionpoc.cli import main
 from visionpoc.results import load_predictions
 
 TINY_MODELS = [
-    {"label": "xception", "timm": "legacy_xception", "pretrained": False, "finetune": "top_fraction",
-     "fraction": 0.1, "img_size": 64, "lr": 1e-3},
-    {"label": "vit", "timm": "vit_tiny_patch16_224", "pretrained": False, "finetune": "full", "img_size": 32,
-     "model_kwargs": {"depth": 2}},
-]  # fmt: skip
+    {
+        "label": "xception",
+        "timm": "legacy_xception",
+        "pretrained": False,
+        "finetune": "top_fraction",
+        "fraction": 0.1,
+        "img_size": 64,
+        "lr": 1e-3,
+    },
+    {
+        "label": "vit",
+        "timm": "vit_tiny_patch16_224",
+        "pretrained": False,
+        "finetune": "full",
+        "img_size": 32,
+        "model_kwargs": {"depth": 2},
+    },
+]
 
 
 def write_config(path: Path, root: Path, models: list[dict] | None = None, **train: object) -> Path:
     cfg = {
-        "data": {"source": "stanford_dogs", "root": str(root), "val_fraction": 0.2, "num_workers": 0,
-                 "download": False},
+        "data": {
+            "source": "stanford_dogs",
+            "root": str(root),
+            "val_fraction": 0.2,
+            "num_workers": 0,
+            "download": False,
+        },
         "models": models or TINY_MODELS,
         "train": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "warmup_epochs": 0.5, **train},
-    }  # fmt: skip
+    }
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
 MODEL_FIELDS = {
-    "label", "timm", "finetune", "epochs", "train_time_s", "train_accuracy", "val_accuracy", "test_accuracy",
-    "test_top5_accuracy", "test_macro_f1", "params", "trainable_params", "fwd_gflops", "train_img_s",
-    "eval_img_s", "peak_memory_gib", "history", "warmup_s", "latency_ms_b1",
-}  # fmt: skip
+    "label",
+    "timm",
+    "finetune",
+    "epochs",
+    "train_time_s",
+    "train_accuracy",
+    "val_accuracy",
+    "test_accuracy",
+    "test_top5_accuracy",
+    "test_macro_f1",
+    "params",
+    "trainable_params",
+    "fwd_gflops",
+    "train_img_s",
+    "eval_img_s",
+    "peak_memory_gib",
+    "history",
+    "warmup_s",
+    "latency_ms_b1",
+}
 
 
 def test_compare_end_to_end(tmp_path: Path, mini_dogs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
-    assert main(["compare", "--config", str(write_config(tmp_path / "c.yaml", mini_dogs)), "--out", str(out),
-                 "--no-report", "--set", "train.epochs=2"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "compare",
+                "--config",
+                str(write_config(tmp_path / "c.yaml", mini_dogs)),
+                "--out",
+                str(out),
+                "--no-report",
+                "--set",
+                "train.epochs=2",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "train time (s)" in printed and "xception" in printed and "vit" in printed
     res = json.loads((out / "results.json").read_text())
-    assert res["dataset"] == {"source": "stanford_dogs", "root": str(mini_dogs), "train_size": 15, "val_size": 3,
-                              "test_size": 9, "num_classes": 3,
-                              "class_names": ["Chihuahua", "Shih-Tzu", "Afghan hound"],
-                              "test_root": str(mini_dogs / "Images")}  # fmt: skip
+    assert res["dataset"] == {
+        "source": "stanford_dogs",
+        "root": str(mini_dogs),
+        "train_size": 15,
+        "val_size": 3,
+        "test_size": 9,
+        "num_classes": 3,
+        "class_names": ["Chihuahua", "Shih-Tzu", "Afghan hound"],
+        "test_root": str(mini_dogs / "Images"),
+    }
     assert set(res["environment"]) >= {"torch", "timm", "device", "git_commit", "seed"}
     assert res["environment"]["device"] == "cpu" and res["environment"]["seed"] == 0
     for m in res["models"]:
@@ -80,9 +133,7 @@ def test_compare_end_to_end(tmp_path: Path, mini_dogs: Path, capsys: pytest.Capt
         # the best epoch's weights are written once: LAST is a link to BEST when they are the same epoch
         assert os.path.samefile(d / "best.safetensors", d / "last.safetensors") == (m["best_epoch"] == 2)
         preds = load_predictions(d / "test_predictions.npz")
-        assert (
-            preds["probs"].shape == (9, 3) and len(set(preds["files"].tolist())) == 9
-        )  # each test image once
+        assert preds["probs"].shape == (9, 3) and len(set(preds["files"].tolist())) == 9  # each test image once
         assert np.isclose((preds["preds"] == preds["targets"]).mean(), m["test_accuracy"])
     xc, vit = res["models"]
     assert xc["trainable_params"] < xc["params"] / 2 and vit["trainable_params"] == vit["params"]
@@ -121,13 +172,24 @@ def test_data_check_names_the_problem(fresh_dogs: Path, capsys: pytest.CaptureFi
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_undecodable_image_stops_with_its_name(tmp_path: Path, fresh_dogs: Path, workers: int,
-                                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_undecodable_image_stops_with_its_name(
+    tmp_path: Path, fresh_dogs: Path, workers: int, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = fresh_dogs / "Images" / "n02085620-Chihuahua" / "n02085620_3.jpg"
     bad.write_bytes(b"\xff\xd8\xff garbage")
     cfg = write_config(tmp_path / "c.yaml", fresh_dogs, models=[TINY_MODELS[1]], epochs=1)
-    code = main(["compare", "--config", str(cfg), "--out", str(tmp_path / "r"), "--no-report",
-                 "--set", f"data.num_workers={workers}"])  # fmt: skip
+    code = main(
+        [
+            "compare",
+            "--config",
+            str(cfg),
+            "--out",
+            str(tmp_path / "r"),
+            "--no-report",
+            "--set",
+            f"data.num_workers={workers}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and f"cannot decode image {bad}" in err and "Traceback" not in err
     assert "`visionpoc data check --decode` lists every such file" in err  # all of them, before a rerun
@@ -152,8 +214,10 @@ def test_a_data_error_before_training_leaves_the_folder_free(
 def test_data_check_decode_lists_every_bad_file(fresh_dogs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data", "check", "--root", str(fresh_dogs), "--decode", "--workers", "2"]) == 0
     assert "decoded every image: 0 failed" in capsys.readouterr().out
-    bad = [fresh_dogs / "Images" / "n02085620-Chihuahua" / "n02085620_3.jpg",
-           fresh_dogs / "Images" / "n02086240-Shih-Tzu" / "n02086240_1.jpg"]  # fmt: skip
+    bad = [
+        fresh_dogs / "Images" / "n02085620-Chihuahua" / "n02085620_3.jpg",
+        fresh_dogs / "Images" / "n02086240-Shih-Tzu" / "n02086240_1.jpg",
+    ]
     bad[0].write_bytes(b"\xff\xd8\xff garbage")
     bad[1].write_bytes(b"")
     assert main(["data", "check", "--root", str(fresh_dogs), "--decode", "--json"]) == 2  # found: a failure
@@ -162,9 +226,7 @@ def test_data_check_decode_lists_every_bad_file(fresh_dogs: Path, capsys: pytest
 
 
 def test_python_dash_m_entry_point() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "visionpoc", "--help"], capture_output=True, text=True, check=True
-    )
+    out = subprocess.run([sys.executable, "-m", "visionpoc", "--help"], capture_output=True, text=True, check=True)
     for cmd in ("data", "compare", "train", "report"):
         assert cmd in out.stdout
 
@@ -182,13 +244,27 @@ def dogs_server(tmp_path: Path) -> Iterator[str]:
     server.server_close()
 
 
-def test_compare_downloads_the_dataset_when_absent(tmp_path: Path, dogs_server: str,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_compare_downloads_the_dataset_when_absent(
+    tmp_path: Path, dogs_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("VISIONPOC_DOGS_URL", dogs_server)
     root = tmp_path / "fresh"
     cfg = write_config(tmp_path / "c.yaml", root, models=[TINY_MODELS[1]], epochs=1)
-    assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "r"), "--no-report",
-                 "--set", "data.download=true"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "compare",
+                "--config",
+                str(cfg),
+                "--out",
+                str(tmp_path / "r"),
+                "--no-report",
+                "--set",
+                "data.download=true",
+            ]
+        )
+        == 0
+    )
     assert (root / "Images").is_dir() and json.loads((tmp_path / "r" / "results.json").read_text())["models"]
     assert main(["data", "download", "--root", str(tmp_path / "again"), "--base-url", dogs_server]) == 0
     assert main(["data", "check", "--root", str(tmp_path / "again")]) == 0
@@ -199,11 +275,13 @@ def test_imagenet_overlap_warning(caplog: pytest.LogCaptureFixture) -> None:
     from visionpoc.config import Config, ModelConfig
 
     with caplog.at_level("WARNING"):
-        flagged = warn_imagenet_overlap([
-            *Config().models,  # legacy_xception.tf_in1k and vit_base_patch16_224.orig_in21k
-            ModelConfig(label="untagged", timm="legacy_xception"),  # timm's default tag: tf_in1k
-            ModelConfig(label="scratch", timm="vit_base_patch16_224.orig_in21k", pretrained=False),
-            ModelConfig(label="webli", timm="vit_base_patch16_siglip_224.v2_webli"),  # overlap undocumented
-        ])  # fmt: skip
+        flagged = warn_imagenet_overlap(
+            [
+                *Config().models,  # legacy_xception.tf_in1k and vit_base_patch16_224.orig_in21k
+                ModelConfig(label="untagged", timm="legacy_xception"),  # timm's default tag: tf_in1k
+                ModelConfig(label="scratch", timm="vit_base_patch16_224.orig_in21k", pretrained=False),
+                ModelConfig(label="webli", timm="vit_base_patch16_siglip_224.v2_webli"),  # overlap undocumented
+            ]
+        )
     assert flagged == ["xception", "vit_b16", "untagged"]
     assert "Stanford Dogs is built from ImageNet" in caplog.text and "vit_b16" in caplog.text

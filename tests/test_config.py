@@ -17,7 +17,11 @@ def test_default_is_the_seed_poc() -> None:
     assert cfg.data.source == "stanford_dogs" and cfg.data.val_fraction == 0.1
     base, cand = cfg.models
     assert (base.label, base.timm, base.finetune, base.fraction) == (
-        "xception", "legacy_xception.tf_in1k", "top_fraction", 0.10)  # fmt: skip
+        "xception",
+        "legacy_xception.tf_in1k",
+        "top_fraction",
+        0.10,
+    )
     assert (cand.label, cand.timm, cand.finetune) == ("vit_b16", "vit_base_patch16_224.orig_in21k", "full")
     assert cfg.train.epochs == 10 and cfg.train.seed == 0 and cfg.train.device == "auto"
 
@@ -28,13 +32,18 @@ def test_packaged_yaml_matches_builtin_default() -> None:
 
 def test_yaml_and_overrides(tmp_path: Path) -> None:
     p = tmp_path / "c.yaml"
-    p.write_text(yaml.safe_dump({
-        "data": {"source": "folder", "root": "/x"},
-        "models": [{"label": "a", "timm": "resnet18"}, {"label": "b", "timm": "vit_tiny_patch16_224"}],
-        "train": {"epochs": 3},
-    }))  # fmt: skip
-    cfg = load_config(p, ["train.lr=3e-4", "models.1.lr=1e-5", "models.0.model_kwargs={depth: 2}",
-                          "data.limit_per_class=5"])  # fmt: skip
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"source": "folder", "root": "/x"},
+                "models": [{"label": "a", "timm": "resnet18"}, {"label": "b", "timm": "vit_tiny_patch16_224"}],
+                "train": {"epochs": 3},
+            }
+        )
+    )
+    cfg = load_config(
+        p, ["train.lr=3e-4", "models.1.lr=1e-5", "models.0.model_kwargs={depth: 2}", "data.limit_per_class=5"]
+    )
     assert cfg.data.source == "folder" and cfg.data.root == "/x" and cfg.data.val_fraction == 0.1
     assert cfg.train.epochs == 3 and cfg.train.lr == pytest.approx(3e-4) and cfg.train.batch_size == 64
     assert [m.label for m in cfg.models] == ["a", "b"]
@@ -101,8 +110,11 @@ def test_bad_yaml_files_are_named(tmp_path: Path) -> None:
     p.write_text("train: {epochs: 1, epochs: 3}\n")  # YAML alone would keep 3 without a word
     with pytest.raises(ConfigError, match="'epochs' is given twice"):
         load_config(p)
-    for text, needle in [("data:\n", "`data:` must be a mapping"), ("train: 5\n", "`train:` must be a mapping"),
-                         ("models: {label: a}\n", "`models:` must be a list")]:  # fmt: skip
+    for text, needle in [
+        ("data:\n", "`data:` must be a mapping"),
+        ("train: 5\n", "`train:` must be a mapping"),
+        ("models: {label: a}\n", "`models:` must be a list"),
+    ]:
         p.write_text(text)
         with pytest.raises(ConfigError, match=needle) as e:
             load_config(p, ["train.batch_size=4"])  # the file is blamed, not the --set
@@ -119,8 +131,18 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
 
 def test_set_keeps_the_text_of_string_fields() -> None:
     """`--set` values are YAML, but a string field takes what was typed: a folder named 2024 or yes."""
-    cfg = load_config(None, ["data.root=2024", "models.0.label=1", "models.1.label=yes", "train.epochs=3",
-                             "data.limit_per_class=null", "train.amp=no", "models.1.model_kwargs.depth=2"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "data.root=2024",
+            "models.0.label=1",
+            "models.1.label=yes",
+            "train.epochs=3",
+            "data.limit_per_class=null",
+            "train.amp=no",
+            "models.1.model_kwargs.depth=2",
+        ],
+    )
     assert cfg.data.root == "2024" and [m.label for m in cfg.models] == ["1", "yes"]
     assert cfg.train.epochs == 3 and cfg.data.limit_per_class is None and cfg.train.amp is False
     assert cfg.models[1].model_kwargs == {"depth": 2}  # free-form mappings keep the YAML reading
@@ -145,19 +167,37 @@ def _models(
 def test_preset_entries_resolve_to_the_preset_fields(tmp_path: Path) -> None:
     base, vit = _models(tmp_path, [{"preset": "xception"}, {"preset": "vit_b16", "policy": "linear_probe"}])
     assert (base.label, base.timm, base.finetune, base.fraction, base.lr) == (
-        "xception", "legacy_xception.tf_in1k", "top_fraction", 0.1, 1e-3)  # fmt: skip
+        "xception",
+        "legacy_xception.tf_in1k",
+        "top_fraction",
+        0.1,
+        1e-3,
+    )
     assert (base.preset, base.policy) == ("xception", "production")  # the preset's default policy
-    assert (vit.label, vit.timm, vit.finetune, vit.lr) == (
-        "vit_b16", "vit_base_patch16_224.orig_in21k", "head", 1e-3)  # fmt: skip
+    assert (vit.label, vit.timm, vit.finetune, vit.lr) == ("vit_b16", "vit_base_patch16_224.orig_in21k", "head", 1e-3)
     assert (vit.preset, vit.policy) == ("vit_b16", "linear_probe")
 
 
 def test_explicit_fields_override_the_preset(tmp_path: Path) -> None:
-    entry = {"preset": "dinov3_b16", "policy": "full", "label": "dino", "pretrained": False, "img_size": 32,
-             "model_kwargs": {"depth": 1}, "lr": 0.01}  # fmt: skip
+    entry = {
+        "preset": "dinov3_b16",
+        "policy": "full",
+        "label": "dino",
+        "pretrained": False,
+        "img_size": 32,
+        "model_kwargs": {"depth": 1},
+        "lr": 0.01,
+    }
     (m,) = _models(tmp_path, [entry], ["models.0.weight_decay=0.1"])
     assert (m.label, m.timm, m.pretrained, m.img_size, m.lr, m.weight_decay, m.finetune) == (
-        "dino", "vit_base_patch16_dinov3.lvd1689m", False, 32, 0.01, 0.1, "full")  # fmt: skip
+        "dino",
+        "vit_base_patch16_dinov3.lvd1689m",
+        False,
+        32,
+        0.01,
+        0.1,
+        "full",
+    )
     assert m.model_kwargs == {"global_pool": "token", "depth": 1}  # merged with the preset's
     (m,) = _models(tmp_path, [{"preset": "xception"}], ["models.0.policy=full", "models.0.lr=3e-4"])
     assert (m.finetune, m.policy, m.lr) == ("full", "full", 3e-4)
@@ -169,11 +209,14 @@ def test_explicit_fields_override_the_preset(tmp_path: Path) -> None:
 
 
 def test_linear_probe_is_the_head_policy(tmp_path: Path) -> None:
-    plain, named, inferred = _models(tmp_path, [
-        {"label": "r", "timm": "resnet18", "finetune": "linear_probe"},
-        {"label": "t", "timm": "resnet18", "policy": "linear_probe"},
-        {"preset": "xception", "finetune": "linear_probe"},
-    ])  # fmt: skip
+    plain, named, inferred = _models(
+        tmp_path,
+        [
+            {"label": "r", "timm": "resnet18", "finetune": "linear_probe"},
+            {"label": "t", "timm": "resnet18", "policy": "linear_probe"},
+            {"preset": "xception", "finetune": "linear_probe"},
+        ],
+    )
     assert (plain.finetune, plain.policy) == (named.finetune, named.policy) == ("head", "linear_probe")
     assert (inferred.finetune, inferred.policy, inferred.lr) == ("head", "linear_probe", 1e-3)
 
@@ -190,14 +233,16 @@ def test_preset_config_round_trips(tmp_path: Path) -> None:
     ("models", "needle"),
     [
         ([{"preset": "xception"}, {"preset": "nope"}], "models.1.preset: no preset 'nope'; presets: ['xception'"),
-        ([{"preset": "vit_b16", "policy": "half"}], "models.0.policy: preset 'vit_b16' has no policy 'half'; "
-                                                    "policies: ['full', 'linear_probe']"),
+        (
+            [{"preset": "vit_b16", "policy": "half"}],
+            "models.0.policy: preset 'vit_b16' has no policy 'half'; policies: ['full', 'linear_probe']",
+        ),
         ([{"preset": "xception", "policy": "full", "finetune": "head"}], "models.0.finetune: 'head' contradicts"),
         ([{"label": "a", "timm": "resnet18", "policy": "production"}], "models.0.policy: 'production' needs a"),
         ([{"label": "a", "timm": "resnet18", "finetune": "probe"}], "'linear_probe', 'head', 'top_fraction'"),
         ([{"preset": "xception", "colour": "red"}], "'models.0.colour'"),
     ],
-)  # fmt: skip
+)
 def test_bad_preset_entries_are_named(tmp_path: Path, models: list[dict[str, Any]], needle: str) -> None:
     with pytest.raises(ConfigError) as e:
         _models(tmp_path, models)

@@ -227,8 +227,16 @@ def test_odd_images_decode_to_rgb(tmp_path: Path) -> None:
     Image.fromarray(gray16).save(tmp_path / "gray16.png")
     Image.fromarray(gray16.astype(">u2")).save(tmp_path / "gray16_big_endian.tif")  # I;16B, as ImageJ writes
     Image.fromarray(gray16.astype(np.float32) / 60_000).save(tmp_path / "float01.tif")  # mode F, 0..1
-    names = ("gray.jpg", "cmyk.jpg", "alpha.png", "palette.gif", "png_named.jpg", "gray16.png",
-             "gray16_big_endian.tif", "float01.tif")  # fmt: skip
+    names = (
+        "gray.jpg",
+        "cmyk.jpg",
+        "alpha.png",
+        "palette.gif",
+        "png_named.jpg",
+        "gray16.png",
+        "gray16_big_endian.tif",
+        "float01.tif",
+    )
     for name in names:
         img = load_rgb(tmp_path / name)
         assert img.mode == "RGB" and img.size == (20, 10), name
@@ -274,12 +282,7 @@ def _png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-        + chunk(b"IEND", b"")
-    )
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
 
 
 def test_decompression_bomb_is_rejected_before_decoding(tmp_path: Path) -> None:

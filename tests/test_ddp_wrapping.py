@@ -23,8 +23,9 @@ TWO = Dist(0, 2)  # what fit sees under torchrun with two processes
 
 
 def _bn_model() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 4, 3), timm.layers.BatchNormAct2d(4, act_layer=nn.ReLU), nn.BatchNorm2d(4),
-                         FrozenBatchNorm2d(4))  # fmt: skip
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), timm.layers.BatchNormAct2d(4, act_layer=nn.ReLU), nn.BatchNorm2d(4), FrozenBatchNorm2d(4)
+    )
 
 
 def test_batchnorm_is_synchronized_on_cuda_only() -> None:
@@ -76,7 +77,16 @@ def test_micro_batches_skip_the_all_reduce_also_when_ddp_is_compiled(
     monkeypatch.setattr(DistributedDataParallel, "no_sync", counting_no_sync)
     model = torch.compile(ddp, backend="eager")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    p = step.StepParts(model, opt, timm.scheduler.CosineLRScheduler(opt, t_initial=2), nn.CrossEntropyLoss(),  # type: ignore[arg-type]
-                       torch.device("cpu"), None, None, False, micro_batch=2)  # fmt: skip
+    p = step.StepParts(
+        model,
+        opt,
+        timm.scheduler.CosineLRScheduler(opt, t_initial=2),
+        nn.CrossEntropyLoss(),  # type: ignore[arg-type]
+        torch.device("cpu"),
+        None,
+        None,
+        False,
+        micro_batch=2,
+    )
     step._step(p, torch.randn(8, 6), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
     assert len(skipped) == 3  # 4 micro-batches: the first 3 accumulate locally, the last all-reduces

@@ -28,7 +28,7 @@ from visionpoc.data.sources import read_stanford_dogs
 from visionpoc.data.splits import make_splits
 from visionpoc.evaluate import evaluate
 from visionpoc.results import load_predictions
-from visionpoc.trained import load_trained
+from visionpoc.serving.loading import load_trained
 
 pytestmark = pytest.mark.slow
 PROBE = Path(__file__).parent / "ddp_probe.py"  # records each rank's writes and first-step streams
@@ -38,14 +38,30 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 def _config(path: Path, root: Path, depth: int, train: dict, **sections: dict) -> Path:
     """The tiny run these tests share: the miniature dogs (val_fraction 0.34: 4 train + 2 val images per
     class, an even 12 in all) and one ViT of `depth` blocks on the CPU; `train` and `sections` add to it."""
-    path.write_text(yaml.safe_dump({
-        "data": {"source": "stanford_dogs", "root": str(root), "val_fraction": 0.34, "num_workers": 0,
-                 "download": False},
-        "models": [{"label": "vit", "timm": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32,
-                    "model_kwargs": {"depth": depth}}],
-        "train": {"batch_size": 4, "device": "cpu", **train},
-        **sections,
-    }))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "data": {
+                    "source": "stanford_dogs",
+                    "root": str(root),
+                    "val_fraction": 0.34,
+                    "num_workers": 0,
+                    "download": False,
+                },
+                "models": [
+                    {
+                        "label": "vit",
+                        "timm": "vit_tiny_patch16_224",
+                        "pretrained": False,
+                        "img_size": 32,
+                        "model_kwargs": {"depth": depth},
+                    }
+                ],
+                "train": {"batch_size": 4, "device": "cpu", **train},
+                **sections,
+            }
+        )
+    )
     return path
 
 
@@ -57,16 +73,30 @@ def _probe(probe: Path, rank: int) -> dict:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str, Path, Path]:
     tmp = tmp_path_factory.mktemp("ddp")
     root = make_mini_dogs(tmp / "dogs")
-    cfg = _config(tmp / "c.yaml", root, 2, {"epochs": 2, "lr": 1e-3, "warmup_epochs": 0.5, "augment": "basic",
-                                            "deterministic": True})  # fmt: skip
+    cfg = _config(
+        tmp / "c.yaml",
+        root,
+        2,
+        {"epochs": 2, "lr": 1e-3, "warmup_epochs": 0.5, "augment": "basic", "deterministic": True},
+    )
     ddp, single, probe = tmp / "ddp", tmp / "single", tmp / "probe"
     probe.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PROBE_DIR": str(probe), "PROBE_WATCH": str(ddp)}
-    proc = subprocess.run([*TORCHRUN, "compare", "--config", str(cfg), "--out", str(ddp), "--no-report"],
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [*TORCHRUN, "compare", "--config", str(cfg), "--out", str(ddp), "--no-report"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    subprocess.run([sys.executable, "-m", "visionpoc", "compare", "--config", str(cfg), "--out", str(single),
-                    "--no-report"], check=True, capture_output=True, env=env, timeout=300)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "visionpoc", "compare", "--config", str(cfg), "--out", str(single), "--no-report"],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
     return ddp, single, proc.stderr, root, probe
 
 
@@ -92,8 +122,9 @@ def test_distributed_test_accuracy_equals_single_process_eval(
     cfg = trained.mcfg  # only for the loader's worker settings below
     from visionpoc.config import load_config
 
-    loader = stream_loader(test, eval_transform(trained.data_config), 4, False,
-                           load_config(ddp / "config.yaml"), torch.device("cpu"))  # fmt: skip
+    loader = stream_loader(
+        test, eval_transform(trained.data_config), 4, False, load_config(ddp / "config.yaml"), torch.device("cpu")
+    )
     stats = evaluate(trained.model, loader, torch.device("cpu"), 3, len(test))
     assert cfg.label == "vit"
     assert stats.accuracy == _model(ddp)["test_accuracy"]
@@ -107,9 +138,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
 ) -> None:
     ddp, single, _, _, _ = runs
     a, b = _model(ddp), _model(single)
-    assert np.allclose(
-        [h["train_loss"] for h in a["history"]], [h["train_loss"] for h in b["history"]], rtol=1e-4
-    )
+    assert np.allclose([h["train_loss"] for h in a["history"]], [h["train_loss"] for h in b["history"]], rtol=1e-4)
     assert a["test_accuracy"] == b["test_accuracy"] and a["val_accuracy"] == b["val_accuracy"]
     pa = load_predictions(ddp / "vit" / "test_predictions.npz")["probs"]
     pb = load_predictions(single / "vit" / "test_predictions.npz")["probs"]
@@ -135,16 +164,33 @@ def test_ranks_draw_their_own_random_streams_from_identical_weights(
 def test_tune_trials_run_on_both_processes_with_one_study(tmp_path: Path) -> None:
     import optuna
 
-    cfg = _config(tmp_path / "c.yaml", make_mini_dogs(tmp_path / "dogs"), 1,
-                  {"epochs": 2, "warmup_epochs": 0.0, "augment": "none"},
-                  tune={"trials": 2, "pruner": "none", "batch_size": [4], "augment": None, "warmup_epochs": None,
-                        "label_smoothing": None, "layer_decay": None, "drop_path": None, "drop_rate": None})  # fmt: skip
+    cfg = _config(
+        tmp_path / "c.yaml",
+        make_mini_dogs(tmp_path / "dogs"),
+        1,
+        {"epochs": 2, "warmup_epochs": 0.0, "augment": "none"},
+        tune={
+            "trials": 2,
+            "pruner": "none",
+            "batch_size": [4],
+            "augment": None,
+            "warmup_epochs": None,
+            "label_smoothing": None,
+            "layer_decay": None,
+            "drop_path": None,
+            "drop_rate": None,
+        },
+    )
     out, probe = tmp_path / "tune", tmp_path / "probe"
     probe.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROBE_DIR": str(probe), "PROBE_WATCH": str(out),
-           "PROBE_PRUNE": "1"}  # fmt: skip
-    proc = subprocess.run([*TORCHRUN, "tune", "--config", str(cfg), "--model", "vit", "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROBE_DIR": str(probe), "PROBE_WATCH": str(out), "PROBE_PRUNE": "1"}
+    proc = subprocess.run(
+        [*TORCHRUN, "tune", "--config", str(cfg), "--model", "vit", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = optuna.load_study(study_name="vit", storage=f"sqlite:///{out / 'tune.db'}")
     states = [t.state.name for t in study.trials]
@@ -153,7 +199,7 @@ def test_tune_trials_run_on_both_processes_with_one_study(tmp_path: Path) -> Non
     rank1 = "[rank 1/2] INFO visionpoc.train: [vit] epoch"
     assert proc.stderr.count(f"{rank1} 1/2") == 2  # each trial trained on both processes ...
     assert proc.stderr.count(f"{rank1} 2/2") == 1  # ... and rank 1 stopped trial 1 when rank 0 pruned it
-    assert "[rank 1/2] INFO visionpoc.tune_ddp: [vit] trial 1 pruned" in proc.stderr
+    assert "[rank 1/2] INFO visionpoc.tuning.ddp: [vit] trial 1 pruned" in proc.stderr
     assert all((out / "trials" / "vit" / str(t) / "history.json").is_file() for t in (0, 1))
     assert _probe(probe, 1)["writes"] == []  # (SQLite writes in C, unseen by the hook: rank 1 has no Optuna)
     assert str(out / "tuned" / "vit.yaml") in _probe(probe, 0)["writes"]
@@ -173,8 +219,9 @@ def test_stop_flag_through_the_control_group(tmp_path: Path) -> None:
         "distributed.shutdown(d)\n"
     )
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    proc = subprocess.run([*run, str(tmp_path)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    proc = subprocess.run(
+        [*run, str(tmp_path)], capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[True, False]] * 2
 
@@ -190,17 +237,20 @@ def test_repeats_under_torchrun(tmp_path: Path) -> None:
     out, probe = tmp_path / "run", tmp_path / "probe"
     probe.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PROBE_DIR": str(probe), "PROBE_WATCH": str(out)}
-    proc = subprocess.run([*TORCHRUN, "compare", "--config", str(cfg), "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [*TORCHRUN, "compare", "--config", str(cfg), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for seed in (0, 1):
         m = _model(out / f"seed-{seed}")
         assert (m["status"], m["world_size"]) == ("ok", 2)
     assert json.loads((out / "repeats.json").read_text())["seeds"] == [0, 1]
     assert (out / "report.html").is_file()
-    assert (
-        proc.stderr.count("[rank 1/2] INFO visionpoc.train: [vit] epoch 1/1") == 2
-    )  # both seeds, both ranks
+    assert proc.stderr.count("[rank 1/2] INFO visionpoc.train: [vit] epoch 1/1") == 2  # both seeds, both ranks
     rank0 = _probe(probe, 0)["writes"]
     assert str(out / "repeats.json") in rank0 and str(out / "seed-1" / "results.json") in rank0
     assert _probe(probe, 1)["writes"] == []

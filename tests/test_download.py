@@ -141,9 +141,7 @@ def test_second_run_is_a_noop(server: Server, tmp_path: Path) -> None:
     assert (root / MARKER).stat().st_mtime_ns == marker_mtime  # not re-extracted
 
 
-def test_resume_after_cut_off_transfer(
-    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_resume_after_cut_off_transfer(server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(download, "CHUNK", 1024)  # the bytes of a chunk cut mid-way are lost: keep it small
     root = tmp_path / "root"
     server.cut.add("images.tar")
@@ -236,10 +234,7 @@ def test_cli_download_from_dir_then_check(
 
     monkeypatch.setenv(ENV_URL, "http://127.0.0.1:9/unreachable/")  # any download attempt would fail
     root = tmp_path / "root"
-    assert (
-        main(["data", "download", "--root", str(root), "--from", str(_copy_tars(tars, tmp_path / "mine"))])
-        == 0
-    )
+    assert main(["data", "download", "--root", str(root), "--from", str(_copy_tars(tars, tmp_path / "mine"))]) == 0
     assert_valid_tree(root)
     capsys.readouterr()
     assert main(["data", "check", "--root", str(root), "--json"]) == 0

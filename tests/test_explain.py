@@ -14,9 +14,7 @@ from visionpoc.explain import attention_rollout, explain, grad_cam, is_vit, over
 @pytest.fixture(scope="module")
 def vit() -> torch.nn.Module:
     torch.manual_seed(0)
-    return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, depth=2
-    ).eval()
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, depth=2).eval()
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +51,14 @@ def test_grad_cam_on_a_tiny_cnn(cnn: torch.nn.Module) -> None:
 
 def test_grad_cam_on_a_cnn_without_forward_features() -> None:
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, stride=2, padding=1),
-        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3),
-    ).eval()  # fmt: skip
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 3),
+    ).eval()
     for p in model[:3].parameters():
         p.requires_grad_(False)  # frozen early layers, as with the top_fraction policy
     _check_map(grad_cam(model, torch.randn(1, 3, 40, 48)), (40, 48))
@@ -89,8 +92,9 @@ def test_attention_rollout_peaks_where_attention_goes(patch: tuple[int, int]) ->
     """Every block's attention forced onto one patch token (in the softmaxed matrix the rollout reads):
     the map peaks on that patch's pixels and nowhere else."""
     torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8,
-                            depth=2).eval()  # fmt: skip  # a 4 x 4 patch grid
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8, depth=2
+    ).eval()  # a 4 x 4 patch grid
     row, col = patch
     token = vit.num_prefix_tokens + 4 * row + col
 
@@ -99,8 +103,7 @@ def test_attention_rollout_peaks_where_attention_goes(patch: tuple[int, int]) ->
         forced[..., token] = 1.0  # every query attends to that patch only
         return (forced,)
 
-    handles = [m.attn_drop.register_forward_pre_hook(onto_one_patch) for m in vit.modules()
-               if hasattr(m, "fused_attn")]  # fmt: skip
+    handles = [m.attn_drop.register_forward_pre_hook(onto_one_patch) for m in vit.modules() if hasattr(m, "fused_attn")]
     try:
         heat = attention_rollout(vit, torch.randn(1, 3, 32, 32))
     finally:
@@ -146,8 +149,9 @@ def test_grad_cam_peaks_on_the_evidence_for_the_class(path: str) -> None:
     transposed or flipped map fails."""
     model = _RedVsGreen().eval()
     if path == "last_conv":  # the same network without forward_features: the hooked-convolution path
-        model = torch.nn.Sequential(model.conv, torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                                    torch.nn.Flatten(), model.fc).eval()  # fmt: skip
+        model = torch.nn.Sequential(
+            model.conv, torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), model.fc
+        ).eval()
     region = np.zeros((24, 40), dtype=bool)
     region[3:11, 26:37] = True  # top right
     x = torch.zeros(1, 3, 24, 40)

@@ -12,8 +12,8 @@ import torch
 
 from test_predict import LABELS
 from visionpoc.errors import VisionpocError
-from visionpoc.export import export, load_safetensors_export, read_onnx_check
-from visionpoc.trained import load_trained
+from visionpoc.serving.export import export, load_safetensors_export, read_onnx_check
+from visionpoc.serving.loading import load_trained
 
 
 def test_onnx_round_trip(run_dir: Path, tmp_path: Path) -> None:
@@ -75,12 +75,10 @@ def test_safetensors_rebuilds_with_timm(
         torch.testing.assert_close(model(x), tm.model(x), rtol=0, atol=1e-6)
 
 
-def test_a_failed_onnx_check_leaves_no_model(
-    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_failed_onnx_check_leaves_no_model(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An export that does not reproduce PyTorch is an error and no model.onnx is left to deploy, neither
     the new one nor an earlier one."""
-    import visionpoc.export as ex
+    import visionpoc.serving.export as ex
 
     real = ex.check_onnx
     monkeypatch.setattr(ex, "check_onnx", lambda *a, **kw: real(*a, **{**kw, "rtol": -1.0}))  # always over
@@ -88,9 +86,7 @@ def test_a_failed_onnx_check_leaves_no_model(
     folder.mkdir()
     (folder / "model.onnx").write_bytes(b"an earlier export")
     (folder / "onnx_check.json").write_text("{}")
-    with pytest.raises(
-        VisionpocError, match=r"onnx check \[cnn\]: .* FAILED: .* no .*model\.onnx was written"
-    ):
+    with pytest.raises(VisionpocError, match=r"onnx check \[cnn\]: .* FAILED: .* no .*model\.onnx was written"):
         export(run_dir, "onnx", label="cnn", out=tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == []  # no model, no check, no temporary file
 
@@ -108,8 +104,6 @@ def test_onnx_without_the_export_extra_says_what_to_install(
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a)
-    )
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
     with pytest.raises(VisionpocError, match=r"needs onnxruntime: pip install 'visionpoc\[export\]'"):
         export(run_dir, "onnx", out=tmp_path)

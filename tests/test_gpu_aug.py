@@ -18,8 +18,14 @@ from visionpoc.data.loaders import eval_transform, train_transform
 from visionpoc.data.prepared import decode_square
 from visionpoc.data.sources import read_stanford_dogs
 
-DCFG = {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "crop_mode": "center"}  # fmt: skip
+DCFG = {
+    "input_size": (3, 32, 32),
+    "interpolation": "bicubic",
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "crop_pct": 0.875,
+    "crop_mode": "center",
+}
 STORE = 64
 
 
@@ -60,9 +66,7 @@ def test_train_batch_shape_dtype_range_and_layouts(dog_batch: torch.Tensor) -> N
     assert out.shape == (len(dog_batch), 3, 32, 32) and out.dtype == torch.float32
     lo, hi = bounds(DCFG)
     assert (out >= lo[None, :, None, None] - 1e-4).all() and (out <= hi[None, :, None, None] + 1e-4).all()
-    nhwc = gpu_aug.train_batch(
-        dog_batch.permute(0, 2, 3, 1).contiguous(), DCFG, torch.Generator().manual_seed(1)
-    )
+    nhwc = gpu_aug.train_batch(dog_batch.permute(0, 2, 3, 1).contiguous(), DCFG, torch.Generator().manual_seed(1))
     torch.testing.assert_close(nhwc, out)  # (B, S, S, 3) and (B, 3, S, S) inputs give the same batch
     again = gpu_aug.train_batch(dog_batch, DCFG, torch.Generator().manual_seed(1))
     assert torch.equal(again, out)  # seeded
@@ -89,9 +93,7 @@ def test_flip_flips(dog_batch: torch.Tensor) -> None:
     kept = gpu_aug.train_batch(dog_batch, DCFG, torch.Generator().manual_seed(3), hflip=0.0)
     flipped = gpu_aug.train_batch(dog_batch, DCFG, torch.Generator().manual_seed(3), hflip=1.0)
     assert torch.equal(flipped, kept.flip(-1))  # same boxes (drawn first), every image mirrored
-    half = gpu_aug.train_batch(
-        dog_batch.repeat(4, 1, 1, 1), DCFG, torch.Generator().manual_seed(4), hflip=0.5
-    )
+    half = gpu_aug.train_batch(dog_batch.repeat(4, 1, 1, 1), DCFG, torch.Generator().manual_seed(4), hflip=0.5)
     assert half.shape[0] == 4 * len(dog_batch)
 
 
@@ -112,10 +114,7 @@ def smooth_image(path: Path, w: int, h: int) -> Path:
 
 def test_eval_batch_matches_timm_eval_and_is_deterministic(tmp_path: Path) -> None:
     dcfg = {**DCFG, "input_size": (3, 48, 48), "crop_pct": 0.9}
-    paths = [
-        smooth_image(tmp_path / f"{i}.jpg", w, h)
-        for i, (w, h) in enumerate([(200, 150), (150, 200), (160, 160)])
-    ]
+    paths = [smooth_image(tmp_path / f"{i}.jpg", w, h) for i, (w, h) in enumerate([(200, 150), (150, 200), (160, 160)])]
     batch = torch.from_numpy(np.stack([decode_square(p, 96) for p in paths]))  # (3, 3, 96, 96)
     ours = gpu_aug.eval_batch(batch, dcfg)
     assert ours.shape == (3, 3, 48, 48) and ours.dtype == torch.float32
@@ -140,5 +139,6 @@ def test_cuda_matches_cpu(dog_batch: torch.Tensor) -> None:
     cpu = gpu_aug.train_batch(dog_batch, DCFG, torch.Generator().manual_seed(5))
     gpu = gpu_aug.train_batch(dog_batch.cuda(), DCFG, torch.Generator().manual_seed(5))
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-3, rtol=1e-3)  # same seed, same crops and flips
-    torch.testing.assert_close(gpu_aug.eval_batch(dog_batch.cuda(), DCFG).cpu(), gpu_aug.eval_batch(dog_batch, DCFG),
-                               atol=1e-3, rtol=1e-3)  # fmt: skip
+    torch.testing.assert_close(
+        gpu_aug.eval_batch(dog_batch.cuda(), DCFG).cpu(), gpu_aug.eval_batch(dog_batch, DCFG), atol=1e-3, rtol=1e-3
+    )

@@ -38,9 +38,20 @@ def test_cnn_and_vit_learn_digits(tmp_path: Path) -> None:
         "  - {label: vit, timm: vit_tiny_patch16_224, pretrained: false, img_size: 32, lr: 0.002,\n"
         "     model_kwargs: {patch_size: 4, depth: 3, embed_dim: 96, num_heads: 3}}\n"
     )
-    cfg = load_config(models, [f"data.root={root}", "data.source=folder", "data.num_workers=0",
-                               "train.epochs=10", "train.batch_size=64", "train.augment=none",
-                               "train.warmup_epochs=0.5", "train.weight_decay=0.01", "train.device=cpu"])  # fmt: skip
+    cfg = load_config(
+        models,
+        [
+            f"data.root={root}",
+            "data.source=folder",
+            "data.num_workers=0",
+            "train.epochs=10",
+            "train.batch_size=64",
+            "train.augment=none",
+            "train.warmup_epochs=0.5",
+            "train.weight_decay=0.01",
+            "train.device=cpu",
+        ],
+    )
     results = run_compare(cfg, tmp_path / "run")
     cnn, vit = results.models
     assert results.dataset.test_size == 450 and results.dataset.num_classes == 10

@@ -15,8 +15,8 @@ from visionpoc.compare import load_data, run_compare
 from visionpoc.config import TrainConfig, load_config
 from visionpoc.data import augment
 from visionpoc.evaluate import evaluate
-from visionpoc.predict import Predictor
-from visionpoc.recipe import make_scheduler
+from visionpoc.optim import make_scheduler
+from visionpoc.serving.predict import Predictor
 from visionpoc.step import StepParts, train_step
 
 

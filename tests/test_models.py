@@ -29,9 +29,7 @@ def _step(model: nn.Module, size: int) -> None:
 
 
 def test_top_fraction_xception_trains_top_convs_and_freezes_bn() -> None:
-    mcfg = ModelConfig(
-        label="x", timm="legacy_xception", pretrained=False, finetune="top_fraction", fraction=0.1
-    )
+    mcfg = ModelConfig(label="x", timm="legacy_xception", pretrained=False, finetune="top_fraction", fraction=0.1)
     model = models.create_model(mcfg, num_classes=3)
     models.apply_finetune(model, mcfg)
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
@@ -78,21 +76,23 @@ def test_preprocessing_comes_from_the_model() -> None:
 
 
 def test_pretrained_path_loads_a_local_safetensors_file(tmp_path: Path) -> None:
-    source = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, depth=4
-    )  # 1000-class head
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=4)  # 1000-class head
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "w.safetensors"))
-    mcfg = ModelConfig(label="v", timm="vit_tiny_patch16_224", pretrained=True, img_size=32,
-                       model_kwargs={"depth": 4}, pretrained_path=str(tmp_path / "w.safetensors"))  # fmt: skip
+    mcfg = ModelConfig(
+        label="v",
+        timm="vit_tiny_patch16_224",
+        pretrained=True,
+        img_size=32,
+        model_kwargs={"depth": 4},
+        pretrained_path=str(tmp_path / "w.safetensors"),
+    )
     model = models.create_model(mcfg, num_classes=3)
     assert torch.equal(model.blocks[2].attn.qkv.weight, source.blocks[2].attn.qkv.weight)
     assert model.head.out_features == 3  # the head is new, for our classes
 
 
 def test_missing_pretrained_path_is_named(tmp_path: Path) -> None:
-    mcfg = ModelConfig(
-        label="v", timm="vit_tiny_patch16_224", pretrained_path=str(tmp_path / "none.safetensors")
-    )
+    mcfg = ModelConfig(label="v", timm="vit_tiny_patch16_224", pretrained_path=str(tmp_path / "none.safetensors"))
     with pytest.raises(WeightsError, match="none.safetensors not found"):
         models.create_model(mcfg, 3)
 
@@ -103,18 +103,14 @@ def test_offline_weights_error_says_how_to_fix(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    mcfg = ModelConfig(
-        label="vit_b16", timm="vit_tiny_patch16_224.augreg_in21k", pretrained=True, img_size=32
-    )
+    mcfg = ModelConfig(label="vit_b16", timm="vit_tiny_patch16_224.augreg_in21k", pretrained=True, img_size=32)
     with pytest.raises(WeightsError) as e:
         models.create_model(mcfg, 3)
     msg = str(e.value)
     assert "vit_b16" in msg and "timm/vit_tiny_patch16_224.augreg_in21k" in msg and "pretrained_path" in msg
 
 
-def test_without_the_hub_weights_load_offline_at_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_without_the_hub_weights_load_offline_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No network: huggingface_hub's offline mode for the load (cache only, no minute of retries), and
     the flag is put back afterwards."""
     import huggingface_hub.constants as hc
@@ -137,9 +133,7 @@ def test_without_the_hub_weights_load_offline_at_once(
         return real(*a, **k)  # type: ignore[arg-type]
 
     monkeypatch.setattr(timm, "create_model", spy)
-    mcfg = ModelConfig(
-        label="vit_b16", timm="vit_tiny_patch16_224.augreg_in21k", pretrained=True, img_size=32
-    )
+    mcfg = ModelConfig(label="vit_b16", timm="vit_tiny_patch16_224.augreg_in21k", pretrained=True, img_size=32)
     with pytest.raises(WeightsError, match="vit_b16"):
         models.create_model(mcfg, 3)
     assert seen == [True] and hc.HF_HUB_OFFLINE is False

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from visionpoc.errors import VisionpocError
-from visionpoc.predict import Predictor, format_predictions, image_files
 from visionpoc.results import load_predictions
+from visionpoc.serving.predict import Predictor, format_predictions, image_files
 
 LABELS = ["cnn", "vit"]
 
@@ -71,14 +71,12 @@ def test_explanations(predictor: Predictor, mini_dogs: Path) -> None:
     assert all(min(img.size) >= 64 and img.mode == "RGB" for _, img in maps.values())
 
 
-def test_extreme_aspect_ratio_is_a_per_file_error(
-    predictor: Predictor, mini_dogs: Path, tmp_path: Path
-) -> None:
+def test_extreme_aspect_ratio_is_a_per_file_error(predictor: Predictor, mini_dogs: Path, tmp_path: Path) -> None:
     """A strip is refused (its row says why) and the other images are still predicted. 21:1 is just over
     the limit and still cheap to resize, so without the check it would be predicted."""
     from PIL import Image
 
-    from visionpoc.predict import MAX_ASPECT_RATIO, ImageShapeError
+    from visionpoc.serving.predict import MAX_ASPECT_RATIO, ImageShapeError
 
     photo = next((mini_dogs / "Images").rglob("*.jpg"))
     (tmp_path / "a_photo.jpg").write_bytes(photo.read_bytes())

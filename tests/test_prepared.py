@@ -23,8 +23,14 @@ from visionpoc.data.prepared import CACHE_DIRNAME, cache_dir_for, prepare_store,
 from visionpoc.data.sources import read_stanford_dogs
 from visionpoc.data.splits import make_splits
 
-DCFG = {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
-        "crop_pct": 0.9, "crop_mode": "center"}  # fmt: skip
+DCFG = {
+    "input_size": (3, 32, 32),
+    "interpolation": "bicubic",
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.5, 0.5, 0.5),
+    "crop_pct": 0.9,
+    "crop_mode": "center",
+}
 
 
 def all_paths(root: Path) -> list[Path]:
@@ -80,9 +86,7 @@ def test_store_is_reused_and_rebuilt_when_a_file_changes(fresh_dogs: Path, tmp_p
     assert rebuilt.images[row].min() >= 250  # the new pixels are there
     keep = np.arange(len(paths)) != row
     assert np.array_equal(rebuilt.images[keep], before[keep])
-    assert (
-        not first.path.exists() and not first.path.with_suffix(".json").exists()
-    )  # the outdated store is gone
+    assert not first.path.exists() and not first.path.with_suffix(".json").exists()  # the outdated store is gone
     assert other.path.exists()  # another size's store stays
     assert not list(cache.glob(".*.tmp"))
 
@@ -119,9 +123,7 @@ def test_file_names_that_are_not_utf8_are_stored(tmp_path: Path) -> None:
     assert store.built and int(store.images[0].max()) == 9
 
 
-def test_a_half_built_store_is_never_used(
-    fresh_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_half_built_store_is_never_used(fresh_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     paths, cache = all_paths(fresh_dogs), tmp_path / "cache"
     real, calls = prepared.decode_square, []
 
@@ -141,16 +143,12 @@ def test_a_half_built_store_is_never_used(
     assert prepare_store(paths, 32, cache).built
 
 
-def test_parallel_build_matches_serial(
-    mini_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_parallel_build_matches_serial(mini_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(prepared, "CHUNK", 4)  # several tasks for the 2 worker processes
     paths = all_paths(mini_dogs)
     serial = prepare_store(paths, 32, tmp_path / "a", workers=0)
     parallel = prepare_store(paths, 32, tmp_path / "b", workers=2)
-    assert serial.key == parallel.key and np.array_equal(
-        np.asarray(serial.images), np.asarray(parallel.images)
-    )
+    assert serial.key == parallel.key and np.array_equal(np.asarray(serial.images), np.asarray(parallel.images))
 
 
 def test_cache_dir_falls_back_when_the_dataset_folder_is_not_writable(
@@ -165,9 +163,17 @@ def test_cache_dir_falls_back_when_the_dataset_folder_is_not_writable(
 
 
 def overrides(root: Path, pipeline: str, **extra: object) -> list[str]:
-    sets = {"data.root": root, "data.download": "false", "data.num_workers": 0, "data.val_fraction": 0.2,
-            "data.pipeline": pipeline, "data.prepared_size": 48, "train.device": "cpu", "train.batch_size": 4,
-            **extra}  # fmt: skip
+    sets = {
+        "data.root": root,
+        "data.download": "false",
+        "data.num_workers": 0,
+        "data.val_fraction": 0.2,
+        "data.pipeline": pipeline,
+        "data.prepared_size": 48,
+        "train.device": "cpu",
+        "train.batch_size": 4,
+        **extra,
+    }
     return [f"{k}={v}" for k, v in sets.items()]
 
 
@@ -194,9 +200,7 @@ def test_prepared_loaders_batches_order_and_resume(fresh_dogs: Path) -> None:
     set_epoch(loaders.train, 1, skip_batches=1)  # a resumed epoch gets the very batches it had left
     rest = list(loaders.train)
     assert len(rest) == len(a) - 1
-    assert all(
-        torch.equal(xa, xr) and torch.equal(ya, yr) for (xa, ya), (xr, yr) in zip(a[1:], rest, strict=True)
-    )
+    assert all(torch.equal(xa, xr) and torch.equal(ya, yr) for (xa, ya), (xr, yr) in zip(a[1:], rest, strict=True))
     # on the CPU whole batches are made on a thread each: the batches do not depend on how many
     threads = torch.get_num_threads()
     try:
@@ -212,20 +216,28 @@ def test_prepared_loaders_batches_order_and_resume(fresh_dogs: Path) -> None:
     finally:
         torch.set_num_threads(threads)
     for many in (one, three):
-        assert all(
-            torch.equal(xa, xm) and torch.equal(ya, ym) for (xa, ya), (xm, ym) in zip(a, many, strict=True)
-        )
+        assert all(torch.equal(xa, xm) and torch.equal(ya, ym) for (xa, ya), (xm, ym) in zip(a, many, strict=True))
 
 
 def test_training_through_the_store_learns_like_the_stream_path(tmp_path: Path, one_thread: None) -> None:
     root = make_mini_dogs(tmp_path / "dogs")
-    models = [{"label": "vit", "timm": "vit_tiny_patch16_224", "pretrained": False, "finetune": "full",
-               "img_size": 32, "lr": 3e-3, "model_kwargs": {"depth": 2}}]  # fmt: skip
+    models = [
+        {
+            "label": "vit",
+            "timm": "vit_tiny_patch16_224",
+            "pretrained": False,
+            "finetune": "full",
+            "img_size": 32,
+            "lr": 3e-3,
+            "model_kwargs": {"depth": 2},
+        }
+    ]
     (tmp_path / "models.yaml").write_text(yaml.safe_dump({"models": models}))
     acc = {}
     for pipeline in ("stream", "prepared"):
-        cfg = load_config(tmp_path / "models.yaml", overrides(root, pipeline, **{"train.epochs": 8,
-                                                                                  "train.warmup_epochs": 0.5}))  # fmt: skip
+        cfg = load_config(
+            tmp_path / "models.yaml", overrides(root, pipeline, **{"train.epochs": 8, "train.warmup_epochs": 0.5})
+        )
         m = run_compare(cfg, tmp_path / pipeline).models[0]
         assert m.status == "ok", m.error
         assert m.data_pipeline == pipeline

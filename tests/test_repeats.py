@@ -22,19 +22,40 @@ from visionpoc.report import stats
 from visionpoc.report.render import pct
 from visionpoc.results import load_predictions, load_results
 
-CNN = {"label": "cnn", "timm": "test_resnet", "pretrained": False, "finetune": "top_fraction", "fraction": 0.5,
-       "img_size": 48, "lr": 0.003}  # fmt: skip
-VIT = {"label": "vit", "timm": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32,
-       "model_kwargs": {"depth": 2}}  # fmt: skip
+CNN = {
+    "label": "cnn",
+    "timm": "test_resnet",
+    "pretrained": False,
+    "finetune": "top_fraction",
+    "fraction": 0.5,
+    "img_size": 48,
+    "lr": 0.003,
+}
+VIT = {
+    "label": "vit",
+    "timm": "vit_tiny_patch16_224",
+    "pretrained": False,
+    "img_size": 32,
+    "model_kwargs": {"depth": 2},
+}
 
 
 def _config(path: Path, root: Path, models: list[dict], **train_kw: object) -> Path:
-    path.write_text(yaml.safe_dump({
-        "data": {"source": "stanford_dogs", "root": str(root), "val_fraction": 0.2, "num_workers": 0,
-                 "download": False},
-        "models": models,
-        "train": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "warmup_epochs": 0.5, "device": "cpu", **train_kw},
-    }))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "data": {
+                    "source": "stanford_dogs",
+                    "root": str(root),
+                    "val_fraction": 0.2,
+                    "num_workers": 0,
+                    "download": False,
+                },
+                "models": models,
+                "train": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "warmup_epochs": 0.5, "device": "cpu", **train_kw},
+            }
+        )
+    )
     return path
 
 
@@ -98,15 +119,12 @@ def test_the_report_compares_the_seeds(repeats_run: Path) -> None:
         assert (repeats_run / f"seed-{seed}" / "report.html").is_file()  # every seed's full report, linked
         assert f'href="seed-{seed}/report.html"' in html
         assert (
-            f"This run is seed {seed}, one of the repeats"
-            in (repeats_run / f"seed-{seed}" / "report.md").read_text()
+            f"This run is seed {seed}, one of the repeats" in (repeats_run / f"seed-{seed}" / "report.md").read_text()
         )
     assert (repeats_run / "report_files" / "test_accuracy_by_seed.png").stat().st_size > 1000
     from visionpoc.report.build import build_report
 
-    seed = build_report(
-        repeats_run / "seed-3", explain=False
-    )  # the seeds' spread is measured: no such caveat
+    seed = build_report(repeats_run / "seed-3", explain=False)  # the seeds' spread is measured: no such caveat
     assert "One training run per model" not in [c.title for c in seed.caveats]
 
 
@@ -115,10 +133,7 @@ def test_commands_that_need_one_run_name_the_seed_folders(
 ) -> None:
     with pytest.raises(VisionpocError, match=r"one run per seed: pass one of them \(.*seed-3, .*seed-4\)"):
         load_results(repeats_run)
-    assert (
-        main(["predict", str(repeats_run), str(repeats_run / "report_files" / "test_accuracy_by_seed.png")])
-        == 2
-    )
+    assert main(["predict", str(repeats_run), str(repeats_run / "report_files" / "test_accuracy_by_seed.png")]) == 2
     assert f"visionpoc report {repeats_run}" in capsys.readouterr().err
 
 
@@ -150,9 +165,7 @@ def test_an_interrupted_repeat_resumes_and_the_finished_ones_are_kept(
     assert main(["compare", "--resume", str(run), "--set", "train.repeats=1"]) == 2
     assert "would change train.repeats" in capsys.readouterr().err
     assert main(["compare", "--resume", str(run / "seed-1")]) == 2  # one seed alone: the others wait
-    assert (
-        f"is one seed of the repeats in {run}: resume them all with --resume {run}" in capsys.readouterr().err
-    )
+    assert f"is one seed of the repeats in {run}: resume them all with --resume {run}" in capsys.readouterr().err
     assert main(["compare", "--resume", str(run), "--set", "train.repeats=2"]) == 0
     assert (run / "seed-0" / "results.json").stat().st_mtime_ns == first  # not trained again
     assert load_results(run / "seed-1").models[0].resumed_from_epoch == 1
@@ -168,8 +181,9 @@ def test_an_interrupted_repeat_resumes_and_the_finished_ones_are_kept(
     assert "down to its last started seed" in capsys.readouterr().err
 
 
-def test_a_single_run_cannot_become_repeats_on_resume(mini_dogs: Path, tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_a_single_run_cannot_become_repeats_on_resume(
+    mini_dogs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = tmp_path / "run"
     (run).mkdir()
     _config(run / "config.yaml", mini_dogs, [VIT])  # an interrupted single run's saved config
@@ -224,17 +238,13 @@ def test_seeds_verdicts() -> None:
         "the seeds disagree (a leads in 1), so the training's randomness can reverse this result."
     )
     baseline_leads = stats.across_seeds([0.7, 0.7, 0.7], [0.6, 0.7, 0.5])
-    assert v("a", "b", baseline_leads).startswith(
-        "a is ahead of b in 2 of 3 seeds, tied in 1, by 10.0 points"
-    )
+    assert v("a", "b", baseline_leads).startswith("a is ahead of b in 2 of 3 seeds, tied in 1, by 10.0 points")
     same = stats.across_seeds([0.5, 0.6], [0.6, 0.7])
     assert (
         v("a", "b", same)
         == "b is ahead of a in 2 of 2 seeds, by 10.0 points on average: the same difference in every seed."
     )
-    assert v("a", "b", stats.across_seeds([0.5], [0.6])).startswith(
-        "Only one seed finished with both a and b"
-    )
+    assert v("a", "b", stats.across_seeds([0.5], [0.6])).startswith("Only one seed finished with both a and b")
     assert v("a", "b", None).startswith("No seed finished with both")
     assert (
         v("a", "b", stats.across_seeds([0.5, 0.6], [0.6, 0.5]))
@@ -252,9 +262,9 @@ def test_report_logs_one_mlflow_run_per_seed(repeats_run: Path, tmp_path: Path) 
     parents = sorted(r.info.run_name for r in runs if "mlflow.parentRunId" not in r.data.tags)
     assert parents == [f"{repeats_run.name}/seed-3", f"{repeats_run.name}/seed-4"]
     assert len(runs) == 2 * 3  # each seed: its run and one nested run per model
-    assert {
-        r.data.tags.get("visionpoc.repeats_of") for r in runs if "mlflow.parentRunId" not in r.data.tags
-    } == {str(repeats_run.resolve())}
+    assert {r.data.tags.get("visionpoc.repeats_of") for r in runs if "mlflow.parentRunId" not in r.data.tags} == {
+        str(repeats_run.resolve())
+    }
     # logging again (a retry, or a resumed run that added seeds) does not log the finished seeds twice;
     # a logging attempt cut short (here: seed 4's, marked FAILED) does not count as logged
     (cut,) = [r for r in runs if r.info.run_name.endswith("seed-4")]
@@ -268,9 +278,7 @@ def test_report_logs_one_mlflow_run_per_seed(repeats_run: Path, tmp_path: Path) 
     ]
 
 
-def test_the_report_of_unfinished_repeats_says_which_seeds_are_missing(
-    repeats_run: Path, tmp_path: Path
-) -> None:
+def test_the_report_of_unfinished_repeats_says_which_seeds_are_missing(repeats_run: Path, tmp_path: Path) -> None:
     import shutil
 
     from visionpoc.report.across_seeds import build_seeds_report
@@ -280,8 +288,11 @@ def test_the_report_of_unfinished_repeats_says_which_seeds_are_missing(
     rep = build_seeds_report(run)
     assert [row.finished for row in rep.rows] == [1, 1]
     assert rep.rows[0].per_seed[1] is None and rep.pairs[0].per_seed[1] is None
-    assert any(n.startswith("Not finished (interrupted?): seed 4 (no results yet).")
-               and f"`visionpoc compare --resume {run}`" in n for n in rep.notes)  # fmt: skip
+    assert any(
+        n.startswith("Not finished (interrupted?): seed 4 (no results yet).")
+        and f"`visionpoc compare --resume {run}`" in n
+        for n in rep.notes
+    )
     assert rep.pairs[0].verdict.startswith("Only one seed finished with both cnn and vit")
     (run / "seed-3" / "results.json").unlink()
     with pytest.raises(VisionpocError, match="no repeat has finished yet"):
@@ -303,14 +314,14 @@ def test_several_candidates_across_seeds_get_holms_correction() -> None:
     assert alone[0].p_holm is None and "Holm" not in alone[0].verdict
 
 
-def test_a_resume_trains_the_models_the_run_was_started_with(repeats_run: Path, run_dir: Path, tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_a_resume_trains_the_models_the_run_was_started_with(
+    repeats_run: Path, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import shutil
 
     assert main(["train", "--resume", str(repeats_run), "--model", "vit"]) == 2
-    assert (
-        f"was started by `visionpoc compare`: resume it with `visionpoc compare --resume {repeats_run}`"
-        in (capsys.readouterr().err)
+    assert f"was started by `visionpoc compare`: resume it with `visionpoc compare --resume {repeats_run}`" in (
+        capsys.readouterr().err
     )
     # a single run resumed for one model keeps the other's finished results
     one = Path(shutil.copytree(run_dir, tmp_path / "one"))
@@ -344,9 +355,7 @@ def test_the_report_names_partial_failed_and_mixed_seeds(repeats_run: Path, tmp_
 
     run = Path(shutil.copytree(repeats_run, tmp_path / "run"))
     # seed 4 stopped between its two models, on another device
-    _edit_results(
-        run, 4, lambda d: (d["models"].pop(), d["environment"].update(device="cuda:0", gpu_name="H100"))
-    )
+    _edit_results(run, 4, lambda d: (d["models"].pop(), d["environment"].update(device="cuda:0", gpu_name="H100")))
     rep = build_seeds_report(run)
     assert [row.finished for row in rep.rows] == [2, 1] and rep.pairs[0].per_seed[1] is None
     assert any("Not finished (interrupted?): vit in seed 4." in n for n in rep.notes)
@@ -366,9 +375,7 @@ def test_the_report_names_partial_failed_and_mixed_seeds(repeats_run: Path, tmp_
             run,
             seed,
             lambda d: (
-                d["models"][-1].update(status="failed", error="boom")
-                if d["models"][-1]["label"] == "vit"
-                else None
+                d["models"][-1].update(status="failed", error="boom") if d["models"][-1]["label"] == "vit" else None
             ),
         )
     _edit_results(
@@ -394,9 +401,7 @@ def test_a_misspelt_model_or_a_taken_folder_leaves_nothing_behind(
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "config.yaml").write_text("data: {}\n")
-    assert (
-        main(["compare", "--config", str(cfg), "--tuned", str(tmp_path / "tune"), "--out", str(taken)]) == 2
-    )
+    assert main(["compare", "--config", str(cfg), "--tuned", str(tmp_path / "tune"), "--out", str(taken)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert sorted(p.name for p in taken.iterdir()) == ["config.yaml"]  # no tuning records copied into it
 

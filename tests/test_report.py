@@ -72,24 +72,56 @@ def top5_correct(correct: np.ndarray) -> np.ndarray:
 
 
 def _model(label: str, timm: str, acc: float, **kw: object) -> ModelResult:
-    history = [EpochRecord(epoch=e, train_loss=2.0 / e, train_accuracy=0.5 + 0.1 * e, val_loss=1.5 / e,
-                           val_accuracy=min(acc + 0.02 * e - 0.04, 1.0), val_top5_accuracy=1.0, lr=1e-4,
-                           epoch_train_time_s=10.0, cumulative_train_time_s=10.0 * e, train_img_s=100.0)
-               for e in (1, 2, 3)]  # fmt: skip
+    history = [
+        EpochRecord(
+            epoch=e,
+            train_loss=2.0 / e,
+            train_accuracy=0.5 + 0.1 * e,
+            val_loss=1.5 / e,
+            val_accuracy=min(acc + 0.02 * e - 0.04, 1.0),
+            val_top5_accuracy=1.0,
+            lr=1e-4,
+            epoch_train_time_s=10.0,
+            cumulative_train_time_s=10.0 * e,
+            train_img_s=100.0,
+        )
+        for e in (1, 2, 3)
+    ]
     fields: dict[str, object] = dict(
-        label=label, timm=timm, finetune="full", pretrained=False, img_size=32, lr=1e-3, batch_size=8,
-        epochs=3, epochs_run=3, best_epoch=3, train_time_s=30.0, warmup_s=1.0, data_wait_s=3.0, eval_time_s=0.5,
-        train_accuracy=0.99, val_accuracy=acc, test_accuracy=acc, test_top5_accuracy=0.97, test_macro_f1=acc - 0.01,
-        params=1_234_567, trainable_params=1_000_000, fwd_gflops=0.0123, train_img_s=456.7, eval_img_s=1234.5,
-        latency_ms_b1=3.21, peak_memory_gib=1.5, peak_memory_kind="process_max_rss", history=history,
-    )  # fmt: skip
+        label=label,
+        timm=timm,
+        finetune="full",
+        pretrained=False,
+        img_size=32,
+        lr=1e-3,
+        batch_size=8,
+        epochs=3,
+        epochs_run=3,
+        best_epoch=3,
+        train_time_s=30.0,
+        warmup_s=1.0,
+        data_wait_s=3.0,
+        eval_time_s=0.5,
+        train_accuracy=0.99,
+        val_accuracy=acc,
+        test_accuracy=acc,
+        test_top5_accuracy=0.97,
+        test_macro_f1=acc - 0.01,
+        params=1_234_567,
+        trainable_params=1_000_000,
+        fwd_gflops=0.0123,
+        train_img_s=456.7,
+        eval_img_s=1234.5,
+        latency_ms_b1=3.21,
+        peak_memory_gib=1.5,
+        peak_memory_kind="process_max_rss",
+        history=history,
+    )
     fields.update(kw)
     return ModelResult(**fields)  # type: ignore[arg-type]
 
 
-def make_run(
-    root: Path, n_models: int = 2, images: bool = False, failed: bool = False, weights: bool = False
-) -> Path:
+def make_run(root: Path, n_models: int = 2, images: bool = False, failed: bool = False, weights: bool = False) -> Path:
     """A finished-run folder: results.json and one predictions file per model.
 
     With `images`, the dataset is a `folder` dataset whose test images exist, so the gallery renders.
@@ -114,21 +146,45 @@ def make_run(
         models.append(
             _model(label, timm, float(correct.mean()), test_top5_accuracy=float(top5_correct(correct).mean()))
         )
-        save_predictions(
-            run_dir / label / "test_predictions.npz", targets, _probs(targets, correct, 1 + k), files
-        )
+        save_predictions(run_dir / label / "test_predictions.npz", targets, _probs(targets, correct, 1 + k), files)
     if failed:
-        models.append(ModelResult(label="broken", timm="nope_model", finetune="full", pretrained=True,
-                                  status="failed", error="RuntimeError: out of memory"))  # fmt: skip
+        models.append(
+            ModelResult(
+                label="broken",
+                timm="nope_model",
+                finetune="full",
+                pretrained=True,
+                status="failed",
+                error="RuntimeError: out of memory",
+            )
+        )
     results = RunResults(
-        dataset=DatasetInfo(source="folder" if images else "stanford_dogs", root=str(data), test_root=str(data / "test"), train_size=200,
-                            val_size=20, test_size=N, num_classes=len(CLASSES), class_names=CLASSES),
+        dataset=DatasetInfo(
+            source="folder" if images else "stanford_dogs",
+            root=str(data),
+            test_root=str(data / "test"),
+            train_size=200,
+            val_size=20,
+            test_size=N,
+            num_classes=len(CLASSES),
+            class_names=CLASSES,
+        ),
         models=models,
-        environment=Environment(visionpoc="0.1.0", python="3.11.9", torch="2.4.0", timm="1.0.20", cuda=None,
-                                device="cpu", gpu_name=None, git_commit="abc1234", seed=0, platform="Linux"),
+        environment=Environment(
+            visionpoc="0.1.0",
+            python="3.11.9",
+            torch="2.4.0",
+            timm="1.0.20",
+            cuda=None,
+            device="cpu",
+            gpu_name=None,
+            git_commit="abc1234",
+            seed=0,
+            platform="Linux",
+        ),
         config={"train": {"epochs": 3, "seed": 0}},
         created="2025-01-01T00:00:00+00:00",
-    )  # fmt: skip
+    )
     save_results(results, run_dir)
     if weights:
         _write_weights(run_dir, data)
@@ -267,8 +323,7 @@ def test_verdict_sentences() -> None:
     a, b = correctness()
     unclear = verdict("a", "b", bootstrap_difference(a, b), mcnemar(a, b))
     assert (
-        unclear.startswith("a is ahead of b by 10.0 points on 70 test images")
-        and "cannot tell them apart" in unclear
+        unclear.startswith("a is ahead of b by 10.0 points on 70 test images") and "cannot tell them apart" in unclear
     )
     a4, b4 = np.tile(a, 4), np.tile(b, 4)
     clear = verdict("a", "b", bootstrap_difference(a4, b4), mcnemar(a4, b4))
@@ -495,15 +550,20 @@ def test_the_report_never_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     import torch
 
     import visionpoc.compare
-    import visionpoc.recipe
+    import visionpoc.optim
     import visionpoc.train
 
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("the report must not train")
 
-    for module, name in ((visionpoc.train, "fit"), (visionpoc.train, "train_one_epoch"),
-                         (visionpoc.recipe, "make_optimizer"), (visionpoc.compare, "run_compare"),
-                         (torch.optim.Optimizer, "__init__"), (torch.Tensor, "backward")):  # fmt: skip
+    for module, name in (
+        (visionpoc.train, "fit"),
+        (visionpoc.train, "train_one_epoch"),
+        (visionpoc.optim, "make_optimizer"),
+        (visionpoc.compare, "run_compare"),
+        (torch.optim.Optimizer, "__init__"),
+        (torch.Tensor, "backward"),
+    ):
         monkeypatch.setattr(module, name, forbidden)
     with pytest.raises(AssertionError, match="must not train"):
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # the patches bite
@@ -540,19 +600,14 @@ def test_caveats_follow_the_facts(tmp_path: Path) -> None:
     from visionpoc.results import load_results
 
     r = load_results(make_run(tmp_path))
-    r.models[0] = _model(
-        "a", "legacy_xception", 0.8, pretrained=True, pretrained_tag="legacy_xception.tf_in1k"
-    )
+    r.models[0] = _model("a", "legacy_xception", 0.8, pretrained=True, pretrained_tag="legacy_xception.tf_in1k")
     r.models[1] = _model("b", "vit_tiny_patch16_224", 0.8, img_size=64, train_accuracy=0.85)
     text = {c.title: c.text for c in caveats(r)}
     overlap = text["Pretraining may have seen the test images"]
     assert "Stanford Dogs is built from ImageNet" in overlap and "a (legacy_xception.tf_in1k)" in overlap
     assert "b was trained from scratch" in text["No pretraining overlap for models trained from scratch"]
     assert "input size (px): a 32, b 64" in text["Different budgets"]
-    assert (
-        "a: train 99.0% vs test 80.0%" in text["Large train/test gap"]
-        and "b:" not in text["Large train/test gap"]
-    )
+    assert "a: train 99.0% vs test 80.0%" in text["Large train/test gap"] and "b:" not in text["Large train/test gap"]
 
 
 def test_overlap_caveat_names_only_models_whose_tags_indicate_imagenet(tmp_path: Path) -> None:
@@ -585,12 +640,8 @@ def test_licence_caveats_and_the_policy_column(tmp_path: Path) -> None:
 
     r = load_results(make_run(tmp_path, n_models=3))
     r.models = [
-        _model(
-            "base", "legacy_xception", 0.8, pretrained=True, pretrained_tag="tf_in1k", license="apache-2.0"
-        ),
-        _model(
-            "nc", "vit_base_patch16_224", 0.8, pretrained=True, pretrained_tag="x", license="cc-by-nc-4.0"
-        ),
+        _model("base", "legacy_xception", 0.8, pretrained=True, pretrained_tag="tf_in1k", license="apache-2.0"),
+        _model("nc", "vit_base_patch16_224", 0.8, pretrained=True, pretrained_tag="x", license="cc-by-nc-4.0"),
         _model(
             "own",
             "vit_base_patch16_dinov3",
@@ -614,7 +665,11 @@ def test_licence_caveats_and_the_policy_column(tmp_path: Path) -> None:
     run = tmp_path / "policy_run"
     r.models = r.models[:2]
     r.models[0].preset, r.models[0].policy, r.models[0].finetune, r.models[0].fraction = (
-        "xception", "production", "top_fraction", 0.1)  # fmt: skip
+        "xception",
+        "production",
+        "top_fraction",
+        0.1,
+    )
     r.models[1].policy, r.models[1].finetune = "linear_probe", "head"
     save_results(r, run)
     html = write_report(run, explain=False).read_text()
@@ -642,8 +697,17 @@ def test_environment_section_shows_device_versions_seed_and_commit(tmp_path: Pat
     html, md = write_report(run_dir).read_text(), (run_dir / "report.md").read_text()
     section = html[html.index("<h2>7. Environment</h2>") :]
     env = dict(re.findall(r"<dt>([^<]+)</dt><dd>([^<]*)</dd>", section))
-    expected = {"device": "cpu", "python": "3.11.9", "torch": "2.4.0", "timm": "1.0.20", "CUDA": "none",
-                "visionpoc": "0.1.0", "seed": "0", "git commit": "abc1234", "platform": "Linux"}  # fmt: skip
+    expected = {
+        "device": "cpu",
+        "python": "3.11.9",
+        "torch": "2.4.0",
+        "timm": "1.0.20",
+        "CUDA": "none",
+        "visionpoc": "0.1.0",
+        "seed": "0",
+        "git commit": "abc1234",
+        "platform": "Linux",
+    }
     assert {k: env.get(k) for k in expected} == expected
     assert "epochs: 3" in section[section.index("Resolved configuration") :]  # the config, collapsed
     md_section = md[md.index("## 7. Environment") :]

@@ -14,8 +14,7 @@ from test_report import _decode_all, _summary_rows
 from visionpoc.cli import main
 
 
-def test_cli_report_writes_html_and_markdown(run_dir: Path, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_cli_report_writes_html_and_markdown(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)  # the shared run stays as it is for the other tests
     for name in ("report.html", "report.md", "report_files"):
@@ -31,13 +30,17 @@ def test_cli_report_writes_html_and_markdown(run_dir: Path, tmp_path: Path,
     assert sorted(p.name for p in (run / "report_files").glob("*.png"))  # the Markdown's figures
 
 
-def test_cli_compare_ends_with_the_report(mini_dogs: Path, tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_cli_compare_ends_with_the_report(mini_dogs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     models = [
         {"label": "tiny_cnn", "timm": "test_resnet", "pretrained": False, "img_size": 32},
-        {"label": "tiny_vit", "timm": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32,
-         "model_kwargs": {"depth": 1}},
-    ]  # fmt: skip
+        {
+            "label": "tiny_vit",
+            "timm": "vit_tiny_patch16_224",
+            "pretrained": False,
+            "img_size": 32,
+            "model_kwargs": {"depth": 1},
+        },
+    ]
     cfg = write_config(tmp_path / "c.yaml", mini_dogs, models=models, epochs=1)
     out = tmp_path / "run"
     assert main(["compare", "--config", str(cfg), "--out", str(out)]) == 0

@@ -25,8 +25,13 @@ from visionpoc.cli import main
 from visionpoc.config import ModelConfig
 from visionpoc.results import load_predictions
 
-VIT = {"label": "vit", "timm": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32,
-       "model_kwargs": {"depth": 2}}  # fmt: skip
+VIT = {
+    "label": "vit",
+    "timm": "vit_tiny_patch16_224",
+    "pretrained": False,
+    "img_size": 32,
+    "model_kwargs": {"depth": 2},
+}
 
 
 def _config(
@@ -37,13 +42,29 @@ def _config(
     workers: int = 0,
     **train_kw: object,
 ) -> Path:
-    path.write_text(yaml.safe_dump({
-        "data": {"source": "stanford_dogs", "root": str(root), "val_fraction": 0.2, "num_workers": workers,
-                 "download": False},
-        "models": models or [VIT],
-        "train": {"epochs": epochs, "batch_size": 4, "lr": 1e-3, "warmup_epochs": 0.5, "deterministic": True,
-                  "device": "cpu", **train_kw},
-    }))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "data": {
+                    "source": "stanford_dogs",
+                    "root": str(root),
+                    "val_fraction": 0.2,
+                    "num_workers": workers,
+                    "download": False,
+                },
+                "models": models or [VIT],
+                "train": {
+                    "epochs": epochs,
+                    "batch_size": 4,
+                    "lr": 1e-3,
+                    "warmup_epochs": 0.5,
+                    "deterministic": True,
+                    "device": "cpu",
+                    **train_kw,
+                },
+            }
+        )
+    )
     return path
 
 
@@ -57,8 +78,10 @@ def _metrics(run: Path) -> dict:
         "test_macro_f1",
         "best_epoch",
     )
-    return {k: m[k] for k in keep} | {"losses": [h["train_loss"] for h in m["history"]],
-                                      "val": [h["val_accuracy"] for h in m["history"]]}  # fmt: skip
+    return {k: m[k] for k in keep} | {
+        "losses": [h["train_loss"] for h in m["history"]],
+        "val": [h["val_accuracy"] for h in m["history"]],
+    }
 
 
 @pytest.mark.slow
@@ -71,9 +94,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> Non
     proc = subprocess.Popen([*cmd, "--out", str(interrupted)], stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 120
     while not (interrupted / "vit" / "history.json").exists():  # the first epoch is done
-        assert proc.poll() is None and time.time() < deadline, (
-            "the run ended before its first epoch was saved"
-        )
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first epoch was saved"
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -83,8 +104,12 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> Non
     assert state["epoch"] < 4 or state["progress"]["batches"] > 0, "stopped before the last epoch ended"
     assert not (interrupted / "results.json").exists()  # the model did not finish: nothing claims it did
 
-    resumed = subprocess.run([sys.executable, "-m", "visionpoc", "compare", "--resume", str(interrupted),
-                              "--no-report"], capture_output=True, text=True, env=env)  # fmt: skip
+    resumed = subprocess.run(
+        [sys.executable, "-m", "visionpoc", "compare", "--resume", str(interrupted), "--no-report"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at epoch" in resumed.stderr
     subprocess.run([*cmd, "--out", str(straight)], check=True, capture_output=True)
@@ -113,8 +138,9 @@ def _unfinish(src: Path, dst: Path, label: str) -> Path:
     return dst
 
 
-def test_truncated_checkpoint_is_a_clear_error(two_model_run: Path, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_truncated_checkpoint_is_a_clear_error(
+    two_model_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = _unfinish(two_model_run, tmp_path / "run", "vit3")
     weights = run / "vit3" / "last.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
@@ -128,12 +154,11 @@ def test_truncated_checkpoint_is_a_clear_error(two_model_run: Path, tmp_path: Pa
     assert "last_state.pt is unreadable" in capsys.readouterr().err
 
 
-def test_mismatched_checkpoint_is_a_clear_error(two_model_run: Path, tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_mismatched_checkpoint_is_a_clear_error(
+    two_model_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = _unfinish(two_model_run, tmp_path / "run", "vit3")
-    shutil.copy(
-        run / "vit" / "last.safetensors", run / "vit3" / "last.safetensors"
-    )  # another model's weights
+    shutil.copy(run / "vit" / "last.safetensors", run / "vit3" / "last.safetensors")  # another model's weights
     assert main(["compare", "--resume", str(run), "--no-report"]) == 2
     err = capsys.readouterr().err
     assert "vit3" in err and "wrong run or model" in err and "Traceback" not in err
@@ -145,13 +170,12 @@ def test_resume_keeps_finished_models(two_model_run: Path, tmp_path: Path) -> No
     assert main(["compare", "--resume", str(run), "--no-report"]) == 0
     after = json.loads((run / "results.json").read_text())["models"]
     assert [m["label"] for m in after] == ["vit", "vit3"] and after[0] == before
-    assert (
-        after[1]["status"] == "ok" and after[1]["resumed_from_epoch"] == 2
-    )  # the epoch-1 checkpoint was used
+    assert after[1]["status"] == "ok" and after[1]["resumed_from_epoch"] == 2  # the epoch-1 checkpoint was used
 
 
-def test_injected_oom_halves_the_micro_batch(mini_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                             caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+def test_injected_oom_halves_the_micro_batch(
+    mini_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     real_step = step._step
 
     def step_that_fits_two(p: step.StepParts, x: torch.Tensor, y: torch.Tensor):  # type: ignore[no-untyped-def]
@@ -177,8 +201,16 @@ def test_a_batch_that_never_fits_is_a_clear_error(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(step, "_step", never_fits)
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    parts = step.StepParts(model, opt, timm.scheduler.CosineLRScheduler(opt, t_initial=10), torch.nn.CrossEntropyLoss(),
-                           torch.device("cpu"), None, None, False)  # fmt: skip
+    parts = step.StepParts(
+        model,
+        opt,
+        timm.scheduler.CosineLRScheduler(opt, t_initial=10),
+        torch.nn.CrossEntropyLoss(),
+        torch.device("cpu"),
+        None,
+        None,
+        False,
+    )
     with pytest.raises(torch.OutOfMemoryError, match="even with a micro-batch of 1 image.*lower img_size"):
         step.train_step(parts, torch.randn(4, 4), torch.tensor([0, 1, 2, 0]), {"epoch": 1, "step": 0})
     assert [e["micro_batch"] for e in parts.oom_events] == [2, 1]  # halved down to one image first
@@ -190,8 +222,9 @@ def test_micro_batches_give_the_same_update_as_the_whole_batch() -> None:
         model = models.create_model(ModelConfig(**VIT), num_classes=3)  # type: ignore[arg-type]
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         sched = timm.scheduler.CosineLRScheduler(opt, t_initial=10)
-        return step.StepParts(model, opt, sched, torch.nn.CrossEntropyLoss(), torch.device("cpu"), None, 1.0,
-                               False, micro_batch=micro)  # fmt: skip
+        return step.StepParts(
+            model, opt, sched, torch.nn.CrossEntropyLoss(), torch.device("cpu"), None, 1.0, False, micro_batch=micro
+        )
 
     x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     whole, split = parts(None), parts(2)
@@ -311,9 +344,14 @@ def straight_run(tmp_path_factory: pytest.TempPathFactory, mini_dogs: Path) -> P
 
 @pytest.mark.parametrize(("workers", "resume_workers"), [(0, 0), (2, 1)])
 def test_a_run_stopped_mid_epoch_resumes_exactly(
-    straight_run: Path, mini_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str], workers: int, resume_workers: int,
-) -> None:  # fmt: skip
+    straight_run: Path,
+    mini_dogs: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    workers: int,
+    resume_workers: int,
+) -> None:
     """Stopped in epoch 2 after its first batches (DataLoader workers or not), resumed with another
     worker count: the same metrics and predictions as a run never stopped (which had no workers)."""
     from visionpoc import train
@@ -342,13 +380,26 @@ def test_a_run_stopped_mid_epoch_resumes_exactly(
     assert np.array_equal(a, load_predictions(straight_run / "vit" / "test_predictions.npz")["probs"])
 
 
-def test_resume_refuses_overrides_that_change_the_training(straight_run: Path, tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_resume_refuses_overrides_that_change_the_training(
+    straight_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(straight_run / "config.yaml", run / "config.yaml")
-    args = ["compare", "--resume", str(run), "--no-report", "--set", "train.lr=0.5", "--set", "models.0.finetune=head",
-            "--set", "tracking.experiment=other", "--set", "data.num_workers=1"]  # fmt: skip
+    args = [
+        "compare",
+        "--resume",
+        str(run),
+        "--no-report",
+        "--set",
+        "train.lr=0.5",
+        "--set",
+        "models.0.finetune=head",
+        "--set",
+        "tracking.experiment=other",
+        "--set",
+        "data.num_workers=1",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "models.0.finetune, train.lr" in err and "start a new run" in err
@@ -380,13 +431,16 @@ def test_resume_hint_names_the_command() -> None:
 def _results(tmp_path: Path, label: str):  # type: ignore[no-untyped-def]
     from visionpoc.results import DatasetInfo, ModelResult, RunResults, environment
 
-    return RunResults(DatasetInfo("folder", str(tmp_path), 1, 0, 1, 1, ["a"]),
-                      [ModelResult(label=label, timm="t", finetune="full", pretrained=False)],
-                      environment("cpu", 0), {}, "now")  # fmt: skip
+    return RunResults(
+        DatasetInfo("folder", str(tmp_path), 1, 0, 1, 1, ["a"]),
+        [ModelResult(label=label, timm="t", finetune="full", pretrained=False)],
+        environment("cpu", 0),
+        {},
+        "now",
+    )
 
 
-def test_a_crash_while_saving_results_keeps_the_previous_file(tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_a_crash_while_saving_results_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from visionpoc import atomic
     from visionpoc.results import load_results, save_results
 
@@ -413,8 +467,9 @@ def test_a_crash_while_saving_results_keeps_the_previous_file(tmp_path: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv", "results.json"]  # no temp files
 
 
-def test_a_crash_while_checkpointing_keeps_the_previous_checkpoint(tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_a_crash_while_checkpointing_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from visionpoc import checkpoint
 
     model = torch.nn.Linear(3, 2)
@@ -499,9 +554,7 @@ def test_results_state_how_the_lr_relates_to_the_batch(straight_run: Path) -> No
     assert m["lr_scaling"].startswith("none: lr is the peak LR for the global batch")
 
 
-def test_checkpoint_writer_snapshots_then_writes_in_order(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_checkpoint_writer_snapshots_then_writes_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The training goes on while the files are written: what is saved is the state at the call."""
     from safetensors.torch import load_file
 

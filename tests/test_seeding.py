@@ -18,8 +18,14 @@ from visionpoc.data.splits import make_splits
 from visionpoc.distributed import SINGLE, Dist
 from visionpoc.train import seed_rank
 
-DATA_CFG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5),
-            "std": (0.5, 0.5, 0.5), "crop_pct": 0.9, "crop_mode": "center"}  # fmt: skip
+DATA_CFG = {
+    "input_size": (3, 32, 32),
+    "interpolation": "bilinear",
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.5, 0.5, 0.5),
+    "crop_pct": 0.9,
+    "crop_mode": "center",
+}
 
 
 def _epoch(
@@ -29,8 +35,9 @@ def _epoch(
 
     cfg = load_config(None, [f"data.num_workers={workers}", "train.augment=basic", "train.seed=3"])
     train = make_splits(read_stanford_dogs(mini_dogs), 0.0, None, 0).train
-    loader = stream_loader(train, train_transform(DATA_CFG, "basic"), bs, True, cfg, torch.device("cpu"), d,
-                           every_epoch=True)  # fmt: skip
+    loader = stream_loader(
+        train, train_transform(DATA_CFG, "basic"), bs, True, cfg, torch.device("cpu"), d, every_epoch=True
+    )
     out = []
     for e in range(1, epoch + 1):  # persistent workers live through the earlier epochs, as in a run
         set_epoch(loader, e, skip_batches=skip if e == epoch else 0)

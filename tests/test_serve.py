@@ -28,20 +28,18 @@ from fastapi import FastAPI, UploadFile
 from fastapi.testclient import TestClient
 from PIL import Image
 
-import visionpoc.predict
-import visionpoc.serve
+import visionpoc.serving.app
+import visionpoc.serving.predict
 from test_predict import LABELS
 from visionpoc.cli import main
-from visionpoc.predict import MAX_ASPECT_RATIO, Predictor
-from visionpoc.serve import create_app, is_loopback, serve
-from visionpoc.uploads import UploadError, decode_image, read_limited
+from visionpoc.serving.app import create_app, is_loopback, serve
+from visionpoc.serving.predict import MAX_ASPECT_RATIO, Predictor
+from visionpoc.serving.uploads import UploadError, decode_image, read_limited
 
 
 @pytest.fixture(scope="module")
 def client(run_dir: Path, predictor: Predictor) -> TestClient:
-    return TestClient(
-        create_app(run_dir, max_upload_bytes=40_000, max_pixels=1000 * 1000, predictor=predictor)
-    )
+    return TestClient(create_app(run_dir, max_upload_bytes=40_000, max_pixels=1000 * 1000, predictor=predictor))
 
 
 def dog_photos(mini_dogs: Path) -> list[Path]:
@@ -66,10 +64,7 @@ def png_declaring(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
     return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 256))
-        + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 256)) + chunk(b"IEND", b"")
     )
 
 
@@ -110,9 +105,7 @@ def test_not_an_image_is_400(client: TestClient, data: bytes) -> None:
 
 
 def test_not_multipart_is_400(client: TestClient, mini_dogs: Path) -> None:
-    r = client.post(
-        "/predict", content=dog_photos(mini_dogs)[0].read_bytes(), headers={"content-type": "image/jpeg"}
-    )
+    r = client.post("/predict", content=dog_photos(mini_dogs)[0].read_bytes(), headers={"content-type": "image/jpeg"})
     assert r.status_code == 400 and "multipart/form-data" in r.json()["error"]
     r = client.post("/predict", files={"photo": ("dog.jpg", b"...", "image/jpeg")})
     assert r.status_code == 400 and "no form field 'file'" in r.json()["error"]
@@ -157,9 +150,7 @@ def test_decompression_bomb_is_refused_before_decoding(client: TestClient, size:
     assert "pixels" in r.json()["error"] and "decompression bomb" in r.json()["error"]
 
 
-@pytest.mark.parametrize(
-    "mode,fmt", [("L", "PNG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "GIF"), ("I;16", "PNG")]
-)
+@pytest.mark.parametrize("mode,fmt", [("L", "PNG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "GIF"), ("I;16", "PNG")])
 def test_image_modes(client: TestClient, mini_dogs: Path, mode: str, fmt: str) -> None:
     img = Image.open(dog_photos(mini_dogs)[0]).convert(mode)
     if mode == "RGBA":
@@ -188,10 +179,7 @@ def test_concurrent_requests_get_their_own_answers(client: TestClient, mini_dogs
     def answer(data: bytes) -> list[Any]:
         r = post(client, data)
         assert r.status_code == 200, r.text
-        return [
-            (a["model"], [(t["label"], round(t["probability"], 6)) for t in a["top"]])
-            for a in r.json()["models"]
-        ]
+        return [(a["model"], [(t["label"], round(t["probability"], 6)) for t in a["top"]]) for a in r.json()["models"]]
 
     single = [answer(d) for d in photos]
     assert len({str(s) for s in single}) > 1  # the images get different answers
@@ -210,7 +198,7 @@ def test_serve_binds_to_loopback_and_warns_otherwise(
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
-    with caplog.at_level(logging.WARNING, logger="visionpoc.serve"):
+    with caplog.at_level(logging.WARNING, logger="visionpoc.serving.app"):
         serve(run_dir)
         assert calls[-1]["host"] == "127.0.0.1" and calls[-1]["port"] == 8000
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -273,11 +261,14 @@ def test_a_server_path_in_the_request_is_never_read(client: TestClient, mini_dog
     path = str(photo)
     not_image = b"not an image, but see the file name"
     attempts = [
-        client.post(f"/predict?path={path}&file={path}", files={"file": (path, not_image, "image/jpeg")},
-                    data={"path": path, "filename": path, "url": f"file://{path}"}),
+        client.post(
+            f"/predict?path={path}&file={path}",
+            files={"file": (path, not_image, "image/jpeg")},
+            data={"path": path, "filename": path, "url": f"file://{path}"},
+        ),
         client.post("/predict", files={"other": ("x.txt", b"x", "text/plain")}, data={"file": path}),
         client.post("/predict", files={"file": (f"file://{path}", not_image, "image/jpeg")}),
-    ]  # fmt: skip
+    ]
     for r in attempts:
         assert r.status_code == 400, r.text
         assert "not an image" in r.json()["error"]
@@ -335,19 +326,20 @@ def test_uploads_never_touch_disk(
         return {"size": len(await file.read())}
 
     with disk_writes() as control:
-        assert TestClient(spooling).post("/upload", files={"file": ("big.png", data)}).json()["size"] == len(
-            data
-        )
+        assert TestClient(spooling).post("/upload", files={"file": ("big.png", data)}).json()["size"] == len(data)
     assert control, "the check did not see the temporary file of an UploadFile endpoint"
 
 
 def answers_of(r: Any, with_png: bool = False) -> list[Any]:
     assert r.status_code == 200, r.text
     return [
-        (a["model"], [(t["label"], round(t["probability"], 5)) for t in a["top"]],
-         (a["explanation"]["method"], a["explanation"]["png_base64"]) if with_png else None)
+        (
+            a["model"],
+            [(t["label"], round(t["probability"], 5)) for t in a["top"]],
+            (a["explanation"]["method"], a["explanation"]["png_base64"]) if with_png else None,
+        )
         for a in r.json()["models"]
-    ]  # fmt: skip
+    ]
 
 
 def test_concurrent_explanations_match_sequential_ones(client: TestClient, mini_dogs: Path) -> None:
@@ -372,9 +364,9 @@ def test_uploads_are_decoded_a_few_at_a_time(
     run_dir: Path, predictor: Predictor, mini_dogs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     limited = TestClient(create_app(run_dir, predictor=predictor, max_concurrent=2))
-    assert visionpoc.serve.MAX_CONCURRENT_PREDICTIONS >= 1
+    assert visionpoc.serving.app.MAX_CONCURRENT_PREDICTIONS >= 1
     lock, busy, peak = threading.Lock(), [0], [0]
-    real_decode = visionpoc.serve.decode_image
+    real_decode = visionpoc.serving.app.decode_image
 
     def slow_decode(data: bytes, max_pixels: int) -> Image.Image:
         with lock:
@@ -387,7 +379,7 @@ def test_uploads_are_decoded_a_few_at_a_time(
             with lock:
                 busy[0] -= 1
 
-    monkeypatch.setattr(visionpoc.serve, "decode_image", slow_decode)
+    monkeypatch.setattr(visionpoc.serving.app, "decode_image", slow_decode)
     data = dog_photos(mini_dogs)[0].read_bytes()
     with ThreadPoolExecutor(max_workers=8) as pool:
         codes = list(pool.map(lambda _: post(limited, data).status_code, range(8)))
@@ -398,7 +390,7 @@ def test_uploads_are_decoded_a_few_at_a_time(
 def test_models_load_once(run_dir: Path, mini_dogs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     built: list[Path] = []
     loaded: list[str] = []
-    real_predictor, real_load = visionpoc.serve.Predictor, visionpoc.predict.load_trained
+    real_predictor, real_load = visionpoc.serving.app.Predictor, visionpoc.serving.predict.load_trained
 
     def counting_predictor(run_dir: Path, **kwargs: Any) -> Predictor:
         built.append(run_dir)
@@ -408,8 +400,8 @@ def test_models_load_once(run_dir: Path, mini_dogs: Path, monkeypatch: pytest.Mo
         loaded.append(label)
         return real_load(run_dir, label, *args, **kwargs)
 
-    monkeypatch.setattr(visionpoc.serve, "Predictor", counting_predictor)
-    monkeypatch.setattr(visionpoc.predict, "load_trained", counting_load)
+    monkeypatch.setattr(visionpoc.serving.app, "Predictor", counting_predictor)
+    monkeypatch.setattr(visionpoc.serving.predict, "load_trained", counting_load)
     fresh = TestClient(create_app(run_dir))
     assert built == [run_dir] and loaded == LABELS  # at start-up
     for i, photo in enumerate(dog_photos(mini_dogs)[:6]):
@@ -418,15 +410,13 @@ def test_models_load_once(run_dir: Path, mini_dogs: Path, monkeypatch: pytest.Mo
     assert built == [run_dir] and loaded == LABELS  # and never again
 
 
-def test_serve_command(
-    run_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_serve_command(run_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """`visionpoc serve RUN`: loopback by default, --max-upload-mb reaches the app, another host warns."""
     import uvicorn
 
     calls: list[tuple[Any, dict[str, Any]]] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
-    with caplog.at_level(logging.WARNING, logger="visionpoc.serve"):
+    with caplog.at_level(logging.WARNING, logger="visionpoc.serving.app"):
         assert main(["serve", str(run_dir), "--max-upload-mb", "0.05"]) == 0
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
         app, kw = calls[-1]

@@ -19,8 +19,8 @@ import pytest
 
 from browser import BUILD, chromium_page, needs_chromium
 from test_predict import LABELS
-from visionpoc.predict import Predictor
-from visionpoc.serve import create_app
+from visionpoc.serving.app import create_app
+from visionpoc.serving.predict import Predictor
 
 SCREENSHOT = BUILD / "serve.png"
 
@@ -37,8 +37,9 @@ def server(predictor: Predictor) -> Iterator[str]:
     import uvicorn
 
     port = free_port()
-    config = uvicorn.Config(create_app(predictor.run_dir, predictor=predictor), host="127.0.0.1", port=port,
-                            log_level="warning")  # fmt: skip
+    config = uvicorn.Config(
+        create_app(predictor.run_dir, predictor=predictor), host="127.0.0.1", port=port, log_level="warning"
+    )
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

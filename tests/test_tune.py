@@ -25,7 +25,6 @@ import optuna
 import pytest
 import yaml
 
-from visionpoc import tune, tuned
 from visionpoc.compare import run_compare
 from visionpoc.config import Config, load_config
 from visionpoc.data.images import load_rgb
@@ -33,26 +32,48 @@ from visionpoc.data.sources import read_dataset
 from visionpoc.errors import DataError, TrainingInterrupted
 from visionpoc.report import write_report
 from visionpoc.results import ModelResult
-from visionpoc.tune import apply_tuned, run_tune
+from visionpoc.tuning import outputs as tuned
+from visionpoc.tuning import search as tune
+from visionpoc.tuning.search import apply_tuned, run_tune
 
 TS = optuna.trial.TrialState
-VIT = {"label": "vit", "timm": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32,
-       "model_kwargs": {"depth": 2}}  # fmt: skip
+VIT = {
+    "label": "vit",
+    "timm": "vit_tiny_patch16_224",
+    "pretrained": False,
+    "img_size": 32,
+    "model_kwargs": {"depth": 2},
+}
 
 
-CNN = {"label": "cnn", "timm": "test_resnet", "pretrained": False, "finetune": "top_fraction", "fraction": 0.9,
-       "img_size": 32}  # fmt: skip
+CNN = {
+    "label": "cnn",
+    "timm": "test_resnet",
+    "pretrained": False,
+    "finetune": "top_fraction",
+    "fraction": 0.9,
+    "img_size": 32,
+}
 
 
 def _config(tmp: Path, root: Path, models: tuple[dict[str, Any], ...] = (VIT,), **tune_kw: Any) -> Path:
     path = tmp / "c.yaml"
-    path.write_text(yaml.safe_dump({
-        "data": {"source": "stanford_dogs", "root": str(root), "val_fraction": 0.2, "num_workers": 0,
-                 "download": False},
-        "models": list(models),
-        "train": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "device": "cpu", "deterministic": True},
-        "tune": {"epochs": 2, "trials": 3, "batch_size": [4, 8], "startup_trials": 2, **tune_kw},
-    }))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "data": {
+                    "source": "stanford_dogs",
+                    "root": str(root),
+                    "val_fraction": 0.2,
+                    "num_workers": 0,
+                    "download": False,
+                },
+                "models": list(models),
+                "train": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "device": "cpu", "deterministic": True},
+                "tune": {"epochs": 2, "trials": 3, "batch_size": [4, 8], "startup_trials": 2, **tune_kw},
+            }
+        )
+    )
     return path
 
 
@@ -187,8 +208,15 @@ def _fake_fit(curves: list[list[float]], interrupt_at: int | None = None) -> Cal
     """A stand-in for `train.fit` that reports the next curve through `on_epoch`, without training."""
     calls = iter(range(len(curves)))
 
-    def fit(cfg: Config, mcfg: Any, splits: Any, out_dir: Path, resume: bool = False, score_test: bool = True,
-            on_epoch: Callable[[int, float | None], None] | None = None) -> ModelResult:  # fmt: skip
+    def fit(
+        cfg: Config,
+        mcfg: Any,
+        splits: Any,
+        out_dir: Path,
+        resume: bool = False,
+        score_test: bool = True,
+        on_epoch: Callable[[int, float | None], None] | None = None,
+    ) -> ModelResult:
         assert not score_test and len(splits.test) == 0  # tuning never scores or even lists the test split
         k = next(calls)
         if k == interrupt_at:
@@ -196,8 +224,9 @@ def _fake_fit(curves: list[list[float]], interrupt_at: int | None = None) -> Cal
         assert on_epoch is not None
         for epoch, v in enumerate(curves[k], start=1):
             on_epoch(epoch, v)
-        return ModelResult(label=mcfg.label, timm=mcfg.timm, finetune="full", pretrained=False,
-                           val_accuracy=max(curves[k]))  # fmt: skip
+        return ModelResult(
+            label=mcfg.label, timm=mcfg.timm, finetune="full", pretrained=False, val_accuracy=max(curves[k])
+        )
 
     return fit
 
@@ -229,7 +258,7 @@ WORKER = """
 import logging, sys
 from pathlib import Path
 from visionpoc.config import load_config
-from visionpoc.tune import run_tune
+from visionpoc.tuning.search import run_tune
 logging.basicConfig(level=logging.WARNING)
 cfg = load_config(sys.argv[1], [f"tune.seed={sys.argv[2]}"])
 study = run_tune(cfg, "vit", 4, None, None, None, Path(sys.argv[3]))
@@ -242,8 +271,16 @@ def test_two_processes_share_one_sqlite_study(mini_dogs: Path, tmp_path: Path) -
     cfg = _config(tmp_path, mini_dogs, epochs=1, pruner="none")
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(cfg), str(k), str(out)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in (1, 2)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(cfg), str(k), str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for k in (1, 2)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
@@ -280,18 +317,22 @@ def test_the_report_flags_a_model_that_was_not_tuned(tmp_path: Path) -> None:
     from test_report import make_run  # a finished two-model run (a, b), built without training
 
     run = make_run(tmp_path)
-    record = {"trials": 20, "complete": 15, "pruned": 4, "failed": 1, "epochs_per_trial": 5, "tuning_time_s": 1234.5,
-              "device": "NVIDIA H100", "best_val_accuracy": 0.8, "best_params": {"lr": 0.001, "augment": "strong"}}  # fmt: skip
+    record = {
+        "trials": 20,
+        "complete": 15,
+        "pruned": 4,
+        "failed": 1,
+        "epochs_per_trial": 5,
+        "tuning_time_s": 1234.5,
+        "device": "NVIDIA H100",
+        "best_val_accuracy": 0.8,
+        "best_params": {"lr": 0.001, "augment": "strong"},
+    }
     (run / "tuning").mkdir()
     (run / "tuning" / "tune_summary.json").write_text(json.dumps({"models": {"a": record}}))
     html = write_report(run).read_text()
     table = html[html.index('id="tuning-table"') : html.index("</table>", html.index('id="tuning-table"'))]
-    assert (
-        "15 / 4 / 1" in table
-        and "1,234.5" in table
-        and "80.0%" in table
-        and "lr 0.001 · augment strong" in table
-    )
+    assert "15 / 4 / 1" in table and "1,234.5" in table and "80.0%" in table and "lr 0.001 · augment strong" in table
     assert "not tuned" in table and "Not tuned: b kept its hand-set configuration" in html
     md = (run / "report.md").read_text()
     assert "| **a** | 20 | 15 / 4 / 1 | 5 | 1,234.5 |" in md
@@ -305,9 +346,7 @@ def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gc, "collect", lambda *args: 0)
 
 
-def test_a_cnn_searches_its_trainable_fraction_and_dropout(
-    mini_dogs: Path, tmp_path: Path, one_thread: None
-) -> None:
+def test_a_cnn_searches_its_trainable_fraction_and_dropout(mini_dogs: Path, tmp_path: Path, one_thread: None) -> None:
     """The CNN side of the space: `top_fraction` (-> `fraction`), drop-path and dropout (-> model_kwargs),
     no layer decay; `compare --tuned` builds the model with them."""
     from visionpoc import models
@@ -317,9 +356,7 @@ def test_a_cnn_searches_its_trainable_fraction_and_dropout(
     study = run_tune(cfg, "cnn", 1, None, None, None, tmp_path / "out")
     (trial,) = study.trials
     assert trial.state == TS.COMPLETE
-    assert {"top_fraction", "drop_rate", "drop_path"} <= set(
-        trial.params
-    ) and "layer_decay" not in trial.params
+    assert {"top_fraction", "drop_rate", "drop_path"} <= set(trial.params) and "layer_decay" not in trial.params
     doc = yaml.safe_load((tmp_path / "out" / "tuned" / "cnn.yaml").read_text())
     assert doc["model"]["fraction"] == trial.params["top_fraction"] <= 0.2
     assert doc["model"]["model_kwargs"] == {
@@ -327,9 +364,7 @@ def test_a_cnn_searches_its_trainable_fraction_and_dropout(
         "drop_rate": trial.params["drop_rate"],
     }
     tuned = apply_tuned(cfg, tmp_path / "out").model("cnn")
-    assert (
-        tuned.fraction == trial.params["top_fraction"] and tuned.model_kwargs == doc["model"]["model_kwargs"]
-    )
+    assert tuned.fraction == trial.params["top_fraction"] and tuned.model_kwargs == doc["model"]["model_kwargs"]
 
     def trainable(mcfg: Any) -> tuple[int, float]:
         model = models.create_model(mcfg, 3, pretrained=False)
@@ -347,9 +382,17 @@ def test_xception_gets_dropout_but_no_drop_path() -> None:
 
     family = tune.model_family(ModelConfig(label="x", timm="legacy_xception", pretrained=False), 3)
     assert (family.drop_rate, family.drop_path, family.layer_decay) == (True, False, False)
-    trial = optuna.trial.FixedTrial({"lr": 1e-3, "weight_decay": 0.01, "warmup_epochs": 0.5,
-                                     "label_smoothing": 0.1, "drop_rate": 0.25, "batch_size": 32,
-                                     "augment": "basic"})  # fmt: skip
+    trial = optuna.trial.FixedTrial(
+        {
+            "lr": 1e-3,
+            "weight_decay": 0.01,
+            "warmup_epochs": 0.5,
+            "label_smoothing": 0.1,
+            "drop_rate": 0.25,
+            "batch_size": 32,
+            "augment": "basic",
+        }
+    )
     changes = tune.suggest(trial, TuneConfig(top_fraction=None), family, 5)
     assert changes["model_kwargs"] == {"drop_rate": 0.25}
 
@@ -381,9 +424,7 @@ def test_workers_with_different_seeds_and_counts_draw_different_points(
     monkeypatch.setattr(tune, "fit", _fake_fit([[0.5, 0.5]] * 3))
 
     def first_new_point(seed: int, existing: int, name: str) -> dict[str, Any]:
-        cfg = load_config(
-            _config(tmp_path, mini_dogs, pruner="none", startup_trials=10), [f"tune.seed={seed}"]
-        )
+        cfg = load_config(_config(tmp_path, mini_dogs, pruner="none", startup_trials=10), [f"tune.seed={seed}"])
         url = f"sqlite:///{tmp_path / 'tune.db'}"
         if existing:
             s = optuna.create_study(storage=url, study_name=name, direction="maximize")
@@ -412,8 +453,9 @@ def test_a_killed_workers_trial_is_failed_and_retried(
     with sqlite3.connect(db) as con:
         con.execute("UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00.000000'")
     monkeypatch.setattr(tune, "fit", _fake_fit([[0.5, 0.6]]))
-    study = run_tune(load_config(_config(tmp_path, mini_dogs, pruner="none")), "vit", 1, None, None, None,
-                     tmp_path / "out")  # fmt: skip
+    study = run_tune(
+        load_config(_config(tmp_path, mini_dogs, pruner="none")), "vit", 1, None, None, None, tmp_path / "out"
+    )
     assert [t.state for t in study.trials] == [TS.FAIL, TS.COMPLETE]
     assert study.trials[1].params["lr"] == lr  # the retry
     assert yaml.safe_load((tmp_path / "out" / "tuned" / "vit.yaml").read_text())["tuning"]["running"] == 0
@@ -441,14 +483,17 @@ def test_a_study_without_a_completed_trial_leaves_the_model_untuned(
     folder = tmp_path / "tuned"
     folder.mkdir()
     record = {"trials": 2, "complete": 2, "pruned": 0, "failed": 0, "best_trial": 1, "best_val_accuracy": 0.8}
-    (folder / "a.yaml").write_text(
-        yaml.safe_dump({"timm": "test_resnet", "model": {"lr": 0.01}, "tuning": record})
+    (folder / "a.yaml").write_text(yaml.safe_dump({"timm": "test_resnet", "model": {"lr": 0.01}, "tuning": record}))
+    (folder / "b.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "timm": "vit_tiny_patch16_224",
+                "model": {},
+                "tuning": {**record, "complete": 0, "failed": 2, "best_trial": None},
+            }
+        )
     )
-    (folder / "b.yaml").write_text(yaml.safe_dump({"timm": "vit_tiny_patch16_224", "model": {},
-                                                   "tuning": {**record, "complete": 0, "failed": 2, "best_trial": None}}))  # fmt: skip
-    two = load_config(
-        None, ["models=[{label: a, timm: test_resnet}, {label: b, timm: vit_tiny_patch16_224}]"]
-    )
+    two = load_config(None, ["models=[{label: a, timm: test_resnet}, {label: b, timm: vit_tiny_patch16_224}]"])
     tuned = apply_tuned(two, folder, run)
     assert tuned.model("a").tuned_from and tuned.model("b").tuned_from is None
     assert "b: " in caplog.text and "no tuned settings" in caplog.text
@@ -495,10 +540,7 @@ def test_the_cli_prints_the_trial_the_yaml_records_and_honours_timeout(
     # which tied trial Optuna calls best is up to the database (SQLite: the first; say this one: the last)
     last = lambda self, study_id: self.get_all_trials(study_id, deepcopy=False)[-1]  # noqa: E731
     monkeypatch.setattr(optuna.storages.RDBStorage, "get_best_trial", last)
-    assert (
-        main(["tune", "--config", str(path), "--model", "vit", "--trials", "3", "--out", str(tmp_path / "a")])
-        == 0
-    )
+    assert main(["tune", "--config", str(path), "--model", "vit", "--trials", "3", "--out", str(tmp_path / "a")]) == 0
     doc = yaml.safe_load((tmp_path / "a" / "tuned" / "vit.yaml").read_text())
     assert doc["tuning"]["best_trial"] == 0  # the earliest of equals
     printed = capsys.readouterr().out
@@ -526,10 +568,26 @@ def test_ctrl_c_in_a_terminal_stops_tuning(mini_dogs: Path, tmp_path: Path) -> N
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "visionpoc", "tune", "--config", str(cfg), "--model", "vit", "--out", str(out),
-         "--set", "data.num_workers=2"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "visionpoc",
+            "tune",
+            "--config",
+            str(cfg),
+            "--model",
+            "vit",
+            "--out",
+            str(out),
+            "--set",
+            "data.num_workers=2",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     assert proc.stderr is not None
     lines = []
     for line in proc.stderr:  # wait until the first trial is done: the second is training

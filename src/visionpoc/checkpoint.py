@@ -103,9 +103,7 @@ def read_meta(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(
-            f"checkpoint {path} is unreadable ({e}): it is truncated or not safetensors"
-        ) from e
+        raise CheckpointError(f"checkpoint {path} is unreadable ({e}): it is truncated or not safetensors") from e
 
 
 def load_weights(model: nn.Module, path: Path, expect: dict[str, str] | None = None) -> None:
@@ -115,9 +113,7 @@ def load_weights(model: nn.Module, path: Path, expect: dict[str, str] | None = N
     meta = read_meta(path)
     for k, v in (expect or {}).items():
         if k in meta and meta[k] != v:
-            raise CheckpointError(
-                f"checkpoint {path} was saved for {k}={meta[k]!r}, not {v!r}: wrong run or model"
-            )
+            raise CheckpointError(f"checkpoint {path} was saved for {k}={meta[k]!r}, not {v!r}: wrong run or model")
     try:
         state = load_file(str(path))
         unwrap(model).load_state_dict(state, strict=True)

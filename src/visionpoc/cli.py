@@ -25,15 +25,24 @@ def _default_out(kind: str) -> Path:
 
 
 def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False, resume: bool = True) -> None:
+    p.add_argument("--config", type=Path, required=config_required, help="YAML config (default: built-in PoC)")
     p.add_argument(
-        "--config", type=Path, required=config_required, help="YAML config (default: built-in PoC)"
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=3 --set models.1.lr=5e-5",
     )
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=3 --set models.1.lr=5e-5")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<command>-<time>)")
     if resume:  # not for tune: running the same tune command again continues its study
-        p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                       help="continue an interrupted run from its checkpoints (its config.yaml is used)")  # fmt: skip
+        p.add_argument(
+            "--resume",
+            type=Path,
+            default=None,
+            metavar="RUN_DIR",
+            help="continue an interrupted run from its checkpoints (its config.yaml is used)",
+        )
 
 
 def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
@@ -43,9 +52,7 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a {'whole ' if kind is int else ''}number"
-            ) from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be above zero, got {text}")
         return value
@@ -73,9 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="download or check a dataset").add_subparsers(
-        dest="data_command", required=True
-    )
+    data = sub.add_parser("data", help="download or check a dataset").add_subparsers(dest="data_command", required=True)
     dl = data.add_parser("download", help="fetch and extract Stanford Dogs (resumable, atomic)")
     dl.add_argument("--root", type=Path, default=Path("data/stanford_dogs"))
     dl.add_argument("--base-url", default=None, help="mirror URL (also $VISIONPOC_DOGS_URL)")
@@ -84,29 +89,36 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--root", type=Path, default=Path("data/stanford_dogs"))
     ck.add_argument("--source", choices=["stanford_dogs", "folder"], default="stanford_dogs")
     ck.add_argument("--json", action="store_true", help="print one JSON object")
-    ck.add_argument("--decode", action="store_true",
-                    help="also decode every image (in parallel) and list every file that fails")  # fmt: skip
     ck.add_argument(
-        "--workers", type=int, default=None, help="processes for --decode (default: min(8, CPUs))"
+        "--decode", action="store_true", help="also decode every image (in parallel) and list every file that fails"
     )
+    ck.add_argument("--workers", type=int, default=None, help="processes for --decode (default: min(8, CPUs))")
 
     cmp_ = sub.add_parser("compare", help="the PoC: train and compare every model of the config")
     _add_config_args(cmp_)
     cmp_.add_argument("--no-report", action="store_true", help="skip writing report.html / report.md")
-    cmp_.add_argument("--tuned", type=Path, default=None, metavar="DIR",
-                      help="use each model's best params from a `visionpoc tune` output folder")  # fmt: skip
+    cmp_.add_argument(
+        "--tuned",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="use each model's best params from a `visionpoc tune` output folder",
+    )
 
     tn = sub.add_parser("tune", help="Optuna search of one model's hyper-parameters on validation accuracy")
     _add_config_args(tn, resume=False)  # to continue a study, run the same command again
     tn.add_argument("--model", required=True, help="label of the model in the config")
-    tn.add_argument("--trials", type=int, default=None, metavar="N",
-                    help="the study's target of finished (complete or pruned) trials, shared by every worker "
-                         "on the storage; a rerun tops it up to N (default: tune.trials)")  # fmt: skip
+    tn.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the study's target of finished (complete or pruned) trials, shared by every worker "
+        "on the storage; a rerun tops it up to N (default: tune.trials)",
+    )
     tn.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///OUT/tune.db)")
     tn.add_argument("--study", default=None, help="study name (default: the model label)")
-    tn.add_argument(
-        "--timeout", type=float, default=None, help="stop starting trials after this many seconds"
-    )
+    tn.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
 
     tr = sub.add_parser("train", help="train one model of the config alone, through the same loop")
     _add_config_args(tr)
@@ -114,8 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="write report.html and report.md for a finished run")
     rp.add_argument("run_dir", type=Path)
-    rp.add_argument("--mlflow-uri", default=None, metavar="URI",
-                    help="also log the run to this MLflow tracking URI (e.g. sqlite:///mlflow.db)")  # fmt: skip
+    rp.add_argument(
+        "--mlflow-uri",
+        default=None,
+        metavar="URI",
+        help="also log the run to this MLflow tracking URI (e.g. sqlite:///mlflow.db)",
+    )
     rp.add_argument("--mlflow-experiment", default="visionpoc", metavar="NAME", help="MLflow experiment name")
 
     pr = sub.add_parser("predict", help="each model's top-k for your images, side by side")
@@ -128,12 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("run_dir", type=Path)
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     sv.add_argument("--port", type=_port, default=8000)
-    sv.add_argument("--max-upload-mb", type=_positive(float), default=10,
-                    help="larger uploads are refused with 413 (default 10)")  # fmt: skip
-
-    ex = sub.add_parser(
-        "export", help="write a deployable model (ONNX or safetensors) with its preprocessing"
+    sv.add_argument(
+        "--max-upload-mb", type=_positive(float), default=10, help="larger uploads are refused with 413 (default 10)"
     )
+
+    ex = sub.add_parser("export", help="write a deployable model (ONNX or safetensors) with its preprocessing")
     ex.add_argument("run_dir", type=Path)
     ex.add_argument("--format", dest="fmt", choices=["onnx", "safetensors"], required=True)
     ex.add_argument("--model", default=None, help="only this label (default: every model)")
@@ -143,9 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--smoke", action="store_true", help="tiny sizes: runs on the CPU in seconds")
     bn.add_argument("--device", default="auto")
     bn.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
-    bn.add_argument(
-        "--sections", default=None, help="comma-separated subset of peer,hf,input,ours (default: all)"
-    )
+    bn.add_argument("--sections", default=None, help="comma-separated subset of peer,hf,input,ours (default: all)")
 
     ml = sub.add_parser("models", help="list the model presets: params, GFLOPs, pretraining data, licence")
     ml.add_argument("--family", default=None, help="only this family (e.g. dinov3, siglip2, vit)")
@@ -168,8 +181,14 @@ def _data_check(args: argparse.Namespace) -> int:
 
     ds = read_dataset(args.source, args.root)
     make_splits(ds, DataConfig().val_fraction, None, 0)  # e.g. a class with one training image: said now
-    summary: dict[str, Any] = {"source": ds.source, "root": str(ds.root), "train": len(ds.train),
-                               "test": len(ds.test), "classes": ds.num_classes, "class_names": ds.class_names}  # fmt: skip
+    summary: dict[str, Any] = {
+        "source": ds.source,
+        "root": str(ds.root),
+        "train": len(ds.train),
+        "test": len(ds.test),
+        "classes": ds.num_classes,
+        "class_names": ds.class_names,
+    }
     if args.decode:
         from visionpoc.data.images import undecodable
         from visionpoc.data.loaders import default_workers
@@ -179,8 +198,10 @@ def _data_check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"{ds.source} dataset in {ds.root}: {len(ds.train)} train / {len(ds.test)} test images, "
-              f"{ds.num_classes} classes ({', '.join(ds.class_names[:5])}{', ...' if ds.num_classes > 5 else ''})")  # fmt: skip
+        print(
+            f"{ds.source} dataset in {ds.root}: {len(ds.train)} train / {len(ds.test)} test images, "
+            f"{ds.num_classes} classes ({', '.join(ds.class_names[:5])}{', ...' if ds.num_classes > 5 else ''})"
+        )
         if args.decode:
             bad = summary["undecodable"]
             print(f"decoded every image: {len(bad)} failed" + "".join(f"\n  {e}" for e in bad))
@@ -203,9 +224,7 @@ def _run(args: argparse.Namespace, labels: list[str] | None) -> int:
 
     if args.resume is not None:
         if args.config is not None or args.out is not None:
-            raise ConfigError(
-                "--resume RUN_DIR takes the run's own config.yaml and folder: drop --config/--out"
-            )
+            raise ConfigError("--resume RUN_DIR takes the run's own config.yaml and folder: drop --config/--out")
         cfg = resume_config(args.resume, args.overrides)  # refuses --set that would change the training
         out = args.resume
     elif args.command == "train" and args.config is None:
@@ -214,7 +233,7 @@ def _run(args: argparse.Namespace, labels: list[str] | None) -> int:
         cfg = load_config(args.config, args.overrides)
         out = args.out or _default_out(args.command)
         if getattr(args, "tuned", None) is not None:
-            from visionpoc.tune import apply_tuned
+            from visionpoc.tuning.search import apply_tuned
 
             refuse_existing_run(out)  # before the tuning records are copied into it
             cfg = apply_tuned(cfg, args.tuned, out)
@@ -250,8 +269,9 @@ def _run(args: argparse.Namespace, labels: list[str] | None) -> int:
         try:
             _write_report(out)
         except KeyboardInterrupt:
-            raise TrainingInterrupted(f"interrupted while writing the report; the results are saved: "
-                                      f"write it with: visionpoc report {out}") from None  # fmt: skip
+            raise TrainingInterrupted(
+                f"interrupted while writing the report; the results are saved: write it with: visionpoc report {out}"
+            ) from None
     print("results: " + ", ".join(str(f / RESULTS_FILE) for f in _run_folders(out)))
     ok = all(m.status == "ok" for r in runs for m in r.models)
     if cfg.tracking.mlflow_uri is not None:
@@ -277,18 +297,23 @@ def _log_mlflow(run_dir: Path, uri: str, experiment: str) -> bool:
         try:
             run_id = log_run(folder, uri, experiment)
         except KeyboardInterrupt:
-            raise TrainingInterrupted(f"interrupted while logging to MLflow; the run is saved in {run_dir}; log it "
-                                      f"with: visionpoc report {run_dir} --mlflow-uri {uri}") from None  # fmt: skip
+            raise TrainingInterrupted(
+                f"interrupted while logging to MLflow; the run is saved in {run_dir}; log it "
+                f"with: visionpoc report {run_dir} --mlflow-uri {uri}"
+            ) from None
         except Exception as e:  # the server is down, the store is read-only, ...: the run itself is saved
-            print(f"error: MLflow logging to {uri} failed ({type(e).__name__}: {e}); the run is saved in "
-                  f"{run_dir}; log it later with: visionpoc report {run_dir} --mlflow-uri {uri}", file=sys.stderr)  # fmt: skip
+            print(
+                f"error: MLflow logging to {uri} failed ({type(e).__name__}: {e}); the run is saved in "
+                f"{run_dir}; log it later with: visionpoc report {run_dir} --mlflow-uri {uri}",
+                file=sys.stderr,
+            )
             return False
         print(f"mlflow: run {run_id} ({folder}) in experiment {experiment!r} at {uri}")
     return True
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from visionpoc.predict import Predictor, format_predictions
+    from visionpoc.serving.predict import Predictor, format_predictions
 
     rows = Predictor(args.run_dir).predict_paths(args.images, top=args.top)
     print(json.dumps(rows, indent=2) if args.json else format_predictions(rows))
@@ -296,7 +321,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from visionpoc.export import export, read_onnx_check
+    from visionpoc.serving.export import export, read_onnx_check
 
     for path in export(args.run_dir, args.fmt, label=args.model, out=args.out):
         print(f"wrote {path}")
@@ -308,34 +333,44 @@ def _export(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     from visionpoc import distributed
     from visionpoc.config import load_config
-    from visionpoc.tune import run_tune
-    from visionpoc.tuned import best_trial
+    from visionpoc.tuning.outputs import best_trial
+    from visionpoc.tuning.search import run_tune
 
     cfg = load_config(args.config, args.overrides)
     out = args.out or _default_out("tune")
     d = distributed.from_env()
     try:
-        study = run_tune(cfg, args.model, trials=args.trials, storage=args.storage, study=args.study,
-                         timeout=args.timeout, out_dir=out)  # fmt: skip
+        study = run_tune(
+            cfg,
+            args.model,
+            trials=args.trials,
+            storage=args.storage,
+            study=args.study,
+            timeout=args.timeout,
+            out_dir=out,
+        )
     finally:
         distributed.shutdown(d)  # a no-op for one process
     if not d.main:  # under torchrun only rank 0 speaks for the study
         return 0
     best = best_trial(study)  # the trial the tuned YAML records
     if best is None:
-        print(f"{len(study.trials)} trials in study {study.study_name!r}, none completed: no tuned settings "
-              "written; run the same command again to add trials", file=sys.stderr)  # fmt: skip
+        print(
+            f"{len(study.trials)} trials in study {study.study_name!r}, none completed: no tuned settings "
+            "written; run the same command again to add trials",
+            file=sys.stderr,
+        )
         return 1
-    print(f"{len(study.trials)} trials in study {study.study_name!r}; best validation accuracy "
-          f"{best.value:.4f} (trial {best.number}) with {best.params}")  # fmt: skip
     print(
-        f"best params: {out / 'tuned' / (args.model + '.yaml')}; use them with: visionpoc compare --tuned {out}"
+        f"{len(study.trials)} trials in study {study.study_name!r}; best validation accuracy "
+        f"{best.value:.4f} (trial {best.number}) with {best.params}"
     )
+    print(f"best params: {out / 'tuned' / (args.model + '.yaml')}; use them with: visionpoc compare --tuned {out}")
     return 0
 
 
 def _models(args: argparse.Namespace) -> int:
-    from visionpoc import presets
+    from visionpoc.presets import facts as presets
 
     rows = presets.list_presets(args.family)
     print(json.dumps(rows, indent=2) if args.json else presets.format_models_table(rows))
@@ -373,11 +408,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), os.environ.get("RANK", "0")
     speaker = f" [rank {rank}/{world}]" if world > 1 else ""  # under torchrun, say which process speaks
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format=f"%(asctime)s{speaker} %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")  # fmt: skip
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format=f"%(asctime)s{speaker} %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     try:
         if args.command == "serve":  # uvicorn handles its signals itself
-            from visionpoc.serve import serve
+            from visionpoc.serving.app import serve
 
             serve(args.run_dir, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
             return 0
@@ -418,7 +456,7 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "export":
         return _export(args)
     if args.command == "bench":
-        from visionpoc.bench import format_bench, run_bench
+        from visionpoc.bench.run import format_bench, run_bench
 
         sections = args.sections.split(",") if args.sections else None
         print(format_bench(run_bench(smoke=args.smoke, device=args.device, out=args.out, sections=sections)))

@@ -46,9 +46,7 @@ def load_data(cfg: Config) -> tuple[Dataset, Splits]:
         from visionpoc.data.sources import find_dogs_lists
 
         if not is_extracted(root) and find_dogs_lists(root) is None:
-            log.info(
-                "Stanford Dogs not found in %s: downloading it (data.download=false turns this off)", root
-            )
+            log.info("Stanford Dogs not found in %s: downloading it (data.download=false turns this off)", root)
             download_stanford_dogs(root, base_url=cfg.data.base_url)
     ds = read_dataset(cfg.data.source, root)
     splits = make_splits(ds, cfg.data.val_fraction, cfg.data.limit_per_class, _split_seed(cfg))
@@ -56,8 +54,13 @@ def load_data(cfg: Config) -> tuple[Dataset, Splits]:
     if empty:
         why = f" after data.limit_per_class={cfg.data.limit_per_class}" if cfg.data.limit_per_class else ""
         raise DataError(f"{root}: the {' and '.join(empty)} split is empty{why}")
-    log.info("data: %d train / %d val / %d test images, %d classes",
-             len(splits.train), len(splits.val), len(splits.test), splits.num_classes)  # fmt: skip
+    log.info(
+        "data: %d train / %d val / %d test images, %d classes",
+        len(splits.train),
+        len(splits.val),
+        len(splits.test),
+        splits.num_classes,
+    )
     return ds, splits
 
 
@@ -81,9 +84,7 @@ def _run_folder(out_dir: Path, resume: bool) -> None:
         raise ConfigError(f"--out {out_dir}: cannot create the folder ({e}); choose another path") from e
 
 
-def run_compare(
-    cfg: Config, out_dir: Path, labels: list[str] | None = None, resume: bool = False
-) -> RunResults:
+def run_compare(cfg: Config, out_dir: Path, labels: list[str] | None = None, resume: bool = False) -> RunResults:
     """Train and score each model of `cfg` (or only `labels`); results are saved after every model.
 
     With `resume`, models already finished in `out_dir/results.json` are kept, and an interrupted model
@@ -112,7 +113,7 @@ def run_compare(
             test_size=len(splits.test),
             num_classes=splits.num_classes,
             class_names=splits.class_names,
-        ),  # fmt: skip
+        ),
         models=[],
         environment=environment(str(device), cfg.train.seed),
         config=to_dict(cfg),
@@ -137,17 +138,23 @@ def run_compare(
             message = str(e) if isinstance(e, VisionpocError) else f"{type(e).__name__}: {e}"
             log.error("model %s failed: %s", mcfg.label, message)
             log.debug("%s", traceback.format_exc())
-            result = ModelResult(label=mcfg.label, timm=mcfg.timm, finetune=mcfg.finetune, pretrained=mcfg.pretrained,
-                                 status="failed", error=message, preset=mcfg.preset, policy=mcfg.policy)  # fmt: skip
+            result = ModelResult(
+                label=mcfg.label,
+                timm=mcfg.timm,
+                finetune=mcfg.finetune,
+                pretrained=mcfg.pretrained,
+                status="failed",
+                error=message,
+                preset=mcfg.preset,
+                policy=mcfg.policy,
+            )
         results.models.append(result)
         if d.main:
             save_results(results, out_dir)
     return results
 
 
-def run_repeats(
-    cfg: Config, out_dir: Path, labels: list[str] | None = None, resume: bool = False
-) -> list[RunResults]:
+def run_repeats(cfg: Config, out_dir: Path, labels: list[str] | None = None, resume: bool = False) -> list[RunResults]:
     """`run_compare` once per seed of `cfg.train.repeats` (seed, seed+1, ...), each a whole run in
     `out_dir/seed-<s>/` on the same splits (the first seed's); `out_dir` holds the config and the list.
 
@@ -160,8 +167,10 @@ def run_repeats(
         label = before.labels[0] if before.labels else None
         was = f"visionpoc train --model {label}" if label else "visionpoc compare"
         now = resume_hint("train" if label else "compare", out_dir, label, distributed.from_env().world)
-        raise ConfigError(f"{out_dir} was started by `{was}`: resume it with `{now}` (another command would "
-                          "train other models into its seeds)")  # fmt: skip
+        raise ConfigError(
+            f"{out_dir} was started by `{was}`: resume it with `{now}` (another command would "
+            "train other models into its seeds)"
+        )
     if distributed.from_env().main:
         _run_folder(out_dir, resume)
         load_data(cfg)  # a data error before the run starts leaves no config.yaml, as in run_compare
@@ -169,8 +178,9 @@ def run_repeats(
         save_repeats(out_dir, seeds, labels)  # a resumed run may have changed train.repeats
     runs = []
     for k, seed in enumerate(seeds):
-        one = replace(cfg, data=replace(cfg.data, split_seed=_split_seed(cfg)),
-                      train=replace(cfg.train, seed=seed, repeats=1))  # fmt: skip
+        one = replace(
+            cfg, data=replace(cfg.data, split_seed=_split_seed(cfg)), train=replace(cfg.train, seed=seed, repeats=1)
+        )
         sub = out_dir / repeat_dir(seed)
         log.info("=== repeat %d of %d: seed %d, in %s", k + 1, len(seeds), seed, sub)
         runs.append(run_compare(one, sub, labels, resume=resume and (sub / "config.yaml").is_file()))
@@ -180,7 +190,7 @@ def run_repeats(
 def warn_imagenet_overlap(chosen: list[ModelConfig]) -> list[str]:
     """Log (and return) the pretrained models whose pretraining data contains ImageNet, from which
     Stanford Dogs was built: they may have seen its test images."""
-    from visionpoc.presets import may_have_seen_imagenet, tagged_name
+    from visionpoc.presets.facts import may_have_seen_imagenet, tagged_name
 
     flagged = []
     for m in chosen:
@@ -189,9 +199,13 @@ def warn_imagenet_overlap(chosen: list[ModelConfig]) -> list[str]:
         name = tagged_name(m.timm)  # an untagged name loads timm's default tag
         if may_have_seen_imagenet(name):
             flagged.append(m.label)
-            log.warning("%s (%s): Stanford Dogs is built from ImageNet images and this model's pretraining "
-                        "includes ImageNet, so it may have seen test images; its test accuracy can be optimistic "
-                        "(the report's caveats say more)", m.label, name)  # fmt: skip
+            log.warning(
+                "%s (%s): Stanford Dogs is built from ImageNet images and this model's pretraining "
+                "includes ImageNet, so it may have seen test images; its test accuracy can be optimistic "
+                "(the report's caveats say more)",
+                m.label,
+                name,
+            )
     return flagged
 
 
@@ -223,11 +237,7 @@ def format_repeats_table(runs: list[RunResults]) -> str:
 
     def cell(values: list[float | None], width: int, spec: str) -> str:
         s = spread(values)
-        text = (
-            "-"
-            if s is None
-            else format(s.mean, spec) + ("" if s.std is None else " +- " + format(s.std, spec))
-        )
+        text = "-" if s is None else format(s.mean, spec) + ("" if s.std is None else " +- " + format(s.std, spec))
         return f"{text:>{width}}"
 
     for label in dict.fromkeys(m.label for r in runs for m in r.models):

@@ -19,7 +19,7 @@ import yaml
 
 from visionpoc.atomic import atomic_write_text
 from visionpoc.errors import ConfigError
-from visionpoc.preset_entries import resolve_entry
+from visionpoc.presets.table import resolve_entry
 from visionpoc.typed import apply_override, from_dict, to_dict
 
 
@@ -184,9 +184,7 @@ class TuneConfig:
 
 def _default_models() -> tuple[ModelConfig, ...]:
     return (
-        ModelConfig(
-            label="xception", timm="legacy_xception.tf_in1k", finetune="top_fraction", fraction=0.10, lr=1e-3
-        ),
+        ModelConfig(label="xception", timm="legacy_xception.tf_in1k", finetune="top_fraction", fraction=0.10, lr=1e-3),
         ModelConfig(label="vit_b16", timm="vit_base_patch16_224.orig_in21k", finetune="full", lr=1e-4),
     )
 
@@ -217,9 +215,7 @@ class Config:
         for m in self.models:
             if m.label == label:
                 return m
-        raise ConfigError(
-            f"no model labelled {label!r} in the config; labels: {[m.label for m in self.models]}"
-        )
+        raise ConfigError(f"no model labelled {label!r} in the config; labels: {[m.label for m in self.models]}")
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -250,9 +246,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                     f"got {value!r}"
                 )
             if section == "models" and not isinstance(value, list):
-                raise ConfigError(
-                    f"config file {p}: `models:` must be a list of model entries, got {value!r}"
-                )
+                raise ConfigError(f"config file {p}: `models:` must be a list of model entries, got {value!r}")
             if section in raw and isinstance(raw[section], dict):
                 raw[section].update(value)
             else:
@@ -283,8 +277,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def _check_label(i: int, label: str) -> None:
     """A label names the model's folder in the run: a plain name, never a path."""
-    if (not label.strip() or label != label.strip() or label.startswith(".") or any(c in label for c in "/\\")
-            or any(ord(c) < 32 for c in label)):  # fmt: skip
+    if (
+        not label.strip()
+        or label != label.strip()
+        or label.startswith(".")
+        or any(c in label for c in "/\\")
+        or any(ord(c) < 32 for c in label)
+    ):
         raise ConfigError(
             f"models.{i}.label: {label!r} names the model's folder in the run; use a plain name "
             "(letters, digits, '_', '-', '.'; not starting with '.', no '/' or '\\')"
@@ -319,9 +318,7 @@ def _validate(cfg: Config) -> None:
     _validate_tune(cfg.tune)
 
 
-Rules = dict[
-    str, tuple[Callable[[Any], bool], str]
-]  # key -> (is the value fine, the rule in words); null passes
+Rules = dict[str, tuple[Callable[[Any], bool], str]]  # key -> (is the value fine, the rule in words); null passes
 SHARED_RULES: Rules = {  # `train.*` and each model's override of it (PER_MODEL)
     "lr": (lambda v: math.isfinite(v) and v >= 0, "at least 0"),  # 0: the weights stay as loaded
     "batch_size": (lambda v: v >= 1, "at least 1"),
@@ -358,23 +355,36 @@ def _validate_tune(tc: TuneConfig) -> None:
     if tc.trials < 1 or (tc.epochs is not None and tc.epochs < 1) or tc.startup_trials < 0:
         raise ConfigError("tune.trials and tune.epochs must be at least 1, tune.startup_trials at least 0")
     # (lowest low, highest high); lr and weight decay are searched on a log scale, so their low is > 0
-    bounds = {"lr": (1e-12, math.inf), "weight_decay": (1e-12, math.inf), "warmup_epochs": (0.0, math.inf),
-              "label_smoothing": (0.0, 0.999), "top_fraction": (1e-9, 1.0), "layer_decay": (1e-9, 1.0),
-              "drop_path": (0.0, 0.999), "drop_rate": (0.0, 0.999)}  # fmt: skip
+    bounds = {
+        "lr": (1e-12, math.inf),
+        "weight_decay": (1e-12, math.inf),
+        "warmup_epochs": (0.0, math.inf),
+        "label_smoothing": (0.0, 0.999),
+        "top_fraction": (1e-9, 1.0),
+        "layer_decay": (1e-9, 1.0),
+        "drop_path": (0.0, 0.999),
+        "drop_rate": (0.0, 0.999),
+    }
     for key, (lo, hi) in bounds.items():
         r = getattr(tc, key)
         if r is not None and not (len(r) == 2 and lo <= r[0] <= r[1] <= hi):
-            raise ConfigError(
-                f"tune.{key}: {list(r)} must be [low, high] with {lo:g} <= low <= high <= {hi:g}"
-            )
+            raise ConfigError(f"tune.{key}: {list(r)} must be [low, high] with {lo:g} <= low <= high <= {hi:g}")
     for key in ("batch_size", "augment"):
         choices = getattr(tc, key)
         if choices is not None and (not choices or (key == "batch_size" and min(choices) < 1)):
             raise ConfigError(f"tune.{key}: give a non-empty list of choices (batch sizes >= 1), or null")
 
 
-PER_MODEL = ("lr", "batch_size", "weight_decay", "warmup_epochs", "label_smoothing", "layer_decay", "augment",
-             "ema_decay")  # fmt: skip
+PER_MODEL = (
+    "lr",
+    "batch_size",
+    "weight_decay",
+    "warmup_epochs",
+    "label_smoothing",
+    "layer_decay",
+    "augment",
+    "ema_decay",
+)
 """ModelConfig fields that override the `train.*` field of the same name for that model."""
 
 

@@ -36,9 +36,7 @@ log = logging.getLogger(__name__)
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
     """timm self-attention modules that can expose their attention matrix (unfused path + attn_drop)."""
     return [
-        m
-        for m in model.modules()
-        if hasattr(m, "fused_attn") and isinstance(getattr(m, "attn_drop", None), nn.Module)
+        m for m in model.modules() if hasattr(m, "fused_attn") and isinstance(getattr(m, "attn_drop", None), nn.Module)
     ]
 
 

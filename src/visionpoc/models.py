@@ -49,25 +49,17 @@ def create_model(mcfg: ModelConfig, num_classes: int, pretrained: bool | None = 
     if mcfg.img_size is not None:
         kwargs["img_size"] = mcfg.img_size
     # no network: cached weights still load, and missing ones fail at once, not after a minute of retries
-    offline = (
-        _hub_offline()
-        if use_pretrained and not mcfg.pretrained_path and not hub_reachable()
-        else nullcontext()
-    )
+    offline = _hub_offline() if use_pretrained and not mcfg.pretrained_path and not hub_reachable() else nullcontext()
     try:
         with offline:
             try:
-                return timm.create_model(
-                    mcfg.timm, pretrained=use_pretrained, num_classes=num_classes, **kwargs
-                )
+                return timm.create_model(mcfg.timm, pretrained=use_pretrained, num_classes=num_classes, **kwargs)
             except TypeError as e:
                 if "img_size" not in str(e) or "img_size" not in kwargs:
                     raise
                 # CNNs take any resolution; img_size then only sets the input size of the data config
                 del kwargs["img_size"]
-                return timm.create_model(
-                    mcfg.timm, pretrained=use_pretrained, num_classes=num_classes, **kwargs
-                )
+                return timm.create_model(mcfg.timm, pretrained=use_pretrained, num_classes=num_classes, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise WeightsError(
@@ -95,8 +87,9 @@ def hub_reachable(timeout_s: float = 5.0) -> bool:
     try:
         requests.head(hc.ENDPOINT, timeout=timeout_s)
     except requests.RequestException:
-        log.warning("the Hugging Face Hub (%s) does not answer: pretrained weights load from the local cache "
-                    "only", hc.ENDPOINT)  # fmt: skip
+        log.warning(
+            "the Hugging Face Hub (%s) does not answer: pretrained weights load from the local cache only", hc.ENDPOINT
+        )
         return False
     return True
 
@@ -145,8 +138,7 @@ def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
         (name, m)
         for name, m in model.named_modules()
-        if name
-        and (any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)))
+        if name and (any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)))
     ]
 
 

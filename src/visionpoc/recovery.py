@@ -92,17 +92,22 @@ def load_resume(out_dir: Path, model: nn.Module, meta: dict[str, str]) -> dict[s
     state = checkpoint.load_state(state_path)
     checkpoint.load_weights(model, weights, meta)
     if checkpoint.read_meta(weights).get("step") != str(state.get("step")):
-        raise CheckpointError(
-            f"{weights} and {state_path} are from different steps: the last save was cut off"
-        )
+        raise CheckpointError(f"{weights} and {state_path} are from different steps: the last save was cut off")
     return state
 
 
 # settings a resumed run may change: where the data is and how it is read, the device, compilation and
 # tracking; everything else (batch size, epochs, LR, fine-tuning, ...) would mix with the saved schedule.
 # A run with repeats may also change `train.repeats`: more seeds, or fewer down to the last one started.
-RESUME_MAY_CHANGE = ("tracking.", "data.num_workers", "data.root", "data.download", "data.base_url",
-                     "train.device", "train.compile")  # fmt: skip
+RESUME_MAY_CHANGE = (
+    "tracking.",
+    "data.num_workers",
+    "data.root",
+    "data.download",
+    "data.base_url",
+    "train.device",
+    "train.compile",
+)
 
 
 def _may_change(key: str) -> bool:
@@ -114,8 +119,11 @@ def _fewest_seeds(run_dir: Path, saved: Config) -> int | None:
     (never 1: a single run's folder is laid out differently); None for a single run (no repeats)."""
     if saved.train.repeats < 2:
         return None
-    started = [k + 1 for k in range(saved.train.repeats)
-               if (Path(run_dir) / repeat_dir(saved.train.seed + k) / "config.yaml").is_file()]  # fmt: skip
+    started = [
+        k + 1
+        for k in range(saved.train.repeats)
+        if (Path(run_dir) / repeat_dir(saved.train.seed + k) / "config.yaml").is_file()
+    ]
     return max(2, *started)
 
 
@@ -126,20 +134,19 @@ def resume_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise ConfigError(f"{path} not found: --resume takes the folder of a run started by compare or train")
     parent = repeats_of(run_dir)
     if parent is not None:  # resumed alone, the other seeds and the report across them would be left behind
-        raise ConfigError(
-            f"{run_dir} is one seed of the repeats in {parent}: resume them all with --resume {parent}"
-        )
+        raise ConfigError(f"{run_dir} is one seed of the repeats in {parent}: resume them all with --resume {parent}")
     cfg = load_config(path, overrides)
     saved_cfg = load_config(path)
     saved, new = flat_keys(to_dict(saved_cfg)), flat_keys(to_dict(cfg))
     changed = sorted(k for k in saved.keys() | new.keys() if saved.get(k) != new.get(k))
     fewest = _fewest_seeds(run_dir, saved_cfg)
-    refused = [k for k in changed if not _may_change(k)
-               and not (k == "train.repeats" and fewest is not None and cfg.train.repeats >= fewest)]  # fmt: skip
+    refused = [
+        k
+        for k in changed
+        if not _may_change(k) and not (k == "train.repeats" and fewest is not None and cfg.train.repeats >= fewest)
+    ]
     if refused:
-        seeds = (
-            f" (train.repeats may go down to {fewest} here)" if "train.repeats" in refused and fewest else ""
-        )
+        seeds = f" (train.repeats may go down to {fewest} here)" if "train.repeats" in refused and fewest else ""
         raise ConfigError(
             f"--resume {run_dir}: --set would change {', '.join(refused)} of the interrupted run, whose "
             f"optimizer and schedule were built for its saved settings. A resumed run may only change "
@@ -152,9 +159,7 @@ def resume_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) ->
 
 def resume_hint(command: str, run_dir: Path, label: str | None, world: int) -> str:
     """The command that resumes an interrupted `compare` or `train` run."""
-    cmd = f"visionpoc {command} --resume {run_dir}" + (
-        f" --model {label}" if command == "train" and label else ""
-    )
+    cmd = f"visionpoc {command} --resume {run_dir}" + (f" --model {label}" if command == "train" and label else "")
     if world > 1:
         cmd = f"torchrun <the same options> -m {cmd}"  # every process resumes its own shard
     return cmd

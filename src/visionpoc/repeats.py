@@ -63,9 +63,7 @@ def read_repeats(run_dir: Path) -> Repeats | None:
         labels = data.get("labels")
         if labels is not None and not isinstance(labels, list):
             raise TypeError(f"labels must be a list or null, not {labels!r}")
-        return Repeats(
-            Path(run_dir), [int(s) for s in data["seeds"]], [str(x) for x in labels] if labels else None
-        )
+        return Repeats(Path(run_dir), [int(s) for s in data["seeds"]], [str(x) for x in labels] if labels else None)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise VisionpocError(
             f"{path} is not a readable list of repeats ({type(e).__name__}: {e}): restore it, or let resuming "
@@ -91,6 +89,4 @@ def spread(values: list[float | None]) -> Spread | None:
     if not known:
         return None
     a = np.asarray(known)
-    return Spread(
-        known, float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else None, float(a.min()), float(a.max())
-    )
+    return Spread(known, float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else None, float(a.min()), float(a.max()))

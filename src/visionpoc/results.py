@@ -104,9 +104,7 @@ class ModelResult:
     ema_decay: float | None = None  # set: the scored weights are the EMA of the trained ones
     drop_path_rate: float | None = None
     augment: str | None = None  # the preset asked for
-    augment_applied: str | None = (
-        None  # what ran on this input path (e.g. RandAugment's GPU form on `prepared`)
-    )
+    augment_applied: str | None = None  # what ran on this input path (e.g. RandAugment's GPU form on `prepared`)
     tuned_from: str | None = None  # the `tune` YAML these settings came from (`compare --tuned`)
 
 
@@ -168,11 +166,29 @@ def save_results(results: RunResults, out_dir: Path) -> Path:
     data = _finite(dataclasses.asdict(results))
     path = atomic_write_json(out_dir / RESULTS_FILE, data)
     cols = [
-        "label", "timm", "finetune", "status", "epochs_run", "train_time_s", "train_accuracy",
-        "val_accuracy", "test_accuracy", "test_top5_accuracy", "test_macro_f1", "train_top5_accuracy",
-        "train_macro_f1", "val_top5_accuracy", "val_macro_f1", "params",
-        "trainable_params", "fwd_gflops", "train_img_s", "eval_img_s", "latency_ms_b1", "peak_memory_gib",
-    ]  # fmt: skip
+        "label",
+        "timm",
+        "finetune",
+        "status",
+        "epochs_run",
+        "train_time_s",
+        "train_accuracy",
+        "val_accuracy",
+        "test_accuracy",
+        "test_top5_accuracy",
+        "test_macro_f1",
+        "train_top5_accuracy",
+        "train_macro_f1",
+        "val_top5_accuracy",
+        "val_macro_f1",
+        "params",
+        "trainable_params",
+        "fwd_gflops",
+        "train_img_s",
+        "eval_img_s",
+        "latency_ms_b1",
+        "peak_memory_gib",
+    ]
     rows = [",".join(cols)]
     for m in data["models"]:
         rows.append(",".join("" if m.get(c) is None else str(m[c]).replace(",", ";") for c in cols))
@@ -192,16 +208,25 @@ def load_results(run_dir: str | Path) -> RunResults:
     from visionpoc.errors import VisionpocError
 
     path = Path(run_dir) / RESULTS_FILE
-    seeds = [] if path.is_file() else sorted((p.parent for p in Path(run_dir).glob("seed-*/" + RESULTS_FILE)),
-                                             key=lambda d: int(d.name[5:]) if d.name[5:].isdigit() else -1)  # fmt: skip
+    seeds = (
+        []
+        if path.is_file()
+        else sorted(
+            (p.parent for p in Path(run_dir).glob("seed-*/" + RESULTS_FILE)),
+            key=lambda d: int(d.name[5:]) if d.name[5:].isdigit() else -1,
+        )
+    )
     if not path.is_file() and ((Path(run_dir) / REPEATS_FILE).is_file() or seeds):
         listed = ", ".join(str(d) for d in seeds) or "none has finished yet"
         raise VisionpocError(
             f"{run_dir} holds the repeats of a comparison, one run per seed: pass one of them ({listed}); "
-            + (f"`visionpoc report {run_dir}` compares them" if (Path(run_dir) / REPEATS_FILE).is_file() else
-               f"its {REPEATS_FILE} is missing: resuming the run writes it again (`visionpoc compare --resume "
-               f"{run_dir}`, or `visionpoc train --resume {run_dir} --model LABEL` for a `train` run)")
-        )  # fmt: skip
+            + (
+                f"`visionpoc report {run_dir}` compares them"
+                if (Path(run_dir) / REPEATS_FILE).is_file()
+                else f"its {REPEATS_FILE} is missing: resuming the run writes it again (`visionpoc compare --resume "
+                f"{run_dir}`, or `visionpoc train --resume {run_dir} --model LABEL` for a `train` run)"
+            )
+        )
     if not path.is_file():
         raise VisionpocError(f"{path} not found: pass the output folder of a finished `visionpoc compare`")
     try:

@@ -85,5 +85,10 @@ def train_step(
             )
         p.micro_batch = current // 2
         p.oom_events.append({**where, "micro_batch": p.micro_batch})
-        log.warning("out of memory at %s: micro-batch %d -> %d, gradients accumulated over %d steps",
-                    where, current, p.micro_batch, -(-len(y) // p.micro_batch))  # fmt: skip
+        log.warning(
+            "out of memory at %s: micro-batch %d -> %d, gradients accumulated over %d steps",
+            where,
+            current,
+            p.micro_batch,
+            -(-len(y) // p.micro_batch),
+        )

@@ -29,8 +29,9 @@ def peak_memory_gib(device: torch.device) -> tuple[float, str]:
 
 
 @torch.inference_mode()
-def latency_ms(model: torch.nn.Module, input_size: tuple[int, int, int], device: torch.device,
-               warmup: int = 3, iters: int = 10) -> float:  # fmt: skip
+def latency_ms(
+    model: torch.nn.Module, input_size: tuple[int, int, int], device: torch.device, warmup: int = 3, iters: int = 10
+) -> float:
     """Median forward latency at batch 1, in milliseconds."""
     model.eval()
     x = torch.randn(1, *input_size, device=device)

@@ -23,18 +23,66 @@ log = logging.getLogger(__name__)
 
 RUN_FILES = ("results.json", "results.csv", "config.yaml", "report.html", "report.md")
 REPORT_FIGURES = "report_files"
-SCORES = ("train_accuracy", "val_accuracy", "test_accuracy", "test_top5_accuracy", "test_macro_f1",
-          "train_time_s", "warmup_s", "data_wait_s", "eval_time_s", "train_img_s", "eval_img_s",
-          "latency_ms_b1", "peak_memory_gib", "params", "trainable_params", "fwd_gflops", "epochs_run",
-          "best_epoch")  # fmt: skip
+SCORES = (
+    "train_accuracy",
+    "val_accuracy",
+    "test_accuracy",
+    "test_top5_accuracy",
+    "test_macro_f1",
+    "train_time_s",
+    "warmup_s",
+    "data_wait_s",
+    "eval_time_s",
+    "train_img_s",
+    "eval_img_s",
+    "latency_ms_b1",
+    "peak_memory_gib",
+    "params",
+    "trainable_params",
+    "fwd_gflops",
+    "epochs_run",
+    "best_epoch",
+)
 """ModelResult fields logged as metrics (numbers, compared across runs in the MLflow UI)."""
-CURVES = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_top5_accuracy", "lr",
-          "epoch_train_time_s", "cumulative_train_time_s", "train_img_s")  # fmt: skip
+CURVES = (
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "val_top5_accuracy",
+    "lr",
+    "epoch_train_time_s",
+    "cumulative_train_time_s",
+    "train_img_s",
+)
 """EpochRecord fields logged as `epoch/<field>` metrics with step = epoch (the learning curves)."""
-SETTINGS = ("preset", "policy", "timm", "finetune", "pretrained", "fraction", "img_size", "lr", "batch_size",
-            "batch_size_per_device", "world_size", "micro_batch_size", "epochs", "weight_decay",
-            "warmup_epochs", "label_smoothing", "layer_decay", "ema_decay", "drop_path_rate", "augment",
-            "augment_applied", "data_pipeline", "pretrained_tag", "license", "tuned_from")  # fmt: skip
+SETTINGS = (
+    "preset",
+    "policy",
+    "timm",
+    "finetune",
+    "pretrained",
+    "fraction",
+    "img_size",
+    "lr",
+    "batch_size",
+    "batch_size_per_device",
+    "world_size",
+    "micro_batch_size",
+    "epochs",
+    "weight_decay",
+    "warmup_epochs",
+    "label_smoothing",
+    "layer_decay",
+    "ema_decay",
+    "drop_path_rate",
+    "augment",
+    "augment_applied",
+    "data_pipeline",
+    "pretrained_tag",
+    "license",
+    "tuned_from",
+)
 """ModelResult fields logged as params (what the model was given)."""
 
 
@@ -70,9 +118,7 @@ def _numbers(obj: Any, keys: tuple[str, ...]) -> dict[str, float]:
 def _log_model(mlflow: Any, m: ModelResult) -> None:
     params = {k: getattr(m, k) for k in SETTINGS if getattr(m, k) is not None}
     mlflow.log_params(params)
-    mlflow.set_tags(
-        {"visionpoc.status": m.status, **({"visionpoc.error": m.error[:5000]} if m.error else {})}
-    )
+    mlflow.set_tags({"visionpoc.status": m.status, **({"visionpoc.error": m.error[:5000]} if m.error else {})})
     scores = _numbers(m, SCORES)
     if scores:
         mlflow.log_metrics(scores)
@@ -84,10 +130,14 @@ def _already_logged(mlflow: Any, exp_id: str, tags: dict[str, str]) -> str | Non
     """The parent run already logged for this run folder and these results (same creation time), if any."""
     if not tags["visionpoc.created"]:
         return None
-    found = mlflow.search_runs([exp_id], filter_string=f"tags.`visionpoc.created` = '{tags['visionpoc.created']}'",
-                               output_format="list")  # fmt: skip
-    same = [x for x in found if x.data.tags.get("visionpoc.run_dir") == tags["visionpoc.run_dir"]
-            and x.info.status == "FINISHED"]  # one cut short (failed, killed) is logged again  # fmt: skip
+    found = mlflow.search_runs(
+        [exp_id], filter_string=f"tags.`visionpoc.created` = '{tags['visionpoc.created']}'", output_format="list"
+    )
+    same = [
+        x
+        for x in found
+        if x.data.tags.get("visionpoc.run_dir") == tags["visionpoc.run_dir"] and x.info.status == "FINISHED"
+    ]  # one cut short (failed, killed) is logged again
     return str(same[0].info.run_id) if same else None
 
 
@@ -103,8 +153,12 @@ def log_run(run_dir: str | Path, uri: str, experiment: str = "visionpoc") -> str
     exp = mlflow.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment, artifact_location(uri))
     shared = {k: v for k, v in r.config.items() if k != "models"}
-    tags = {"visionpoc.run_dir": str(run_dir.resolve()), "visionpoc.dataset": r.dataset.source,
-            "visionpoc.models": ", ".join(m.label for m in r.models), "visionpoc.created": r.created}  # fmt: skip
+    tags = {
+        "visionpoc.run_dir": str(run_dir.resolve()),
+        "visionpoc.dataset": r.dataset.source,
+        "visionpoc.models": ", ".join(m.label for m in r.models),
+        "visionpoc.created": r.created,
+    }
     name, parent = run_dir.name, repeats_of(run_dir)
     if parent is not None:  # one seed of a run with repeats: say which, and of what
         tags["visionpoc.repeats_of"] = str(parent)
@@ -115,20 +169,23 @@ def log_run(run_dir: str | Path, uri: str, experiment: str = "visionpoc") -> str
         return logged
     with mlflow.start_run(experiment_id=exp_id, run_name=name, tags=tags) as parent:
         mlflow.log_params({k: "null" if v is None else v for k, v in flat_keys(shared, lists=False).items()})
-        mlflow.log_params({f"dataset.{k}": v for k, v in dataclasses.asdict(r.dataset).items()
-                           if k != "class_names"})  # fmt: skip
-        mlflow.log_params(
-            {f"env.{k}": v for k, v in dataclasses.asdict(r.environment).items() if v is not None}
-        )
+        mlflow.log_params({f"dataset.{k}": v for k, v in dataclasses.asdict(r.dataset).items() if k != "class_names"})
+        mlflow.log_params({f"env.{k}": v for k, v in dataclasses.asdict(r.environment).items() if v is not None})
         for name in RUN_FILES:
             if (run_dir / name).is_file():
                 mlflow.log_artifact(str(run_dir / name))
         if (run_dir / REPORT_FIGURES).is_dir():
             mlflow.log_artifacts(str(run_dir / REPORT_FIGURES), REPORT_FIGURES)
         for m in r.models:
-            with mlflow.start_run(experiment_id=exp_id, run_name=m.label, nested=True,
-                                  tags={"visionpoc.model": m.label}):  # fmt: skip
+            with mlflow.start_run(
+                experiment_id=exp_id, run_name=m.label, nested=True, tags={"visionpoc.model": m.label}
+            ):
                 _log_model(mlflow, m)
-        log.info("mlflow: logged %s as run %s of experiment %r at %s", run_dir / RESULTS_FILE,
-                 parent.info.run_id, experiment, uri)  # fmt: skip
+        log.info(
+            "mlflow: logged %s as run %s of experiment %r at %s",
+            run_dir / RESULTS_FILE,
+            parent.info.run_id,
+            experiment,
+            uri,
+        )
         return str(parent.info.run_id)

@@ -4,7 +4,7 @@
 AdamW (timm's factory: no weight decay on biases and norms; optional layer-wise LR decay), cosine
 schedule with linear warmup (timm's scheduler, stepped per update), label smoothing, gradient clipping,
 bf16 autocast on CUDA; the augmentation preset's batch ops (mixup/cutmix, erasing: `data/augment.py`)
-and its loss; an optional weight EMA (`recipe.py`). Each model trains with `config.for_model(cfg, mcfg)`:
+and its loss; an optional weight EMA (`optim.py`). Each model trains with `config.for_model(cfg, mcfg)`:
 its per-model settings replace the shared `train.*` ones. After each epoch the weights and the full
 training state are checkpointed; the best-on-validation weights are the ones scored on test, once, at
 the end (`score_test=False`, for tuning, skips every test pass; `on_epoch` sees each validation score).
@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from visionpoc import checkpoint, distributed, models, presets, recipe, recovery
+from visionpoc import checkpoint, distributed, models, optim, recovery
 from visionpoc.atomic import atomic_write_json
 from visionpoc.config import Config, ConfigError, ModelConfig, for_model
 from visionpoc.data import augment
@@ -42,6 +42,7 @@ from visionpoc.data.splits import Splits
 from visionpoc.distributed import SINGLE, Dist
 from visionpoc.errors import TrainingInterrupted
 from visionpoc.evaluate import EvalStats, evaluate, summarize
+from visionpoc.presets import facts as presets
 from visionpoc.results import PREDICTIONS_FILE, EpochRecord, ModelResult, save_predictions
 from visionpoc.step import StepParts, train_step
 from visionpoc.timing import latency_ms, peak_memory_gib, reset_peak_memory, sync
@@ -75,7 +76,7 @@ def seed_rank(seed: int, d: Dist) -> None:
     recovery.seed_streams(distributed.rank_seed(seed, d.rank))
 
 
-def wrap_model(model: nn.Module, d: Dist, device: torch.device, compile_: bool) -> tuple[nn.Module, nn.Module]:  # fmt: skip
+def wrap_model(model: nn.Module, d: Dist, device: torch.device, compile_: bool) -> tuple[nn.Module, nn.Module]:
     """(the module the training step calls, the module evaluation calls). Under torchrun: DDP first,
     then torch.compile of the DDP module (PyTorch's order: the compiled graph is split at DDP's gradient
     buckets so communication overlaps the backward). Evaluation always runs the plain module (on each
@@ -136,8 +137,15 @@ class EpochProgress:
         return self.correct / max(1, self.n)
 
 
-def train_one_epoch(p: StepParts, batches: Batches, epoch: int, step: int, progress: EpochProgress,
-                    stop: recovery.StopRequest, d: Dist = SINGLE) -> tuple[EpochProgress, int, bool]:  # fmt: skip
+def train_one_epoch(
+    p: StepParts,
+    batches: Batches,
+    epoch: int,
+    step: int,
+    progress: EpochProgress,
+    stop: recovery.StopRequest,
+    d: Dist = SINGLE,
+) -> tuple[EpochProgress, int, bool]:
     """Train over `batches` from `progress` on. Returns (progress, global step, stopped early)."""
     p.model.train()
     # one process continues the interrupted epoch's running sum, so a resumed epoch adds in the same order
@@ -182,8 +190,11 @@ def train_one_epoch(p: StepParts, batches: Batches, epoch: int, step: int, progr
         n += len(y)
         if bar.disable is False and step % 10 == 0:  # .item() syncs: only when a bar is shown
             elapsed = time.perf_counter() - t_epoch - warm_s
-            bar.set_postfix(loss=f"{loss_sum.item() / n:.3f}", acc=f"{correct.item() / n:.3f}",
-                            img_s=f"{(n - n_first) / max(elapsed, 1e-9):.0f}")  # fmt: skip
+            bar.set_postfix(
+                loss=f"{loss_sum.item() / n:.3f}",
+                acc=f"{correct.item() / n:.3f}",
+                img_s=f"{(n - n_first) / max(elapsed, 1e-9):.0f}",
+            )
         if distributed.broadcast_flag(d, stop.signum is not None):  # every rank stops at the same step
             stopped = True
             break
@@ -202,8 +213,16 @@ def train_one_epoch(p: StepParts, batches: Batches, epoch: int, step: int, progr
     return progress, step, stopped
 
 
-def evaluate_split(model: nn.Module, batches: Batches, d: Dist, n_total: int, device: torch.device,
-                   num_classes: int, dtype: torch.dtype | None, desc: str) -> EvalStats:  # fmt: skip
+def evaluate_split(
+    model: nn.Module,
+    batches: Batches,
+    d: Dist,
+    n_total: int,
+    device: torch.device,
+    num_classes: int,
+    dtype: torch.dtype | None,
+    desc: str,
+) -> EvalStats:
     """`evaluate` on this process's shard; under torchrun, the shards are gathered in sample order and
     every sample is checked to be counted exactly once."""
     shard = getattr(getattr(batches, "sampler", None), "indices", lambda: list(range(n_total)))()
@@ -229,8 +248,15 @@ def interrupted(label: str, where: str, out_dir: Path) -> TrainingInterrupted:
     return TrainingInterrupted(f"model {label!r} stopped {where}; checkpoint saved in {out_dir}")
 
 
-def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: bool = False,
-        score_test: bool = True, on_epoch: Callable[[int, float | None], None] | None = None) -> ModelResult:  # fmt: skip
+def fit(
+    cfg: Config,
+    mcfg: ModelConfig,
+    splits: Splits,
+    out_dir: Path,
+    resume: bool = False,
+    score_test: bool = True,
+    on_epoch: Callable[[int, float | None], None] | None = None,
+) -> ModelResult:
     """Fine-tune one model on `splits`, checkpoint it, score its best weights; write `out_dir`.
 
     `on_epoch(epoch, val_accuracy)` runs after each epoch's validation and checkpoint (an exception it
@@ -265,7 +291,7 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    ema = recipe.make_ema(model, cfg.train.ema_decay)
+    ema = optim.make_ema(model, cfg.train.ema_decay)
     step_model, eval_model = wrap_model(model, d, device, cfg.train.compile)
     seed_rank(cfg.train.seed, d)
     val_model = ema.module if ema is not None else eval_model  # with EMA, the averaged weights are judged
@@ -274,29 +300,65 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
     # a prepared store resident on the GPU is input data, not the model's footprint: reported apart
     store_bytes = loaders.resident_bytes
     lr = mcfg.lr if mcfg.lr is not None else cfg.train.lr
-    optimizer = recipe.make_optimizer(model, cfg.train, lr, device)
+    optimizer = optim.make_optimizer(model, cfg.train, lr, device)
     set_epoch(loaders.train, 1)
     steps_per_epoch = len(loaders.train)
-    scheduler = recipe.make_scheduler(optimizer, cfg.train, lr, steps_per_epoch)
+    scheduler = optim.make_scheduler(optimizer, cfg.train, lr, steps_per_epoch)
     tc = cfg.train
-    parts = StepParts(step_model, optimizer, scheduler, augment.loss_for(tc.augment, tc.label_smoothing), device, dtype,
-                      tc.grad_clip, channels_last, batch_aug=augment.batch_augment(tc.augment, nc, tc.label_smoothing, device),
-                      ema=ema)  # fmt: skip
+    parts = StepParts(
+        step_model,
+        optimizer,
+        scheduler,
+        augment.loss_for(tc.augment, tc.label_smoothing),
+        device,
+        dtype,
+        tc.grad_clip,
+        channels_last,
+        batch_aug=augment.batch_augment(tc.augment, nc, tc.label_smoothing, device),
+        ema=ema,
+    )
     result = ModelResult(
-        label=mcfg.label, timm=mcfg.timm, finetune=mcfg.finetune, pretrained=mcfg.pretrained,
-        preset=mcfg.preset, policy=mcfg.policy,
-        fraction=mcfg.fraction if mcfg.finetune == "top_fraction" else None, img_size=int(input_size[-1]),
-        lr=lr, batch_size=cfg.train.batch_size, batch_size_per_device=cfg.train.batch_size // d.world,
-        world_size=d.world, epochs=cfg.train.epochs, data_pipeline=loaders.pipeline, params=params,
-        trainable_params=trainable, fwd_gflops=gflops, pretrained_tag=tag, license=licence,
-        weight_decay=tc.weight_decay, warmup_epochs=tc.warmup_epochs, label_smoothing=tc.label_smoothing,
-        layer_decay=tc.layer_decay, ema_decay=tc.ema_decay, augment=tc.augment,
+        label=mcfg.label,
+        timm=mcfg.timm,
+        finetune=mcfg.finetune,
+        pretrained=mcfg.pretrained,
+        preset=mcfg.preset,
+        policy=mcfg.policy,
+        fraction=mcfg.fraction if mcfg.finetune == "top_fraction" else None,
+        img_size=int(input_size[-1]),
+        lr=lr,
+        batch_size=cfg.train.batch_size,
+        batch_size_per_device=cfg.train.batch_size // d.world,
+        world_size=d.world,
+        epochs=cfg.train.epochs,
+        data_pipeline=loaders.pipeline,
+        params=params,
+        trainable_params=trainable,
+        fwd_gflops=gflops,
+        pretrained_tag=tag,
+        license=licence,
+        weight_decay=tc.weight_decay,
+        warmup_epochs=tc.warmup_epochs,
+        label_smoothing=tc.label_smoothing,
+        layer_decay=tc.layer_decay,
+        ema_decay=tc.ema_decay,
+        augment=tc.augment,
         augment_applied=augment.describe(tc.augment, loaders.pipeline),
-        drop_path_rate=mcfg.model_kwargs.get("drop_path_rate"), tuned_from=mcfg.tuned_from,
-    )  # fmt: skip
+        drop_path_rate=mcfg.model_kwargs.get("drop_path_rate"),
+        tuned_from=mcfg.tuned_from,
+    )
 
-    s: dict[str, Any] = {"epoch": 1, "step": 0, "progress": EpochProgress(), "best_val": -1.0, "bad_epochs": 0,
-                         "train_time": 0.0, "warmup": 0.0, "data_wait": 0.0, "n_steady": 0}  # fmt: skip
+    s: dict[str, Any] = {
+        "epoch": 1,
+        "step": 0,
+        "progress": EpochProgress(),
+        "best_val": -1.0,
+        "bad_epochs": 0,
+        "train_time": 0.0,
+        "warmup": 0.0,
+        "data_wait": 0.0,
+        "n_steady": 0,
+    }
     saved = recovery.load_resume(out_dir, model, meta) if resume else None
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
@@ -305,8 +367,13 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
         if len(rngs) == d.world:
             recovery.set_rng_state(rngs[d.rank])
         else:
-            log.warning("[%s] checkpoint saved by %d process(es), resumed with %d: the random streams restart "
-                        "(the data order is kept; the run is not an exact continuation)", mcfg.label, len(rngs), d.world)  # fmt: skip
+            log.warning(
+                "[%s] checkpoint saved by %d process(es), resumed with %d: the random streams restart "
+                "(the data order is kept; the run is not an exact continuation)",
+                mcfg.label,
+                len(rngs),
+                d.world,
+            )
         if ema is not None and saved.get("ema") is not None:
             ema.module.load_state_dict(saved["ema"])
         elif ema is not None:  # the checkpoint predates the EMA: start it from the current weights
@@ -329,13 +396,24 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
             ckpt.copy(out_dir / BEST, out_dir / LAST)
         else:
             ckpt.weights(model, out_dir / LAST, {**meta, "step": str(s["step"])})
-        ckpt.state(out_dir / STATE, {
-            "epoch": epoch, "step": s["step"], "progress": dataclasses.asdict(progress), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": rngs[0], "rng_ranks": rngs, "history": [dataclasses.asdict(h) for h in result.history],
-            "best_epoch": result.best_epoch, "micro_batch": parts.micro_batch, "oom_events": parts.oom_events,
-            "ema": ema.module.state_dict() if ema is not None else None,
-            **{k: s[k] for k in LOOP_KEYS},
-        })  # fmt: skip
+        ckpt.state(
+            out_dir / STATE,
+            {
+                "epoch": epoch,
+                "step": s["step"],
+                "progress": dataclasses.asdict(progress),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rngs[0],
+                "rng_ranks": rngs,
+                "history": [dataclasses.asdict(h) for h in result.history],
+                "best_epoch": result.best_epoch,
+                "micro_batch": parts.micro_batch,
+                "oom_events": parts.oom_events,
+                "ema": ema.module.state_dict() if ema is not None else None,
+                **{k: s[k] for k in LOOP_KEYS},
+            },
+        )
 
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -344,9 +422,7 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
         for epoch in range(s["epoch"], cfg.train.epochs + 1):
             progress: EpochProgress = s["progress"]
             set_epoch(loaders.train, epoch, skip_batches=progress.batches)
-            progress, s["step"], stopped = train_one_epoch(
-                parts, loaders.train, epoch, s["step"], progress, stop, d
-            )
+            progress, s["step"], stopped = train_one_epoch(parts, loaders.train, epoch, s["step"], progress, stop, d)
             if stopped:
                 save_last(epoch, progress)
                 raise interrupted(mcfg.label, f"in epoch {epoch} after {progress.batches} batches", out_dir)
@@ -360,15 +436,30 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
                 else None
             )
             t = progress.time_s + progress.warmup_s
-            result.history.append(EpochRecord(
-                epoch=epoch, train_loss=progress.loss, train_accuracy=progress.accuracy,
-                val_loss=val.loss if val else None, val_accuracy=val.accuracy if val else None,
-                val_top5_accuracy=val.top5_accuracy if val else None, lr=recipe.peak_lr(optimizer),
-                epoch_train_time_s=t, cumulative_train_time_s=s["train_time"] + s["warmup"],
-                train_img_s=progress.n / t if t > 0 else 0.0,
-            ))  # fmt: skip
-            log.info("[%s] epoch %d/%d loss %.4f train-acc %.4f val-acc %s (%.1fs)", mcfg.label, epoch, cfg.train.epochs,
-                     progress.loss, progress.accuracy, f"{val.accuracy:.4f}" if val else "n/a", t)  # fmt: skip
+            result.history.append(
+                EpochRecord(
+                    epoch=epoch,
+                    train_loss=progress.loss,
+                    train_accuracy=progress.accuracy,
+                    val_loss=val.loss if val else None,
+                    val_accuracy=val.accuracy if val else None,
+                    val_top5_accuracy=val.top5_accuracy if val else None,
+                    lr=optim.peak_lr(optimizer),
+                    epoch_train_time_s=t,
+                    cumulative_train_time_s=s["train_time"] + s["warmup"],
+                    train_img_s=progress.n / t if t > 0 else 0.0,
+                )
+            )
+            log.info(
+                "[%s] epoch %d/%d loss %.4f train-acc %.4f val-acc %s (%.1fs)",
+                mcfg.label,
+                epoch,
+                cfg.train.epochs,
+                progress.loss,
+                progress.accuracy,
+                f"{val.accuracy:.4f}" if val else "n/a",
+                t,
+            )
             score = val.accuracy if val else float(epoch)  # no validation split: the last epoch is the best
             improved = score > s["best_val"]
             if improved:
@@ -393,9 +484,7 @@ def fit(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path, resume: b
     result.epochs_run = len(result.history)
     result.train_time_s, result.warmup_s, result.data_wait_s = s["train_time"], s["warmup"], s["data_wait"]
     # None (shown as "–") when every step was warm-up: a rate of 0 img/s would be a measurement
-    result.train_img_s = (
-        s["n_steady"] / s["train_time"] if s["n_steady"] > 0 and s["train_time"] > 0 else None
-    )
+    result.train_img_s = s["n_steady"] / s["train_time"] if s["n_steady"] > 0 and s["train_time"] > 0 else None
     result.micro_batch_size, result.oom_events = parts.micro_batch, parts.oom_events
     result.peak_memory_gib, result.peak_memory_kind = peak_memory_gib(device)
     if store_bytes > 0:

@@ -84,8 +84,9 @@ def batch_augment(preset: str, num_classes: int, label_smoothing: float, device:
     if preset != "strong":
         return lambda x, y: (x, y)
     erase = RandomErasing(probability=ERASE_PROB, mode="pixel", device=str(device))
-    mix = Mixup(mixup_alpha=MIXUP_ALPHA, cutmix_alpha=CUTMIX_ALPHA, label_smoothing=label_smoothing,
-                num_classes=num_classes)  # fmt: skip
+    mix = Mixup(
+        mixup_alpha=MIXUP_ALPHA, cutmix_alpha=CUTMIX_ALPHA, label_smoothing=label_smoothing, num_classes=num_classes
+    )
 
     def apply(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = erase(x)  # (B, 3, H, W), a few images get a noise rectangle
@@ -121,7 +122,9 @@ def describe(preset: str, pipeline: str) -> str:
     if pipeline == "prepared":
         from visionpoc.data import gpu_aug
 
-        ra = (f"gpu randaugment(torchvision, {gpu_aug.RAND_AUGMENT_OPS} ops, m{gpu_aug.RAND_AUGMENT_MAGNITUDE}, "
-              f"per {gpu_aug.RAND_AUGMENT_CHUNK} images)")  # fmt: skip
+        ra = (
+            f"gpu randaugment(torchvision, {gpu_aug.RAND_AUGMENT_OPS} ops, m{gpu_aug.RAND_AUGMENT_MAGNITUDE}, "
+            f"per {gpu_aug.RAND_AUGMENT_CHUNK} images)"
+        )
         return f"{crop}+{ra}+{batch}"
     return f"{crop}+randaugment({RAND_AUGMENT})+{batch}"

@@ -101,9 +101,14 @@ def _download(url: str, dest: Path, progress: bool) -> None:
                         total = int(r.headers["Content-Length"])
                 size = offset
                 bar = tqdm(
-                    total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=dest.name, disable=not progress,
-                )  # fmt: skip
+                    total=total,
+                    initial=offset,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=dest.name,
+                    disable=not progress,
+                )
                 with bar, open(part, mode) as f:
                     for chunk in r.iter_content(chunk_size=CHUNK):
                         f.write(chunk)
@@ -210,9 +215,7 @@ def _extract(root: Path, archives: list[Path], progress: bool) -> None:
                     else:  # Python < 3.11.4: _check_archive already refused unsafe members
                         tar.extractall(tmp, members=members)
             except (tarfile.TarError, OSError) as e:
-                raise DataError(
-                    f"cannot extract {a} into {tmp} ({e}); check free disk space and re-run"
-                ) from e
+                raise DataError(f"cannot extract {a} into {tmp} ({e}); check free disk space and re-run") from e
         try:
             read_stanford_dogs(tmp)
         except DataError as e:
@@ -222,9 +225,7 @@ def _extract(root: Path, archives: list[Path], progress: bool) -> None:
             ) from e
         lists = find_dogs_lists(tmp)
         if lists is None or not (tmp / "Annotation").is_dir():
-            raise DataError(
-                f"{', '.join(ARCHIVES)} do not hold an Annotation folder: use the official archives"
-            )
+            raise DataError(f"{', '.join(ARCHIVES)} do not hold an Annotation folder: use the official archives")
         (root / MARKER).unlink(missing_ok=True)
         moves = [(tmp / "Images", root / "Images"), (tmp / "Annotation", root / "Annotation")]
         moves += [(lists / n, root / n) for n in LIST_FILES if (lists / n).is_file()]
@@ -232,9 +233,7 @@ def _extract(root: Path, archives: list[Path], progress: bool) -> None:
             if dst.is_dir() or dst.is_symlink():  # left by an earlier interrupted run: replace it
                 os.replace(dst, tmp / f".old-{dst.name}")
             os.replace(src, dst)
-        atomic_write_json(
-            root / MARKER, {"archives": [a.name for a in archives], "source": str(archives[0].parent)}
-        )
+        atomic_write_json(root / MARKER, {"archives": [a.name for a in archives], "source": str(archives[0].parent)})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -111,8 +111,16 @@ def default_workers(data: DataConfig) -> int:
     return min(8, os.cpu_count() or 1)
 
 
-def stream_loader(split: Split, transform: Any, batch_size: int, shuffle: bool, cfg: Config,
-                  device: torch.device, d: Dist = SINGLE, every_epoch: bool = False) -> DataLoader:  # fmt: skip
+def stream_loader(
+    split: Split,
+    transform: Any,
+    batch_size: int,
+    shuffle: bool,
+    cfg: Config,
+    device: torch.device,
+    d: Dist = SINGLE,
+    every_epoch: bool = False,
+) -> DataLoader:
     """A DataLoader over this process's shard of `split` (EpochSampler: seeded per epoch, resumable).
     `every_epoch` loaders (train, val) keep their workers alive between passes; one-pass loaders don't."""
     workers = default_workers(cfg.data)
@@ -157,8 +165,9 @@ def resolve_pipeline(cfg: Config, device: torch.device) -> str:
     return cfg.data.pipeline
 
 
-def build_loaders(splits: Splits, data_cfg: dict[str, Any], cfg: Config, device: torch.device,
-                  d: Dist = SINGLE) -> Loaders:  # fmt: skip
+def build_loaders(
+    splits: Splits, data_cfg: dict[str, Any], cfg: Config, device: torch.device, d: Dist = SINGLE
+) -> Loaders:
     """Loaders for one model (its own input size and normalization) over the shared splits."""
     pipeline = resolve_pipeline(cfg, device)
     if pipeline == "prepared":

@@ -154,12 +154,8 @@ def _fill(task: tuple[int, list[str], int]) -> int:
 
 def _build(target: Path, paths: list[str], size: int, workers: int) -> None:
     def write(tmp: Path) -> None:
-        arr: np.memmap = np.lib.format.open_memmap(
-            tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size)
-        )
-        bar = tqdm(
-            total=len(paths), desc=f"preparing {len(paths)} images at {size}px", unit="img", disable=None
-        )
+        arr: np.memmap = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
+        bar = tqdm(total=len(paths), desc=f"preparing {len(paths)} images at {size}px", unit="img", disable=None)
         if workers <= 1 or len(paths) <= 2 * CHUNK:
             for i, p in enumerate(paths):
                 arr[i] = decode_square(p, size)
@@ -176,9 +172,7 @@ def _build(target: Path, paths: list[str], size: int, workers: int) -> None:
     atomic_write(target, write)
 
 
-def prepare_store(
-    paths: Sequence[Path], size: int, cache_dir: Path | None = None, workers: int = 0
-) -> PreparedStore:
+def prepare_store(paths: Sequence[Path], size: int, cache_dir: Path | None = None, workers: int = 0) -> PreparedStore:
     """The store of `paths` at side `size`: reused from `cache_dir` when its key matches, else built."""
     base, names = _names(paths)
     cache = Path(cache_dir) if cache_dir is not None else cache_dir_for(base)
@@ -194,13 +188,28 @@ def prepare_store(
         log.info("building the prepared store %s (%d images at %dx%d)", npy, len(names), size, size)
         _build(npy, [str(base / n) for n in names], size, workers)
         names_key = _digest(base, names, size, with_stats=False)
-        atomic_write_json(meta, {"key": key, "names_key": names_key, "version": STORE_VERSION, "size": size,
-                                 "n": len(names), "base": str(base)})  # fmt: skip
+        atomic_write_json(
+            meta,
+            {
+                "key": key,
+                "names_key": names_key,
+                "version": STORE_VERSION,
+                "size": size,
+                "n": len(names),
+                "base": str(base),
+            },
+        )
         _prune(cache, key, names_key, base, size)
         images, built = np.load(npy, mmap_mode="r"), True
     dt = time.perf_counter() - t0
-    log.info("prepared store %s: %d images, %.2f GiB, %s in %.1fs", npy.name, len(names),
-             images.nbytes / 2**30, "built" if built else "reused", dt)  # fmt: skip
+    log.info(
+        "prepared store %s: %d images, %.2f GiB, %s in %.1fs",
+        npy.name,
+        len(names),
+        images.nbytes / 2**30,
+        "built" if built else "reused",
+        dt,
+    )
     return PreparedStore(npy, key, size, base, names, images, built, dt if built else 0.0)
 
 
@@ -252,14 +261,30 @@ def _remove(meta: Path) -> None:
 # --------------------------------------------------------------------------------------------- loaders
 
 
-def split_batches(store: PreparedStore, images: torch.Tensor | np.ndarray, split: Split, transform: Transform,
-                  batch_size: int, device: torch.device, train: bool, seed: int = 0,
-                  d: Dist = SINGLE) -> StoreBatches:  # fmt: skip
+def split_batches(
+    store: PreparedStore,
+    images: torch.Tensor | np.ndarray,
+    split: Split,
+    transform: Transform,
+    batch_size: int,
+    device: torch.device,
+    train: bool,
+    seed: int = 0,
+    d: Dist = SINGLE,
+) -> StoreBatches:
     """StoreBatches over `split`: shuffled and without a last short batch for training, in order for eval."""
     sampler = EpochSampler(len(split), seed, d, shuffle=train)
     rows = store.rows([split.root / f for f in split.files])
-    return StoreBatches(images, rows, split.labels, batch_size, transform, device, sampler,
-                        drop_last=train and len(sampler) > batch_size)  # fmt: skip
+    return StoreBatches(
+        images,
+        rows,
+        split.labels,
+        batch_size,
+        transform,
+        device,
+        sampler,
+        drop_last=train and len(sampler) > batch_size,
+    )
 
 
 _RESIDENT: dict[tuple[str, str], torch.Tensor] = {}  # the last store placed on a GPU, by (store key, device)
@@ -281,14 +306,18 @@ def resident(store: PreparedStore, device: torch.device) -> torch.Tensor | np.nd
     return _RESIDENT[key]
 
 
-def prepared_loaders(splits: Splits, data_cfg: dict[str, Any], cfg: Config, device: torch.device,
-                     d: Dist = SINGLE) -> Loaders:  # fmt: skip
+def prepared_loaders(
+    splits: Splits, data_cfg: dict[str, Any], cfg: Config, device: torch.device, d: Dist = SINGLE
+) -> Loaders:
     """Loaders for one model over the shared prepared store (built on first use, then reused)."""
     paths = [s.root / f for s in (splits.train, splits.val, splits.test) for f in s.files]
     size = cfg.data.prepared_size
     if size < max(data_cfg["input_size"][-2:]):
-        log.warning("data.prepared_size=%d is below the model's input size %s: crops are upsampled",
-                    size, tuple(data_cfg["input_size"][-2:]))  # fmt: skip
+        log.warning(
+            "data.prepared_size=%d is below the model's input size %s: crops are upsampled",
+            size,
+            tuple(data_cfg["input_size"][-2:]),
+        )
     cache = cache_dir_for(cfg.data.root)
     if not d.main:  # rank 0 builds; the others wait, then reuse it
         distributed.barrier(d)

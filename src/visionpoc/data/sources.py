@@ -23,8 +23,7 @@ from visionpoc.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
-                  ".gif")  # fmt: skip
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 DOGS_LISTS = ("train_list.mat", "test_list.mat")
 
 
@@ -185,8 +184,7 @@ def _list_images(class_dir: Path, skipped: Counter[str]) -> list[str]:
 
 def _class_dirs(d: Path) -> dict[str, Path]:
     """Class name (Unicode NFC: a name typed on macOS matches the same name typed elsewhere) -> folder."""
-    return {unicodedata.normalize("NFC", c.name): c for c in sorted(d.iterdir())
-            if c.is_dir() and not _hidden(c.name)}  # fmt: skip
+    return {unicodedata.normalize("NFC", c.name): c for c in sorted(d.iterdir()) if c.is_dir() and not _hidden(c.name)}
 
 
 def read_folder(root: str | Path) -> Dataset:
@@ -201,12 +199,13 @@ def read_folder(root: str | Path) -> Dataset:
             f"found {sorted(p.name for p in root.iterdir()) if root.is_dir() else 'no such folder'}"
         )
     if test_dir.name == "test" and (root / "val").is_dir():
-        log.warning("%s is not read: test/ is the test split, and validation is carved out of train/ "
-                    "(data.val_fraction); merge val/ into train/ to train on it", root / "val")  # fmt: skip
+        log.warning(
+            "%s is not read: test/ is the test split, and validation is carved out of train/ "
+            "(data.val_fraction); merge val/ into train/ to train on it",
+            root / "val",
+        )
     train_classes, test_classes = _class_dirs(train_dir), _class_dirs(test_dir)
-    _refuse_non_utf8(
-        [str(c.relative_to(root)) for c in [*train_classes.values(), *test_classes.values()]], root
-    )
+    _refuse_non_utf8([str(c.relative_to(root)) for c in [*train_classes.values(), *test_classes.values()]], root)
     class_names = sorted(train_classes)
     if len(class_names) < 2:
         raise DataError(
@@ -228,17 +227,20 @@ def read_folder(root: str | Path) -> Dataset:
         _refuse_non_utf8(files, d)
         loose = [p.name for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS]
         if loose:
-            log.warning("%d image(s) directly in %s are not read (e.g. %s): put each in its class folder, "
-                        "%s/<class>/", len(loose), d, loose[0], d)  # fmt: skip
+            log.warning(
+                "%d image(s) directly in %s are not read (e.g. %s): put each in its class folder, %s/<class>/",
+                len(loose),
+                d,
+                loose[0],
+                d,
+            )
         return Split(d, files, np.asarray(labels, dtype=np.int64))
 
     train = split(train_dir, train_classes)
     empty = [c for c in class_names if not (train.labels == index[c]).any()]
     if empty:
         raise DataError(f"class folders with no images in {train_dir}: {empty}; add images or remove them")
-    unknown = sorted(
-        c for c, path in test_classes.items() if c not in index and _list_images(path, Counter())
-    )
+    unknown = sorted(c for c, path in test_classes.items() if c not in index and _list_images(path, Counter()))
     if unknown:
         raise DataError(
             f"{test_dir} has classes absent from {train_dir}: {unknown}; a model cannot learn them: "
@@ -249,9 +251,13 @@ def read_folder(root: str | Path) -> Dataset:
         raise DataError(f"{test_dir} holds no images in class folders: put them in {test_dir}/<class>/")
     for name, counts in skipped.items():
         if counts:
-            log.warning("%s: %d file(s) skipped, not an image type this tool reads (%s); supported: %s",
-                        root / name, sum(counts.values()), ", ".join(f"{k}: {v}" for k, v in counts.most_common()),
-                        " ".join(IMG_EXTENSIONS))  # fmt: skip
+            log.warning(
+                "%s: %d file(s) skipped, not an image type this tool reads (%s); supported: %s",
+                root / name,
+                sum(counts.values()),
+                ", ".join(f"{k}: {v}" for k, v in counts.most_common()),
+                " ".join(IMG_EXTENSIONS),
+            )
     ds = Dataset("folder", root, train, test, class_names)
     _check_class_coverage(ds)
     return ds

@@ -37,9 +37,7 @@ def limit_per_class(split: Split, limit: int | None, seed: int) -> Split:
     return split.subset(np.sort(np.asarray(keep, dtype=np.int64)))
 
 
-def stratified_val_split(
-    train: Split, fraction: float, seed: int, class_names: list[str]
-) -> tuple[Split, Split]:
+def stratified_val_split(train: Split, fraction: float, seed: int, class_names: list[str]) -> tuple[Split, Split]:
     """Hold out round(fraction * n_c) images of each class c (at least one) for validation."""
     if fraction <= 0:
         return train, train.subset(np.zeros(0, dtype=np.int64))

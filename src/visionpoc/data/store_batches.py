@@ -63,9 +63,17 @@ class StoreBatches:
     batches a resumed run did). Batch k of an epoch is augmented with a CPU generator seeded by
     (seed, epoch, rank, k): the same crops on every device, and exactly again after a resume."""
 
-    def __init__(self, images: torch.Tensor | np.ndarray, rows: np.ndarray, labels: np.ndarray,
-                 batch_size: int, transform: Transform, device: torch.device, sampler: EpochSampler,
-                 drop_last: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        images: torch.Tensor | np.ndarray,
+        rows: np.ndarray,
+        labels: np.ndarray,
+        batch_size: int,
+        transform: Transform,
+        device: torch.device,
+        sampler: EpochSampler,
+        drop_last: bool = False,
+    ) -> None:
         self.images, self.rows, self.labels = images, np.asarray(rows), np.asarray(labels, dtype=np.int64)
         self.batch_size, self.transform, self.device = batch_size, transform, device
         self.sampler, self.drop_last = sampler, drop_last

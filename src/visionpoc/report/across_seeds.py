@@ -35,9 +35,7 @@ class SeedRow:
     macro_f1: Spread | None
     train_time_s: Spread | None
     train_img_s: Spread | None
-    per_seed: list[
-        float | None
-    ]  # test accuracy, in the order of `SeedsReport.seeds` (None: failed or missing)
+    per_seed: list[float | None]  # test accuracy, in the order of `SeedsReport.seeds` (None: failed or missing)
     test_se: float | None  # one run's binomial standard error of test accuracy (the test set's noise)
 
 
@@ -86,12 +84,19 @@ def _row(label: str, ms: list[ModelResult | None], test_size: int, finished: lis
     if test is not None and test_size > 0:
         se = math.sqrt(test.mean * (1 - test.mean) / test_size)
     return SeedRow(
-        label=label, timm=timm, finished=len(ok), test=test,
-        val=spread([m.val_accuracy for m in ok]), train=spread([m.train_accuracy for m in ok]),
-        top5=spread([m.test_top5_accuracy for m in ok]), macro_f1=spread([m.test_macro_f1 for m in ok]),
-        train_time_s=spread([m.train_time_s for m in ok]), train_img_s=spread([m.train_img_s for m in ok]),
-        per_seed=[m.test_accuracy if m is not None else None for m in ms], test_se=se,
-    )  # fmt: skip
+        label=label,
+        timm=timm,
+        finished=len(ok),
+        test=test,
+        val=spread([m.val_accuracy for m in ok]),
+        train=spread([m.train_accuracy for m in ok]),
+        top5=spread([m.test_top5_accuracy for m in ok]),
+        macro_f1=spread([m.test_macro_f1 for m in ok]),
+        train_time_s=spread([m.train_time_s for m in ok]),
+        train_img_s=spread([m.train_img_s for m in ok]),
+        per_seed=[m.test_accuracy if m is not None else None for m in ms],
+        test_se=se,
+    )
 
 
 def _mcnemar_p(run_dir: Path, a: ModelResult | None, b: ModelResult | None) -> float | None:
@@ -104,19 +109,20 @@ def _mcnemar_p(run_dir: Path, a: ModelResult | None, b: ModelResult | None) -> f
     return stats.mcnemar(pa.correct[pair[0]], pb.correct[pair[1]]).p_value
 
 
-def _pair(run_dirs: list[Path], labels: tuple[str, str], base: list[ModelResult | None],
-          cand: list[ModelResult | None]) -> SeedPair:  # fmt: skip
-    acc = [
-        (a.test_accuracy if a else None, b.test_accuracy if b else None)
-        for a, b in zip(base, cand, strict=True)
-    ]
+def _pair(
+    run_dirs: list[Path], labels: tuple[str, str], base: list[ModelResult | None], cand: list[ModelResult | None]
+) -> SeedPair:
+    acc = [(a.test_accuracy if a else None, b.test_accuracy if b else None) for a, b in zip(base, cand, strict=True)]
     per_seed = [b - a if a is not None and b is not None else None for a, b in acc]
     known = [(a, b) for a, b in acc if a is not None and b is not None]
     diff = stats.across_seeds([a for a, _ in known], [b for _, b in known])
     return SeedPair(
-        labels[0], labels[1], per_seed, diff,
+        labels[0],
+        labels[1],
+        per_seed,
+        diff,
         [_mcnemar_p(d, a, b) for d, a, b in zip(run_dirs, base, cand, strict=True)],
-    )  # fmt: skip
+    )
 
 
 def _verdicts(pairs: list[SeedPair], never: frozenset[str] = frozenset()) -> None:
@@ -137,13 +143,21 @@ def _verdicts(pairs: list[SeedPair], never: frozenset[str] = frozenset()) -> Non
 def _environment(first: RunResults, seeds: list[int]) -> list[tuple[str, str]]:
     e, d = first.environment, first.dataset
     return [
-        ("device", e.device + (f" ({e.gpu_name})" if e.gpu_name else "")), ("platform", e.platform),
-        ("python", e.python), ("torch", e.torch), ("timm", e.timm), ("CUDA", e.cuda or "none"),
-        ("visionpoc", e.visionpoc), ("seeds", ", ".join(map(str, seeds))),
+        ("device", e.device + (f" ({e.gpu_name})" if e.gpu_name else "")),
+        ("platform", e.platform),
+        ("python", e.python),
+        ("torch", e.torch),
+        ("timm", e.timm),
+        ("CUDA", e.cuda or "none"),
+        ("visionpoc", e.visionpoc),
+        ("seeds", ", ".join(map(str, seeds))),
         ("git commit", e.git_commit or "unknown"),
-        ("dataset", f"{d.source} at {d.root}: {d.train_size:,} train / {d.val_size:,} val / "
-                    f"{d.test_size:,} test images, {d.num_classes} classes (the same split in every seed)"),
-    ]  # fmt: skip
+        (
+            "dataset",
+            f"{d.source} at {d.root}: {d.train_size:,} train / {d.val_size:,} val / "
+            f"{d.test_size:,} test images, {d.num_classes} classes (the same split in every seed)",
+        ),
+    ]
 
 
 # caveats of one run that the page across seeds does not show the figures for (each seed's report does)
@@ -151,44 +165,54 @@ NOT_HERE = ("Large train/test gap", "Memory figures are not comparable", "Peak m
 
 
 def _listing(things: list[str], one: str, several: str) -> str:
-    return (
-        f"{one} {things[0]}" if len(things) == 1 else f"{several} {', '.join(things[:-1])} and {things[-1]}"
-    )
+    return f"{one} {things[0]}" if len(things) == 1 else f"{several} {', '.join(things[:-1])} and {things[-1]}"
 
 
-def _notes(rep: SeedsReport, runs: list[RunResults | None], first: RunResults, labels: list[str],
-           resume: str) -> list[str]:  # fmt: skip
+def _notes(
+    rep: SeedsReport, runs: list[RunResults | None], first: RunResults, labels: list[str], resume: str
+) -> list[str]:
     """What the reader must know about the seeds behind the figures: missing, partial, failed, mixed."""
     notes = []
     absent = [str(s) for s, r in zip(rep.seeds, runs, strict=True) if r is None]
-    partial = [f"{', '.join(missing)} in seed {s}" for s, r in zip(rep.seeds, runs, strict=True) if r is not None
-               and (missing := [x for x in labels if x not in {m.label for m in r.models}])]  # fmt: skip
+    partial = [
+        f"{', '.join(missing)} in seed {s}"
+        for s, r in zip(rep.seeds, runs, strict=True)
+        if r is not None and (missing := [x for x in labels if x not in {m.label for m in r.models}])
+    ]
     if absent or partial:
         what = [_listing(absent, "seed", "seeds") + (" (no results yet)" if absent else "")] if absent else []
         notes.append(
             f"Not finished (interrupted?): {'; '.join(what + partial)}. Continue the run with `{resume}`; until then "
             "each spread covers the seeds its model finished, and each comparison the seeds where both did."
         )
-    failed = [f"{m.label} (seed {s})" for s, r in zip(rep.seeds, runs, strict=True) if r is not None
-              for m in r.models if m.status != "ok"]  # fmt: skip
+    failed = [
+        f"{m.label} (seed {s})"
+        for s, r in zip(rep.seeds, runs, strict=True)
+        if r is not None
+        for m in r.models
+        if m.status != "ok"
+    ]
     if failed:
         notes.append(f"Failed, left out of the spreads: {', '.join(failed)}; each seed's report says why.")
-    setups = {(r.environment.device, r.environment.gpu_name, r.environment.torch, r.environment.timm)
-              for r in runs if r is not None}  # fmt: skip
+    setups = {
+        (r.environment.device, r.environment.gpu_name, r.environment.torch, r.environment.timm)
+        for r in runs
+        if r is not None
+    }
     if len(setups) > 1:
         notes.append(
             "The seeds did not all run on the same device and software ("
-            + "; ".join(
-                sorted(f"{d}{f' ({g})' if g else ''}, torch {t}, timm {tm}" for d, g, t, tm in setups)
-            )
+            + "; ".join(sorted(f"{d}{f' ({g})' if g else ''}, torch {t}, timm {tm}" for d, g, t, tm in setups))
             + "): their training times and img/s are not comparable across seeds."
         )
     tuned = [m.label for m in first.models if m.tuned_from]
     if tuned:
         untuned = [m.label for m in first.models if not m.tuned_from]
-        notes.append(f"Tuned settings (`compare --tuned`): {', '.join(tuned)}"
-                     + (f"; not tuned: {', '.join(untuned)}" if untuned else "")
-                     + ". Each seed's report has the tuning table.")  # fmt: skip
+        notes.append(
+            f"Tuned settings (`compare --tuned`): {', '.join(tuned)}"
+            + (f"; not tuned: {', '.join(untuned)}" if untuned else "")
+            + ". Each seed's report has the tuning table."
+        )
     return notes
 
 
@@ -209,9 +233,7 @@ def build_seeds_report(run_dir: str | Path) -> SeedsReport:
     run_dir = Path(run_dir)
     repeats = read_repeats(run_dir)
     if repeats is None:
-        raise VisionpocError(
-            f"{run_dir / REPEATS_FILE} not found: {run_dir} is not a run with train.repeats > 1"
-        )
+        raise VisionpocError(f"{run_dir / REPEATS_FILE} not found: {run_dir} is not a run with train.repeats > 1")
     runs = repeats.results()
     finished = [r for r in runs if r is not None]
     if not finished:
@@ -219,9 +241,7 @@ def build_seeds_report(run_dir: str | Path) -> SeedsReport:
     # the seed whose caveats and environment the page shows: the first where every model finished
     first = next((r for r in finished if all(m.status == "ok" for m in r.models)), finished[0])
     labels = (
-        repeats.labels
-        or _config_labels(run_dir)
-        or list(dict.fromkeys(m.label for r in finished for m in r.models))
+        repeats.labels or _config_labels(run_dir) or list(dict.fromkeys(m.label for r in finished for m in r.models))
     )
     per_label = {label: _by_label(runs, label) for label in labels}
     rows = [_row(label, per_label[label], first.dataset.test_size, finished) for label in labels]
@@ -229,13 +249,17 @@ def build_seeds_report(run_dir: str | Path) -> SeedsReport:
     _verdicts(pairs, frozenset(row.label for row in rows if row.finished == 0))
     config = run_dir / "config.yaml"
     rep = SeedsReport(
-        title=f"Model comparison across {len(repeats.seeds)} seeds: {', '.join(labels)}", run_dir=run_dir,
-        seeds=repeats.seeds, runs=[d.name for d in repeats.dirs],
-        reports=[(d / "report.html").is_file() for d in repeats.dirs], rows=rows, pairs=pairs,
+        title=f"Model comparison across {len(repeats.seeds)} seeds: {', '.join(labels)}",
+        run_dir=run_dir,
+        seeds=repeats.seeds,
+        runs=[d.name for d in repeats.dirs],
+        reports=[(d / "report.html").is_file() for d in repeats.dirs],
+        rows=rows,
+        pairs=pairs,
         caveats=[c for c in caveats(first) if c.title not in NOT_HERE and not c.title.endswith(" failed")],
         environment=_environment(first, repeats.seeds),
         config_yaml=config.read_text() if config.is_file() else "(no config.yaml)",
-    )  # fmt: skip
+    )
     command = "train" if repeats.labels else "compare"
     world = max((m.world_size for r in finished for m in r.models), default=1)
     resume = resume_hint(command, run_dir, repeats.labels[0] if repeats.labels else None, world)

@@ -132,8 +132,9 @@ def _pairwise(rep: Report, preds: dict[str, Predictions]) -> list[Pairwise]:
         pw.table = stats.mcnemar(ca, cb)
         pw.diff = stats.bootstrap_difference(ca, cb, N_RESAMPLES)
         nc = r.dataset.num_classes
-        scatter = plots.per_class_scatter(base.label, cand.label, _per_class(base, pa, nc), _per_class(cand, pb, nc),
-                                          r.dataset.class_names)  # fmt: skip
+        scatter = plots.per_class_scatter(
+            base.label, cand.label, _per_class(base, pa, nc), _per_class(cand, pb, nc), r.dataset.class_names
+        )
         pw.scatter = rep.figure(f"per_class_{_slug(cand.label)}", scatter)
         gallery = disagreement_gallery(r, base.label, cand.label, pa, pb)
         pw.gallery = rep.figure(f"disagreements_{_slug(cand.label)}", gallery)
@@ -150,13 +151,23 @@ def _environment(r: RunResults) -> list[tuple[str, str]]:
     e = r.environment
     device = e.device + (f" ({e.gpu_name})" if e.gpu_name else "")
     return [
-        ("device", device), ("platform", e.platform), ("python", e.python), ("torch", e.torch),
-        ("timm", e.timm), ("CUDA", e.cuda or "none"), ("visionpoc", e.visionpoc), ("seed", str(e.seed)),
-        ("git commit", e.git_commit or "unknown"), ("run created", r.created or "unknown"),
-        ("dataset", f"{r.dataset.source} at {r.dataset.root}: {r.dataset.train_size:,} train / "
-                    f"{r.dataset.val_size:,} val / {r.dataset.test_size:,} test images, "
-                    f"{r.dataset.num_classes} classes"),
-    ]  # fmt: skip
+        ("device", device),
+        ("platform", e.platform),
+        ("python", e.python),
+        ("torch", e.torch),
+        ("timm", e.timm),
+        ("CUDA", e.cuda or "none"),
+        ("visionpoc", e.visionpoc),
+        ("seed", str(e.seed)),
+        ("git commit", e.git_commit or "unknown"),
+        ("run created", r.created or "unknown"),
+        (
+            "dataset",
+            f"{r.dataset.source} at {r.dataset.root}: {r.dataset.train_size:,} train / "
+            f"{r.dataset.val_size:,} val / {r.dataset.test_size:,} test images, "
+            f"{r.dataset.num_classes} classes",
+        ),
+    ]
 
 
 def _config_yaml(r: RunResults, run_dir: Path) -> str:
@@ -178,10 +189,17 @@ def build_report(run_dir: str | Path, explain: bool = True) -> Report:
     preds = {m.label: p for m in r.models if (p := read_predictions(run_dir, m)) is not None}
     labels = ", ".join(m.label for m in r.models)
     rep = Report(
-        title=f"Model comparison: {labels}", run_dir=run_dir, results=r, rows=_rows(r, preds), pairwise=[],
-        confusions=[], explain_notes=[], caveats=caveats(r), environment=_environment(r),
+        title=f"Model comparison: {labels}",
+        run_dir=run_dir,
+        results=r,
+        rows=_rows(r, preds),
+        pairwise=[],
+        confusions=[],
+        explain_notes=[],
+        caveats=caveats(r),
+        environment=_environment(r),
         config_yaml=_config_yaml(r, run_dir),
-    )  # fmt: skip
+    )
     parent = repeats_of(run_dir)
     if parent is not None:
         rep.notes.append(
@@ -189,12 +207,14 @@ def build_report(run_dir: str | Path, explain: bool = True) -> Report:
             "compares the models across every seed."
         )
     elif sum(m.status == "ok" for m in r.models) > 1:
-        rep.caveats.append(Caveat(
-            "One training run per model",
-            "The intervals and McNemar's test measure the test set's noise for the weights these runs produced, "
-            "not the training's own randomness (new head, data order, augmentation): another seed can move "
-            "each accuracy too. `train.repeats: 3` trains every model with three seeds and reports the spread.",
-        ))  # fmt: skip
+        rep.caveats.append(
+            Caveat(
+                "One training run per model",
+                "The intervals and McNemar's test measure the test set's noise for the weights these runs produced, "
+                "not the training's own randomness (new head, data order, augmentation): another seed can move "
+                "each accuracy too. `train.repeats: 3` trains every model with three seeds and reports the spread.",
+            )
+        )
     no_preds = [m.label for m in r.models if m.status == "ok" and m.label not in preds]
     if no_preds:
         rep.notes.append(
@@ -206,9 +226,11 @@ def build_report(run_dir: str | Path, explain: bool = True) -> Report:
         rep.figure(name, png)
     rep.figure("learning_curves", plots.learning_curves(r.models))
     rep.figure("accuracy_vs_time", plots.accuracy_vs_time(r.models))
-    rep.confusions = [Failures(m.label, stats.confused_pairs(preds[m.label].targets, preds[m.label].preds,
-                                                             r.dataset.class_names))
-                      for m in r.models if m.label in preds]  # fmt: skip
+    rep.confusions = [
+        Failures(m.label, stats.confused_pairs(preds[m.label].targets, preds[m.label].preds, r.dataset.class_names))
+        for m in r.models
+        if m.label in preds
+    ]
     if explain:
         picture = what_they_look_at(r, run_dir, preds)
         rep.figure("what_they_look_at", picture)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from visionpoc.presets import licence_kind, may_have_seen_imagenet, pretrain_data, tagged_name
+from visionpoc.presets.facts import licence_kind, may_have_seen_imagenet, pretrain_data, tagged_name
 from visionpoc.results import ModelResult, RunResults
 
 GAP = 0.10  # train minus test accuracy above which we call it a large gap
@@ -60,39 +60,65 @@ def overlap(r: RunResults) -> list[Caveat]:
             if dogs
             else "ImageNet pretraining may include images like (or identical to) this test set's: "
         )
-        out.append(Caveat("Pretraining may have seen the test images",
-                          what + ", ".join(_name(m) for m in imagenet) + ", whose pretraining tags indicate "
-                          "ImageNet. Their test accuracy can be optimistic; compare with that in mind, or hold "
-                          "out images collected elsewhere."))  # fmt: skip
+        out.append(
+            Caveat(
+                "Pretraining may have seen the test images",
+                what + ", ".join(_name(m) for m in imagenet) + ", whose pretraining tags indicate "
+                "ImageNet. Their test accuracy can be optimistic; compare with that in mind, or hold "
+                "out images collected elsewhere.",
+            )
+        )
     if web:
         risk = "Stanford Dogs' test images (built from ImageNet)" if dogs else "this test set's images"
-        out.append(Caveat("Pretraining data not known to include ImageNet",
-                          "The pretraining data of " + ", ".join(_name(m) for m in web) + " is not known to "
-                          "include ImageNet: the tag names a web-scale crawl that documents no de-duplication "
-                          f"against it, so overlap with {risk} can be neither confirmed nor ruled out."))  # fmt: skip
+        out.append(
+            Caveat(
+                "Pretraining data not known to include ImageNet",
+                "The pretraining data of " + ", ".join(_name(m) for m in web) + " is not known to "
+                "include ImageNet: the tag names a web-scale crawl that documents no de-duplication "
+                f"against it, so overlap with {risk} can be neither confirmed nor ruled out.",
+            )
+        )
     if unknown:
-        out.append(Caveat("Pretraining data unknown",
-                          "The pretraining data of " + ", ".join(_name(m) for m in unknown) + " is not recorded "
-                          "in its timm tag; check its model card for overlap with the test set."))  # fmt: skip
+        out.append(
+            Caveat(
+                "Pretraining data unknown",
+                "The pretraining data of " + ", ".join(_name(m) for m in unknown) + " is not recorded "
+                "in its timm tag; check its model card for overlap with the test set.",
+            )
+        )
     if scratch:
-        out.append(Caveat("No pretraining overlap for models trained from scratch",
-                          ", ".join(scratch) + (" was" if len(scratch) == 1 else " were") + " trained from "
-                          "scratch (pretrained: false): there is no risk that pretraining saw the test images."))  # fmt: skip
+        out.append(
+            Caveat(
+                "No pretraining overlap for models trained from scratch",
+                ", ".join(scratch) + (" was" if len(scratch) == 1 else " were") + " trained from "
+                "scratch (pretrained: false): there is no risk that pretraining saw the test images.",
+            )
+        )
     return out
 
 
 def train_test_gap(r: RunResults) -> list[Caveat]:
-    gaps = [(m, m.train_accuracy - m.test_accuracy) for m in r.models
-            if m.train_accuracy is not None and m.test_accuracy is not None]  # fmt: skip
+    gaps = [
+        (m, m.train_accuracy - m.test_accuracy)
+        for m in r.models
+        if m.train_accuracy is not None and m.test_accuracy is not None
+    ]
     big = [(m, g) for m, g in gaps if g > GAP]
     if not big:
         return []
-    facts = "; ".join(f"{m.label}: train {_pct(m.train_accuracy or 0)} vs test {_pct(m.test_accuracy or 0)} "
-                      f"({100 * g:.1f} points)" for m, g in big)  # fmt: skip
+    facts = "; ".join(
+        f"{m.label}: train {_pct(m.train_accuracy or 0)} vs test {_pct(m.test_accuracy or 0)} ({100 * g:.1f} points)"
+        for m, g in big
+    )
     who = big[0][0].label if len(big) == 1 else "These models"
-    return [Caveat("Large train/test gap", f"{facts}. {who} fit the training set much better than the test set "
-                   "(overfitting); more data, stronger augmentation or regularization, or fewer epochs may "
-                   "close the gap.")]  # fmt: skip
+    return [
+        Caveat(
+            "Large train/test gap",
+            f"{facts}. {who} fit the training set much better than the test set "
+            "(overfitting); more data, stronger augmentation or regularization, or fewer epochs may "
+            "close the gap.",
+        )
+    ]
 
 
 def _finetune(m: ModelResult) -> str:
@@ -117,15 +143,14 @@ def budgets(r: RunResults) -> list[Caveat]:
         values = [get(m) for m in ok]
         if len({repr(v) for v in values}) > 1:
             diffs.append(f"{name}: " + ", ".join(f"{m.label} {v}" for m, v in zip(ok, values, strict=True)))
-    stopped = [
-        f"{m.label} ran {m.epochs_run} of {m.epochs} epochs"
-        for m in ok
-        if m.epochs and m.epochs_run < m.epochs
-    ]
+    stopped = [f"{m.label} ran {m.epochs_run} of {m.epochs} epochs" for m in ok if m.epochs and m.epochs_run < m.epochs]
     if not diffs and not stopped:
         return []
-    text = "The models did not get the same budget, so part of the difference may come from it. " + "; ".join(
-        diffs + stopped) + "."  # fmt: skip
+    text = (
+        "The models did not get the same budget, so part of the difference may come from it. "
+        + "; ".join(diffs + stopped)
+        + "."
+    )
     return [Caveat("Different budgets", text)]
 
 
@@ -133,15 +158,25 @@ def small_test(r: RunResults) -> list[Caveat]:
     n = r.dataset.test_size
     if n >= SMALL_TEST:
         return []
-    return [Caveat("Small test set", f"The test set has only {n:,} images: one image is {100 / max(n, 1):.2f} "
-                   "points of accuracy and the intervals above are wide. Treat small differences as noise.")]  # fmt: skip
+    return [
+        Caveat(
+            "Small test set",
+            f"The test set has only {n:,} images: one image is {100 / max(n, 1):.2f} "
+            "points of accuracy and the intervals above are wide. Treat small differences as noise.",
+        )
+    ]
 
 
 def timing(r: RunResults) -> list[Caveat]:
     out = []
     if r.environment.device == "cpu":
-        out.append(Caveat("Timed on CPU", "This run trained on the CPU: times, throughput and latency say little "
-                          "about a GPU deployment. Rerun on the target hardware before comparing costs."))  # fmt: skip
+        out.append(
+            Caveat(
+                "Timed on CPU",
+                "This run trained on the CPU: times, throughput and latency say little "
+                "about a GPU deployment. Rerun on the target hardware before comparing costs.",
+            )
+        )
     kinds = {m.peak_memory_kind for m in r.models if m.peak_memory_kind}
     if len(kinds) > 1:
         out.append(
@@ -151,9 +186,13 @@ def timing(r: RunResults) -> list[Caveat]:
             )
         )
     elif kinds == {"process_max_rss"}:
-        out.append(Caveat("Peak memory is the whole process's",
-                          "Peak memory is the process's maximum resident set size (CPU run), which includes "
-                          "Python, the data loader and earlier models of the run, not only this model."))  # fmt: skip
+        out.append(
+            Caveat(
+                "Peak memory is the whole process's",
+                "Peak memory is the process's maximum resident set size (CPU run), which includes "
+                "Python, the data loader and earlier models of the run, not only this model.",
+            )
+        )
     return out
 
 
@@ -164,25 +203,40 @@ def licences(r: RunResults) -> list[Caveat]:
     out = []
     nc = [f"{m.label} ({m.license})" for m in ok if kinds[m.label] == "non-commercial"]
     if nc:
-        out.append(Caveat("Non-commercial weights",
-                          f"The pretrained weights of {', '.join(nc)} are licensed for non-commercial use only: "
-                          "they cannot go into a commercial product as they are, whatever their accuracy."))  # fmt: skip
+        out.append(
+            Caveat(
+                "Non-commercial weights",
+                f"The pretrained weights of {', '.join(nc)} are licensed for non-commercial use only: "
+                "they cannot go into a commercial product as they are, whatever their accuracy.",
+            )
+        )
     custom = [f"{m.label} ({m.license})" for m in ok if kinds[m.label] == "custom"]
     if custom:
-        out.append(Caveat("Licences to review",
-                          f"The pretrained weights of {', '.join(custom)} come under a licence of their own: have "
-                          "someone read its terms (use, redistribution, attribution) before production."))  # fmt: skip
+        out.append(
+            Caveat(
+                "Licences to review",
+                f"The pretrained weights of {', '.join(custom)} come under a licence of their own: have "
+                "someone read its terms (use, redistribution, attribution) before production.",
+            )
+        )
     unknown = [m.label for m in ok if kinds[m.label] == "unknown"]
     if unknown:
-        out.append(Caveat("Licence not recorded",
-                          f"No licence is recorded for the pretrained weights of {', '.join(unknown)}; check the "
-                          "model card before any production use."))  # fmt: skip
+        out.append(
+            Caveat(
+                "Licence not recorded",
+                f"No licence is recorded for the pretrained weights of {', '.join(unknown)}; check the "
+                "model card before any production use.",
+            )
+        )
     return out
 
 
 def failures(r: RunResults) -> list[Caveat]:
-    return [Caveat(f"{m.label} failed", f"{m.label} did not finish: {m.error}. It is absent from the comparison.")
-            for m in r.models if m.status != "ok"]  # fmt: skip
+    return [
+        Caveat(f"{m.label} failed", f"{m.label} did not finish: {m.error}. It is absent from the comparison.")
+        for m in r.models
+        if m.status != "ok"
+    ]
 
 
 CHECKS = (overlap, licences, train_test_gap, budgets, small_test, timing, failures)

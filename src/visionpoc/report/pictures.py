@@ -37,13 +37,13 @@ class Picture:
 
 
 def _missing_images(r: RunResults) -> str:
-    return (f"The test images are not on this machine (looked for the {r.dataset.source} test split under "
-            f"{r.dataset.root!r}), so this section is skipped. Run `visionpoc report` where the dataset is.")  # fmt: skip
+    return (
+        f"The test images are not on this machine (looked for the {r.dataset.source} test split under "
+        f"{r.dataset.root!r}), so this section is skipped. Run `visionpoc report` where the dataset is."
+    )
 
 
-def _pick_disagreements(
-    pa: Predictions, pb: Predictions, ia: np.ndarray, ib: np.ndarray, k: int
-) -> list[int]:
+def _pick_disagreements(pa: Predictions, pb: Predictions, ia: np.ndarray, ib: np.ndarray, k: int) -> list[int]:
     """Positions (in the aligned order) where the predictions differ: half where only the candidate is right,
     half where only the baseline is, then the rest; the most confident disagreements first."""
     a_pred, b_pred, t = pa.preds[ia], pb.preds[ib], pa.targets[ia]
@@ -56,19 +56,31 @@ def _pick_disagreements(
     return chosen + rest[: k - len(chosen)]
 
 
-def _disagreement_captions(names: list[str], baseline: str, candidate: str, pa: Predictions, pb: Predictions,
-                           ia: np.ndarray, ib: np.ndarray, picks: list[int]) -> list[list[Caption]]:  # fmt: skip
+def _disagreement_captions(
+    names: list[str],
+    baseline: str,
+    candidate: str,
+    pa: Predictions,
+    pb: Predictions,
+    ia: np.ndarray,
+    ib: np.ndarray,
+    picks: list[int],
+) -> list[list[Caption]]:
     """For each picked position: the truth, then both models' predictions, coloured right or wrong."""
     captions = []
     for i in picks:
         t, a, b = int(pa.targets[ia[i]]), int(pa.preds[ia[i]]), int(pb.preds[ib[i]])
-        captions.append([Caption(f"truth: {names[t]}"), Caption(f"{baseline}: {names[a]}", a == t),
-                         Caption(f"{candidate}: {names[b]}", b == t)])  # fmt: skip
+        captions.append(
+            [
+                Caption(f"truth: {names[t]}"),
+                Caption(f"{baseline}: {names[a]}", a == t),
+                Caption(f"{candidate}: {names[b]}", b == t),
+            ]
+        )
     return captions
 
 
-def disagreement_gallery(r: RunResults, baseline: str, candidate: str,
-                         pa: Predictions, pb: Predictions) -> Picture:  # fmt: skip
+def disagreement_gallery(r: RunResults, baseline: str, candidate: str, pa: Predictions, pb: Predictions) -> Picture:
     """Test images where `baseline` and `candidate` disagree, captioned with the truth and both predictions."""
     pair = align(pa, pb)
     if pair is None:
@@ -102,16 +114,14 @@ def _pick_explain_images(preds: Predictions, k: int) -> list[int]:
 
 def what_they_look_at(r: RunResults, run_dir: Path, preds: dict[str, Predictions]) -> Picture:
     """Attention rollout (ViT family) or Grad-CAM (CNNs) for a few test images, one row per model."""
-    from visionpoc.trained import load_trained  # imports the model stack only when this section runs
+    from visionpoc.serving.loading import load_trained  # imports the model stack only when this section runs
 
     ok = [m for m in r.models if m.status == "ok" and m.label in preds]
     if not ok:
         return Picture(notes=["No model has test predictions; nothing to explain."])
     ref = preds[ok[0].label]
     picks = _pick_explain_images(ref, EXPLAIN_SIZE)
-    if test_split_root(r.dataset) is None or any(
-        test_image_path(r.dataset, ref.files[i]) is None for i in picks
-    ):
+    if test_split_root(r.dataset) is None or any(test_image_path(r.dataset, ref.files[i]) is None for i in picks):
         return Picture(notes=[_missing_images(r)])
     paths = [test_image_path(r.dataset, ref.files[i]) for i in picks]
     originals = [load_rgb(p) for p in paths if p is not None]
@@ -140,9 +150,7 @@ def what_they_look_at(r: RunResults, run_dir: Path, preds: dict[str, Predictions
             notes.append(f"{m.label}: no saliency map ({type(e).__name__}: {e}).")
             continue
         rows.append((f"{m.label}\n({method})", shown, caps))
-        notes.append(
-            f"{m.label}: {method}, on the {tm.data_config['input_size'][-1]} px crop the model sees."
-        )
+        notes.append(f"{m.label}: {method}, on the {tm.data_config['input_size'][-1]} px crop the model sees.")
     if len(rows) == 1:
         return Picture(notes=notes)
     return Picture(plots.image_grid(rows), notes)

@@ -21,8 +21,18 @@ RIGHT, WRONG, NEUTRAL = "#1a7f37", "#cf222e", "#24292f"
 
 
 def colour(index: int) -> str:
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-               "#bcbd22", "#17becf"]  # fmt: skip
+    palette = [
+        "#1f77b4",
+        "#ff7f0e",
+        "#2ca02c",
+        "#d62728",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+        "#7f7f7f",
+        "#bcbd22",
+        "#17becf",
+    ]
     return palette[index % len(palette)]
 
 
@@ -68,21 +78,22 @@ def accuracy_vs_time(models: Sequence[ModelResult]) -> bytes | None:
     fig = Figure(figsize=(6.5, 3.6))
     ax = fig.subplots()
     for i, m in runs:
-        pts = [
-            (h.cumulative_train_time_s / scale, h.val_accuracy)
-            for h in m.history
-            if h.val_accuracy is not None
-        ]
+        pts = [(h.cumulative_train_time_s / scale, h.val_accuracy) for h in m.history if h.val_accuracy is not None]
         ax.plot(*zip(*pts, strict=True), "o-", color=colour(i), label=m.label)
-    ax.set(title="Validation accuracy vs training time", xlabel=f"cumulative training time ({unit})",
-           ylabel="accuracy", ylim=(-0.02, 1.02))  # fmt: skip
+    ax.set(
+        title="Validation accuracy vs training time",
+        xlabel=f"cumulative training time ({unit})",
+        ylabel="accuracy",
+        ylim=(-0.02, 1.02),
+    )
     ax.grid(alpha=0.3)
     ax.legend(frameon=False)
     return to_png(fig)
 
 
-def most_different(acc_a: np.ndarray, acc_b: np.ndarray, class_names: Sequence[str],
-                   n_labels: int = 8) -> dict[tuple[float, float], list[str]]:  # fmt: skip
+def most_different(
+    acc_a: np.ndarray, acc_b: np.ndarray, class_names: Sequence[str], n_labels: int = 8
+) -> dict[tuple[float, float], list[str]]:
     """The scatter's labels: the `n_labels` classes whose accuracies differ most (ties: class order), keyed
     by their (baseline, candidate) point; classes at the same point share one label. Classes with equal
     accuracy or absent from the test set (NaN) are never labelled."""
@@ -95,8 +106,9 @@ def most_different(acc_a: np.ndarray, acc_b: np.ndarray, class_names: Sequence[s
     return spots
 
 
-def per_class_scatter(baseline: str, candidate: str, acc_a: np.ndarray, acc_b: np.ndarray,
-                      class_names: Sequence[str], n_labels: int = 8) -> bytes:  # fmt: skip
+def per_class_scatter(
+    baseline: str, candidate: str, acc_a: np.ndarray, acc_b: np.ndarray, class_names: Sequence[str], n_labels: int = 8
+) -> bytes:
     """Per-class test accuracy, candidate (y) against baseline (x); the most different classes are named."""
     a, b = np.asarray(acc_a, dtype=float), np.asarray(acc_b, dtype=float)
     ok = np.isfinite(a) & np.isfinite(b)
@@ -105,19 +117,47 @@ def per_class_scatter(baseline: str, candidate: str, acc_a: np.ndarray, acc_b: n
     ax.plot([0, 1], [0, 1], "--", color="#888", lw=1, label="equal accuracy")
     rng = np.random.default_rng(0)  # a little jitter so that tied classes do not hide each other
     jitter = rng.uniform(-0.008, 0.008, size=(2, a.size))
-    ax.scatter(
-        a[ok] + jitter[0, ok], b[ok] + jitter[1, ok], s=18, alpha=0.7, color=colour(1), edgecolors="none"
-    )
+    ax.scatter(a[ok] + jitter[0, ok], b[ok] + jitter[1, ok], s=18, alpha=0.7, color=colour(1), edgecolors="none")
     for (x, y), names in most_different(a, b, class_names, n_labels).items():
         text = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
-        ax.annotate(text, (x, y), fontsize=8, xytext=(5, -10 if y > 0.9 else 4), textcoords="offset points",
-                    color=RIGHT if y > x else WRONG, ha="left" if x < 0.6 else "right")  # fmt: skip
-    ax.set(xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), xlabel=f"{baseline} (baseline) accuracy",
-           ylabel=f"{candidate} accuracy", title="Per-class test accuracy")  # fmt: skip
-    ax.text(0.3, 0.7, f"{candidate} better", transform=ax.transAxes, fontsize=9, ha="center", color=RIGHT,
-            alpha=0.6, rotation=45)  # fmt: skip
-    ax.text(0.7, 0.3, f"{baseline} better", transform=ax.transAxes, fontsize=9, ha="center", color=WRONG,
-            alpha=0.6, rotation=45)  # fmt: skip
+        ax.annotate(
+            text,
+            (x, y),
+            fontsize=8,
+            xytext=(5, -10 if y > 0.9 else 4),
+            textcoords="offset points",
+            color=RIGHT if y > x else WRONG,
+            ha="left" if x < 0.6 else "right",
+        )
+    ax.set(
+        xlim=(-0.03, 1.03),
+        ylim=(-0.03, 1.03),
+        xlabel=f"{baseline} (baseline) accuracy",
+        ylabel=f"{candidate} accuracy",
+        title="Per-class test accuracy",
+    )
+    ax.text(
+        0.3,
+        0.7,
+        f"{candidate} better",
+        transform=ax.transAxes,
+        fontsize=9,
+        ha="center",
+        color=RIGHT,
+        alpha=0.6,
+        rotation=45,
+    )
+    ax.text(
+        0.7,
+        0.3,
+        f"{baseline} better",
+        transform=ax.transAxes,
+        fontsize=9,
+        ha="center",
+        color=WRONG,
+        alpha=0.6,
+        rotation=45,
+    )
     ax.grid(alpha=0.3)
     ax.set_aspect("equal")
     return to_png(fig)
@@ -135,8 +175,9 @@ def _line_colour(right: bool | None) -> str:
     return NEUTRAL if right is None else RIGHT if right else WRONG
 
 
-def gallery(images: Sequence[Image.Image], captions: Sequence[Sequence[Caption]], columns: int = 4,
-            thumb: int = 160) -> bytes:  # fmt: skip
+def gallery(
+    images: Sequence[Image.Image], captions: Sequence[Sequence[Caption]], columns: int = 4, thumb: int = 160
+) -> bytes:
     """A grid of thumbnails, each with coloured caption lines (green: right, red: wrong)."""
     rows = max(1, -(-len(images) // columns))
     lines = max((len(c) for c in captions), default=1)
@@ -149,15 +190,21 @@ def gallery(images: Sequence[Image.Image], captions: Sequence[Sequence[Caption]]
         shown.thumbnail((thumb, thumb))
         ax.imshow(np.asarray(shown))
         for j, cap in enumerate(caps):
-            ax.text(0.5, -0.04 - 0.13 * j, cap.text, transform=ax.transAxes, ha="center", va="top",
-                    fontsize=8, color=_line_colour(cap.right))  # fmt: skip
+            ax.text(
+                0.5,
+                -0.04 - 0.13 * j,
+                cap.text,
+                transform=ax.transAxes,
+                ha="center",
+                va="top",
+                fontsize=8,
+                color=_line_colour(cap.right),
+            )
     fig.subplots_adjust(hspace=0.05 + 0.12 * lines, wspace=0.08)
     return to_png(fig)
 
 
-def image_grid(
-    rows: Sequence[tuple[str, Sequence[Image.Image], Sequence[Caption]]], thumb: int = 160
-) -> bytes:
+def image_grid(rows: Sequence[tuple[str, Sequence[Image.Image], Sequence[Caption]]], thumb: int = 160) -> bytes:
     """Rows of images with a row title (e.g. one row per model) and one caption per image."""
     cols = max(len(imgs) for _, imgs, _ in rows)
     fig = Figure(figsize=(cols * 2.3, len(rows) * 2.6))
@@ -199,7 +246,10 @@ def seeds_strip(
         mean = float(np.mean([v for _, v in pts]))
         ax.hlines(mean, i - 0.25, i + 0.25, color=colour(i), linewidth=2.5)
     ax.set_xticks(range(len(labels)), labels)
-    ax.set(title=f"Test accuracy in each of {len(seeds)} seeds (bar: mean)", ylabel="test accuracy",
-           xlim=(-0.6, len(labels) - 0.4))  # fmt: skip
+    ax.set(
+        title=f"Test accuracy in each of {len(seeds)} seeds (bar: mean)",
+        ylabel="test accuracy",
+        xlim=(-0.6, len(labels) - 0.4),
+    )
     ax.grid(alpha=0.3, axis="y")
     return to_png(fig)

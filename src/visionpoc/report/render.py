@@ -99,8 +99,20 @@ def _environment(image_src: Callable[[str], str]) -> jinja2.Environment:
         lstrip_blocks=True,
         undefined=jinja2.StrictUndefined,
     )
-    env.filters.update(pct=pct, ci=ci, points=points, num=num, millions=millions, p=format_p, p_is=p_is, md=md_cell,
-                       spread_pct=spread_pct, range_pct=range_pct, spread_num=spread_num, p_or_dash=p_or_dash)  # fmt: skip
+    env.filters.update(
+        pct=pct,
+        ci=ci,
+        points=points,
+        num=num,
+        millions=millions,
+        p=format_p,
+        p_is=p_is,
+        md=md_cell,
+        spread_pct=spread_pct,
+        range_pct=range_pct,
+        spread_num=spread_num,
+        p_or_dash=p_or_dash,
+    )
     env.globals["img"] = image_src
     env.globals["n_resamples"] = N_RESAMPLES
     return env
@@ -132,9 +144,7 @@ def write_report(run_dir: str | Path, explain: bool = True) -> Path:
         for seed_dir in repeats.dirs:
             if (seed_dir / RESULTS_FILE).is_file():
                 write_report(seed_dir, explain=explain)
-    rep: Report | SeedsReport = (
-        build_seeds_report(run_dir) if repeats is not None else build_report(run_dir, explain)
-    )
+    rep: Report | SeedsReport = build_seeds_report(run_dir) if repeats is not None else build_report(run_dir, explain)
     files = run_dir / FILES_DIR
     for old in files.glob("*.png") if files.is_dir() else []:
         old.unlink()  # figures of an earlier report that this one may not have

@@ -73,8 +73,15 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemar:
     return McNemar(int((a & b).sum()), only_a, only_b, int((~a & ~b).sum()), min(p, 1.0))
 
 
-def _percentile_bootstrap(samples: tuple[np.ndarray, ...], statistic: Callable[..., Any], point: float,
-                          n_resamples: int, seed: int, level: float, paired: bool = False) -> Interval:  # fmt: skip
+def _percentile_bootstrap(
+    samples: tuple[np.ndarray, ...],
+    statistic: Callable[..., Any],
+    point: float,
+    n_resamples: int,
+    seed: int,
+    level: float,
+    paired: bool = False,
+) -> Interval:
     """`scipy.stats.bootstrap`'s percentile interval of `statistic` over `samples`, each (N,).
 
     Constant data (every image right, or every image wrong, or two models that agree everywhere) has a
@@ -84,9 +91,18 @@ def _percentile_bootstrap(samples: tuple[np.ndarray, ...], statistic: Callable[.
     if all(np.ptp(s) == 0 for s in samples):
         return Interval(point, point, point, level)
     # `random_state`, not `rng` (new in scipy 1.15): the package supports scipy >= 1.10
-    res = bootstrap(samples, statistic, n_resamples=n_resamples, batch=BATCH, vectorized=True, paired=paired,
-                    axis=-1, confidence_level=level, method="percentile",
-                    random_state=np.random.default_rng(seed))  # fmt: skip
+    res = bootstrap(
+        samples,
+        statistic,
+        n_resamples=n_resamples,
+        batch=BATCH,
+        vectorized=True,
+        paired=paired,
+        axis=-1,
+        confidence_level=level,
+        method="percentile",
+        random_state=np.random.default_rng(seed),
+    )
     ci = res.confidence_interval
     return Interval(point, float(ci.low), float(ci.high), level)
 
@@ -95,17 +111,13 @@ def _mean_difference(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray
     return np.mean(b, axis=axis) - np.mean(a, axis=axis)
 
 
-def bootstrap_accuracy(
-    correct: np.ndarray, n_resamples: int = 2000, seed: int = 0, level: float = 0.95
-) -> Interval:
+def bootstrap_accuracy(correct: np.ndarray, n_resamples: int = 2000, seed: int = 0, level: float = 0.95) -> Interval:
     """Accuracy of a boolean (N,) correctness vector with its percentile bootstrap interval."""
     c = _as_bool(correct).astype(np.float64)
     return _percentile_bootstrap((c,), np.mean, float(c.mean()), n_resamples, seed, level)
 
 
-def bootstrap_count(
-    successes: int, n: int, n_resamples: int = 2000, seed: int = 0, level: float = 0.95
-) -> Interval:
+def bootstrap_count(successes: int, n: int, n_resamples: int = 2000, seed: int = 0, level: float = 0.95) -> Interval:
     """`bootstrap_accuracy` of a proportion known only as a count (the train accuracy: no per-image train
     predictions are saved). Resampling a 0/1 vector draws its mean from Binomial(n, k/n) / n whatever the
     order of the outcomes, so the vector with `successes` ones and `n - successes` zeros gives exactly the
@@ -116,8 +128,9 @@ def bootstrap_count(
     return bootstrap_accuracy(np.arange(n) < k, n_resamples, seed, level)
 
 
-def bootstrap_difference(correct_a: np.ndarray, correct_b: np.ndarray, n_resamples: int = 2000, seed: int = 0,
-                         level: float = 0.95) -> Interval:  # fmt: skip
+def bootstrap_difference(
+    correct_a: np.ndarray, correct_b: np.ndarray, n_resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> Interval:
     """Accuracy of B minus accuracy of A, with a paired bootstrap interval (same resampled images)."""
     a, b = _as_bool(correct_a), _as_bool(correct_b)
     if a.shape != b.shape:
@@ -155,15 +168,12 @@ def p_is(p: float) -> str:
 
 def _p_text(name: str, p: float, adjusted: float | None, family: int) -> str:
     text = f"{name} {p_is(p)}"
-    return (
-        text
-        if adjusted is None
-        else f"{text}, {format_p(adjusted)} after Holm's correction for {family} candidates"
-    )
+    return text if adjusted is None else f"{text}, {format_p(adjusted)} after Holm's correction for {family} candidates"
 
 
-def verdict(baseline: str, candidate: str, diff: Interval, test: McNemar, p_adjusted: float | None = None,
-            family: int = 1) -> str:  # fmt: skip
+def verdict(
+    baseline: str, candidate: str, diff: Interval, test: McNemar, p_adjusted: float | None = None, family: int = 1
+) -> str:
     """One sentence: which model is more accurate on test, by how much, and whether chance explains it.
 
     `diff` is candidate minus baseline; the sentence states it as the leader's lead, interval included.
@@ -173,21 +183,25 @@ def verdict(baseline: str, candidate: str, diff: Interval, test: McNemar, p_adju
     p = _p_text("McNemar", test.p_value, p_adjusted, family)
     decisive = test.p_value if p_adjusted is None else p_adjusted
     if test.discordant == 0:
-        return (
-            f"{candidate} and {baseline} make exactly the same mistakes {n}: there is no difference to test."
-        )
+        return f"{candidate} and {baseline} make exactly the same mistakes {n}: there is no difference to test."
     if diff.point == 0:
-        return (f"{candidate} and {baseline} are equally accurate {n}, though they err on different images "
-                f"(95% CI on the difference {pts(diff.low, True)} to {pts(diff.high, True)} points; {p}).")  # fmt: skip
+        return (
+            f"{candidate} and {baseline} are equally accurate {n}, though they err on different images "
+            f"(95% CI on the difference {pts(diff.low, True)} to {pts(diff.high, True)} points; {p})."
+        )
     ahead, other = (candidate, baseline) if diff.point > 0 else (baseline, candidate)
     lead = diff if diff.point > 0 else Interval(-diff.point, -diff.high, -diff.low, diff.level)
     if decisive < ALPHA and lead.low > 0:
-        return (f"{ahead} is more accurate than {other} by {pts(lead.point)} points {n} "
-                f"(95% CI {pts(lead.low)} to {pts(lead.high)} points; {p}): the difference is unlikely "
-                "to be chance.")  # fmt: skip
-    return (f"{ahead} is ahead of {other} by {pts(lead.point)} points {n}, but this test set cannot tell "
-            f"them apart: the 95% CI on that lead runs from {pts(lead.low, True)} to {pts(lead.high, True)} "
-            f"points ({p}).")  # fmt: skip
+        return (
+            f"{ahead} is more accurate than {other} by {pts(lead.point)} points {n} "
+            f"(95% CI {pts(lead.low)} to {pts(lead.high)} points; {p}): the difference is unlikely "
+            "to be chance."
+        )
+    return (
+        f"{ahead} is ahead of {other} by {pts(lead.point)} points {n}, but this test set cannot tell "
+        f"them apart: the 95% CI on that lead runs from {pts(lead.low, True)} to {pts(lead.high, True)} "
+        f"points ({p})."
+    )
 
 
 @dataclass(frozen=True)
@@ -215,16 +229,19 @@ def across_seeds(baseline_acc: list[float], candidate_acc: list[float]) -> Seeds
     return SeedsDifference(tuple(float(x) for x in d), float(np.round(d.mean(), 12)), std, p)
 
 
-def seeds_verdict(baseline: str, candidate: str, diff: SeedsDifference | None, p_adjusted: float | None = None,
-                  family: int = 1) -> str:  # fmt: skip
+def seeds_verdict(
+    baseline: str, candidate: str, diff: SeedsDifference | None, p_adjusted: float | None = None, family: int = 1
+) -> str:
     """One sentence: which model leads across the seeds, how often, and whether the training's own
     randomness could explain it. With several candidates, `p_adjusted` (Holm) decides, as in `verdict`."""
     if diff is None:
         return f"No seed finished with both {baseline} and {candidate}: nothing to compare."
     k = len(diff.diffs)
     if k == 1:
-        return (f"Only one seed finished with both {baseline} and {candidate}: one training run cannot say how "
-                "much the training's randomness moves the result.")  # fmt: skip
+        return (
+            f"Only one seed finished with both {baseline} and {candidate}: one training run cannot say how "
+            "much the training's randomness moves the result."
+        )
     if diff.mean == 0:
         return f"{candidate} and {baseline} are equally accurate on average over {k} seeds."
     ahead, other = (candidate, baseline) if diff.mean > 0 else (baseline, candidate)
@@ -239,10 +256,11 @@ def seeds_verdict(baseline: str, candidate: str, diff: SeedsDifference | None, p
     if (diff.p_value if p_adjusted is None else p_adjusted) < ALPHA:
         return f"{head} ({spread}; {p}): the lead holds across training runs."
     if losses == 0:
-        return (f"{head} ({spread}; {p}): never behind, but {k} seeds are too few to rule out the training's "
-                "randomness.")  # fmt: skip
-    return (f"{head} ({spread}; {p}): the seeds disagree ({other} leads in {losses}), so the training's "
-            "randomness can reverse this result.")  # fmt: skip
+        return f"{head} ({spread}; {p}): never behind, but {k} seeds are too few to rule out the training's randomness."
+    return (
+        f"{head} ({spread}; {p}): the seeds disagree ({other} leads in {losses}), so the training's "
+        "randomness can reverse this result."
+    )
 
 
 def format_p(p: float) -> str:
@@ -258,9 +276,7 @@ class Confusion:
     share: float  # of the true class's test images
 
 
-def confused_pairs(
-    targets: np.ndarray, preds: np.ndarray, class_names: list[str], k: int = 15
-) -> list[Confusion]:
+def confused_pairs(targets: np.ndarray, preds: np.ndarray, class_names: list[str], k: int = 15) -> list[Confusion]:
     """The `k` most frequent mistakes (true class -> predicted class), most frequent first."""
     nc = len(class_names)
     t, p = np.asarray(targets, dtype=np.int64), np.asarray(preds, dtype=np.int64)
@@ -269,8 +285,11 @@ def confused_pairs(
     np.fill_diagonal(cm, 0)
     flat = np.argsort(-cm, axis=None, kind="stable")[:k]
     pairs = [divmod(int(i), nc) for i in flat]
-    return [Confusion(class_names[i], class_names[j], int(cm[i, j]), float(cm[i, j] / max(int(support[i]), 1)))
-            for i, j in pairs if cm[i, j] > 0]  # fmt: skip
+    return [
+        Confusion(class_names[i], class_names[j], int(cm[i, j]), float(cm[i, j] / max(int(support[i]), 1)))
+        for i, j in pairs
+        if cm[i, j] > 0
+    ]
 
 
 def per_class_accuracy(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:

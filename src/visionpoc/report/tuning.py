@@ -18,7 +18,7 @@ from visionpoc.results import RunResults
 
 log = logging.getLogger(__name__)
 
-SUMMARY_FILE = "tune_summary.json"  # the names `visionpoc.tuned` writes
+SUMMARY_FILE = "tune_summary.json"  # the names `visionpoc.tuning.outputs` writes
 PLOTS = ("history", "importance")
 
 
@@ -95,9 +95,21 @@ def read_tuning(run_dir: Path, r: RunResults) -> tuple[Tuning | None, dict[str, 
             rows.append(TuneRow(label, tuned=False))
             continue
         params = " · ".join(f"{k} {_fmt(v)}" for k, v in (rec.get("best_params") or {}).items())
-        rows.append(TuneRow(label, True, rec.get("trials"), rec.get("complete"), rec.get("pruned"),
-                            rec.get("failed"), rec.get("epochs_per_trial"), rec.get("tuning_time_s"),
-                            rec.get("device"), rec.get("best_val_accuracy"), params))  # fmt: skip
+        rows.append(
+            TuneRow(
+                label,
+                True,
+                rec.get("trials"),
+                rec.get("complete"),
+                rec.get("pruned"),
+                rec.get("failed"),
+                rec.get("epochs_per_trial"),
+                rec.get("tuning_time_s"),
+                rec.get("device"),
+                rec.get("best_val_accuracy"),
+                params,
+            )
+        )
         for kind in PLOTS:
             png = _plot(folders, label, kind)
             if png is not None:
@@ -111,8 +123,10 @@ def _fairness_notes(rows: list[TuneRow]) -> list[str]:
     notes = []
     untuned = [row.label for row in rows if not row.tuned]
     if untuned:
-        notes.append(f"Not tuned: {', '.join(untuned)} kept its hand-set configuration, so the models did not "
-                     "get the same tuning budget.")  # fmt: skip
+        notes.append(
+            f"Not tuned: {', '.join(untuned)} kept its hand-set configuration, so the models did not "
+            "get the same tuning budget."
+        )
     tuned = [row for row in rows if row.tuned]
     for what, key in (("trials", "trials"), ("epochs per trial", "epochs_per_trial")):
         values = {getattr(row, key) for row in tuned}

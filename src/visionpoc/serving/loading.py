@@ -34,8 +34,9 @@ def run_config(run_dir: Path) -> Config:
     return load_config(path)
 
 
-def load_trained(run_dir: str | Path, label: str, results: RunResults | None = None,
-                 device: torch.device | str = "cpu") -> TrainedModel:  # fmt: skip
+def load_trained(
+    run_dir: str | Path, label: str, results: RunResults | None = None, device: torch.device | str = "cpu"
+) -> TrainedModel:
     """Rebuild model `label` of the run in `run_dir` and load its best weights."""
     run_dir = Path(run_dir)
     results = results or load_results(run_dir)
@@ -43,9 +44,7 @@ def load_trained(run_dir: str | Path, label: str, results: RunResults | None = N
     nc = results.dataset.num_classes
     model = models.create_model(mcfg, nc, pretrained=False)
     models.apply_finetune(model, mcfg)  # same module types (FrozenBatchNorm2d) as when it was saved
-    checkpoint.load_weights(
-        model, run_dir / label / checkpoint.BEST, {"timm": mcfg.timm, "num_classes": str(nc)}
-    )
+    checkpoint.load_weights(model, run_dir / label / checkpoint.BEST, {"timm": mcfg.timm, "num_classes": str(nc)})
     dcfg_path = run_dir / label / "data_config.json"
     dcfg = json.loads(dcfg_path.read_text()) if dcfg_path.is_file() else models.data_config(model, mcfg)
     dcfg["input_size"] = tuple(dcfg["input_size"])

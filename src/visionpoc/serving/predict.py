@@ -29,7 +29,7 @@ from visionpoc.data.loaders import eval_transform
 from visionpoc.data.sources import IMG_EXTENSIONS
 from visionpoc.errors import VisionpocError
 from visionpoc.results import load_results
-from visionpoc.trained import TrainedModel, load_trained
+from visionpoc.serving.loading import TrainedModel, load_trained
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,9 @@ def check_aspect_ratio(width: int, height: int, name: str = "the image") -> None
 class Predictor:
     """The successful models of the run in `run_dir` (or only `labels`), loaded once, in eval mode."""
 
-    def __init__(self, run_dir: str | Path, labels: Sequence[str] | None = None,
-                 device: torch.device | str = "cpu") -> None:  # fmt: skip
+    def __init__(
+        self, run_dir: str | Path, labels: Sequence[str] | None = None, device: torch.device | str = "cpu"
+    ) -> None:
         self.run_dir = Path(run_dir)
         results = load_results(self.run_dir)
         ok = [m.label for m in results.models if m.status == "ok"]
@@ -106,22 +107,23 @@ class Predictor:
                 self._sync()
                 latency = (time.perf_counter() - t0) * 1000
             probs, idx = logits.float().softmax(1)[0].topk(k)  # (k,), (k,)
-            answers.append({
-                "model": tm.label,
-                "top": [{"label": self.class_names[int(i)], "index": int(i), "probability": float(p)}
-                        for p, i in zip(probs.tolist(), idx.tolist(), strict=True)],
-                "latency_ms": latency,
-            })  # fmt: skip
+            answers.append(
+                {
+                    "model": tm.label,
+                    "top": [
+                        {"label": self.class_names[int(i)], "index": int(i), "probability": float(p)}
+                        for p, i in zip(probs.tolist(), idx.tolist(), strict=True)
+                    ],
+                    "latency_ms": latency,
+                }
+            )
         return answers
 
-    def predict_images(self, images: list[Image.Image], top: int = 5,
-                       names: Sequence[str] | None = None) -> list[Row]:  # fmt: skip
+    def predict_images(self, images: list[Image.Image], top: int = 5, names: Sequence[str] | None = None) -> list[Row]:
         """One row per image: `{"image": name, "models": [{"model", "top": [{"label", "index",
         "probability"}], "latency_ms"}]}`; `names` default to the image's position."""
         names = list(names) if names is not None else [str(i) for i in range(len(images))]
-        return [
-            {"image": n, "models": self.predict_image(img, top)} for n, img in zip(names, images, strict=True)
-        ]
+        return [{"image": n, "models": self.predict_image(img, top)} for n, img in zip(names, images, strict=True)]
 
     def predict_paths(self, paths: Iterable[str | Path], top: int = 5) -> list[Row]:
         """Predict every image file named in `paths` (folders are searched recursively for image
@@ -157,8 +159,7 @@ class Predictor:
                     heatmap, method = xp.explain(tm.model, x)  # (H, W) in [0, 1]
                 seen = xp.to_pil(x, tm.data_config["mean"], tm.data_config["std"])
                 scale = max(1.0, size / min(seen.size))
-                seen = seen.resize((round(seen.width * scale), round(seen.height * scale)),
-                                   Image.Resampling.BICUBIC)  # fmt: skip
+                seen = seen.resize((round(seen.width * scale), round(seen.height * scale)), Image.Resampling.BICUBIC)
                 out[tm.label] = (method, xp.overlay(seen, heatmap))
             except Exception as e:  # an explanation is a bonus; the prediction stands without it
                 log.warning("no explanation for %s: %s: %s", tm.label, type(e).__name__, e)

@@ -54,14 +54,31 @@ def plan(smoke: bool) -> Plan:
         vit = Spec("vit_b16", "vit_tiny_patch16_224", "full", 32, 4, {"depth": 2})
         cnn = Spec("xception_top10", "legacy_xception", "top_fraction", 48, 2)
         big = Spec("vit_b16_bs8", "vit_tiny_patch16_224", "full", 32, 8, {"depth": 2}, peer="vit_b16")
-        return Plan((vit, cnn), n_images=32, store_size=48, steps=2, warm=1, workers=0, input_batch=4,
-                    input_passes=2, variants=(big,))  # fmt: skip
-    return Plan((Spec("vit_b16", "vit_base_patch16_224", "full", 224, 256),
-                 Spec("xception_top10", "legacy_xception", "top_fraction", 299, 128),
-                 Spec("xception_full", "legacy_xception", "full", 299, 128)),
-                n_images=2048, store_size=320, steps=20, warm=5, workers=min(16, os.cpu_count() or 1),
-                # does a batch twice the peers' fill the GPU better? (the issue's "batch that fills the GPU")
-                variants=(Spec("vit_b16_bs512", "vit_base_patch16_224", "full", 224, 512, peer="vit_b16"),))  # fmt: skip
+        return Plan(
+            (vit, cnn),
+            n_images=32,
+            store_size=48,
+            steps=2,
+            warm=1,
+            workers=0,
+            input_batch=4,
+            input_passes=2,
+            variants=(big,),
+        )
+    return Plan(
+        (
+            Spec("vit_b16", "vit_base_patch16_224", "full", 224, 256),
+            Spec("xception_top10", "legacy_xception", "top_fraction", 299, 128),
+            Spec("xception_full", "legacy_xception", "full", 299, 128),
+        ),
+        n_images=2048,
+        store_size=320,
+        steps=20,
+        warm=5,
+        workers=min(16, os.cpu_count() or 1),
+        # does a batch twice the peers' fill the GPU better? (the issue's "batch that fills the GPU")
+        variants=(Spec("vit_b16_bs512", "vit_base_patch16_224", "full", 224, 512, peer="vit_b16"),),
+    )
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> float:
@@ -75,8 +92,15 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
 
 def build_model(spec: Spec) -> nn.Module:
     """`spec`'s timm model (random weights) with our fine-tuning policy applied."""
-    mcfg = ModelConfig(label=spec.label, timm=spec.timm, pretrained=False, finetune=spec.finetune,  # type: ignore[arg-type]
-                       fraction=0.1, img_size=spec.size, model_kwargs=spec.kwargs)  # fmt: skip
+    mcfg = ModelConfig(
+        label=spec.label,
+        timm=spec.timm,
+        pretrained=False,
+        finetune=spec.finetune,  # type: ignore[arg-type]
+        fraction=0.1,
+        img_size=spec.size,
+        model_kwargs=spec.kwargs,
+    )
     model = models.create_model(mcfg, NUM_CLASSES)
     models.apply_finetune(model, mcfg)
     return model

@@ -24,8 +24,8 @@ import torch
 from visionpoc import models
 from visionpoc.config import ModelConfig
 from visionpoc.errors import ConfigError
-from visionpoc.preset_entries import PRESETS_FILE as PRESETS_FILE  # re-exported
-from visionpoc.preset_entries import preset_table, resolve_entry
+from visionpoc.presets.table import PRESETS_FILE as PRESETS_FILE  # re-exported
+from visionpoc.presets.table import preset_table, resolve_entry
 from visionpoc.typed import from_dict
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,7 @@ REQUIRED_POLICIES = ("full", "linear_probe")
 LicenceKind = Literal["permissive", "non-commercial", "custom", "unknown"]
 
 # Licences that allow commercial use with attribution only. Anything else needs a person to read it.
-PERMISSIVE = frozenset(
-    {"apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "cc-by-4.0", "cc0-1.0", "unlicense"}
-)
+PERMISSIVE = frozenset({"apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "cc-by-4.0", "cc0-1.0", "unlicense"})
 
 # timm tag tokens that name pretraining data (the vocabulary of `pretrain_data`), and aliases
 _DATA_TOKENS = frozenset(
@@ -105,9 +103,7 @@ def _parse(name: str, raw: Any) -> Preset:
         raise ConfigError(f"{where}.policies: expected a mapping of policy name -> fields")
     missing = [p for p in REQUIRED_POLICIES if p not in policies]
     if missing:
-        raise ConfigError(
-            f"{where}.policies: missing {missing}; every preset needs {list(REQUIRED_POLICIES)}"
-        )
+        raise ConfigError(f"{where}.policies: missing {missing}; every preset needs {list(REQUIRED_POLICIES)}")
     default = raw.get("default_policy", "full")
     if default not in policies:
         raise ConfigError(f"{where}.default_policy: {default!r} is not one of {sorted(policies)}")
@@ -118,11 +114,18 @@ def _parse(name: str, raw: Any) -> Preset:
         if raw.get(key) is None:
             raise ConfigError(f"{where}.{key}: required")
     return Preset(
-        name=name, model=model, policies=resolved, default_policy=default,
-        family=str(raw["family"]), released=str(raw["released"]), pretrain_data=raw.get("pretrain_data"),
-        license=raw.get("license"), input_size=int(raw["input_size"]), normalization=str(raw["normalization"]),
+        name=name,
+        model=model,
+        policies=resolved,
+        default_policy=default,
+        family=str(raw["family"]),
+        released=str(raw["released"]),
+        pretrain_data=raw.get("pretrain_data"),
+        license=raw.get("license"),
+        input_size=int(raw["input_size"]),
+        normalization=str(raw["normalization"]),
         notes=str(raw.get("notes") or "").strip(),
-    )  # fmt: skip
+    )
 
 
 @functools.cache
@@ -282,22 +285,40 @@ def list_presets(family: str | None = None) -> list[dict[str, Any]]:
             | ({"fraction": m.fraction} if m.finetune == "top_fraction" else {})
             for name, m in p.policies.items()
         }
-        rows.append({
-            "name": p.name, "label": mcfg.label, "timm": mcfg.timm, "family": p.family, "released": p.released,
-            "input_size": int(input_size[-1]), "params": params, "gflops": round(gflops, 2), "pretrain_tag": tag,
-            "pretrain_data": p.pretrain_data or pretrain_data(mcfg.timm),
-            "imagenet_overlap": may_have_seen_imagenet(p.pretrain_data or mcfg.timm),
-            "license": licence, "license_source": source, "license_kind": licence_kind(licence),
-            "hf_hub_id": hub, "default_policy": p.default_policy, "policies": policies, "notes": p.notes,
-        })  # fmt: skip
+        rows.append(
+            {
+                "name": p.name,
+                "label": mcfg.label,
+                "timm": mcfg.timm,
+                "family": p.family,
+                "released": p.released,
+                "input_size": int(input_size[-1]),
+                "params": params,
+                "gflops": round(gflops, 2),
+                "pretrain_tag": tag,
+                "pretrain_data": p.pretrain_data or pretrain_data(mcfg.timm),
+                "imagenet_overlap": may_have_seen_imagenet(p.pretrain_data or mcfg.timm),
+                "license": licence,
+                "license_source": source,
+                "license_kind": licence_kind(licence),
+                "hf_hub_id": hub,
+                "default_policy": p.default_policy,
+                "policies": policies,
+                "notes": p.notes,
+            }
+        )
     return rows
 
 
 # ------------------------------------------------------------------------------------------ table
 
 _OVERLAP = {True: "yes", False: "no", None: "unknown"}
-_LICENCE_MARK = {"permissive": "", "non-commercial": " [NON-COMMERCIAL]", "custom": " [CUSTOM: review]",
-                 "unknown": " [UNKNOWN]"}  # fmt: skip
+_LICENCE_MARK = {
+    "permissive": "",
+    "non-commercial": " [NON-COMMERCIAL]",
+    "custom": " [CUSTOM: review]",
+    "unknown": " [UNKNOWN]",
+}
 
 
 def _policies_cell(r: dict[str, Any]) -> str:
@@ -311,16 +332,36 @@ def _cells(r: dict[str, Any]) -> list[str]:
     if r["license_source"] == "preset":
         licence += " (preset)"
     return [
-        r["name"], r["timm"], r["family"], str(r["input_size"]), f"{r['params'] / 1e6:.1f}", f"{r['gflops']:.1f}",
-        r["pretrain_data"] or "?", _OVERLAP[r["imagenet_overlap"]], licence, _policies_cell(r),
-    ]  # fmt: skip
+        r["name"],
+        r["timm"],
+        r["family"],
+        str(r["input_size"]),
+        f"{r['params'] / 1e6:.1f}",
+        f"{r['gflops']:.1f}",
+        r["pretrain_data"] or "?",
+        _OVERLAP[r["imagenet_overlap"]],
+        licence,
+        _policies_cell(r),
+    ]
 
 
-HEADERS = ["preset", "timm", "family", "input", "params (M)", "GFLOPs", "pretrain data", "ImageNet overlap",
-           "licence", "policies: lr (default first)"]  # fmt: skip
-USAGE = ("In a config, one line per model: `- {preset: NAME}` (its default policy) or "
-         "`- {preset: NAME, policy: full|linear_probe}`;\nfields on the line (lr, img_size, ...) override "
-         "the preset's.")  # fmt: skip
+HEADERS = [
+    "preset",
+    "timm",
+    "family",
+    "input",
+    "params (M)",
+    "GFLOPs",
+    "pretrain data",
+    "ImageNet overlap",
+    "licence",
+    "policies: lr (default first)",
+]
+USAGE = (
+    "In a config, one line per model: `- {preset: NAME}` (its default policy) or "
+    "`- {preset: NAME, policy: full|linear_probe}`;\nfields on the line (lr, img_size, ...) override "
+    "the preset's."
+)
 
 
 def format_models_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
@@ -329,21 +370,25 @@ def format_models_table(rows: list[dict[str, Any]], markdown: bool = False) -> s
     cells = [_cells(r) for r in rows]
     numeric = {3, 4, 5}
     if markdown:
-        lines = ["| " + " | ".join(HEADERS) + " |",
-                 "|" + "|".join("---:" if i in numeric else "---" for i in range(len(HEADERS))) + "|"]  # fmt: skip
-        lines += ["| " + " | ".join(c if i not in (0, 1) else f"`{c}`" for i, c in enumerate(row)) + " |"
-                  for row in cells]  # fmt: skip
+        lines = [
+            "| " + " | ".join(HEADERS) + " |",
+            "|" + "|".join("---:" if i in numeric else "---" for i in range(len(HEADERS))) + "|",
+        ]
+        lines += [
+            "| " + " | ".join(c if i not in (0, 1) else f"`{c}`" for i, c in enumerate(row)) + " |" for row in cells
+        ]
         return "\n".join(lines)
     widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(HEADERS)]
 
     def line(values: list[str]) -> str:
         return "  ".join(
-            v.rjust(w) if i in numeric else v.ljust(w)
-            for i, (v, w) in enumerate(zip(values, widths, strict=True))
+            v.rjust(w) if i in numeric else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths, strict=True))
         )
 
     out = [line(HEADERS), "-" * len(line(HEADERS))] + [line(row) for row in cells]
-    out.append("params: backbone without classifier; GFLOPs: forward, batch 1, at the input size (attention "
-               "included); (preset): licence not in timm's config, taken from presets.yaml.")  # fmt: skip
+    out.append(
+        "params: backbone without classifier; GFLOPs: forward, batch 1, at the input size (attention "
+        "included); (preset): licence not in timm's config, taken from presets.yaml."
+    )
     out.append(USAGE)
     return "\n".join(s.rstrip() for s in out)

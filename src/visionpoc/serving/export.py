@@ -34,7 +34,7 @@ from torch import nn
 from visionpoc.atomic import atomic_write, atomic_write_json
 from visionpoc.config import ModelConfig
 from visionpoc.errors import ConfigError, VisionpocError
-from visionpoc.trained import TrainedModel, load_trained, trained_labels
+from visionpoc.serving.loading import TrainedModel, load_trained, trained_labels
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,9 @@ class OnnxCheck:
         )
 
 
-def export(run_dir: str | Path, fmt: Literal["onnx", "safetensors"], label: str | None = None,
-           out: str | Path | None = None) -> list[Path]:  # fmt: skip
+def export(
+    run_dir: str | Path, fmt: Literal["onnx", "safetensors"], label: str | None = None, out: str | Path | None = None
+) -> list[Path]:
     """Export every successful model of the run (or only `label`) to `out/<label>/` (default
     `RUN_DIR/export/<label>/`); returns the files written."""
     if fmt not in FORMATS:
@@ -77,9 +78,7 @@ def export(run_dir: str | Path, fmt: Literal["onnx", "safetensors"], label: str 
         )
     out_dir = Path(out) if out is not None else run_dir / "export"
     if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(
-            f"--out {out_dir} is a file: give a folder (each model's files go in <out>/<label>/)"
-        )
+        raise ConfigError(f"--out {out_dir} is a file: give a folder (each model's files go in <out>/<label>/)")
     written: list[Path] = []
     for lab in [label] if label else labels:
         tm = load_trained(run_dir, lab)
@@ -91,10 +90,16 @@ def export(run_dir: str | Path, fmt: Literal["onnx", "safetensors"], label: str 
 
 
 def _write_sidecars(tm: TrainedModel, folder: Path) -> list[Path]:
-    pre = {**tm.data_config, "input_name": "input", "output_name": "logits",
-           "input_layout": "NCHW, RGB, float32: resize, center-crop, scale to [0, 1], then (x - mean) / std"}  # fmt: skip
-    return [atomic_write_json(folder / "preprocessing.json", pre),
-            atomic_write_json(folder / "classes.json", tm.class_names)]  # fmt: skip
+    pre = {
+        **tm.data_config,
+        "input_name": "input",
+        "output_name": "logits",
+        "input_layout": "NCHW, RGB, float32: resize, center-crop, scale to [0, 1], then (x - mean) / std",
+    }
+    return [
+        atomic_write_json(folder / "preprocessing.json", pre),
+        atomic_write_json(folder / "classes.json", tm.class_names),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- onnx
@@ -115,9 +120,15 @@ def export_onnx(tm: TrainedModel, folder: Path) -> Path:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
             torch.onnx.export(
-                model, (x,), str(tmp), dynamo=False, opset_version=OPSET, input_names=["input"],
-                output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            )  # fmt: skip
+                model,
+                (x,),
+                str(tmp),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            )
 
     path = folder / "model.onnx"
     checks: list[OnnxCheck] = []
@@ -126,13 +137,12 @@ def export_onnx(tm: TrainedModel, folder: Path) -> Path:
         try:
             write(tmp)
         except Exception as e:
-            raise VisionpocError(
-                f"ONNX export of {tm.label!r} ({tm.mcfg.timm}) failed: {type(e).__name__}: {e}"
-            ) from e
+            raise VisionpocError(f"ONNX export of {tm.label!r} ({tm.mcfg.timm}) failed: {type(e).__name__}: {e}") from e
         checks.append(check_onnx(tmp, model, tuple(tm.data_config["input_size"]), label=tm.label))
         if not checks[-1].ok:  # raised inside atomic_write: the temp file goes, model.onnx is never written
-            raise VisionpocError(f"{checks[-1]}: the export does not reproduce the PyTorch model; "
-                                 f"no {path} was written")  # fmt: skip
+            raise VisionpocError(
+                f"{checks[-1]}: the export does not reproduce the PyTorch model; no {path} was written"
+            )
 
     try:
         atomic_write(path, write_and_check)
@@ -145,8 +155,15 @@ def export_onnx(tm: TrainedModel, folder: Path) -> Path:
     return path
 
 
-def check_onnx(path: Path, model: nn.Module, input_size: tuple[int, ...], label: str = "",
-               rtol: float = ONNX_RTOL, batch: int = 3, seed: int = 0) -> OnnxCheck:  # fmt: skip
+def check_onnx(
+    path: Path,
+    model: nn.Module,
+    input_size: tuple[int, ...],
+    label: str = "",
+    rtol: float = ONNX_RTOL,
+    batch: int = 3,
+    seed: int = 0,
+) -> OnnxCheck:
     """Run `path` in onnxruntime and `model` in PyTorch on the same random batch (batch > 1 also checks
     the dynamic batch axis) and compare the logits."""
     import onnxruntime as ort

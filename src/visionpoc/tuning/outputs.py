@@ -51,21 +51,31 @@ def study_record(study: optuna.Study, mcfg: ModelConfig, storage: str, epochs: i
     """The study's facts for the fairness table: trials by state, time spent, device, best result."""
     trials = study.get_trials(deepcopy=False)
     states = [t.state for t in trials]
-    seconds = [(end - start).total_seconds() for t in trials
-               if (start := t.datetime_start) is not None and (end := t.datetime_complete) is not None]  # fmt: skip
+    seconds = [
+        (end - start).total_seconds()
+        for t in trials
+        if (start := t.datetime_start) is not None and (end := t.datetime_complete) is not None
+    ]
     best = best_trial(study)
     devices = sorted({str(t.user_attrs["device"]) for t in trials if "device" in t.user_attrs})
     return {
-        "label": mcfg.label, "timm": mcfg.timm, "study": study.study_name, "storage": storage,
+        "label": mcfg.label,
+        "timm": mcfg.timm,
+        "study": study.study_name,
+        "storage": storage,
         "epochs_per_trial": epochs,
         "trials": sum(s in FINISHED for s in states),  # the budget `--trials` targets: complete + pruned
-        "complete": states.count(TS.COMPLETE), "pruned": states.count(TS.PRUNED), "failed": states.count(TS.FAIL),
+        "complete": states.count(TS.COMPLETE),
+        "pruned": states.count(TS.PRUNED),
+        "failed": states.count(TS.FAIL),
         "running": states.count(TS.RUNNING),
         "tuning_time_s": sum(seconds),  # every finished trial, from every worker: the compute spent
-        "device": ", ".join(devices) or None, "best_trial": best.number if best else None,
-        "best_val_accuracy": best.value if best else None, "best_params": dict(best.params) if best else {},
+        "device": ", ".join(devices) or None,
+        "best_trial": best.number if best else None,
+        "best_val_accuracy": best.value if best else None,
+        "best_params": dict(best.params) if best else {},
         "searched": sorted({k for t in trials for k in t.params}),
-    }  # fmt: skip
+    }
 
 
 def best_params_yaml(study: optuna.Study, mcfg: ModelConfig, record: dict[str, Any]) -> str:
@@ -78,8 +88,9 @@ def best_params_yaml(study: optuna.Study, mcfg: ModelConfig, record: dict[str, A
         "model": _overrides(best) if best else {},
         "tuning": record,
     }
-    head = (f"# Tuned settings of {mcfg.label!r}: overrides of its ModelConfig, used by "
-            "`visionpoc compare --tuned DIR`.\n")  # fmt: skip
+    head = (
+        f"# Tuned settings of {mcfg.label!r}: overrides of its ModelConfig, used by `visionpoc compare --tuned DIR`.\n"
+    )
     return head + yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -91,13 +102,13 @@ def save_plots(study: optuna.Study, folder: Path, label: str) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     complete = study.get_trials(deepcopy=False, states=(TS.COMPLETE,))
     notes = []
-    for name, draw, need in (("history", ovm.plot_optimization_history, 1),
-                             ("importance", ovm.plot_param_importances, 2)):  # fmt: skip
+    for name, draw, need in (
+        ("history", ovm.plot_optimization_history, 1),
+        ("importance", ovm.plot_param_importances, 2),
+    ):
         path = folder / f"{label}_{name}.png"
         if len(complete) < need:
-            notes.append(
-                f"{name} plot skipped: it needs {need} completed trial(s), the study has {len(complete)}"
-            )
+            notes.append(f"{name} plot skipped: it needs {need} completed trial(s), the study has {len(complete)}")
             path.unlink(missing_ok=True)
             continue
         try:
@@ -116,23 +127,24 @@ def save_plots(study: optuna.Study, folder: Path, label: str) -> list[str]:
     return notes
 
 
-def write_outputs(
-    study: optuna.Study, mcfg: ModelConfig, out_dir: Path, storage: str, epochs: int
-) -> Path | None:
+def write_outputs(study: optuna.Study, mcfg: ModelConfig, out_dir: Path, storage: str, epochs: int) -> Path | None:
     """Write `tuned/<label>.yaml`, the plots and `tune_summary.json` in `out_dir`; return the YAML path,
     or None when the study has no completed trial (no YAML: the model is not tuned)."""
     record = study_record(study, mcfg, storage, epochs)
     record["notes"] = save_plots(study, out_dir / PLOTS_DIR, mcfg.label)
     path: Path | None = None
     if record["best_trial"] is None:
-        log.warning("[%s] study %r has no completed trial: no tuned settings written; run the same command "
-                    "again to add trials", mcfg.label, study.study_name)  # fmt: skip
-    else:
-        path = atomic_write_text(
-            out_dir / TUNED_DIR / f"{mcfg.label}.yaml", best_params_yaml(study, mcfg, record)
+        log.warning(
+            "[%s] study %r has no completed trial: no tuned settings written; run the same command again to add trials",
+            mcfg.label,
+            study.study_name,
         )
-    summary = {p.stem: (yaml.safe_load(p.read_text()) or {}).get("tuning", {})
-               for p in sorted((out_dir / TUNED_DIR).glob("*.yaml"))}  # fmt: skip
+    else:
+        path = atomic_write_text(out_dir / TUNED_DIR / f"{mcfg.label}.yaml", best_params_yaml(study, mcfg, record))
+    summary = {
+        p.stem: (yaml.safe_load(p.read_text()) or {}).get("tuning", {})
+        for p in sorted((out_dir / TUNED_DIR).glob("*.yaml"))
+    }
     atomic_write_json(out_dir / SUMMARY_FILE, {"models": summary})
     return path
 
@@ -147,25 +159,37 @@ def apply_tuned(cfg: Config, tuned_dir: Path, out_dir: Path | None = None) -> Co
     folder = tuned_dir / TUNED_DIR if (tuned_dir / TUNED_DIR).is_dir() else tuned_dir
     files = {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
     if not files:
-        raise ConfigError(f"no tuned settings (<label>.yaml) in {folder}: run "
-                          f"'visionpoc tune --model LABEL --out {tuned_dir}' for each model first")  # fmt: skip
+        raise ConfigError(
+            f"no tuned settings (<label>.yaml) in {folder}: run "
+            f"'visionpoc tune --model LABEL --out {tuned_dir}' for each model first"
+        )
     records: dict[str, Any] = {}
     for m in cfg.models:
         path = files.get(m.label)
         if path is None:
-            log.warning("model %s has no tuned settings in %s: it keeps its configured ones, so the "
-                        "comparison is not equal-budget", m.label, folder)  # fmt: skip
+            log.warning(
+                "model %s has no tuned settings in %s: it keeps its configured ones, so the "
+                "comparison is not equal-budget",
+                m.label,
+                folder,
+            )
             continue
         try:
             doc = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
         if doc.get("timm", m.timm) != m.timm:
-            raise ConfigError(f"{path} was tuned for {doc['timm']!r}, but model {m.label!r} is {m.timm!r}: "
-                              "tune it again or remove the file")  # fmt: skip
+            raise ConfigError(
+                f"{path} was tuned for {doc['timm']!r}, but model {m.label!r} is {m.timm!r}: "
+                "tune it again or remove the file"
+            )
         if not doc.get("model") and (doc.get("tuning") or {}).get("best_trial") is None:
-            log.warning("model %s: %s holds no tuned settings (its study has no completed trial): it keeps "
-                        "its configured ones, so the comparison is not equal-budget", m.label, path)  # fmt: skip
+            log.warning(
+                "model %s: %s holds no tuned settings (its study has no completed trial): it keeps "
+                "its configured ones, so the comparison is not equal-budget",
+                m.label,
+                path,
+            )
             continue
         changes = {**(doc.get("model") or {}), "tuned_from": str(path.resolve())}
         cfg = with_model_changes(cfg, m.label, changes, f"{path}: model")

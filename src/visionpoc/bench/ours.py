@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from visionpoc import models
-from visionpoc.bench_plan import NUM_CLASSES, Plan, Spec, build_model, timed
+from visionpoc.bench.workload import NUM_CLASSES, Plan, Spec, build_model, timed
 from visionpoc.config import ModelConfig
 from visionpoc.data.loaders import ImageDataset, train_transform
 from visionpoc.data.prepared import PreparedStore, prepare_store, split_batches
@@ -53,9 +53,7 @@ def _pass(batches: Iterable[Batch], device: torch.device) -> tuple[float, float]
     return n / max(time.perf_counter() - t0, 1e-9), first
 
 
-def input_path(
-    split: Split, dcfg: dict[str, Any], p: Plan, device: torch.device, cache: Path
-) -> dict[str, Any]:
+def input_path(split: Split, dcfg: dict[str, Any], p: Plan, device: torch.device, cache: Path) -> dict[str, Any]:
     """The PIL DataLoader vs the prepared store + `gpu_aug` on `split`: img/s and seconds to the first batch.
 
     Both are timed over whole passes after a warm-up pass, the first batch included: the DataLoader's
@@ -63,9 +61,14 @@ def input_path(
     builds several (`input_batch`; a per-image cost, so the batch size does not matter otherwise), so the
     rate is the workers' steady rate, not their start-up burst. The store is read at the training batch."""
     bs, paths = p.specs[0].batch, [split.path(i) for i in range(len(split))]
-    pil = torch.utils.data.DataLoader(ImageDataset(split, train_transform(dcfg)), batch_size=p.input_batch, shuffle=True,
-                                      num_workers=p.workers, pin_memory=device.type == "cuda",
-                                      persistent_workers=p.workers > 0)  # fmt: skip
+    pil = torch.utils.data.DataLoader(
+        ImageDataset(split, train_transform(dcfg)),
+        batch_size=p.input_batch,
+        shuffle=True,
+        num_workers=p.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=p.workers > 0,
+    )
     _, pil_first = _pass(pil, device)  # warm-up: worker start-up, page cache
     pil_img_s, _ = _pass(pil, device)
     store = prepare_store(paths, p.store_size, cache, workers=p.workers)
@@ -74,13 +77,22 @@ def input_path(
     _, first = _pass(fast, device)  # warm-up: kernels
     rates = [_pass(fast, device)[0] for _ in range(p.input_passes)]
     img_s = float(np.median(rates))
-    return {"n_images": len(split), "batch": bs, "input_size": dcfg["input_size"],
-            "jpeg_kib": round(sum(os.path.getsize(q) for q in paths) / len(paths) / 1024, 1),
-            "pil": {"img_s": pil_img_s, "first_batch_s": pil_first, "workers": p.workers, "batch": p.input_batch},
-            "prepared": {"img_s": img_s, "first_batch_s": first, "store_size": p.store_size, "build_s": store.build_s,
-                         "build_img_s": len(paths) / max(store.build_s, 1e-9),
-                         "resident": isinstance(images, torch.Tensor)},
-            "ratio_prepared_vs_pil": img_s / pil_img_s}  # fmt: skip
+    return {
+        "n_images": len(split),
+        "batch": bs,
+        "input_size": dcfg["input_size"],
+        "jpeg_kib": round(sum(os.path.getsize(q) for q in paths) / len(paths) / 1024, 1),
+        "pil": {"img_s": pil_img_s, "first_batch_s": pil_first, "workers": p.workers, "batch": p.input_batch},
+        "prepared": {
+            "img_s": img_s,
+            "first_batch_s": first,
+            "store_size": p.store_size,
+            "build_s": store.build_s,
+            "build_img_s": len(paths) / max(store.build_s, 1e-9),
+            "resident": isinstance(images, torch.Tensor),
+        },
+        "ratio_prepared_vs_pil": img_s / pil_img_s,
+    }
 
 
 class _Batches:
@@ -96,8 +108,9 @@ class _Batches:
         return itertools.islice(itertools.chain.from_iterable(itertools.repeat(self.source)), self.steps)
 
 
-def ours(spec: Spec, store: PreparedStore, images: torch.Tensor | np.ndarray, split: Split, p: Plan,
-         device: torch.device) -> dict[str, Any]:  # fmt: skip
+def ours(
+    spec: Spec, store: PreparedStore, images: torch.Tensor | np.ndarray, split: Split, p: Plan, device: torch.device
+) -> dict[str, Any]:
     """Our loop's img/s fed by the prepared store and by a synthetic batch already on the device."""
     model = build_model(spec).to(device)
     dcfg = models.data_config(model, ModelConfig(label=spec.label, timm=spec.timm, img_size=spec.size))
@@ -110,8 +123,12 @@ def ours(spec: Spec, store: PreparedStore, images: torch.Tensor | np.ndarray, sp
     sched = timm.scheduler.CosineLRScheduler(opt, t_initial=10**6, t_in_epochs=False)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
     dtype = torch.bfloat16 if device.type == "cuda" else None
-    synthetic = [(torch.randn(spec.batch, *dcfg["input_size"], device=device),  # (B, 3, H, W)
-                  torch.randint(0, NUM_CLASSES, (spec.batch,), device=device))]  # fmt: skip
+    synthetic = [
+        (
+            torch.randn(spec.batch, *dcfg["input_size"], device=device),  # (B, 3, H, W)
+            torch.randint(0, NUM_CLASSES, (spec.batch,), device=device),
+        )
+    ]
     fed = split_batches(store, images, split, store_transform(dcfg), spec.batch, device, train=True)
     parts, stop, step = StepParts(step_model, opt, sched, loss_fn, device, dtype, 1.0, cl), StopRequest(), 0
 
@@ -123,8 +140,17 @@ def ours(spec: Spec, store: PreparedStore, images: torch.Tensor | np.ndarray, sp
     run(fed, 1)  # the augmentation's first call
     t_syn = timed(lambda: run(synthetic, p.steps), device)
     t_store = timed(lambda: run(fed, p.steps), device)
-    return {"name": spec.label, "peer": spec.peer or spec.label, "timm": spec.timm, "finetune": spec.finetune,
-            "bs": spec.batch, "size": spec.size, "compile": device.type == "cuda", "warmup_s": warm,
-            "micro_batch": parts.micro_batch,  # None, or what an out-of-memory fallback left
-            "synthetic_img_s": spec.batch * p.steps / t_syn, "prepared_img_s": spec.batch * p.steps / t_store,
-            "input_efficiency": t_syn / t_store}  # fmt: skip
+    return {
+        "name": spec.label,
+        "peer": spec.peer or spec.label,
+        "timm": spec.timm,
+        "finetune": spec.finetune,
+        "bs": spec.batch,
+        "size": spec.size,
+        "compile": device.type == "cuda",
+        "warmup_s": warm,
+        "micro_batch": parts.micro_batch,  # None, or what an out-of-memory fallback left
+        "synthetic_img_s": spec.batch * p.steps / t_syn,
+        "prepared_img_s": spec.batch * p.steps / t_store,
+        "input_efficiency": t_syn / t_store,
+    }

@@ -17,7 +17,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from visionpoc.data.images import to_rgb
 from visionpoc.errors import VisionpocError
-from visionpoc.predict import ImageShapeError, check_aspect_ratio
+from visionpoc.serving.predict import ImageShapeError, check_aspect_ratio
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers allowed on top of the file size limit
 DEFAULT_MAX_PIXELS = 64_000_000  # a 64-megapixel photo; a decoded RGB image then needs <= 192 MB
@@ -67,9 +67,10 @@ def multipart_file(body: bytes, content_type: str | None, field: str = "file") -
     ctype, params = parse_options_header(content_type or "")
     if ctype != b"multipart/form-data" or b"boundary" not in params:
         raise UploadError(
-            400, f"send the image as multipart/form-data with a field {field!r} "
-            f"(e.g. curl -F {field}=@dog.jpg), not {content_type or 'no Content-Type'}"
-        )  # fmt: skip
+            400,
+            f"send the image as multipart/form-data with a field {field!r} "
+            f"(e.g. curl -F {field}=@dog.jpg), not {content_type or 'no Content-Type'}",
+        )
     parts: list[tuple[dict[bytes, bytes], bytearray]] = []
     name: list[bytes] = []
     value: list[bytes] = []

@@ -30,10 +30,10 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from visionpoc import __version__
-from visionpoc.demo_page import CSP, PAGE
 from visionpoc.errors import VisionpocError
-from visionpoc.predict import Predictor
-from visionpoc.uploads import (
+from visionpoc.serving.page import CSP, PAGE
+from visionpoc.serving.predict import Predictor
+from visionpoc.serving.uploads import (
     DEFAULT_MAX_PIXELS,
     MULTIPART_OVERHEAD,
     UploadError,
@@ -82,10 +82,14 @@ def swagger_assets() -> Path | None:
     return folder if all((folder / name).is_file() for name in DOCS_ASSETS) else None
 
 
-def create_app(run_dir: str | Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-               max_pixels: int = DEFAULT_MAX_PIXELS, device: str = "cpu",
-               predictor: Predictor | None = None,
-               max_concurrent: int = MAX_CONCURRENT_PREDICTIONS) -> FastAPI:  # fmt: skip
+def create_app(
+    run_dir: str | Path,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    device: str = "cpu",
+    predictor: Predictor | None = None,
+    max_concurrent: int = MAX_CONCURRENT_PREDICTIONS,
+) -> FastAPI:
     """The service for the run in `run_dir`; its models load now, once. Uploads over `max_upload_bytes`
     or declaring more than `max_pixels` pixels are refused (413); at most `max_concurrent` uploads are
     decoded and predicted at a time."""
@@ -150,10 +154,12 @@ def create_app(run_dir: str | Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_B
         @app.get("/docs", include_in_schema=False)
         def docs() -> HTMLResponse:
             return get_swagger_ui_html(
-                openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} - Swagger UI",
-                swagger_js_url="/docs-assets/swagger-ui-bundle.js", swagger_css_url="/docs-assets/swagger-ui.css",
+                openapi_url=app.openapi_url or "/openapi.json",
+                title=f"{app.title} - Swagger UI",
+                swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                swagger_css_url="/docs-assets/swagger-ui.css",
                 swagger_favicon_url="/docs-assets/favicon.png",
-            )  # fmt: skip
+            )
 
         @app.get("/docs-assets/{name}", include_in_schema=False)
         def docs_asset(name: str) -> FileResponse:
@@ -163,9 +169,7 @@ def create_app(run_dir: str | Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_B
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
-        return HTMLResponse(
-            PAGE, headers={"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"}
-        )
+        return HTMLResponse(PAGE, headers={"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"})
 
     return app
 
@@ -179,8 +183,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10,
-          device: str = "cpu") -> None:  # fmt: skip
+def serve(
+    run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10, device: str = "cpu"
+) -> None:
     """Run the service with uvicorn until interrupted (one process: the models are loaded once)."""
     import uvicorn
 

@@ -75,9 +75,7 @@ def _follow_epoch(epoch: int, val_accuracy: float | None) -> None:
         raise optuna.TrialPruned(f"epoch {epoch}: pruned by rank 0")
 
 
-def follow(
-    cfg: Config, mcfg: ModelConfig, out_dir: Path, make_splits: Callable[[Config], Splits]
-) -> optuna.Study:
+def follow(cfg: Config, mcfg: ModelConfig, out_dir: Path, make_splits: Callable[[Config], Splits]) -> optuna.Study:
     """Ranks > 0: run each trial rank 0 sends, until its sentinel. Writes nothing."""
     splits: Splits | None = None
     while True:

@@ -23,9 +23,7 @@ from torch import nn
 from visionpoc.config import TrainConfig
 
 
-def make_optimizer(
-    model: nn.Module, t: TrainConfig, lr: float, device: torch.device
-) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, t: TrainConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
     """AdamW over `model`'s trainable parameters at peak `lr`, with `t`'s weight and layer decay."""
     extra: dict[str, Any] = {"fused": True} if device.type == "cuda" else {}
     return timm.optim.create_optimizer_v2(
@@ -42,9 +40,14 @@ def make_scheduler(
     total = t.epochs * steps_per_epoch
     warmup = min(round(t.warmup_epochs * steps_per_epoch), total - 1)
     return timm.scheduler.CosineLRScheduler(
-        optimizer, t_initial=max(1, total - warmup), lr_min=t.min_lr, warmup_t=warmup,
-        warmup_lr_init=lr * 0.01, warmup_prefix=True, t_in_epochs=False,
-    )  # fmt: skip
+        optimizer,
+        t_initial=max(1, total - warmup),
+        lr_min=t.min_lr,
+        warmup_t=warmup,
+        warmup_lr_init=lr * 0.01,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
 
 
 def make_ema(model: nn.Module, decay: float | None) -> timm.utils.ModelEmaV3 | None:

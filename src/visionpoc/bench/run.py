@@ -34,9 +34,9 @@ import timm
 import torch
 
 from visionpoc.atomic import atomic_write_json
-from visionpoc.bench_ours import input_path, ours
-from visionpoc.bench_peers import hf_vit, peer_step
-from visionpoc.bench_plan import Spec, build_model, plan, write_jpegs
+from visionpoc.bench.ours import input_path, ours
+from visionpoc.bench.peers import hf_vit, peer_step
+from visionpoc.bench.workload import Spec, build_model, plan, write_jpegs
 from visionpoc.data.prepared import prepare_store
 from visionpoc.data.store_batches import place
 from visionpoc.errors import ConfigError
@@ -45,9 +45,14 @@ from visionpoc.results import environment
 log = logging.getLogger(__name__)
 
 SECTIONS = ("peer", "hf", "input", "ours")
-TARGETS = {"vit_b16 img/s": 3400, "vit_b16 vs timm compiled": 1.05, "vit_b16 vs hf": 1.35,
-           "xception_top10 img/s": 3700, "xception_full img/s": 2100,
-           "input efficiency": 0.95}  # fmt: skip  # issue 3: one H100, end to end
+TARGETS = {
+    "vit_b16 img/s": 3400,
+    "vit_b16 vs timm compiled": 1.05,
+    "vit_b16 vs hf": 1.35,
+    "xception_top10 img/s": 3700,
+    "xception_full img/s": 2100,
+    "input efficiency": 0.95,
+}  # issue 3: one H100, end to end
 
 
 def _guarded(name: str, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
@@ -65,9 +70,7 @@ def _guarded(name: str, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[s
 def _environment(device: torch.device, smoke: bool) -> dict[str, Any]:
     env = dataclasses.asdict(environment(str(device), seed=0))
     cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next(
-        (ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("model name")), None
-    )
+    model = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("model name")), None)
     name = env["gpu_name"] or model or platform.processor() or platform.machine()
     return env | {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -76,8 +79,9 @@ def _environment(device: torch.device, smoke: bool) -> dict[str, Any]:
     }
 
 
-def run_bench(smoke: bool, device: str = "auto", out: Path | None = None,
-              sections: Sequence[str] | None = None) -> dict[str, Any]:  # fmt: skip
+def run_bench(
+    smoke: bool, device: str = "auto", out: Path | None = None, sections: Sequence[str] | None = None
+) -> dict[str, Any]:
     """Measure the peers and our input path and step on one device; write JSON to `out` if given
     (after every figure, so a run cut short keeps what it measured).
 
@@ -85,15 +89,20 @@ def run_bench(smoke: bool, device: str = "auto", out: Path | None = None,
     only `input` runs (the model steps measure a GPU)."""
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     p = plan(smoke)
-    chosen = (
-        tuple(sections) if sections is not None else SECTIONS if smoke or dev.type == "cuda" else ("input",)
-    )
+    chosen = tuple(sections) if sections is not None else SECTIONS if smoke or dev.type == "cuda" else ("input",)
     unknown = sorted(set(chosen) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"bench sections {unknown} unknown; choose among {list(SECTIONS)}")
     why = "not asked for" if sections is not None else "model steps measure a GPU; try --smoke"
-    res: dict[str, Any] = {"environment": _environment(dev, smoke), "input": None, "ours": [], "peer": [],
-                           "hf": [], "ratios": {}, "skipped": {s: why for s in SECTIONS if s not in chosen}}  # fmt: skip
+    res: dict[str, Any] = {
+        "environment": _environment(dev, smoke),
+        "input": None,
+        "ours": [],
+        "peer": [],
+        "hf": [],
+        "ratios": {},
+        "skipped": {s: why for s in SECTIONS if s not in chosen},
+    }
 
     def save() -> None:
         res["ratios"] = ratios(res)
@@ -175,9 +184,7 @@ def targets(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
     got |= {k: v for k, v in res["ratios"].items() if k in TARGETS}
     eff = [v for k, v in res["ratios"].items() if k.endswith("input efficiency")]
     got["input efficiency"] = min(eff) if eff else None
-    return {
-        k: {"target": t, "measured": got.get(k), "met": (got.get(k) or 0) >= t} for k, t in TARGETS.items()
-    }
+    return {k: {"target": t, "measured": got.get(k), "met": (got.get(k) or 0) >= t} for k, t in TARGETS.items()}
 
 
 def _cell(v: float | None) -> str:
@@ -188,21 +195,26 @@ def format_bench(d: dict[str, Any]) -> str:
     """A plain-text summary of `run_bench`'s result."""
     env, inp = d["environment"], d["input"] or {}
     smoke = " [smoke: toy sizes]" if env["smoke"] else ""
-    lines = [f"visionpoc bench, {env['device_name']} ({env['device']}), torch {env['torch']}, timm {env['timm']}, "
-             f"{env['date']}{smoke}"]  # fmt: skip
+    lines = [
+        f"visionpoc bench, {env['device_name']} ({env['device']}), torch {env['torch']}, timm {env['timm']}, "
+        f"{env['date']}{smoke}"
+    ]
     if "pil" in inp:
         pil, pr = inp["pil"], inp["prepared"]
         where = "on the device" if pr["resident"] else "from host memory"
-        lines += [f"input path: {inp['n_images']} JPEGs 500x375 ({inp['jpeg_kib']} KiB), random-resized-crop "
-                  f"to {inp['input_size'][-1]}px, whole passes after a warm-up one",
-                  f"  PIL DataLoader, {pil['workers']} workers {pil['img_s']:10.1f} img/s (batch {pil.get('batch', '?')})",
-                  f"  prepared store + gpu_aug   {pr['img_s']:10.1f} img/s (batch {inp['batch']}; {where}; built once in "
-                  f"{pr['build_s']:.1f}s = {pr['build_img_s']:.0f} img/s)"]  # fmt: skip
+        lines += [
+            f"input path: {inp['n_images']} JPEGs 500x375 ({inp['jpeg_kib']} KiB), random-resized-crop "
+            f"to {inp['input_size'][-1]}px, whole passes after a warm-up one",
+            f"  PIL DataLoader, {pil['workers']} workers {pil['img_s']:10.1f} img/s (batch {pil.get('batch', '?')})",
+            f"  prepared store + gpu_aug   {pr['img_s']:10.1f} img/s (batch {inp['batch']}; {where}; built once in "
+            f"{pr['build_s']:.1f}s = {pr['build_img_s']:.0f} img/s)",
+        ]
+    lines += [f"{m['name']}: FAILED {m['error']}" for m in [inp, *d["ours"], *d["peer"], *d["hf"]] if "error" in m]
     lines += [
-        f"{m['name']}: FAILED {m['error']}" for m in [inp, *d["ours"], *d["peer"], *d["hf"]] if "error" in m
+        f"{m['name']}: out of memory at batch {m['bs']}, measured with micro-batches of {m['micro_batch']}"
+        for m in d["ours"]
+        if m.get("micro_batch")
     ]
-    lines += [f"{m['name']}: out of memory at batch {m['bs']}, measured with micro-batches of {m['micro_batch']}"
-              for m in d["ours"] if m.get("micro_batch")]  # fmt: skip
     peers = {(m["name"], m["compile"]): m["img_s"] for m in d["peer"] + d["hf"] if "img_s" in m}
     names = list(dict.fromkeys(m["name"] for m in d["ours"] + d["peer"] if "error" not in m))
     if names:

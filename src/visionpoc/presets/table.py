@@ -54,9 +54,7 @@ def _text(value: Any) -> Any:
     return value
 
 
-def _pick_policy(
-    name: str, finetune_of: dict[str, Any], default: str, finetune: Any, where: str
-) -> str | None:
+def _pick_policy(name: str, finetune_of: dict[str, Any], default: str, finetune: Any, where: str) -> str | None:
     """The preset's default policy, or, for an explicit `finetune:`, the policy that sets that finetune
     (None if none does)."""
     matching = [p for p, f in finetune_of.items() if f == finetune]
@@ -80,9 +78,7 @@ def resolve_entry(entry: Any, where: str) -> Any:
     out = dict(entry)
     name, policy, finetune = (_text(out.get(k)) for k in ("preset", "policy", "finetune"))
     if finetune is not None and (not isinstance(finetune, str) or finetune not in FINETUNES):
-        raise ConfigError(
-            f"{where}.finetune: {finetune!r} is not one of {list(FINETUNES)} (linear_probe = head)"
-        )
+        raise ConfigError(f"{where}.finetune: {finetune!r} is not one of {list(FINETUNES)} (linear_probe = head)")
     if finetune == LINEAR_PROBE:
         finetune = out["finetune"] = "head"
         policy = LINEAR_PROBE if policy is None else policy
@@ -96,16 +92,12 @@ def resolve_entry(entry: Any, where: str) -> Any:
             )
         wanted = GENERIC_POLICIES[policy]
         if finetune is not None and finetune != wanted:
-            raise ConfigError(
-                f"{where}.finetune: {finetune!r} contradicts `policy: {policy}` (finetune {wanted})"
-            )
+            raise ConfigError(f"{where}.finetune: {finetune!r} contradicts `policy: {policy}` (finetune {wanted})")
         return {**out, "finetune": wanted, "policy": policy}
 
     table = _table()
     if not isinstance(name, str) or name not in table:
-        raise ConfigError(
-            f"{where}.preset: no preset {name!r}; presets: {list(table)} (see `visionpoc models`)"
-        )
+        raise ConfigError(f"{where}.preset: no preset {name!r}; presets: {list(table)} (see `visionpoc models`)")
     raw = table[name]
     base: dict[str, Any] = copy.deepcopy(raw.get("model") or {})
     policies: dict[str, Any] = raw.get("policies") or {}
@@ -117,9 +109,7 @@ def resolve_entry(entry: Any, where: str) -> Any:
             fields = {k: v for k, v in (policies[default] or {}).items() if k != "finetune"}
             return _merge(base, {**fields, "finetune": finetune}, out, name, finetune)
     if not isinstance(policy, str) or policy not in policies:
-        raise ConfigError(
-            f"{where}.policy: preset {name!r} has no policy {policy!r}; policies: {list(policies)}"
-        )
+        raise ConfigError(f"{where}.policy: preset {name!r} has no policy {policy!r}; policies: {list(policies)}")
     wanted = finetune_of[policy]
     if finetune is not None and finetune != wanted:
         raise ConfigError(
@@ -129,9 +119,7 @@ def resolve_entry(entry: Any, where: str) -> Any:
     return _merge(base, copy.deepcopy(policies[policy] or {}), out, name, policy)
 
 
-def _merge(
-    base: dict[str, Any], fields: dict[str, Any], out: dict[str, Any], name: str, policy: str
-) -> dict[str, Any]:
+def _merge(base: dict[str, Any], fields: dict[str, Any], out: dict[str, Any], name: str, policy: str) -> dict[str, Any]:
     """The preset's model fields, then the policy's, then the entry's own (`model_kwargs` key by key)."""
     resolved = {**base, "label": name, **fields, **out, "preset": name, "policy": policy}
     if isinstance(out.get("model_kwargs"), dict):  # `{depth: 1}` keeps DINOv3's `global_pool: token`

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from visionpoc.bench_plan import NUM_CLASSES, Plan, Spec, timed
+from visionpoc.bench.workload import NUM_CLASSES, Plan, Spec, timed
 from visionpoc.train import is_transformer
 
 
@@ -23,13 +23,23 @@ def hf_vit(spec: Spec) -> nn.Module:
     """HF transformers' ViT-B/16 for `spec` (a 2-layer toy when `spec.kwargs["smoke"]`)."""
     from transformers import ViTConfig, ViTForImageClassification
 
-    small = {"image_size": spec.size, "num_hidden_layers": 2, "hidden_size": 192, "intermediate_size": 768,
-             "num_attention_heads": 3} if spec.kwargs["smoke"] else {}  # fmt: skip
+    small = (
+        {
+            "image_size": spec.size,
+            "num_hidden_layers": 2,
+            "hidden_size": 192,
+            "intermediate_size": 768,
+            "num_attention_heads": 3,
+        }
+        if spec.kwargs["smoke"]
+        else {}
+    )
     return ViTForImageClassification(ViTConfig(num_labels=NUM_CLASSES, attn_implementation="sdpa", **small))
 
 
-def peer_step(spec: Spec, make: Callable[[Spec], nn.Module], device: torch.device, p: Plan,
-              compile_: bool = False) -> dict[str, Any]:  # fmt: skip
+def peer_step(
+    spec: Spec, make: Callable[[Spec], nn.Module], device: torch.device, p: Plan, compile_: bool = False
+) -> dict[str, Any]:
     """A plain fwd+bwd+AdamW step on one synthetic batch (peer_anchor.py's `bench`)."""
     model = make(spec).to(device)
     cl = device.type == "cuda" and not (is_transformer(model) or spec.label.startswith("hf"))  # CNNs only
@@ -54,5 +64,12 @@ def peer_step(spec: Spec, make: Callable[[Spec], nn.Module], device: torch.devic
 
     warm = timed(lambda: steps(p.warm), device)
     t = timed(lambda: steps(p.steps), device)
-    return {"name": spec.label, "compile": compile_, "bs": spec.batch, "size": spec.size, "warmup_s": warm,
-            "img_s": spec.batch * p.steps / t, "trainable": sum(q.numel() for q in params)}  # fmt: skip
+    return {
+        "name": spec.label,
+        "compile": compile_,
+        "bs": spec.batch,
+        "size": spec.size,
+        "warmup_s": warm,
+        "img_s": spec.batch * p.steps / t,
+        "trainable": sum(q.numel() for q in params),
+    }

@@ -43,14 +43,15 @@ import numpy as np
 import optuna
 import torch
 
-from visionpoc import models, tune_ddp  # tune_ddp: under torchrun, trials run data-parallel
+from visionpoc import models
 from visionpoc.compare import load_data
 from visionpoc.config import Config, ConfigError, ModelConfig, TuneConfig, with_model_changes
 from visionpoc.data.splits import Splits
 from visionpoc.errors import TrainingInterrupted
 from visionpoc.recovery import stop_on_signals
 from visionpoc.train import fit, is_transformer, resolve_device
-from visionpoc.tuned import FINISHED, apply_tuned, best_params_yaml, write_outputs
+from visionpoc.tuning import ddp as tune_ddp  # under torchrun, trials run data-parallel
+from visionpoc.tuning.outputs import FINISHED, apply_tuned, best_params_yaml, write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,16 @@ __all__ = ["run_tune", "apply_tuned", "best_params_yaml"]
 
 TRIALS_DIR = "trials"
 # tune key -> (ModelConfig field, log scale, the Family flag it needs or None)
-RANGES = {"lr": ("lr", True, None), "weight_decay": ("weight_decay", True, None),
-          "warmup_epochs": ("warmup_epochs", False, None), "label_smoothing": ("label_smoothing", False, None),
-          "top_fraction": ("fraction", False, "top_fraction"), "layer_decay": ("layer_decay", False, "layer_decay"),
-          "drop_path": ("drop_path_rate", False, "drop_path"), "drop_rate": ("drop_rate", False, "drop_rate")}  # fmt: skip
+RANGES = {
+    "lr": ("lr", True, None),
+    "weight_decay": ("weight_decay", True, None),
+    "warmup_epochs": ("warmup_epochs", False, None),
+    "label_smoothing": ("label_smoothing", False, None),
+    "top_fraction": ("fraction", False, "top_fraction"),
+    "layer_decay": ("layer_decay", False, "layer_decay"),
+    "drop_path": ("drop_path_rate", False, "drop_path"),
+    "drop_rate": ("drop_rate", False, "drop_rate"),
+}
 CHOICES = ("batch_size", "augment")
 MODEL_KWARGS = ("drop_path_rate", "drop_rate")  # suggested settings that are `timm.create_model` arguments
 HEARTBEAT_S, HEARTBEAT_GRACE_S, RETRIES = 60, 180, 1  # a silent RUNNING trial is failed after the grace
@@ -81,8 +88,9 @@ def model_family(mcfg: ModelConfig, num_classes: int) -> Family:
     """Build the model once, untrained, to see what it is."""
     model = models.create_model(mcfg, num_classes, pretrained=False)
     takes = inspect.signature(type(model).__init__).parameters
-    return Family(mcfg.finetune == "top_fraction", is_transformer(model), "drop_path_rate" in takes,
-                  "drop_rate" in takes)  # fmt: skip
+    return Family(
+        mcfg.finetune == "top_fraction", is_transformer(model), "drop_path_rate" in takes, "drop_rate" in takes
+    )
 
 
 def suggest(trial: optuna.Trial, tc: TuneConfig, family: Family, epochs: int) -> dict[str, Any]:
@@ -137,8 +145,13 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         try:
             with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
-                                                  grace_period=HEARTBEAT_GRACE_S, **_stale_trial_callback())  # fmt: skip
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=kwargs,
+                    heartbeat_interval=HEARTBEAT_S,
+                    grace_period=HEARTBEAT_GRACE_S,
+                    **_stale_trial_callback(),
+                )
         except SQLAlchemyError:  # workers starting together race to create the tables: the loser retries
             if attempt == 2:
                 raise
@@ -170,8 +183,9 @@ def _drop_weights(folder: Path) -> None:
         f.unlink(missing_ok=True)
 
 
-def objective(trial: optuna.Trial, cfg: Config, mcfg: ModelConfig, splits: Splits, family: Family,
-              out_dir: Path) -> float:  # fmt: skip
+def objective(
+    trial: optuna.Trial, cfg: Config, mcfg: ModelConfig, splits: Splits, family: Family, out_dir: Path
+) -> float:
     """Train one trial's settings for `cfg.train.epochs` epochs; its score is the best validation accuracy."""
     changes = suggest(trial, cfg.tune, family, cfg.train.epochs)
     tune_ddp.share_trial(trial.number, changes)  # torchrun: every rank runs this trial (tune_ddp.py)
@@ -184,9 +198,7 @@ def objective(trial: optuna.Trial, cfg: Config, mcfg: ModelConfig, splits: Split
             return
         trial.report(val_accuracy, epoch)
         if tune_ddp.share_prune(trial.should_prune()):  # torchrun: rank 0 decides for every rank
-            raise optuna.TrialPruned(
-                f"epoch {epoch}: validation accuracy {val_accuracy:.4f} is below the bar"
-            )
+            raise optuna.TrialPruned(f"epoch {epoch}: validation accuracy {val_accuracy:.4f} is below the bar")
 
     folder = out_dir / TRIALS_DIR / mcfg.label / str(trial.number)
     try:
@@ -198,9 +210,15 @@ def objective(trial: optuna.Trial, cfg: Config, mcfg: ModelConfig, splits: Split
     return result.val_accuracy
 
 
-def run_tune(cfg: Config, label: str, trials: int | None = None, storage: str | None = None,
-             study: str | None = None, timeout: float | None = None,
-             out_dir: Path = Path("runs/tune")) -> optuna.Study:  # fmt: skip
+def run_tune(
+    cfg: Config,
+    label: str,
+    trials: int | None = None,
+    storage: str | None = None,
+    study: str | None = None,
+    timeout: float | None = None,
+    out_dir: Path = Path("runs/tune"),
+) -> optuna.Study:
     """Run trials until the study of model `label` holds `trials` (default `tune.trials`) finished ones,
     then write its tuned settings, summary and plots in `out_dir`. Returns the study (also after Ctrl-C:
     finished trials kept)."""
@@ -210,8 +228,11 @@ def run_tune(cfg: Config, label: str, trials: int | None = None, storage: str | 
         raise ConfigError("tune scores trials on the validation split: set data.val_fraction > 0 (e.g. 0.1)")
     tc = cfg.tune
     if cfg.train.repeats > 1:
-        log.warning("train.repeats=%d is for compare and train: each trial trains once (compare the tuned "
-                    "settings across seeds with: visionpoc compare --tuned OUT)", cfg.train.repeats)  # fmt: skip
+        log.warning(
+            "train.repeats=%d is for compare and train: each trial trains once (compare the tuned "
+            "settings across seeds with: visionpoc compare --tuned OUT)",
+            cfg.train.repeats,
+        )
     epochs = tc.epochs or cfg.train.epochs
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
     if tune_ddp.follower(cfg):  # torchrun: ranks > 0 run rank 0's trials and write nothing (tune_ddp.py)
@@ -220,12 +241,19 @@ def run_tune(cfg: Config, label: str, trials: int | None = None, storage: str | 
     splits = tuning_splits(cfg)
     family = model_family(mcfg, splits.num_classes)
     url = storage or f"sqlite:///{(out_dir / 'tune.db').resolve()}"
-    s = optuna.create_study(storage=open_storage(url), study_name=study or label, direction="maximize",
-                            pruner=make_pruner(tc, epochs), load_if_exists=True)  # fmt: skip
+    s = optuna.create_study(
+        storage=open_storage(url),
+        study_name=study or label,
+        direction="maximize",
+        pruner=make_pruner(tc, epochs),
+        load_if_exists=True,
+    )
     made_for = s.user_attrs.get("timm")
     if made_for is not None and made_for != mcfg.timm:
-        raise ConfigError(f"study {s.study_name!r} in {_public_url(url)} tunes {made_for!r}, not {mcfg.timm!r}: "
-                          "pass another --study name or --storage")  # fmt: skip
+        raise ConfigError(
+            f"study {s.study_name!r} in {_public_url(url)} tunes {made_for!r}, not {mcfg.timm!r}: "
+            "pass another --study name or --storage"
+        )
     s.set_user_attr("timm", mcfg.timm)
     with warnings.catch_warnings():  # a killed worker's RUNNING trial: failed (and queued again) now
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -235,9 +263,18 @@ def run_tune(cfg: Config, label: str, trials: int | None = None, storage: str | 
     s.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=tc.startup_trials)
     target = trials if trials is not None else tc.trials
     missing = target - len(s.get_trials(deepcopy=False, states=FINISHED))
-    log.info("[%s] tuning: %d finished trial(s) of %d epochs wanted, %d to run; study %r (%d trials so far) "
-             "in %s; searching %s", label, target, epochs, max(missing, 0), s.study_name, before,
-             _public_url(url), family)  # fmt: skip
+    log.info(
+        "[%s] tuning: %d finished trial(s) of %d epochs wanted, %d to run; study %r (%d trials so far) "
+        "in %s; searching %s",
+        label,
+        target,
+        epochs,
+        max(missing, 0),
+        s.study_name,
+        before,
+        _public_url(url),
+        family,
+    )
     interrupted = False
     quiet = _NoTracebackOnInterrupt()
     optuna_log = logging.getLogger("optuna.study._optimize")  # where Optuna logs a failed trial
@@ -256,11 +293,15 @@ def run_tune(cfg: Config, label: str, trials: int | None = None, storage: str | 
         # between trials too (Optuna's bookkeeping), a signal is a request, not an exception thrown
         # wherever Python happens to be (it was lost in a weakref callback, and tuning went on)
         with stop_on_signals() as stop:
-            if (
-                missing > 0
-            ):  # every worker stops once the study (not this worker) has `target` finished trials
-                s.optimize(run_trial, n_trials=missing, timeout=timeout, catch=(RuntimeError,), gc_after_trial=True,
-                           callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED), stop_if_asked])  # fmt: skip
+            if missing > 0:  # every worker stops once the study (not this worker) has `target` finished trials
+                s.optimize(
+                    run_trial,
+                    n_trials=missing,
+                    timeout=timeout,
+                    catch=(RuntimeError,),
+                    gc_after_trial=True,
+                    callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED), stop_if_asked],
+                )
         interrupted = stop.signum is not None
     except (KeyboardInterrupt, TrainingInterrupted):
         interrupted = True
