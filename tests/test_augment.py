@@ -1,4 +1,4 @@
-"""Issue 5, augmentation and ViT regularisers: the presets' shapes and label forms, their use on the
+"""Augmentation and ViT regularisers: the presets' shapes and label forms, their use on the
 prepared path's device batches, and a full run with `strong` + EMA that resumes exactly."""
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def test_smoke_bench_reports_every_figure(tmp_path: Path, one_thread: None) -> N
     assert "xception_top10 vs hf" not in d["ratios"]  # HF's peer is a ViT
     if not d["hf"]:
         assert d["skipped"]["hf"] == "transformers is not installed"
-    assert "targets" not in d  # the targets are for an H100, not a smoke run
+    assert "targets" not in d  # the targets are for an H100, not a smoke run
     text = format_bench(d)
     assert "prepared store + gpu_aug" in text and "ratio input prepared/pil" in text and "vit_b16_bs8" in text
     assert "out of memory" not in text

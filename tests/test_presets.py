@@ -120,7 +120,7 @@ def test_policies_give_valid_model_configs() -> None:
     assert presets.preset("dinov3_b16").model_kwargs == {"global_pool": "token"}
     assert presets.preset("dinov3_b16", "full", label="dino_full").label == "dino_full"
     seed = tuple(dataclasses.replace(presets.preset(n), preset=None, policy=None) for n in ("xception", "vit_b16"))
-    assert seed == Config().models  # the seed's PoC
+    assert seed == Config().models  # the original PoC
     with pytest.raises(ConfigError, match="no preset 'nope'"):
         presets.preset("nope")
     with pytest.raises(ConfigError, match="no policy 'half'"):

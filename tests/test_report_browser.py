@@ -1,7 +1,8 @@
 """The report as a reader sees it: open report.html in headless Chromium (Playwright, offline).
 
 Needs Debian's `chromium` at /usr/bin/chromium (skipped without it, failed when VISIONPOC_REQUIRE_BROWSER=1) and the `playwright` package; no
-browser download (`playwright install` is never needed). The screenshot is kept in build/report.png.
+browser download (`playwright install` is never needed). The screenshot is kept in build/screenshots/report.png
+(the picture in docs/images/report.png is a crop of it).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 from browser import BUILD, chromium_page, needs_chromium
 from test_report import make_run
 
-SCREENSHOT = BUILD / "report.png"
+SCREENSHOT = BUILD / "screenshots" / "report.png"
 
 
 @needs_chromium

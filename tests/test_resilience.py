@@ -1,4 +1,4 @@
-"""Issue 7: interruptions (SIGTERM + --resume), corrupt checkpoints, CUDA-OOM fallback, atomic writes."""
+"""Interruptions (SIGTERM + --resume), corrupt checkpoints, CUDA-OOM fallback, atomic writes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Random streams under resumes, DataLoader workers and several processes (issue 7): each training
+"""Random streams under resumes, DataLoader workers and several processes: each training
 image's augmentation is a function of (seed, epoch, sample), so the number of workers and the point a
 resumed run restarts from change nothing; each process gets its own stream for dropout and batch ops."""
 

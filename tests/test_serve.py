@@ -32,7 +32,7 @@ import visionpoc.serving.app
 import visionpoc.serving.predict
 from test_predict import LABELS
 from visionpoc.cli import main
-from visionpoc.serving.app import create_app, is_loopback, serve
+from visionpoc.serving.app import ErrorResponse, HealthResponse, PredictResponse, create_app, is_loopback, serve
 from visionpoc.serving.predict import MAX_ASPECT_RATIO, Predictor
 from visionpoc.serving.uploads import UploadError, decode_image, read_limited
 
@@ -171,6 +171,93 @@ def test_health_schema_docs_and_page(client: TestClient) -> None:
     html = page.text
     assert 'type="file"' in html and "/predict?top=5&explain=true" in html
     assert "http://" not in html and "https://" not in html and "<script src" not in html  # self-contained
+
+
+def resolve(api: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    """`node` of the OpenAPI document `api`, or the component schema its `$ref` points to."""
+    ref = node.get("$ref")
+    if ref is None:
+        return node
+    assert ref.startswith("#/components/schemas/"), ref
+    return api["components"]["schemas"][ref.removeprefix("#/components/schemas/")]
+
+
+def kind(node: dict[str, Any]) -> str:
+    """A property's type in short: "integer", "string[]", "TopClass" (a component), "TopClass[]"."""
+    if "$ref" in node:
+        return str(node["$ref"]).rsplit("/", 1)[-1]
+    return kind(node["items"]) + "[]" if node.get("type") == "array" else str(node["type"])
+
+
+def field_kinds(schema: dict[str, Any]) -> dict[str, str]:
+    return {name: kind(prop) for name, prop in schema["properties"].items()}
+
+
+def assert_conforms(api: dict[str, Any], node: dict[str, Any], value: Any, where: str = "body") -> None:
+    """`value` (parsed JSON) has exactly the shape of the schema `node`: an object's keys are its declared
+    properties, in their order, with every required one present, and each value has the declared type."""
+    schema = resolve(api, node)
+    python_types = {"string": str, "integer": int, "number": (int, float)}
+    if schema["type"] == "object":
+        assert isinstance(value, dict), where
+        assert [k for k in schema["properties"] if k in value] == list(value), f"{where}: keys {list(value)}"
+        assert set(schema.get("required", [])) <= set(value), f"{where}: missing {schema['required']}"
+        for k, v in value.items():
+            assert_conforms(api, schema["properties"][k], v, f"{where}.{k}")
+    elif schema["type"] == "array":
+        assert isinstance(value, list), where
+        for i, item in enumerate(value):
+            assert_conforms(api, schema["items"], item, f"{where}[{i}]")
+    else:
+        assert isinstance(value, python_types[schema["type"]]) and not isinstance(value, bool), f"{where}: {value!r}"
+        assert value == schema.get("const", value), where
+
+
+def test_openapi_documents_the_responses(client: TestClient, mini_dogs: Path) -> None:
+    """/openapi.json names every field of the 200 answer of POST /predict and of its refusals, and real
+    answers have exactly that shape (explanations included)."""
+    api = client.get("/openapi.json").json()
+
+    def body_schema(path: str, method: str, status: str) -> dict[str, Any]:
+        return resolve(api, api["paths"][path][method]["responses"][status]["content"]["application/json"]["schema"])
+
+    prediction = body_schema("/predict", "post", "200")
+    assert field_kinds(prediction) == {"width": "integer", "height": "integer", "models": "ModelPrediction[]"}
+    answer = resolve(api, prediction["properties"]["models"]["items"])
+    assert field_kinds(answer) == {
+        "model": "string",
+        "top": "TopClass[]",
+        "latency_ms": "number",
+        "explanation": "Explanation",
+    }
+    assert answer["required"] == ["model", "top", "latency_ms"]  # an explanation only when asked for
+    top = resolve(api, answer["properties"]["top"]["items"])
+    assert field_kinds(top) == {"label": "string", "index": "integer", "probability": "number"}
+    explanation = resolve(api, answer["properties"]["explanation"])
+    assert field_kinds(explanation) == {"method": "string", "png_base64": "string"}
+    for status in ("400", "413"):
+        assert field_kinds(body_schema("/predict", "post", status)) == {"error": "string"}
+    health = body_schema("/health", "get", "200")
+    assert field_kinds(health) == {"status": "string", "models": "string[]", "num_classes": "integer"}
+
+    photo = dog_photos(mini_dogs)[0].read_bytes()
+    for query, explained in (("?top=3", False), ("?explain=true", True)):
+        r = post(client, photo, query=query)
+        assert r.status_code == 200, r.text
+        real = r.json()
+        assert_conforms(api, prediction, real)
+        assert PredictResponse.model_validate(real).model_dump(exclude_none=True) == real
+        assert list(real) == list(prediction["properties"])
+        keys = list(answer["properties"]) if explained else answer["required"]  # every model is explained here
+        assert [list(a) for a in real["models"]] == [keys] * len(real["models"])
+        assert {tuple(t) for a in real["models"] for t in a["top"]} == {tuple(top["properties"])}
+    refused = post(client, b"not an image")
+    assert refused.status_code == 400
+    assert_conforms(api, body_schema("/predict", "post", "400"), refused.json())
+    assert ErrorResponse.model_validate(refused.json()).model_dump() == refused.json()
+    alive = client.get("/health").json()
+    assert_conforms(api, health, alive)
+    assert HealthResponse.model_validate(alive).model_dump() == alive
 
 
 def test_concurrent_requests_get_their_own_answers(client: TestClient, mini_dogs: Path) -> None:

@@ -1,4 +1,4 @@
-"""Issue 4's optional MLflow logging: a finished run lands in a local SQLite store with every score,
+"""The optional MLflow logging: a finished run lands in a local SQLite store with every score,
 learning curve and report figure; a missing MLflow fails before training; a broken store keeps the run."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 5, search: Optuna studies per model on the miniature Stanford Dogs, with a tiny ViT on the CPU.
+"""Search: Optuna studies per model on the miniature Stanford Dogs, with a tiny ViT on the CPU.
 
 One three-trial study is run once for the module (under the test-split guard) and shared: its outputs,
 its use by `compare --tuned`, and a continued run on a copy of it. Pruning and interruption are tested

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import os
@@ -15,13 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from visionpoc.errors import DataError, ImageError, TrainingInterrupted, VisionpocError
+from visionpoc.errors import TrainingInterrupted, VisionpocError, user_message
 
 log = logging.getLogger("visionpoc")
-
-
-def _default_out(kind: str) -> Path:
-    return Path("runs") / f"{kind}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False, resume: bool = True) -> None:
@@ -79,7 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"visionpoc {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_data_parser, _compare_parser, _tune_parser, _train_parser, _report_parser, _predict_parser):
+        add(sub)
+    for add in (_serve_parser, _export_parser, _bench_parser, _models_parser):
+        add(sub)
+    return parser
 
+
+def _data_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     data = sub.add_parser("data", help="download or check a dataset").add_subparsers(dest="data_command", required=True)
     dl = data.add_parser("download", help="fetch and extract Stanford Dogs (resumable, atomic)")
     dl.add_argument("--root", type=Path, default=Path("data/stanford_dogs"))
@@ -94,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ck.add_argument("--workers", type=int, default=None, help="processes for --decode (default: min(8, CPUs))")
 
+
+def _compare_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cmp_ = sub.add_parser("compare", help="the PoC: train and compare every model of the config")
     _add_config_args(cmp_)
     cmp_.add_argument("--no-report", action="store_true", help="skip writing report.html / report.md")
@@ -105,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="use each model's best params from a `visionpoc tune` output folder",
     )
 
+
+def _tune_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tn = sub.add_parser("tune", help="Optuna search of one model's hyper-parameters on validation accuracy")
     _add_config_args(tn, resume=False)  # to continue a study, run the same command again
     tn.add_argument("--model", required=True, help="label of the model in the config")
@@ -120,10 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--study", default=None, help="study name (default: the model label)")
     tn.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
 
+
+def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tr = sub.add_parser("train", help="train one model of the config alone, through the same loop")
     _add_config_args(tr)
     tr.add_argument("--model", required=True, help="label of the model in the config")
 
+
+def _report_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rp = sub.add_parser("report", help="write report.html and report.md for a finished run")
     rp.add_argument("run_dir", type=Path)
     rp.add_argument(
@@ -134,12 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("--mlflow-experiment", default="visionpoc", metavar="NAME", help="MLflow experiment name")
 
+
+def _predict_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pr = sub.add_parser("predict", help="each model's top-k for your images, side by side")
     pr.add_argument("run_dir", type=Path)
     pr.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_DIR")
     pr.add_argument("--top", type=_positive(int), default=5, help="classes per model (default 5)")
     pr.add_argument("--json", action="store_true", help="machine-readable output")
 
+
+def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sv = sub.add_parser("serve", help="web API and demo page for the models of a run")
     sv.add_argument("run_dir", type=Path)
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
@@ -148,22 +162,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-upload-mb", type=_positive(float), default=10, help="larger uploads are refused with 413 (default 10)"
     )
 
+
+def _export_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ex = sub.add_parser("export", help="write a deployable model (ONNX or safetensors) with its preprocessing")
     ex.add_argument("run_dir", type=Path)
     ex.add_argument("--format", dest="fmt", choices=["onnx", "safetensors"], required=True)
     ex.add_argument("--model", default=None, help="only this label (default: every model)")
     ex.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/export")
 
+
+def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bn = sub.add_parser("bench", help="our training step and input path vs the peers, in one process")
     bn.add_argument("--smoke", action="store_true", help="tiny sizes: runs on the CPU in seconds")
     bn.add_argument("--device", default="auto")
     bn.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     bn.add_argument("--sections", default=None, help="comma-separated subset of peer,hf,input,ours (default: all)")
 
+
+def _models_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ml = sub.add_parser("models", help="list the model presets: params, GFLOPs, pretraining data, licence")
     ml.add_argument("--family", default=None, help="only this family (e.g. dinov3, siglip2, vit)")
     ml.add_argument("--json", action="store_true", help="print JSON rows")
-    return parser
 
 
 def _data_download(args: argparse.Namespace) -> int:
@@ -208,92 +227,37 @@ def _data_check(args: argparse.Namespace) -> int:
     return 2 if summary.get("undecodable") else 0
 
 
-def _run(args: argparse.Namespace, labels: list[str] | None) -> int:
-    from visionpoc import distributed
-    from visionpoc.compare import (
-        format_repeats_table,
-        format_table,
-        refuse_existing_run,
-        run_compare,
-        run_repeats,
-    )
-    from visionpoc.config import ConfigError, load_config
-    from visionpoc.recovery import resume_config, resume_hint
-    from visionpoc.results import RESULTS_FILE
-    from visionpoc.tracking import require_mlflow
+def _run(args: argparse.Namespace, labels: list[str] | None, tuned: Path | None) -> int:
+    from visionpoc.compare import format_runs, run
+    from visionpoc.repeats import run_folders
+    from visionpoc.runfiles import RESULTS_FILE
 
-    if args.resume is not None:
-        if args.config is not None or args.out is not None:
-            raise ConfigError("--resume RUN_DIR takes the run's own config.yaml and folder: drop --config/--out")
-        cfg = resume_config(args.resume, args.overrides)  # refuses --set that would change the training
-        out = args.resume
-    elif args.command == "train" and args.config is None:
-        raise ConfigError("visionpoc train needs --config FILE (or --resume RUN_DIR)")
-    else:
-        cfg = load_config(args.config, args.overrides)
-        out = args.out or _default_out(args.command)
-        if getattr(args, "tuned", None) is not None:
-            from visionpoc.tuning.search import apply_tuned
-
-            refuse_existing_run(out)  # before the tuning records are copied into it
-            cfg = apply_tuned(cfg, args.tuned, out)
-    require_mlflow(cfg.tracking.mlflow_uri)  # before hours of training, not after
-    for label in labels or []:
-        cfg.model(label)  # a misspelt --model: said before a run folder is started
-    d = distributed.from_env()
-    hint = resume_hint(args.command, out, labels[0] if labels else None, d.world)
-    try:
-        if cfg.train.repeats > 1:
-            runs = run_repeats(cfg, out, labels, resume=args.resume is not None)
-        else:
-            runs = [run_compare(cfg, out, labels, resume=args.resume is not None)]
-    except TrainingInterrupted as e:
-        raise TrainingInterrupted(f"{e}. Resume with: {hint}") from None
-    except KeyboardInterrupt:  # outside the loop's step boundaries (SIGTERM too: `main`)
-        if not (out / "config.yaml").is_file():
-            raise
-        raise TrainingInterrupted(f"the last checkpoint stands. Resume with: {hint}") from None
-    except DataError as e:  # e.g. a corrupt image met mid-run (the run has its config.yaml): it is kept
-        msg = _user_message(e)
-        if isinstance(e, ImageError):
-            msg += " (`visionpoc data check --decode` lists every such file of the dataset at once)"
-        if (out / "config.yaml").is_file():
-            msg += f". Once it is fixed, continue the run with: {hint}"
-        raise DataError(msg) from None
-    finally:
-        distributed.shutdown(d)  # a no-op for one process
-    if not d.main:
+    done = run(args.command, args.config, args.overrides, args.out, args.resume, tuned, labels)
+    if not done.main:  # under torchrun only rank 0 speaks for the run
         return 0
-    print(format_table(runs[0]) if len(runs) == 1 else format_repeats_table(runs))
+    print(format_runs(done.runs))
     if args.command == "compare" and not args.no_report:
         try:
-            _write_report(out)
+            _write_report(done.out_dir)
         except KeyboardInterrupt:
             raise TrainingInterrupted(
-                f"interrupted while writing the report; the results are saved: write it with: visionpoc report {out}"
+                "interrupted while writing the report; the results are saved: write it with: "
+                f"visionpoc report {done.out_dir}"
             ) from None
-    print("results: " + ", ".join(str(f / RESULTS_FILE) for f in _run_folders(out)))
-    ok = all(m.status == "ok" for r in runs for m in r.models)
-    if cfg.tracking.mlflow_uri is not None:
-        ok = _log_mlflow(out, cfg.tracking.mlflow_uri, cfg.tracking.experiment) and ok
+    print("results: " + ", ".join(str(f / RESULTS_FILE) for f in run_folders(done.out_dir)))
+    ok = done.ok
+    if done.tracking.mlflow_uri is not None:
+        ok = _log_mlflow(done.out_dir, done.tracking.mlflow_uri, done.tracking.experiment) and ok
     return 0 if ok else 1
-
-
-def _run_folders(run_dir: Path) -> list[Path]:
-    """The finished run folders of `run_dir`: itself, or each repeat's (`train.repeats`)."""
-    from visionpoc.repeats import read_repeats
-    from visionpoc.results import RESULTS_FILE
-
-    repeats = read_repeats(run_dir)
-    return [run_dir] if repeats is None else [d for d in repeats.dirs if (d / RESULTS_FILE).is_file()]
 
 
 def _log_mlflow(run_dir: Path, uri: str, experiment: str) -> bool:
     """Log a finished run (a run with repeats: one MLflow run per seed) to MLflow; a tracking failure is
     reported, and the run's files stay as they are."""
+    from visionpoc.repeats import run_folders
     from visionpoc.tracking import log_run
 
-    for folder in _run_folders(run_dir):
+    for folder in run_folders(run_dir):
         try:
             run_id = log_run(folder, uri, experiment)
         except KeyboardInterrupt:
@@ -332,12 +296,14 @@ def _export(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     from visionpoc import distributed
+    from visionpoc.compare import default_out
     from visionpoc.config import load_config
+    from visionpoc.runfiles import TUNED_DIR, tuned_file
     from visionpoc.tuning.outputs import best_trial
     from visionpoc.tuning.search import run_tune
 
     cfg = load_config(args.config, args.overrides)
-    out = args.out or _default_out("tune")
+    out = args.out or default_out("tune")
     d = distributed.from_env()
     try:
         study = run_tune(
@@ -365,7 +331,7 @@ def _tune(args: argparse.Namespace) -> int:
         f"{len(study.trials)} trials in study {study.study_name!r}; best validation accuracy "
         f"{best.value:.4f} (trial {best.number}) with {best.params}"
     )
-    print(f"best params: {out / 'tuned' / (args.model + '.yaml')}; use them with: visionpoc compare --tuned {out}")
+    print(f"best params: {out / TUNED_DIR / tuned_file(args.model)}; use them with: visionpoc compare --tuned {out}")
     return 0
 
 
@@ -425,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted: {e}", file=sys.stderr)
         return 130
     except VisionpocError as e:
-        print(f"error: {_user_message(e)}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -436,9 +402,9 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "data":
         return _data_download(args) if args.data_command == "download" else _data_check(args)
     if args.command == "compare":
-        return _run(args, None)
+        return _run(args, None, args.tuned)
     if args.command == "train":
-        return _run(args, [args.model])
+        return _run(args, [args.model], None)
     if args.command == "report":
         from visionpoc.tracking import require_mlflow
 
@@ -462,15 +428,6 @@ def _command(args: argparse.Namespace) -> int:
         print(format_bench(run_bench(smoke=args.smoke, device=args.device, out=args.out, sections=sections)))
         return 0
     return 2
-
-
-def _user_message(e: Exception) -> str:
-    """The user's message, also when a DataLoader worker wrapped it in its own traceback text."""
-    msg = str(e).strip()
-    if msg.startswith("Caught "):
-        last = msg.splitlines()[-1]
-        msg = last.split(": ", 1)[1] if ": " in last else last
-    return msg
 
 
 if __name__ == "__main__":

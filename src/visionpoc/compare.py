@@ -1,6 +1,9 @@
 """The PoC: read (or download) the dataset, split it once, then fine-tune every model through the same
 loop on the same splits, and write `results.json`, `results.csv`, `config.yaml` and one folder per
 model. A model that fails is recorded with its error; the others still run and are reported.
+
+`run` is the `compare` and `train` commands: it resolves the run's config and folder (new, resumed or
+tuned), trains, and turns an interruption or a data error into a message that says how to continue.
 """
 
 from __future__ import annotations
@@ -8,30 +11,126 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import traceback
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from visionpoc import distributed
-from visionpoc.config import Config, ModelConfig, save_config, to_dict
+from visionpoc.config import Config, ModelConfig, TrackingConfig, load_config, save_config, to_dict
 from visionpoc.data.sources import Dataset, read_dataset
 from visionpoc.data.splits import Splits, make_splits
-from visionpoc.errors import CheckpointError, ConfigError, DataError, TrainingInterrupted, VisionpocError
-from visionpoc.recovery import resume_hint
-from visionpoc.repeats import read_repeats, repeat_dir, save_repeats, spread
-from visionpoc.results import (
-    RESULTS_FILE,
-    DatasetInfo,
-    ModelResult,
-    RunResults,
-    environment,
-    load_results,
-    save_results,
+from visionpoc.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    ImageError,
+    TrainingInterrupted,
+    VisionpocError,
+    user_message,
 )
+from visionpoc.recovery import resume_config, resume_hint
+from visionpoc.repeats import read_repeats, repeat_dir, save_repeats, spread
+from visionpoc.results import DatasetInfo, ModelResult, RunResults, environment, load_results, save_results
+from visionpoc.runfiles import CONFIG_FILE, RESULTS_FILE
+from visionpoc.tracking import require_mlflow
 from visionpoc.train import fit, resolve_device
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOutcome:
+    """What a `compare` or `train` command leaves: its folder, its results and where to log them."""
+
+    out_dir: Path
+    runs: list[RunResults]  # the run, or one per seed (`train.repeats`)
+    tracking: TrackingConfig
+    main: bool  # whether this process speaks for the run (under torchrun: rank 0 only)
+
+    @property
+    def ok(self) -> bool:
+        """Whether every model of every run trained."""
+        return all(m.status == "ok" for r in self.runs for m in r.models)
+
+
+def default_out(command: str) -> Path:
+    """The output folder of a command run without --out: `runs/<command>-<time>`."""
+    return Path("runs") / f"{command}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def run(
+    command: str,
+    config_path: Path | None,
+    overrides: list[str],
+    out: Path | None,
+    resume_dir: Path | None,
+    tuned_dir: Path | None,
+    labels: list[str] | None,
+) -> RunOutcome:
+    """`visionpoc compare` (`labels` None: every model) or `visionpoc train` (`labels`: [one model]).
+
+    A new run uses `config_path` (required for `train`) with `overrides`, in `out` (default: `default_out`),
+    with the tuned settings of `tuned_dir`; a resumed one (`resume_dir`) its own config and folder.
+    """
+    cfg, out_dir = _settings(command, config_path, overrides, out, resume_dir, tuned_dir)
+    require_mlflow(cfg.tracking.mlflow_uri)  # before hours of training, not after
+    for label in labels or []:
+        cfg.model(label)  # a misspelt --model: said before a run folder is started
+    d = distributed.from_env()
+    hint = resume_hint(command, out_dir, labels[0] if labels else None, d.world)
+    try:
+        runs = _train(cfg, out_dir, labels, resume_dir is not None, hint)
+    finally:
+        distributed.shutdown(d)  # a no-op for one process
+    return RunOutcome(out_dir, runs, cfg.tracking, d.main)
+
+
+def _settings(
+    command: str, config: Path | None, overrides: list[str], out: Path | None, resume: Path | None, tuned: Path | None
+) -> tuple[Config, Path]:
+    """The run's config and folder: the interrupted run's own, or a new one (with the settings of `tuned`)."""
+    if resume is not None:
+        if config is not None or out is not None:
+            raise ConfigError(f"--resume RUN_DIR takes the run's own {CONFIG_FILE} and folder: drop --config/--out")
+        return resume_config(resume, overrides), resume  # refuses --set that would change the training
+    if command == "train" and config is None:
+        raise ConfigError("visionpoc train needs --config FILE (or --resume RUN_DIR)")
+    cfg = load_config(config, overrides)
+    out_dir = out or default_out(command)
+    if tuned is not None:
+        from visionpoc.tuning.outputs import apply_tuned  # Optuna: imported only when asked for
+
+        refuse_existing_run(out_dir)  # before the tuning records are copied into it
+        cfg = apply_tuned(cfg, tuned, out_dir)
+    return cfg, out_dir
+
+
+def _train(cfg: Config, out_dir: Path, labels: list[str] | None, resume: bool, hint: str) -> list[RunResults]:
+    """`run_compare`, or `run_repeats` for `train.repeats` > 1; a stop or a data error says how to go on."""
+    try:
+        if cfg.train.repeats > 1:
+            return run_repeats(cfg, out_dir, labels, resume=resume)
+        return [run_compare(cfg, out_dir, labels, resume=resume)]
+    except TrainingInterrupted as e:
+        raise TrainingInterrupted(f"{e}. Resume with: {hint}") from None
+    except KeyboardInterrupt:  # outside the loop's step boundaries (SIGTERM too: `cli.main`)
+        if not (out_dir / CONFIG_FILE).is_file():
+            raise
+        raise TrainingInterrupted(f"the last checkpoint stands. Resume with: {hint}") from None
+    except DataError as e:  # e.g. a corrupt image met mid-run (the run has its config.yaml): it is kept
+        raise DataError(_data_error_message(e, out_dir, hint)) from None
+
+
+def _data_error_message(e: DataError, out_dir: Path, hint: str) -> str:
+    """`e`'s message (also when a DataLoader worker wrapped it in its traceback text), with how to find
+    every such file, and how to continue the run once they are fixed."""
+    msg = user_message(e)
+    if isinstance(e, ImageError):
+        msg += " (`visionpoc data check --decode` lists every such file of the dataset at once)"
+    if (out_dir / CONFIG_FILE).is_file():
+        msg += f". Once it is fixed, continue the run with: {hint}"
+    return msg
 
 
 def _split_seed(cfg: Config) -> int:
@@ -67,7 +166,7 @@ def load_data(cfg: Config) -> tuple[Dataset, Splits]:
 def refuse_existing_run(out_dir: Path) -> None:
     """A new run may not go into a folder that holds one (its config.yaml): results and checkpoints of the
     two runs would mix."""
-    if (Path(out_dir) / "config.yaml").exists():
+    if (Path(out_dir) / CONFIG_FILE).exists():
         raise ConfigError(
             f"{out_dir} already holds a run (its config.yaml): continue it with --resume {out_dir}, "
             "or give another --out (or delete that folder)"
@@ -98,7 +197,7 @@ def run_compare(cfg: Config, out_dir: Path, labels: list[str] | None = None, res
     if d.main:
         _run_folder(out_dir, resume)
         ds, splits = load_data(cfg)  # one process downloads; the others wait for it
-        save_config(cfg, out_dir / "config.yaml")  # the run starts: a data error before it leaves none
+        save_config(cfg, out_dir / CONFIG_FILE)  # the run starts: a data error before it leaves none
     distributed.barrier(d)
     if not d.main:
         ds, splits = load_data(cfg)
@@ -174,7 +273,7 @@ def run_repeats(cfg: Config, out_dir: Path, labels: list[str] | None = None, res
     if distributed.from_env().main:
         _run_folder(out_dir, resume)
         load_data(cfg)  # a data error before the run starts leaves no config.yaml, as in run_compare
-        save_config(cfg, out_dir / "config.yaml")
+        save_config(cfg, out_dir / CONFIG_FILE)
         save_repeats(out_dir, seeds, labels)  # a resumed run may have changed train.repeats
     runs = []
     for k, seed in enumerate(seeds):
@@ -183,7 +282,7 @@ def run_repeats(cfg: Config, out_dir: Path, labels: list[str] | None = None, res
         )
         sub = out_dir / repeat_dir(seed)
         log.info("=== repeat %d of %d: seed %d, in %s", k + 1, len(seeds), seed, sub)
-        runs.append(run_compare(one, sub, labels, resume=resume and (sub / "config.yaml").is_file()))
+        runs.append(run_compare(one, sub, labels, resume=resume and (sub / CONFIG_FILE).is_file()))
     return runs
 
 
@@ -214,7 +313,7 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def format_table(results: RunResults) -> str:
-    """The seed's table (model, train time, train acc, test acc) plus top-5 and macro-F1."""
+    """The original PoC's table (model, train time, train acc, test acc) plus top-5 and macro-F1."""
     head = f"{'model':<16} {'train time (s)':>14} {'train acc':>9} {'val acc':>8} {'test acc':>8} {'top-5':>7} {'macro-F1':>8}"
     lines = [head, "-" * len(head)]
     for m in results.models:
@@ -227,6 +326,11 @@ def format_table(results: RunResults) -> str:
             f"{_fmt(m.test_top5_accuracy, '7.4f')} {_fmt(m.test_macro_f1, '8.4f')}"
         )
     return "\n".join(lines)
+
+
+def format_runs(runs: list[RunResults]) -> str:
+    """The table of a run, or of its repeats across seeds."""
+    return format_table(runs[0]) if len(runs) == 1 else format_repeats_table(runs)
 
 
 def format_repeats_table(runs: list[RunResults]) -> str:

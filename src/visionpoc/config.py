@@ -1,7 +1,7 @@
 """Typed settings: a tree of frozen dataclasses, loaded from YAML with `--set key=value` overrides.
 
 Unknown keys and wrong types are rejected with a message that names the key. The built-in default
-(`Config()`) is the seed's PoC: Stanford Dogs, Xception (top 10% trainable) vs ViT-B/16 (full).
+(`Config()`) is the original PoC: Stanford Dogs, Xception (top 10% trainable) vs ViT-B/16 (full).
 Derived values (the LR a model actually uses, the device) live in functions, not in fields.
 """
 

@@ -27,3 +27,12 @@ class CheckpointError(VisionpocError):
 
 class TrainingInterrupted(VisionpocError):
     """Ctrl-C or SIGTERM: a checkpoint was written at a step boundary; the message says how to resume."""
+
+
+def user_message(e: Exception) -> str:
+    """The user's message, also when a DataLoader worker wrapped it in its own traceback text."""
+    msg = str(e).strip()
+    if msg.startswith("Caught "):
+        last = msg.splitlines()[-1]
+        msg = last.split(": ", 1)[1] if ": " in last else last
+    return msg

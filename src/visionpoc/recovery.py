@@ -22,6 +22,7 @@ from visionpoc import checkpoint
 from visionpoc.config import Config, load_config, to_dict
 from visionpoc.errors import CheckpointError, ConfigError
 from visionpoc.repeats import repeat_dir, repeats_of
+from visionpoc.runfiles import CONFIG_FILE
 from visionpoc.typed import flat_keys
 
 log = logging.getLogger(__name__)
@@ -122,14 +123,14 @@ def _fewest_seeds(run_dir: Path, saved: Config) -> int | None:
     started = [
         k + 1
         for k in range(saved.train.repeats)
-        if (Path(run_dir) / repeat_dir(saved.train.seed + k) / "config.yaml").is_file()
+        if (Path(run_dir) / repeat_dir(saved.train.seed + k) / CONFIG_FILE).is_file()
     ]
     return max(2, *started)
 
 
 def resume_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """The interrupted run's `config.yaml` with `overrides`; ConfigError if they change the training."""
-    path = Path(run_dir) / "config.yaml"
+    path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{path} not found: --resume takes the folder of a run started by compare or train")
     parent = repeats_of(run_dir)

@@ -15,7 +15,8 @@ import numpy as np
 
 from visionpoc.atomic import atomic_write_json
 from visionpoc.errors import VisionpocError
-from visionpoc.results import REPEATS_FILE, RESULTS_FILE, RunResults, load_results
+from visionpoc.results import RunResults, load_results
+from visionpoc.runfiles import REPEATS_FILE, RESULTS_FILE
 
 
 def repeat_dir(seed: int) -> str:
@@ -70,6 +71,12 @@ def read_repeats(run_dir: Path) -> Repeats | None:
             f"the run write it again (`visionpoc compare --resume {run_dir}`, or `visionpoc train --resume "
             f"{run_dir} --model LABEL` for a `train` run)"
         ) from e
+
+
+def run_folders(run_dir: Path) -> list[Path]:
+    """The run folders of `run_dir` to read results from: itself, or each finished repeat's (`train.repeats`)."""
+    repeats = read_repeats(run_dir)
+    return [run_dir] if repeats is None else [d for d in repeats.dirs if (d / RESULTS_FILE).is_file()]
 
 
 @dataclass

@@ -17,10 +17,8 @@ from typing import Any
 import numpy as np
 
 from visionpoc.atomic import atomic_write, atomic_write_json, atomic_write_text
+from visionpoc.runfiles import REPEATS_FILE, RESULTS_CSV, RESULTS_FILE
 
-RESULTS_FILE = "results.json"
-REPEATS_FILE = "repeats.json"  # a folder of repeats (`repeats.py`): one whole run per seed
-PREDICTIONS_FILE = "test_predictions.npz"
 LR_SCALING = (
     "none: lr is the peak LR for the global batch (batch_size = batch_size_per_device x world_size); "
     "it is not rescaled with the number of processes"
@@ -71,7 +69,7 @@ class ModelResult:
     warmup_s: float | None = None  # first step(s): compilation and allocator warm-up
     data_wait_s: float | None = None  # host time blocked on the input path, within train_time_s
     eval_time_s: float | None = None
-    train_accuracy: float | None = None  # clean pass over train, no augmentation (the seed's column)
+    train_accuracy: float | None = None  # clean pass over train, no augmentation (the original PoC's column)
     val_accuracy: float | None = None
     test_accuracy: float | None = None
     test_top5_accuracy: float | None = None
@@ -192,7 +190,7 @@ def save_results(results: RunResults, out_dir: Path) -> Path:
     rows = [",".join(cols)]
     for m in data["models"]:
         rows.append(",".join("" if m.get(c) is None else str(m[c]).replace(",", ";") for c in cols))
-    atomic_write_text(out_dir / "results.csv", "\n".join(rows) + "\n")
+    atomic_write_text(out_dir / RESULTS_CSV, "\n".join(rows) + "\n")
     return path
 
 

@@ -16,13 +16,13 @@ from typing import Any
 
 from visionpoc.errors import ConfigError
 from visionpoc.repeats import repeats_of
-from visionpoc.results import RESULTS_FILE, ModelResult, load_results
+from visionpoc.results import ModelResult, load_results
+from visionpoc.runfiles import CONFIG_FILE, REPORT_FILES_DIR, REPORT_HTML, REPORT_MD, RESULTS_CSV, RESULTS_FILE
 from visionpoc.typed import flat_keys
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = ("results.json", "results.csv", "config.yaml", "report.html", "report.md")
-REPORT_FIGURES = "report_files"
+RUN_FILES = (RESULTS_FILE, RESULTS_CSV, CONFIG_FILE, REPORT_HTML, REPORT_MD)  # logged as artifacts
 SCORES = (
     "train_accuracy",
     "val_accuracy",
@@ -174,8 +174,8 @@ def log_run(run_dir: str | Path, uri: str, experiment: str = "visionpoc") -> str
         for name in RUN_FILES:
             if (run_dir / name).is_file():
                 mlflow.log_artifact(str(run_dir / name))
-        if (run_dir / REPORT_FIGURES).is_dir():
-            mlflow.log_artifacts(str(run_dir / REPORT_FIGURES), REPORT_FIGURES)
+        if (run_dir / REPORT_FILES_DIR).is_dir():
+            mlflow.log_artifacts(str(run_dir / REPORT_FILES_DIR), REPORT_FILES_DIR)
         for m in r.models:
             with mlflow.start_run(
                 experiment_id=exp_id, run_name=m.label, nested=True, tags={"visionpoc.model": m.label}

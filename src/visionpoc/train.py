@@ -1,5 +1,6 @@
 """The training loop, one for every model (torchvision reference shape):
 `train_one_epoch(...) -> EpochProgress`, `evaluate(...) -> EvalStats`, `fit(...) -> ModelResult`.
+`fit` runs one function per phase: `build_run`, `restore` (on resume), `train_epochs`, `score_best`.
 
 AdamW (timm's factory: no weight decay on biases and norms; optional layer-wise LR decay), cosine
 schedule with linear warmup (timm's scheduler, stepped per update), label smoothing, gradient clipping,
@@ -23,11 +24,12 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import timm.utils
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -37,27 +39,20 @@ from visionpoc import checkpoint, distributed, models, optim, recovery
 from visionpoc.atomic import atomic_write_json
 from visionpoc.config import Config, ConfigError, ModelConfig, for_model
 from visionpoc.data import augment
-from visionpoc.data.loaders import Batches, build_loaders, set_epoch
+from visionpoc.data.loaders import Batches, Loaders, build_loaders, set_epoch
 from visionpoc.data.splits import Splits
 from visionpoc.distributed import SINGLE, Dist
 from visionpoc.errors import TrainingInterrupted
 from visionpoc.evaluate import EvalStats, evaluate, summarize
 from visionpoc.presets import facts as presets
-from visionpoc.results import PREDICTIONS_FILE, EpochRecord, ModelResult, save_predictions
+from visionpoc.results import EpochRecord, ModelResult, save_predictions
+from visionpoc.runfiles import DATA_CONFIG_FILE, HISTORY_FILE, PREDICTIONS_FILE
 from visionpoc.step import StepParts, train_step
 from visionpoc.timing import latency_ms, peak_memory_gib, reset_peak_memory, sync
 
 log = logging.getLogger(__name__)
 
 BEST, LAST, STATE = checkpoint.BEST, checkpoint.LAST, checkpoint.STATE
-LOOP_KEYS = (
-    "best_val",
-    "bad_epochs",
-    "train_time",
-    "warmup",
-    "data_wait",
-    "n_steady",
-)  # checkpointed loop state
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -240,12 +235,354 @@ def evaluate_split(
     return summarize(targets, probs, loss, max(part[4] for part in parts))
 
 
+# ---------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class LoopState:
+    """Where the loop stands; checkpointed with `dataclasses.asdict` so that a resumed run continues exactly."""
+
+    epoch: int = 1  # the epoch to run (or to finish, when `progress` has batches)
+    step: int = 0  # optimizer steps so far
+    progress: EpochProgress = field(default_factory=EpochProgress)  # the epoch under way
+    best_val: float = -1.0  # the best epoch's score: its val accuracy (its number when there is no val split)
+    bad_epochs: int = 0  # epochs since the best one (early stopping)
+    # the finished epochs' sums of EpochProgress.time_s, .warmup_s, .data_wait_s and .n_steady
+    train_time: float = 0.0
+    warmup: float = 0.0
+    data_wait: float = 0.0
+    n_steady: int = 0
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> LoopState:
+        fields = {f.name: saved[f.name] for f in dataclasses.fields(cls)}
+        return cls(**{**fields, "progress": EpochProgress(**saved["progress"])})
+
+
+@dataclass
+class ModelFacts:
+    """What the model is, measured on the CPU before it moves or is wrapped."""
+
+    input_size: tuple[int, int, int]  # (C, H, W): timm's data config, or the model's `img_size`
+    params: int
+    trainable: int
+    gflops: float  # one image, forward pass, at input_size
+    tag: str | None  # the pretrained tag, when timm has one
+    licence: str | None  # timm's, else the preset's
+
+
+@dataclass
+class Run:
+    """One model's training, built: what the loop, the checkpoints and the scoring share."""
+
+    cfg: Config  # the model's view of the config (`for_model`)
+    mcfg: ModelConfig
+    splits: Splits
+    out_dir: Path
+    d: Dist
+    model: nn.Module  # the plain module: checkpoints, latency
+    eval_model: nn.Module  # the module evaluation calls (plain: see `wrap_model`)
+    parts: StepParts  # the training step: the wrapped model, optimizer, scheduler, loss, batch ops, EMA
+    loaders: Loaders
+    dcfg: dict[str, Any]  # the model's preprocessing (timm's data config)
+    meta: dict[str, str]  # checkpoint metadata, checked on every load
+    facts: ModelFacts
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts.device
+
+    @property
+    def ema(self) -> timm.utils.ModelEmaV3 | None:
+        return self.parts.ema
+
+    @property
+    def val_model(self) -> nn.Module:
+        """The weights judged on validation (and saved as BEST): with EMA, the averaged ones."""
+        return self.ema.module if self.ema is not None else self.eval_model
+
+
+def model_facts(model: nn.Module, mcfg: ModelConfig, input_size: tuple[int, int, int]) -> ModelFacts:
+    params, trainable = models.count_params(model)
+    if trainable == 0:
+        raise ValueError(f"model {mcfg.label!r}: the fine-tuning policy left no trainable parameter")
+    gflops = models.forward_gflops(model, input_size, torch.device("cpu"))
+    tag, licence = models.pretrained_info(model) if mcfg.pretrained else (None, None)
+    if mcfg.pretrained and licence is None and mcfg.preset is not None:  # timm has none: the preset's
+        licence = presets.get_preset(mcfg.preset).license
+    return ModelFacts(input_size, params, trainable, gflops, tag, licence)
+
+
+def build_run(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path) -> Run:
+    """The model (fine-tuning policy applied, measured, moved, wrapped), its EMA, its loaders at its own
+    input size, the optimizer, the per-step schedule and the training step. `cfg` is the model's view."""
+    tc, nc = cfg.train, splits.num_classes
+    d = distributed.init("cuda" if tc.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = resolve_device(tc.device, d)
+    seed_everything(tc.seed, tc.deterministic)
+    if tc.batch_size % d.world:
+        raise ConfigError(f"train.batch_size={tc.batch_size} (the global batch) must divide by the {d.world} processes")
+
+    model = models.create_model(mcfg, nc)
+    models.apply_finetune(model, mcfg)
+    dcfg = models.data_config(model, mcfg)
+    facts = model_facts(model, mcfg, tuple(dcfg["input_size"]))
+    channels_last = device.type == "cuda" and tc.channels_last and not is_transformer(model)
+    model = sync_batchnorm(model, d, device)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    ema = optim.make_ema(model, tc.ema_decay)
+    step_model, eval_model = wrap_model(model, d, device, tc.compile)
+    seed_rank(tc.seed, d)
+
+    loaders = build_loaders(splits, dcfg, cfg, device, d)
+    optimizer = optim.make_optimizer(model, tc, tc.lr, device)  # tc.lr: the model's own lr when it sets one
+    set_epoch(loaders.train, 1)
+    scheduler = optim.make_scheduler(optimizer, tc, tc.lr, len(loaders.train))
+    parts = StepParts(
+        step_model,
+        optimizer,
+        scheduler,
+        augment.loss_for(tc.augment, tc.label_smoothing),
+        device,
+        torch.bfloat16 if tc.amp and device.type == "cuda" else None,
+        tc.grad_clip,
+        channels_last,
+        batch_aug=augment.batch_augment(tc.augment, nc, tc.label_smoothing, device),
+        ema=ema,
+    )
+    meta = {"timm": mcfg.timm, "num_classes": str(nc), "label": mcfg.label}
+    return Run(cfg, mcfg, splits, out_dir, d, model, eval_model, parts, loaders, dcfg, meta, facts)
+
+
+def new_result(run: Run) -> ModelResult:
+    """The model's result before training: what it is, and the settings it resolved to (per-model
+    overrides and tuning applied). Training and scoring fill in the measurements."""
+    mcfg, tc, facts = run.mcfg, run.cfg.train, run.facts
+    return ModelResult(
+        label=mcfg.label,
+        timm=mcfg.timm,
+        finetune=mcfg.finetune,
+        pretrained=mcfg.pretrained,
+        preset=mcfg.preset,
+        policy=mcfg.policy,
+        fraction=mcfg.fraction if mcfg.finetune == "top_fraction" else None,
+        img_size=int(facts.input_size[-1]),
+        lr=tc.lr,
+        batch_size=tc.batch_size,
+        batch_size_per_device=tc.batch_size // run.d.world,
+        world_size=run.d.world,
+        epochs=tc.epochs,
+        data_pipeline=run.loaders.pipeline,
+        params=facts.params,
+        trainable_params=facts.trainable,
+        fwd_gflops=facts.gflops,
+        pretrained_tag=facts.tag,
+        license=facts.licence,
+        weight_decay=tc.weight_decay,
+        warmup_epochs=tc.warmup_epochs,
+        label_smoothing=tc.label_smoothing,
+        layer_decay=tc.layer_decay,
+        ema_decay=tc.ema_decay,
+        augment=tc.augment,
+        augment_applied=augment.describe(tc.augment, run.loaders.pipeline),
+        drop_path_rate=mcfg.model_kwargs.get("drop_path_rate"),
+        tuned_from=mcfg.tuned_from,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_last(
+    run: Run, ckpt: checkpoint.Writer, loop: LoopState, result: ModelResult, best_is_current: bool = False
+) -> None:
+    """LAST weights and the STATE that continues from them: optimizer, scheduler, every rank's RNG
+    streams, the loop state, history, EMA. Every rank must call it (the RNG gather); rank 0 writes."""
+    rngs = distributed.all_gather(run.d, recovery.rng_state())  # every rank saves its own streams
+    if not run.d.main:
+        return
+    out = run.out_dir
+    if best_is_current:  # BEST was just written from these very weights: link it, no second write
+        ckpt.copy(out / BEST, out / LAST)
+    else:
+        ckpt.weights(run.model, out / LAST, {**run.meta, "step": str(loop.step)})
+    ckpt.state(
+        out / STATE,
+        {
+            **dataclasses.asdict(loop),
+            "optimizer": run.parts.optimizer.state_dict(),
+            "scheduler": run.parts.scheduler.state_dict(),
+            "rng": rngs[0],
+            "rng_ranks": rngs,
+            "history": [dataclasses.asdict(h) for h in result.history],
+            "best_epoch": result.best_epoch,
+            "micro_batch": run.parts.micro_batch,
+            "oom_events": run.parts.oom_events,
+            "ema": run.ema.module.state_dict() if run.ema is not None else None,
+        },
+    )
+
+
+def restore(run: Run, result: ModelResult) -> LoopState:
+    """Put back what `save_last` saved in `run.out_dir` (weights, optimizer, scheduler, this rank's RNG
+    streams, EMA, history, micro-batch) and return its loop state; a fresh one when nothing was saved."""
+    saved = recovery.load_resume(run.out_dir, run.model, run.meta)
+    if saved is None:
+        return LoopState()
+    run.parts.optimizer.load_state_dict(saved["optimizer"])
+    run.parts.scheduler.load_state_dict(saved["scheduler"])
+    rngs = saved.get("rng_ranks") or [saved["rng"]]  # each process's own streams
+    if len(rngs) == run.d.world:
+        recovery.set_rng_state(rngs[run.d.rank])
+    else:
+        log.warning(
+            "[%s] checkpoint saved by %d process(es), resumed with %d: the random streams restart "
+            "(the data order is kept; the run is not an exact continuation)",
+            run.mcfg.label,
+            len(rngs),
+            run.d.world,
+        )
+    if run.ema is not None and saved.get("ema") is not None:
+        run.ema.module.load_state_dict(saved["ema"])
+    elif run.ema is not None:  # the checkpoint predates the EMA: start it from the current weights
+        run.ema.set(run.model)
+    loop = LoopState.from_dict(saved)
+    result.history = [EpochRecord(**h) for h in saved["history"]]
+    result.best_epoch, result.resumed_from_epoch = saved["best_epoch"], loop.epoch
+    run.parts.micro_batch, run.parts.oom_events = saved["micro_batch"], saved["oom_events"]
+    log.info("[%s] resuming at epoch %d, batch %d", run.mcfg.label, loop.epoch, loop.progress.batches)
+    return loop
+
+
 # ---------------------------------------------------------------------------------------------- fit
 
 
 def interrupted(label: str, where: str, out_dir: Path) -> TrainingInterrupted:
     """The command to resume is the caller's to say (`cli._run` adds it: compare or train)."""
     return TrainingInterrupted(f"model {label!r} stopped {where}; checkpoint saved in {out_dir}")
+
+
+def evaluate_on(run: Run, model: nn.Module, batches: Batches, n_total: int, desc: str) -> EvalStats:
+    """`evaluate_split` with the run's processes, device, classes and autocast dtype."""
+    return evaluate_split(model, batches, run.d, n_total, run.device, run.splits.num_classes, run.parts.dtype, desc)
+
+
+def record_epoch(run: Run, loop: LoopState, result: ModelResult, epoch: int, val: EvalStats | None) -> None:
+    """Add the epoch just trained (`loop.progress`) to the run's clocks and history, and log it."""
+    progress = loop.progress
+    loop.train_time += progress.time_s
+    loop.warmup += progress.warmup_s
+    loop.data_wait += progress.data_wait_s
+    loop.n_steady += progress.n_steady
+    t = progress.time_s + progress.warmup_s
+    result.history.append(
+        EpochRecord(
+            epoch=epoch,
+            train_loss=progress.loss,
+            train_accuracy=progress.accuracy,
+            val_loss=val.loss if val else None,
+            val_accuracy=val.accuracy if val else None,
+            val_top5_accuracy=val.top5_accuracy if val else None,
+            lr=optim.peak_lr(run.parts.optimizer),
+            epoch_train_time_s=t,
+            cumulative_train_time_s=loop.train_time + loop.warmup,
+            train_img_s=progress.n / t if t > 0 else 0.0,
+        )
+    )
+    log.info(
+        "[%s] epoch %d/%d loss %.4f train-acc %.4f val-acc %s (%.1fs)",
+        run.mcfg.label,
+        epoch,
+        run.cfg.train.epochs,
+        progress.loss,
+        progress.accuracy,
+        f"{val.accuracy:.4f}" if val else "n/a",
+        t,
+    )
+
+
+def train_epochs(
+    run: Run, loop: LoopState, result: ModelResult, on_epoch: Callable[[int, float | None], None] | None
+) -> None:
+    """Train from `loop`'s position to the last epoch or an early stop. After each epoch: validation,
+    BEST when it improved, LAST and its state, `history.json`, then `on_epoch`. A stop signal saves LAST
+    (mid-epoch when it came during one) and raises TrainingInterrupted."""
+    d, label, out_dir, patience = run.d, run.mcfg.label, run.out_dir, run.cfg.train.early_stop_patience
+    ckpt = checkpoint.Writer()  # snapshots now, files written by a background thread (in order)
+    if d.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    reset_peak_memory(run.device)
+    with recovery.stop_on_signals() as stop, ckpt:  # leaving: every checkpoint asked for is on disk
+        for epoch in range(loop.epoch, run.cfg.train.epochs + 1):
+            set_epoch(run.loaders.train, epoch, skip_batches=loop.progress.batches)
+            loop.progress, loop.step, stopped = train_one_epoch(
+                run.parts, run.loaders.train, epoch, loop.step, loop.progress, stop, d
+            )
+            if stopped:
+                save_last(run, ckpt, loop, result)
+                raise interrupted(label, f"in epoch {epoch} after {loop.progress.batches} batches", out_dir)
+            n_val = len(run.splits.val)
+            val = evaluate_on(run, run.val_model, run.loaders.val, n_val, "val") if n_val else None
+            record_epoch(run, loop, result, epoch, val)
+            score = val.accuracy if val else float(epoch)  # no validation split: the last epoch is the best
+            improved = score > loop.best_val
+            if improved:
+                loop.best_val, loop.bad_epochs, result.best_epoch = score, 0, epoch
+                if d.main:  # with EMA: the EMA weights; without, the trained ones, which LAST then shares
+                    ckpt.weights(run.val_model, out_dir / BEST, {**run.meta, "step": str(loop.step)})
+            else:
+                loop.bad_epochs += 1
+            loop.epoch, loop.progress = epoch + 1, EpochProgress()
+            save_last(run, ckpt, loop, result, best_is_current=improved and run.ema is None)
+            if d.main:
+                atomic_write_json(out_dir / HISTORY_FILE, [dataclasses.asdict(h) for h in result.history])
+            if on_epoch is not None:
+                on_epoch(epoch, val.accuracy if val else None)
+            if distributed.broadcast_flag(d, stop.signum is not None):  # a signal during validation
+                raise interrupted(label, f"after epoch {epoch}", out_dir)
+            if not improved and patience is not None and loop.bad_epochs >= patience:
+                log.info("[%s] early stop: no better val accuracy for %d epochs", label, loop.bad_epochs)
+                break
+
+
+def record_training(run: Run, loop: LoopState, result: ModelResult) -> None:
+    """The training's measurements: epochs run, clocks, throughput, micro-batch, peak memory."""
+    result.epochs_run = len(result.history)
+    result.train_time_s, result.warmup_s, result.data_wait_s = loop.train_time, loop.warmup, loop.data_wait
+    # None (shown as "–") when every step was warm-up: a rate of 0 img/s would be a measurement
+    result.train_img_s = loop.n_steady / loop.train_time if loop.n_steady > 0 and loop.train_time > 0 else None
+    result.micro_batch_size, result.oom_events = run.parts.micro_batch, run.parts.oom_events
+    result.peak_memory_gib, result.peak_memory_kind = peak_memory_gib(run.device)
+    # a prepared store resident on the GPU is input data, not the model's footprint: reported apart
+    store_bytes = run.loaders.resident_bytes
+    if store_bytes > 0:
+        result.peak_memory_gib -= store_bytes / 2**30
+        result.input_store_gib = store_bytes / 2**30
+
+
+def score_best(run: Run, result: ModelResult) -> None:
+    """Score the best-on-validation weights, once: a clean pass over train, validation, test, latency at
+    batch 1. Rank 0 writes the test predictions and the model's data config."""
+    distributed.barrier(run.d)
+    checkpoint.load_weights(run.model, run.out_dir / BEST, run.meta)
+    splits, loaders, model = run.splits, run.loaders, run.eval_model
+    train = evaluate_on(run, model, loaders.train_eval, len(splits.train), "train (clean)")
+    if len(splits.val):
+        val = evaluate_on(run, model, loaders.val, len(splits.val), "val")
+        result.val_accuracy, result.val_top5_accuracy = val.accuracy, val.top5_accuracy
+        result.val_macro_f1, result.val_per_class_accuracy = val.macro_f1, val.per_class_accuracy
+    test = evaluate_on(run, model, loaders.test, len(splits.test), "test")
+    result.train_accuracy, result.train_top5_accuracy = train.accuracy, train.top5_accuracy
+    result.train_macro_f1, result.train_per_class_accuracy = train.macro_f1, train.per_class_accuracy
+    result.test_accuracy, result.test_top5_accuracy = test.accuracy, test.top5_accuracy
+    result.test_macro_f1, result.test_per_class_accuracy = test.macro_f1, test.per_class_accuracy
+    result.eval_time_s, result.eval_img_s = test.time_s, test.img_s
+    result.latency_ms_b1 = latency_ms(run.model, run.facts.input_size, run.device)
+    if run.d.main:
+        save_predictions(run.out_dir / PREDICTIONS_FILE, test.targets, test.probs, splits.test.files)
+        atomic_write_json(run.out_dir / DATA_CONFIG_FILE, json.loads(json.dumps(run.dcfg, default=list)))
 
 
 def fit(
@@ -263,258 +600,13 @@ def fit(
     raises, e.g. a pruned trial, ends the run there). `score_test=False` stops after training: no test
     pass, no predictions file, and `val_accuracy` is the best epoch's.
     """
-    cfg = for_model(cfg, mcfg)
-    d = distributed.init("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
-    device = resolve_device(cfg.train.device, d)
-    seed_everything(cfg.train.seed, cfg.train.deterministic)
-    dtype = torch.bfloat16 if cfg.train.amp and device.type == "cuda" else None
-    nc = splits.num_classes
-    if cfg.train.batch_size % d.world:
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} (the global batch) must divide by the {d.world} processes"
-        )
-
-    model = models.create_model(mcfg, nc)
-    models.apply_finetune(model, mcfg)
-    dcfg = models.data_config(model, mcfg)
-    input_size = tuple(dcfg["input_size"])
-    params, trainable = models.count_params(model)
-    if trainable == 0:
-        raise ValueError(f"model {mcfg.label!r}: the fine-tuning policy left no trainable parameter")
-    gflops = models.forward_gflops(model, input_size, torch.device("cpu"))
-    tag, licence = models.pretrained_info(model) if mcfg.pretrained else (None, None)
-    if mcfg.pretrained and licence is None and mcfg.preset is not None:  # timm has none: the preset's
-        licence = presets.get_preset(mcfg.preset).license
-    meta = {"timm": mcfg.timm, "num_classes": str(nc), "label": mcfg.label}
-    channels_last = device.type == "cuda" and cfg.train.channels_last and not is_transformer(model)
-    model = sync_batchnorm(model, d, device)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    ema = optim.make_ema(model, cfg.train.ema_decay)
-    step_model, eval_model = wrap_model(model, d, device, cfg.train.compile)
-    seed_rank(cfg.train.seed, d)
-    val_model = ema.module if ema is not None else eval_model  # with EMA, the averaged weights are judged
-
-    loaders = build_loaders(splits, dcfg, cfg, device, d)
-    # a prepared store resident on the GPU is input data, not the model's footprint: reported apart
-    store_bytes = loaders.resident_bytes
-    lr = mcfg.lr if mcfg.lr is not None else cfg.train.lr
-    optimizer = optim.make_optimizer(model, cfg.train, lr, device)
-    set_epoch(loaders.train, 1)
-    steps_per_epoch = len(loaders.train)
-    scheduler = optim.make_scheduler(optimizer, cfg.train, lr, steps_per_epoch)
-    tc = cfg.train
-    parts = StepParts(
-        step_model,
-        optimizer,
-        scheduler,
-        augment.loss_for(tc.augment, tc.label_smoothing),
-        device,
-        dtype,
-        tc.grad_clip,
-        channels_last,
-        batch_aug=augment.batch_augment(tc.augment, nc, tc.label_smoothing, device),
-        ema=ema,
-    )
-    result = ModelResult(
-        label=mcfg.label,
-        timm=mcfg.timm,
-        finetune=mcfg.finetune,
-        pretrained=mcfg.pretrained,
-        preset=mcfg.preset,
-        policy=mcfg.policy,
-        fraction=mcfg.fraction if mcfg.finetune == "top_fraction" else None,
-        img_size=int(input_size[-1]),
-        lr=lr,
-        batch_size=cfg.train.batch_size,
-        batch_size_per_device=cfg.train.batch_size // d.world,
-        world_size=d.world,
-        epochs=cfg.train.epochs,
-        data_pipeline=loaders.pipeline,
-        params=params,
-        trainable_params=trainable,
-        fwd_gflops=gflops,
-        pretrained_tag=tag,
-        license=licence,
-        weight_decay=tc.weight_decay,
-        warmup_epochs=tc.warmup_epochs,
-        label_smoothing=tc.label_smoothing,
-        layer_decay=tc.layer_decay,
-        ema_decay=tc.ema_decay,
-        augment=tc.augment,
-        augment_applied=augment.describe(tc.augment, loaders.pipeline),
-        drop_path_rate=mcfg.model_kwargs.get("drop_path_rate"),
-        tuned_from=mcfg.tuned_from,
-    )
-
-    s: dict[str, Any] = {
-        "epoch": 1,
-        "step": 0,
-        "progress": EpochProgress(),
-        "best_val": -1.0,
-        "bad_epochs": 0,
-        "train_time": 0.0,
-        "warmup": 0.0,
-        "data_wait": 0.0,
-        "n_steady": 0,
-    }
-    saved = recovery.load_resume(out_dir, model, meta) if resume else None
-    if saved is not None:
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        rngs = saved.get("rng_ranks") or [saved["rng"]]  # each process's own streams
-        if len(rngs) == d.world:
-            recovery.set_rng_state(rngs[d.rank])
-        else:
-            log.warning(
-                "[%s] checkpoint saved by %d process(es), resumed with %d: the random streams restart "
-                "(the data order is kept; the run is not an exact continuation)",
-                mcfg.label,
-                len(rngs),
-                d.world,
-            )
-        if ema is not None and saved.get("ema") is not None:
-            ema.module.load_state_dict(saved["ema"])
-        elif ema is not None:  # the checkpoint predates the EMA: start it from the current weights
-            ema.set(model)
-        s.update({k: saved[k] for k in ("epoch", "step", *LOOP_KEYS)})
-        s["progress"] = EpochProgress(**saved["progress"])
-        result.history = [EpochRecord(**h) for h in saved["history"]]
-        result.best_epoch, parts.micro_batch = saved["best_epoch"], saved["micro_batch"]
-        parts.oom_events = saved["oom_events"]
-        result.resumed_from_epoch = s["epoch"]
-        log.info("[%s] resuming at epoch %d, batch %d", mcfg.label, s["epoch"], s["progress"].batches)
-
-    ckpt = checkpoint.Writer()  # snapshots now, files written by a background thread (in order)
-
-    def save_last(epoch: int, progress: EpochProgress, best_is_current: bool = False) -> None:
-        rngs = distributed.all_gather(d, recovery.rng_state())  # every rank saves its own streams
-        if not d.main:
-            return
-        if best_is_current:  # BEST was just written from these very weights: link it, no second write
-            ckpt.copy(out_dir / BEST, out_dir / LAST)
-        else:
-            ckpt.weights(model, out_dir / LAST, {**meta, "step": str(s["step"])})
-        ckpt.state(
-            out_dir / STATE,
-            {
-                "epoch": epoch,
-                "step": s["step"],
-                "progress": dataclasses.asdict(progress),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rngs[0],
-                "rng_ranks": rngs,
-                "history": [dataclasses.asdict(h) for h in result.history],
-                "best_epoch": result.best_epoch,
-                "micro_batch": parts.micro_batch,
-                "oom_events": parts.oom_events,
-                "ema": ema.module.state_dict() if ema is not None else None,
-                **{k: s[k] for k in LOOP_KEYS},
-            },
-        )
-
-    if d.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    reset_peak_memory(device)
-    with recovery.stop_on_signals() as stop, ckpt:  # leaving: every checkpoint asked for is on disk
-        for epoch in range(s["epoch"], cfg.train.epochs + 1):
-            progress: EpochProgress = s["progress"]
-            set_epoch(loaders.train, epoch, skip_batches=progress.batches)
-            progress, s["step"], stopped = train_one_epoch(parts, loaders.train, epoch, s["step"], progress, stop, d)
-            if stopped:
-                save_last(epoch, progress)
-                raise interrupted(mcfg.label, f"in epoch {epoch} after {progress.batches} batches", out_dir)
-            s["train_time"] += progress.time_s
-            s["warmup"] += progress.warmup_s
-            s["data_wait"] += progress.data_wait_s
-            s["n_steady"] += progress.n_steady
-            val = (
-                evaluate_split(val_model, loaders.val, d, len(splits.val), device, nc, dtype, "val")
-                if len(splits.val)
-                else None
-            )
-            t = progress.time_s + progress.warmup_s
-            result.history.append(
-                EpochRecord(
-                    epoch=epoch,
-                    train_loss=progress.loss,
-                    train_accuracy=progress.accuracy,
-                    val_loss=val.loss if val else None,
-                    val_accuracy=val.accuracy if val else None,
-                    val_top5_accuracy=val.top5_accuracy if val else None,
-                    lr=optim.peak_lr(optimizer),
-                    epoch_train_time_s=t,
-                    cumulative_train_time_s=s["train_time"] + s["warmup"],
-                    train_img_s=progress.n / t if t > 0 else 0.0,
-                )
-            )
-            log.info(
-                "[%s] epoch %d/%d loss %.4f train-acc %.4f val-acc %s (%.1fs)",
-                mcfg.label,
-                epoch,
-                cfg.train.epochs,
-                progress.loss,
-                progress.accuracy,
-                f"{val.accuracy:.4f}" if val else "n/a",
-                t,
-            )
-            score = val.accuracy if val else float(epoch)  # no validation split: the last epoch is the best
-            improved = score > s["best_val"]
-            if improved:
-                s["best_val"], s["bad_epochs"], result.best_epoch = score, 0, epoch
-                if d.main:  # with EMA: the EMA weights; without, the trained ones, which LAST then shares
-                    ckpt.weights(val_model, out_dir / BEST, {**meta, "step": str(s["step"])})
-            else:
-                s["bad_epochs"] += 1
-            s["epoch"], s["progress"] = epoch + 1, EpochProgress()
-            save_last(epoch + 1, EpochProgress(), best_is_current=improved and ema is None)
-            if d.main:
-                atomic_write_json(out_dir / "history.json", [dataclasses.asdict(h) for h in result.history])
-            if on_epoch is not None:
-                on_epoch(epoch, val.accuracy if val else None)
-            if distributed.broadcast_flag(d, stop.signum is not None):  # a signal during validation
-                raise interrupted(mcfg.label, f"after epoch {epoch}", out_dir)
-            patience = cfg.train.early_stop_patience
-            if not improved and patience is not None and s["bad_epochs"] >= patience:
-                log.info("[%s] early stop: no better val accuracy for %d epochs", mcfg.label, s["bad_epochs"])
-                break
-
-    result.epochs_run = len(result.history)
-    result.train_time_s, result.warmup_s, result.data_wait_s = s["train_time"], s["warmup"], s["data_wait"]
-    # None (shown as "–") when every step was warm-up: a rate of 0 img/s would be a measurement
-    result.train_img_s = s["n_steady"] / s["train_time"] if s["n_steady"] > 0 and s["train_time"] > 0 else None
-    result.micro_batch_size, result.oom_events = parts.micro_batch, parts.oom_events
-    result.peak_memory_gib, result.peak_memory_kind = peak_memory_gib(device)
-    if store_bytes > 0:
-        result.peak_memory_gib -= store_bytes / 2**30
-        result.input_store_gib = store_bytes / 2**30
+    run = build_run(for_model(cfg, mcfg), mcfg, splits, out_dir)
+    result = new_result(run)
+    loop = restore(run, result) if resume else LoopState()
+    train_epochs(run, loop, result, on_epoch)
+    record_training(run, loop, result)
     if not score_test:  # tuning: validation only; the test split is never batched or read
-        result.val_accuracy = s["best_val"] if len(splits.val) else None
+        result.val_accuracy = loop.best_val if len(splits.val) else None
         return result
-
-    # score the best-on-validation weights, once: clean train pass, validation, test
-    distributed.barrier(d)
-    checkpoint.load_weights(model, out_dir / BEST, meta)
-    train_eval = evaluate_split(
-        eval_model, loaders.train_eval, d, len(splits.train), device, nc, dtype, "train (clean)"
-    )
-    if len(splits.val):
-        val = evaluate_split(eval_model, loaders.val, d, len(splits.val), device, nc, dtype, "val")
-        result.val_accuracy, result.val_top5_accuracy = val.accuracy, val.top5_accuracy
-        result.val_macro_f1, result.val_per_class_accuracy = val.macro_f1, val.per_class_accuracy
-    test = evaluate_split(eval_model, loaders.test, d, len(splits.test), device, nc, dtype, "test")
-    result.train_accuracy, result.train_top5_accuracy = train_eval.accuracy, train_eval.top5_accuracy
-    result.train_macro_f1, result.train_per_class_accuracy = (
-        train_eval.macro_f1,
-        train_eval.per_class_accuracy,
-    )
-    result.test_accuracy, result.test_top5_accuracy = test.accuracy, test.top5_accuracy
-    result.test_macro_f1, result.test_per_class_accuracy = test.macro_f1, test.per_class_accuracy
-    result.eval_time_s, result.eval_img_s = test.time_s, test.img_s
-    result.latency_ms_b1 = latency_ms(model, input_size, device)
-    if d.main:
-        save_predictions(out_dir / PREDICTIONS_FILE, test.targets, test.probs, splits.test.files)
-        atomic_write_json(out_dir / "data_config.json", json.loads(json.dumps(dcfg, default=list)))
+    score_best(run, result)
     return result

@@ -30,8 +30,7 @@ from visionpoc.config import ModelConfig
 from visionpoc.data.loaders import ImageDataset, train_transform
 from visionpoc.data.prepared import PreparedStore, prepare_store, split_batches
 from visionpoc.data.sources import Split
-from visionpoc.data.store_batches import place
-from visionpoc.data.store_batches import train_transform as store_transform
+from visionpoc.data.store_batches import batch_train_transform, place
 from visionpoc.recovery import StopRequest
 from visionpoc.step import StepParts
 from visionpoc.timing import sync
@@ -73,7 +72,7 @@ def input_path(split: Split, dcfg: dict[str, Any], p: Plan, device: torch.device
     pil_img_s, _ = _pass(pil, device)
     store = prepare_store(paths, p.store_size, cache, workers=p.workers)
     images = place(store.images, device)
-    fast = split_batches(store, images, split, store_transform(dcfg), bs, device, train=True)
+    fast = split_batches(store, images, split, batch_train_transform(dcfg), bs, device, train=True)
     _, first = _pass(fast, device)  # warm-up: kernels
     rates = [_pass(fast, device)[0] for _ in range(p.input_passes)]
     img_s = float(np.median(rates))
@@ -129,7 +128,7 @@ def ours(
             torch.randint(0, NUM_CLASSES, (spec.batch,), device=device),
         )
     ]
-    fed = split_batches(store, images, split, store_transform(dcfg), spec.batch, device, train=True)
+    fed = split_batches(store, images, split, batch_train_transform(dcfg), spec.batch, device, train=True)
     parts, stop, step = StepParts(step_model, opt, sched, loss_fn, device, dtype, 1.0, cl), StopRequest(), 0
 
     def run(batches: Iterable[Batch], k: int) -> None:

@@ -1,7 +1,7 @@
-"""The benchmark of issue 3 (`visionpoc bench`): the peers and our code measured side by side in one
+"""The training benchmark (`visionpoc bench`): the peers and our code measured side by side in one
 process on one device. This module runs the sections, records their figures, and turns them into the
-ratios, the issue's targets and a text summary. The measurements live in `bench_peers.py` and
-`bench_ours.py`, the workload they share in `bench_plan.py`.
+ratios, the targets for one H100 and a text summary. The measurements live in `bench/peers.py` and
+`bench/ours.py`, the workload they share in `bench/workload.py`.
 
 - `peer`: timm's plain training step on synthetic tensors (bf16 autocast and fused AdamW on CUDA), eager
   and, on CUDA, `torch.compile`d; logic copied from the peer anchor (`shared/bench/peer_anchor.py`,
@@ -11,7 +11,7 @@ ratios, the issue's targets and a text summary. The measurements live in `bench_
   the stream path's PIL DataLoader vs the prepared store + `gpu_aug` (the store's build timed apart).
 - `ours`: our loop's `train_one_epoch` (compiled on CUDA, channels_last CNNs, label smoothing,
   clipping) fed from the prepared store vs fed one synthetic batch already on the device; their ratio
-  is the input path's efficiency (issue target: >= 0.95 on the GPU). Measured last, the plan's
+  is the input path's efficiency (target: >= 0.95 on the GPU). Measured last, the plan's
   `variants` (ViT-B/16 at batch 512): does a batch that fills the GPU beat the peers' (batch 256)?
 Figures exclude warm-up (compilation, autotuning, worker start-up), which is reported apart. Only ratios
 from one run mean something: a throughput from another run or day is not comparable.
@@ -36,7 +36,7 @@ import torch
 from visionpoc.atomic import atomic_write_json
 from visionpoc.bench.ours import input_path, ours
 from visionpoc.bench.peers import hf_vit, peer_step
-from visionpoc.bench.workload import Spec, build_model, plan, write_jpegs
+from visionpoc.bench.workload import Plan, Spec, build_model, plan, write_jpegs
 from visionpoc.data.prepared import prepare_store
 from visionpoc.data.store_batches import place
 from visionpoc.errors import ConfigError
@@ -52,7 +52,7 @@ TARGETS = {
     "xception_top10 img/s": 3700,
     "xception_full img/s": 2100,
     "input efficiency": 0.95,
-}  # issue 3: one H100, end to end
+}  # one H100, end to end
 
 
 def _guarded(name: str, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
@@ -134,6 +134,20 @@ def run_bench(
     if "peer" in chosen:
         for s in p.specs:
             record("peer", _guarded(s.label, peer_step, s, build_model, dev, p, False))
+    _on_jpegs(chosen, compiled, p, dev, record)
+    save()
+    return res
+
+
+def _on_jpegs(
+    chosen: tuple[str, ...],
+    compiled: list[Spec],
+    p: Plan,
+    dev: torch.device,
+    record: Callable[[str, dict[str, Any]], None],
+) -> None:
+    """The sections that read JPEGs written to a temporary folder (our loop, the input path), and the
+    compiled peers between them (in the order `run_bench` explains)."""
     with tempfile.TemporaryDirectory(prefix="visionpoc-bench-") as tmp:
         if "input" in chosen or "ours" in chosen:
             (Path(tmp) / "jpg").mkdir()
@@ -158,8 +172,6 @@ def run_bench(
             for s in p.variants:
                 record("ours", _guarded(s.label, ours, s, store, images, split, p, dev))
             del images
-    save()
-    return res
 
 
 def ratios(res: dict[str, Any]) -> dict[str, float]:
@@ -179,7 +191,7 @@ def ratios(res: dict[str, Any]) -> dict[str, float]:
 
 
 def targets(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Issue 3's targets against this run's figures (meaningful on an H100 only)."""
+    """The H100 targets against this run's figures (meaningful on an H100 only)."""
     got = {f"{m['name']} img/s": m["prepared_img_s"] for m in res["ours"] if "prepared_img_s" in m}
     got |= {k: v for k, v in res["ratios"].items() if k in TARGETS}
     eff = [v for k, v in res["ratios"].items() if k.endswith("input efficiency")]

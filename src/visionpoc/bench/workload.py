@@ -76,7 +76,7 @@ def plan(smoke: bool) -> Plan:
         steps=20,
         warm=5,
         workers=min(16, os.cpu_count() or 1),
-        # does a batch twice the peers' fill the GPU better? (the issue's "batch that fills the GPU")
+        # does a batch twice the peers' fill the GPU better? ("a batch that fills the GPU")
         variants=(Spec("vit_b16_bs512", "vit_base_patch16_224", "full", 224, 512, peer="vit_b16"),),
     )
 

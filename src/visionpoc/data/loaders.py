@@ -149,7 +149,7 @@ def set_epoch(batches: Batches, epoch: int, skip_batches: int = 0) -> None:
 
 @dataclass
 class Loaders:
-    """The four passes a run needs. `train_eval` is train without augmentation (the seed's train acc)."""
+    """The four passes a run needs. `train_eval` is train without augmentation (the original PoC's train acc)."""
 
     train: Batches
     train_eval: Batches

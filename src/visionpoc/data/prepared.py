@@ -52,7 +52,7 @@ from visionpoc.data.images import load_rgb
 from visionpoc.data.loaders import Loaders, default_workers
 from visionpoc.data.sources import Split
 from visionpoc.data.splits import Splits
-from visionpoc.data.store_batches import StoreBatches, Transform, eval_transform, place, train_transform
+from visionpoc.data.store_batches import StoreBatches, Transform, batch_eval_transform, batch_train_transform, place
 from visionpoc.distributed import SINGLE, Dist, EpochSampler
 
 log = logging.getLogger(__name__)
@@ -327,9 +327,9 @@ def prepared_loaders(
     images = resident(store, device)
     bs = cfg.train.batch_size // d.world  # train.batch_size is the global batch
     ebs = cfg.train.eval_batch_size or 2 * bs
-    et = eval_transform(data_cfg)
+    et = batch_eval_transform(data_cfg)
     aug = cfg.train.augment  # `none`: shuffled, not augmented; `strong`: RandAugment on the batch too
-    tt = et if aug == "none" else train_transform(data_cfg, rand_augment=aug == "strong")
+    tt = et if aug == "none" else batch_train_transform(data_cfg, rand_augment=aug == "strong")
     seed = cfg.train.seed
     return Loaders(
         train=split_batches(store, images, splits.train, tt, bs, device, True, seed, d),

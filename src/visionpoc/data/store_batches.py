@@ -4,7 +4,8 @@ that gathers a split's batches from it and augments them on the device (`StoreBa
 - Placement: on CUDA the whole store goes to GPU memory once when it fits with headroom for training;
   otherwise batches are gathered from the memory-mapped file by a background thread into pinned memory
   and copied without blocking. On the CPU the store stays a memory map.
-- Transforms: `train_transform` / `eval_transform` wrap `gpu_aug` for whole uint8 batches.
+- Transforms: `batch_train_transform` / `batch_eval_transform` wrap `gpu_aug` for whole uint8 batches
+  (the per-image PIL transforms of the stream path are `augment.train_transform` / `eval_transform`).
 Building and caching the store, and the loaders over it, live in `data/prepared.py`.
 """
 
@@ -131,9 +132,9 @@ class StoreBatches:
         return self.transform(x, self._generator(k)), y
 
 
-def train_transform(data_cfg: dict[str, Any], rand_augment: bool = False) -> Transform:
+def batch_train_transform(data_cfg: dict[str, Any], rand_augment: bool = False) -> Transform:
     return lambda x, g: gpu_aug.train_batch(x, data_cfg, g, rand_augment=rand_augment)
 
 
-def eval_transform(data_cfg: dict[str, Any]) -> Transform:
+def batch_eval_transform(data_cfg: dict[str, Any]) -> Transform:
     return lambda x, g: gpu_aug.eval_batch(x, data_cfg)

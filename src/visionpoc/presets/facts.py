@@ -1,4 +1,4 @@
-"""Model presets: the seed's models and today's candidates as ready `ModelConfig`s, with their facts.
+"""Model presets: the original PoC's models and today's candidates as ready `ModelConfig`s, with their facts.
 
 The presets live in the packaged `configs/presets.yaml`: a `ModelConfig` per preset, named fine-tuning
 policies (`full`, `linear_probe` = finetune `head`, and any other) with recommended learning rates, and
@@ -150,7 +150,7 @@ def get_preset(name: str) -> Preset:
 def preset(name: str, policy: str | None = None, label: str | None = None) -> ModelConfig:
     """The ModelConfig of preset `name` under `policy` (default: the preset's recommended one).
 
-    `policy` is `full`, `linear_probe` or another policy the preset defines (`production` for the seed's
+    `policy` is `full`, `linear_probe` or another policy the preset defines (`production` for the original PoC's
     Xception). `label` renames the model, e.g. to compare two policies of one preset in a run. The same
     ModelConfig as the config entry `{preset: name, policy: policy, label: label}`.
     """

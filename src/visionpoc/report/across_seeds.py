@@ -18,7 +18,8 @@ from visionpoc.repeats import Spread, read_repeats, spread
 from visionpoc.report import plots, stats
 from visionpoc.report.caveats import Caveat, caveats
 from visionpoc.report.inputs import align, read_predictions
-from visionpoc.results import REPEATS_FILE, ModelResult, RunResults
+from visionpoc.results import ModelResult, RunResults
+from visionpoc.runfiles import CONFIG_FILE, REPEATS_FILE, REPORT_HTML
 
 
 @dataclass
@@ -221,7 +222,7 @@ def _config_labels(run_dir: Path) -> list[str] | None:
     from visionpoc.config import load_config
 
     try:
-        return [m.label for m in load_config(run_dir / "config.yaml").models]
+        return [m.label for m in load_config(run_dir / CONFIG_FILE).models]
     except VisionpocError:
         return None
 
@@ -247,13 +248,13 @@ def build_seeds_report(run_dir: str | Path) -> SeedsReport:
     rows = [_row(label, per_label[label], first.dataset.test_size, finished) for label in labels]
     pairs = [_pair(repeats.dirs, (labels[0], c), per_label[labels[0]], per_label[c]) for c in labels[1:]]
     _verdicts(pairs, frozenset(row.label for row in rows if row.finished == 0))
-    config = run_dir / "config.yaml"
+    config = run_dir / CONFIG_FILE
     rep = SeedsReport(
         title=f"Model comparison across {len(repeats.seeds)} seeds: {', '.join(labels)}",
         run_dir=run_dir,
         seeds=repeats.seeds,
         runs=[d.name for d in repeats.dirs],
-        reports=[(d / "report.html").is_file() for d in repeats.dirs],
+        reports=[(d / REPORT_HTML).is_file() for d in repeats.dirs],
         rows=rows,
         pairs=pairs,
         caveats=[c for c in caveats(first) if c.title not in NOT_HERE and not c.title.endswith(" failed")],

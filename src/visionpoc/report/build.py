@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from visionpoc.evaluate import per_class_accuracy
 from visionpoc.repeats import repeats_of
 from visionpoc.report import plots, stats
 from visionpoc.report.caveats import Caveat, caveats
@@ -24,6 +25,7 @@ from visionpoc.report.pictures import Picture, disagreement_gallery, what_they_l
 from visionpoc.report.stats import Confusion, Interval, McNemar
 from visionpoc.report.tuning import Tuning, read_tuning
 from visionpoc.results import ModelResult, RunResults, load_results
+from visionpoc.runfiles import CONFIG_FILE, RESULTS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,7 @@ def _rows(r: RunResults, preds: dict[str, Predictions]) -> list[Row]:
 def _per_class(m: ModelResult, p: Predictions, nc: int) -> np.ndarray:
     if len(m.test_per_class_accuracy) == nc:
         return np.asarray(m.test_per_class_accuracy, dtype=float)
-    return stats.per_class_accuracy(p.targets, p.preds, nc)
+    return np.asarray(per_class_accuracy(p.targets, p.preds, nc), dtype=float)
 
 
 def _pairwise(rep: Report, preds: dict[str, Predictions]) -> list[Pairwise]:
@@ -171,7 +173,7 @@ def _environment(r: RunResults) -> list[tuple[str, str]]:
 
 
 def _config_yaml(r: RunResults, run_dir: Path) -> str:
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG_FILE
     if path.is_file():
         return path.read_text()
     cfg: dict[str, Any] = r.config
@@ -185,7 +187,7 @@ def build_report(run_dir: str | Path, explain: bool = True) -> Report:
     if not r.models:
         from visionpoc.errors import VisionpocError
 
-        raise VisionpocError(f"{run_dir / 'results.json'} lists no model: the run did not get to train one")
+        raise VisionpocError(f"{run_dir / RESULTS_FILE} lists no model: the run did not get to train one")
     preds = {m.label: p for m in r.models if (p := read_predictions(run_dir, m)) is not None}
     labels = ", ".join(m.label for m in r.models)
     rep = Report(

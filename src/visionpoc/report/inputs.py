@@ -19,7 +19,8 @@ from PIL import Image
 from visionpoc.data.images import load_rgb
 from visionpoc.errors import DataError
 from visionpoc.evaluate import topk_correct
-from visionpoc.results import PREDICTIONS_FILE, DatasetInfo, ModelResult, load_predictions
+from visionpoc.results import DatasetInfo, ModelResult, load_predictions
+from visionpoc.runfiles import PREDICTIONS_FILE
 
 log = logging.getLogger(__name__)
 

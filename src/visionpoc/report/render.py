@@ -20,13 +20,10 @@ from visionpoc.repeats import Spread, read_repeats
 from visionpoc.report.across_seeds import SeedsReport, build_seeds_report
 from visionpoc.report.build import N_RESAMPLES, Report, build_report
 from visionpoc.report.stats import Interval, format_p, p_is, pts
-from visionpoc.results import RESULTS_FILE
+from visionpoc.runfiles import REPORT_FILES_DIR, REPORT_HTML, REPORT_MD, RESULTS_FILE
 
 log = logging.getLogger(__name__)
 
-HTML_FILE = "report.html"
-MD_FILE = "report.md"
-FILES_DIR = "report_files"
 DASH = "–"
 
 
@@ -129,7 +126,7 @@ def render_html(rep: Report | SeedsReport) -> str:
 
 def render_markdown(rep: Report | SeedsReport) -> str:
     template = "seeds.md.j2" if isinstance(rep, SeedsReport) else "report.md.j2"
-    return _environment(lambda name: f"{FILES_DIR}/{name}.png").get_template(template).render(r=rep)
+    return _environment(lambda name: f"{REPORT_FILES_DIR}/{name}.png").get_template(template).render(r=rep)
 
 
 def write_report(run_dir: str | Path, explain: bool = True) -> Path:
@@ -145,12 +142,12 @@ def write_report(run_dir: str | Path, explain: bool = True) -> Path:
             if (seed_dir / RESULTS_FILE).is_file():
                 write_report(seed_dir, explain=explain)
     rep: Report | SeedsReport = build_seeds_report(run_dir) if repeats is not None else build_report(run_dir, explain)
-    files = run_dir / FILES_DIR
+    files = run_dir / REPORT_FILES_DIR
     for old in files.glob("*.png") if files.is_dir() else []:
         old.unlink()  # figures of an earlier report that this one may not have
     for name, png in rep.figures.items():
         atomic_write_bytes(files / f"{name}.png", png)
-    atomic_write_text(run_dir / MD_FILE, render_markdown(rep))
-    html = atomic_write_text(run_dir / HTML_FILE, render_html(rep))
+    atomic_write_text(run_dir / REPORT_MD, render_markdown(rep))
+    html = atomic_write_text(run_dir / REPORT_HTML, render_html(rep))
     log.info("report: %s (%d figures)", html, len(rep.figures))
     return html

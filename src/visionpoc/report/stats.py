@@ -290,12 +290,3 @@ def confused_pairs(targets: np.ndarray, preds: np.ndarray, class_names: list[str
         for i, j in pairs
         if cm[i, j] > 0
     ]
-
-
-def per_class_accuracy(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
-    """(num_classes,) accuracy per true class; NaN for classes absent from the test set."""
-    t, p = np.asarray(targets, dtype=np.int64), np.asarray(preds, dtype=np.int64)
-    support = np.bincount(t, minlength=num_classes).astype(np.float64)
-    right = np.bincount(t[t == p], minlength=num_classes).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(support > 0, right / support, np.nan)

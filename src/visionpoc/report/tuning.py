@@ -15,11 +15,9 @@ from typing import Any
 
 from visionpoc.repeats import repeats_of
 from visionpoc.results import RunResults
+from visionpoc.runfiles import RUN_TUNING_DIR, TUNE_PLOTS, TUNE_PLOTS_DIR, TUNE_SUMMARY_FILE, tuning_plot
 
 log = logging.getLogger(__name__)
-
-SUMMARY_FILE = "tune_summary.json"  # the names `visionpoc.tuning.outputs` writes
-PLOTS = ("history", "importance")
 
 
 @dataclass
@@ -52,10 +50,10 @@ def _fmt(v: Any) -> str:
 
 def _sources(run_dir: Path, r: RunResults) -> list[Path]:
     """Folders that may hold the summary and the figures, the run's own copy first."""
-    folders = [run_dir / "tuning"]
+    folders = [run_dir / RUN_TUNING_DIR]
     parent = repeats_of(run_dir)
     if parent is not None:  # a seed of a `compare --tuned`: the run's copy is one level up
-        folders.append(parent / "tuning")
+        folders.append(parent / RUN_TUNING_DIR)
     for m in r.models:
         if m.tuned_from:  # OUT/tuned/<label>.yaml -> OUT
             folders.append(Path(m.tuned_from).parent.parent)
@@ -63,7 +61,7 @@ def _sources(run_dir: Path, r: RunResults) -> list[Path]:
 
 
 def _read(folder: Path) -> dict[str, Any]:
-    path = folder / SUMMARY_FILE
+    path = folder / TUNE_SUMMARY_FILE
     try:
         return dict(json.loads(path.read_text()).get("models", {})) if path.is_file() else {}
     except (OSError, ValueError, AttributeError) as e:
@@ -73,7 +71,7 @@ def _read(folder: Path) -> dict[str, Any]:
 
 def _plot(folders: list[Path], label: str, kind: str) -> bytes | None:
     for folder in folders:
-        for path in (folder / f"{label}_{kind}.png", folder / "plots" / f"{label}_{kind}.png"):
+        for path in (folder / tuning_plot(label, kind), folder / TUNE_PLOTS_DIR / tuning_plot(label, kind)):
             if path.is_file():
                 return path.read_bytes()
     return None
@@ -110,7 +108,7 @@ def read_tuning(run_dir: Path, r: RunResults) -> tuple[Tuning | None, dict[str, 
                 params,
             )
         )
-        for kind in PLOTS:
+        for kind in TUNE_PLOTS:
             png = _plot(folders, label, kind)
             if png is not None:
                 name = f"tune_{kind}_{''.join(c if c.isalnum() else '_' for c in label)}"

@@ -3,7 +3,9 @@
 Endpoints: `POST /predict` (multipart field `file`; each model's top-k and inference latency, and with
 `explain=true` a PNG overlay per model), `GET /health`, `GET /` (the self-contained demo page),
 `GET /openapi.json` and `GET /docs` (Swagger UI, with its JS and CSS served from here when the
-`fastapi-offline` package is installed, from a CDN otherwise).
+`fastapi-offline` package is installed, from a CDN otherwise). Each JSON body is a pydantic model
+(`PredictResponse`, `HealthResponse`, and `ErrorResponse` for a refused upload), so /openapi.json
+describes what the service answers.
 
 Safety: binds to 127.0.0.1 unless told otherwise (and warns when told); uploads stay in memory and are
 capped in bytes (Content-Length and the bytes actually read), in declared pixels and in aspect ratio
@@ -21,12 +23,15 @@ import io
 import ipaddress
 import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from pydantic import BaseModel, Field
+from pydantic.json_schema import SkipJsonSchema
 from starlette.concurrency import run_in_threadpool
 
 from visionpoc import __version__
@@ -67,6 +72,65 @@ _UPLOAD_SCHEMA = {  # the body is parsed by hand (in memory), so FastAPI cannot 
 }
 
 
+class TopClass(BaseModel):
+    """One of a model's top-k classes."""
+
+    label: str = Field(description="the class name")
+    index: int = Field(description="the class index, in the order of the run's dataset")
+    probability: float = Field(description="the softmax probability, in [0, 1]")
+
+
+class Explanation(BaseModel):
+    """Where a model looked: a heatmap of its predicted class over the crop it saw."""
+
+    method: str = Field(description='"attention rollout" (ViT) or "Grad-CAM" (CNN)')
+    png_base64: str = Field(description="the overlay, a base64-encoded PNG at least 224 px on its shorter side")
+
+
+class ModelPrediction(BaseModel):
+    """One model's answer for the uploaded photo."""
+
+    model: str = Field(description="the model's label in the run")
+    top: list[TopClass] = Field(description="the top-k classes, most probable first")
+    latency_ms: float = Field(description="the forward pass in milliseconds (batch 1, no decoding or preprocessing)")
+    # SkipJsonSchema: the key is absent (never null) when there is no explanation
+    explanation: Explanation | SkipJsonSchema[None] = Field(
+        None, description="only with `explain=true`, and only for models whose explanation succeeded"
+    )
+
+
+class PredictResponse(BaseModel):
+    """The answer of `POST /predict`: every model's prediction for one photo."""
+
+    width: int = Field(description="the uploaded image's width in pixels")
+    height: int = Field(description="the uploaded image's height in pixels")
+    models: list[ModelPrediction] = Field(description="one entry per model, in the run's order")
+
+
+class HealthResponse(BaseModel):
+    """The answer of `GET /health`."""
+
+    status: Literal["ok"] = Field(description="always `ok` when the service answers")
+    models: list[str] = Field(description="the labels of the loaded models")
+    num_classes: int = Field(description="the number of classes the models choose from")
+
+
+class ErrorResponse(BaseModel):
+    """The body of a refused upload (400, 413)."""
+
+    error: str = Field(description="what is wrong with the upload, and how to fix it")
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {
+        "model": ErrorResponse,
+        "description": "not a multipart/form-data upload with a `file` field, an invalid Content-Length, "
+        "not an image, or too elongated",
+    },
+    413: {"model": ErrorResponse, "description": "over the upload size limit or the pixel limit"},
+}
+
+
 def _png_base64(image: Any) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG", optimize=True)
@@ -80,6 +144,16 @@ def swagger_assets() -> Path | None:
         return None
     folder = Path(spec.origin).parent / "static"
     return folder if all((folder / name).is_file() for name in DOCS_ASSETS) else None
+
+
+@dataclass(frozen=True)
+class _Service:
+    """What the routes share: the loaded models, the upload limits and the prediction slots."""
+
+    predictor: Predictor
+    max_upload_bytes: int  # the file in the form, and (plus MULTIPART_OVERHEAD) the whole body
+    max_pixels: int  # the most pixels (width x height) an image header may declare
+    slots: threading.BoundedSemaphore  # a thread lock: the thread pool waits on it
 
 
 def create_app(
@@ -107,71 +181,85 @@ def create_app(
     )
     app.state.predictor = predictor
     app.state.max_upload_bytes = max_upload_bytes
-    busy = threading.BoundedSemaphore(max_concurrent)  # a thread lock: the thread pool waits on it
 
     @app.exception_handler(UploadError)
     async def refused(_request: Request, exc: UploadError) -> JSONResponse:
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return JSONResponse(ErrorResponse(error=exc.message).model_dump(), status_code=exc.status)
 
+    _add_health(app, predictor)
+    _add_predict(app, _Service(predictor, max_upload_bytes, max_pixels, threading.BoundedSemaphore(max_concurrent)))
+    if assets:
+        _add_offline_docs(app, assets)
+    _add_page(app)
+    return app
+
+
+def _add_health(app: FastAPI, predictor: Predictor) -> None:
     @app.get("/health")
-    def health() -> dict[str, Any]:
+    def health() -> HealthResponse:
         """Liveness, the loaded models and the number of classes."""
-        return {"status": "ok", "models": predictor.labels, "num_classes": len(predictor.class_names)}
+        return HealthResponse(status="ok", models=predictor.labels, num_classes=len(predictor.class_names))
 
-    def answer(body: bytes, content_type: str | None, top: int, explain: bool) -> dict[str, Any]:
-        """Take the file out of the form, check it, decode it and predict: blocking, so it runs in the
-        thread pool, `max_concurrent` at a time."""
-        with busy:
-            data = multipart_file(body, content_type)
-            if len(data) > max_upload_bytes:
-                raise UploadError(
-                    413,
-                    f"upload too large: {human_size(len(data))}, the limit is {human_size(max_upload_bytes)}",
-                )
-            image = decode_image(data, max_pixels)
-            answers = predictor.predict_image(image, top)
-            if explain:
-                overlays = predictor.explain_image(image)
-                for a in answers:
-                    if a["model"] in overlays:
-                        method, picture = overlays[a["model"]]
-                        a["explanation"] = {"method": method, "png_base64": _png_base64(picture)}
-            return {"width": image.width, "height": image.height, "models": answers}
 
-    @app.post("/predict", openapi_extra=_UPLOAD_SCHEMA)
+def _add_predict(app: FastAPI, service: _Service) -> None:
+    # exclude_none: a model without an explanation has no "explanation" key (not a null)
+    @app.post("/predict", response_model_exclude_none=True, responses=ERROR_RESPONSES, openapi_extra=_UPLOAD_SCHEMA)
     async def predict(
         request: Request,
         top: int = Query(5, ge=1, le=1000, description="how many classes per model"),
         explain: bool = Query(False, description="add each model's explanation overlay (base64 PNG)"),
-    ) -> dict[str, Any]:
+    ) -> PredictResponse:
         """Each model's top-k (label, probability) for the uploaded photo, and its inference latency."""
         length = request.headers.get("content-length")
-        body = await read_limited(request.stream(), max_upload_bytes, length, overhead=MULTIPART_OVERHEAD)
-        return await run_in_threadpool(answer, body, request.headers.get("content-type"), top, explain)
+        body = await read_limited(request.stream(), service.max_upload_bytes, length, overhead=MULTIPART_OVERHEAD)
+        return await run_in_threadpool(_answer, service, body, request.headers.get("content-type"), top, explain)
 
-    if assets:
 
-        @app.get("/docs", include_in_schema=False)
-        def docs() -> HTMLResponse:
-            return get_swagger_ui_html(
-                openapi_url=app.openapi_url or "/openapi.json",
-                title=f"{app.title} - Swagger UI",
-                swagger_js_url="/docs-assets/swagger-ui-bundle.js",
-                swagger_css_url="/docs-assets/swagger-ui.css",
-                swagger_favicon_url="/docs-assets/favicon.png",
+def _answer(service: _Service, body: bytes, content_type: str | None, top: int, explain: bool) -> PredictResponse:
+    """Take the file out of the form, check it, decode it and predict: blocking, so it runs in the thread
+    pool, as many at a time as `service.slots` allows."""
+    with service.slots:
+        data = multipart_file(body, content_type)
+        if len(data) > service.max_upload_bytes:
+            raise UploadError(
+                413,
+                f"upload too large: {human_size(len(data))}, the limit is {human_size(service.max_upload_bytes)}",
             )
+        image = decode_image(data, service.max_pixels)
+        answers = [ModelPrediction.model_validate(a) for a in service.predictor.predict_image(image, top)]
+        if explain:
+            overlays = service.predictor.explain_image(image)
+            for a in answers:
+                if a.model in overlays:
+                    method, picture = overlays[a.model]
+                    a.explanation = Explanation(method=method, png_base64=_png_base64(picture))
+        return PredictResponse(width=image.width, height=image.height, models=answers)
 
-        @app.get("/docs-assets/{name}", include_in_schema=False)
-        def docs_asset(name: str) -> FileResponse:
-            if name not in DOCS_ASSETS:  # a fixed list: the request names no path on the server
-                raise HTTPException(404)
-            return FileResponse(assets / name)
 
+def _add_offline_docs(app: FastAPI, assets: Path) -> None:
+    """/docs with Swagger UI's JS and CSS served from `assets`, by /docs-assets/NAME."""
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon.png",
+        )
+
+    @app.get("/docs-assets/{name}", include_in_schema=False)
+    def docs_asset(name: str) -> FileResponse:
+        if name not in DOCS_ASSETS:  # a fixed list: the request names no path on the server
+            raise HTTPException(404)
+        return FileResponse(assets / name)
+
+
+def _add_page(app: FastAPI) -> None:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
         return HTMLResponse(PAGE, headers={"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"})
-
-    return app
 
 
 def is_loopback(host: str) -> bool:

@@ -34,6 +34,7 @@ from torch import nn
 from visionpoc.atomic import atomic_write, atomic_write_json
 from visionpoc.config import ModelConfig
 from visionpoc.errors import ConfigError, VisionpocError
+from visionpoc.runfiles import EXPORT_DIR
 from visionpoc.serving.loading import TrainedModel, load_trained, trained_labels
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def export(
         raise VisionpocError(
             f"{run_dir}: no successfully trained model {label!r}; choose from {', '.join(labels) or '(none)'}"
         )
-    out_dir = Path(out) if out is not None else run_dir / "export"
+    out_dir = Path(out) if out is not None else run_dir / EXPORT_DIR
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file: give a folder (each model's files go in <out>/<label>/)")
     written: list[Path] = []

@@ -16,6 +16,7 @@ from visionpoc import checkpoint, models
 from visionpoc.config import Config, ModelConfig, load_config
 from visionpoc.errors import VisionpocError
 from visionpoc.results import RunResults, load_results
+from visionpoc.runfiles import CONFIG_FILE, DATA_CONFIG_FILE
 
 
 @dataclass
@@ -28,7 +29,7 @@ class TrainedModel:
 
 
 def run_config(run_dir: Path) -> Config:
-    path = Path(run_dir) / "config.yaml"
+    path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise VisionpocError(f"{path} not found: {run_dir} is not the output folder of a visionpoc run")
     return load_config(path)
@@ -45,7 +46,7 @@ def load_trained(
     model = models.create_model(mcfg, nc, pretrained=False)
     models.apply_finetune(model, mcfg)  # same module types (FrozenBatchNorm2d) as when it was saved
     checkpoint.load_weights(model, run_dir / label / checkpoint.BEST, {"timm": mcfg.timm, "num_classes": str(nc)})
-    dcfg_path = run_dir / label / "data_config.json"
+    dcfg_path = run_dir / label / DATA_CONFIG_FILE
     dcfg = json.loads(dcfg_path.read_text()) if dcfg_path.is_file() else models.data_config(model, mcfg)
     dcfg["input_size"] = tuple(dcfg["input_size"])
     dcfg["mean"], dcfg["std"] = tuple(dcfg["mean"]), tuple(dcfg["std"])

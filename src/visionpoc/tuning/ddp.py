@@ -29,6 +29,7 @@ from visionpoc import distributed
 from visionpoc.config import Config, ModelConfig, with_model_changes
 from visionpoc.data.splits import Splits
 from visionpoc.errors import TrainingInterrupted
+from visionpoc.runfiles import TRIALS_DIR
 from visionpoc.train import fit
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def follow(cfg: Config, mcfg: ModelConfig, out_dir: Path, make_splits: Callable[
         number = msg["number"]
         try:
             tcfg = with_model_changes(cfg, mcfg.label, msg["changes"], f"trial {number}")
-            folder = out_dir / "trials" / mcfg.label / str(number)  # rank 0's; fit writes only on rank 0
+            folder = out_dir / TRIALS_DIR / mcfg.label / str(number)  # rank 0's; fit writes only on rank 0
             fit(tcfg, tcfg.model(mcfg.label), splits, folder, score_test=False, on_epoch=_follow_epoch)
         except optuna.TrialPruned:
             log.info("[%s] trial %d pruned", mcfg.label, number)

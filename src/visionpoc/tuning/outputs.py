@@ -26,11 +26,18 @@ from matplotlib.figure import Figure
 
 from visionpoc.atomic import atomic_write_json, atomic_write_text
 from visionpoc.config import Config, ConfigError, ModelConfig, with_model_changes
+from visionpoc.runfiles import (
+    RUN_TUNING_DIR,
+    TUNE_PLOTS,
+    TUNE_PLOTS_DIR,
+    TUNE_SUMMARY_FILE,
+    TUNED_DIR,
+    tuned_file,
+    tuning_plot,
+)
 
 log = logging.getLogger(__name__)
 
-TUNED_DIR, SUMMARY_FILE, PLOTS_DIR, RUN_TUNING_DIR = "tuned", "tune_summary.json", "plots", "tuning"
-PLOTS = ("history", "importance")
 TS = optuna.trial.TrialState
 FINISHED = (TS.COMPLETE, TS.PRUNED)  # the trials that count towards a study's budget
 
@@ -106,7 +113,7 @@ def save_plots(study: optuna.Study, folder: Path, label: str) -> list[str]:
         ("history", ovm.plot_optimization_history, 1),
         ("importance", ovm.plot_param_importances, 2),
     ):
-        path = folder / f"{label}_{name}.png"
+        path = folder / tuning_plot(label, name)
         if len(complete) < need:
             notes.append(f"{name} plot skipped: it needs {need} completed trial(s), the study has {len(complete)}")
             path.unlink(missing_ok=True)
@@ -131,7 +138,7 @@ def write_outputs(study: optuna.Study, mcfg: ModelConfig, out_dir: Path, storage
     """Write `tuned/<label>.yaml`, the plots and `tune_summary.json` in `out_dir`; return the YAML path,
     or None when the study has no completed trial (no YAML: the model is not tuned)."""
     record = study_record(study, mcfg, storage, epochs)
-    record["notes"] = save_plots(study, out_dir / PLOTS_DIR, mcfg.label)
+    record["notes"] = save_plots(study, out_dir / TUNE_PLOTS_DIR, mcfg.label)
     path: Path | None = None
     if record["best_trial"] is None:
         log.warning(
@@ -140,12 +147,12 @@ def write_outputs(study: optuna.Study, mcfg: ModelConfig, out_dir: Path, storage
             study.study_name,
         )
     else:
-        path = atomic_write_text(out_dir / TUNED_DIR / f"{mcfg.label}.yaml", best_params_yaml(study, mcfg, record))
+        path = atomic_write_text(out_dir / TUNED_DIR / tuned_file(mcfg.label), best_params_yaml(study, mcfg, record))
     summary = {
         p.stem: (yaml.safe_load(p.read_text()) or {}).get("tuning", {})
         for p in sorted((out_dir / TUNED_DIR).glob("*.yaml"))
     }
-    atomic_write_json(out_dir / SUMMARY_FILE, {"models": summary})
+    atomic_write_json(out_dir / TUNE_SUMMARY_FILE, {"models": summary})
     return path
 
 
@@ -197,11 +204,11 @@ def apply_tuned(cfg: Config, tuned_dir: Path, out_dir: Path | None = None) -> Co
         log.info("model %s: tuned settings from %s: %s", m.label, path, doc.get("model"))
     if out_dir is not None:
         dest = Path(out_dir) / RUN_TUNING_DIR
-        atomic_write_json(dest / SUMMARY_FILE, {"models": records, "source": str(tuned_dir.resolve())})
-        plots = folder.parent / PLOTS_DIR if folder.name == TUNED_DIR else tuned_dir / PLOTS_DIR
+        atomic_write_json(dest / TUNE_SUMMARY_FILE, {"models": records, "source": str(tuned_dir.resolve())})
+        plots = folder.parent / TUNE_PLOTS_DIR if folder.name == TUNED_DIR else tuned_dir / TUNE_PLOTS_DIR
         for label in records:
-            for name in PLOTS:
-                src = plots / f"{label}_{name}.png"
+            for name in TUNE_PLOTS:
+                src = plots / tuning_plot(label, name)
                 if src.is_file():
                     shutil.copyfile(src, dest / src.name)
     return cfg

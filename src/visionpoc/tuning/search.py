@@ -24,17 +24,19 @@ validation accuracy only.
   models whose constructor takes `drop_path_rate` / `drop_rate` (Xception: dropout only). Warmup is
   capped at the trial's epochs (a longer one would never reach the peak LR).
 - Each trial trains in `OUT/trials/<label>/<number>/` and keeps its `history.json` there; its weights
-  are deleted when it ends (compare retrains the best settings). Results: see `tuned.py`.
+  are deleted when it ends (compare retrains the best settings). Results: see `outputs.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,12 +45,13 @@ import numpy as np
 import optuna
 import torch
 
-from visionpoc import models
+from visionpoc import checkpoint, models
 from visionpoc.compare import load_data
 from visionpoc.config import Config, ConfigError, ModelConfig, TuneConfig, with_model_changes
 from visionpoc.data.splits import Splits
 from visionpoc.errors import TrainingInterrupted
 from visionpoc.recovery import stop_on_signals
+from visionpoc.runfiles import TRIALS_DIR, TUNE_DB_FILE
 from visionpoc.train import fit, is_transformer, resolve_device
 from visionpoc.tuning import ddp as tune_ddp  # under torchrun, trials run data-parallel
 from visionpoc.tuning.outputs import FINISHED, apply_tuned, best_params_yaml, write_outputs
@@ -57,7 +60,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["run_tune", "apply_tuned", "best_params_yaml"]
 
-TRIALS_DIR = "trials"
 # tune key -> (ModelConfig field, log scale, the Family flag it needs or None)
 RANGES = {
     "lr": ("lr", True, None),
@@ -179,7 +181,7 @@ def _device_name(cfg: Config) -> str:
 
 
 def _drop_weights(folder: Path) -> None:
-    for f in (*folder.glob("*.safetensors"), folder / "last_state.pt"):
+    for f in (*folder.glob("*.safetensors"), folder / checkpoint.STATE):
         f.unlink(missing_ok=True)
 
 
@@ -240,10 +242,42 @@ def run_tune(
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = tuning_splits(cfg)
     family = model_family(mcfg, splits.num_classes)
-    url = storage or f"sqlite:///{(out_dir / 'tune.db').resolve()}"
+    url = storage or f"sqlite:///{(out_dir / TUNE_DB_FILE).resolve()}"
+    s = open_study(url, study or label, mcfg, tc, epochs, cfg.train.seed)
+    target = trials if trials is not None else tc.trials
+    missing = target - len(s.get_trials(deepcopy=False, states=FINISHED))
+    log.info(
+        "[%s] tuning: %d finished trial(s) of %d epochs wanted, %d to run; study %r (%d trials so far) "
+        "in %s; searching %s",
+        label,
+        target,
+        epochs,
+        max(missing, 0),
+        s.study_name,
+        len(s.get_trials(deepcopy=False)),
+        _public_url(url),
+        family,
+    )
+    objective_of = functools.partial(objective, cfg=cfg, mcfg=mcfg, splits=splits, family=family, out_dir=out_dir)
+    interrupted = optimize(s, objective_of, target, missing, timeout)
+    path = write_outputs(s, mcfg, out_dir, _public_url(url), epochs)
+    if path is not None:
+        log.info("[%s] tuned settings%s: %s", label, " so far" if interrupted else "", path)
+    if interrupted:
+        raise TrainingInterrupted(
+            f"tuning of {label!r} stopped; the study keeps its {len(s.get_trials(deepcopy=False, states=FINISHED))} "
+            f"finished trial(s) (the interrupted one counts as failed): run the same command, with the same "
+            f"--out or --storage, to finish it"
+        )
+    return s
+
+
+def open_study(url: str, name: str, mcfg: ModelConfig, tc: TuneConfig, epochs: int, train_seed: int) -> optuna.Study:
+    """The study `name` on `url` (created or continued) for model `mcfg`, its stale trials failed and its
+    sampler seeded for the trials it already holds."""
     s = optuna.create_study(
         storage=open_storage(url),
-        study_name=study or label,
+        study_name=name,
         direction="maximize",
         pruner=make_pruner(tc, epochs),
         load_if_exists=True,
@@ -258,24 +292,16 @@ def run_tune(
     with warnings.catch_warnings():  # a killed worker's RUNNING trial: failed (and queued again) now
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(s)
-    before = len(s.get_trials(deepcopy=False))
-    seed = sampler_seed(tc.seed if tc.seed is not None else cfg.train.seed, before)
+    seed = sampler_seed(tc.seed if tc.seed is not None else train_seed, len(s.get_trials(deepcopy=False)))
     s.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=tc.startup_trials)
-    target = trials if trials is not None else tc.trials
-    missing = target - len(s.get_trials(deepcopy=False, states=FINISHED))
-    log.info(
-        "[%s] tuning: %d finished trial(s) of %d epochs wanted, %d to run; study %r (%d trials so far) "
-        "in %s; searching %s",
-        label,
-        target,
-        epochs,
-        max(missing, 0),
-        s.study_name,
-        before,
-        _public_url(url),
-        family,
-    )
-    interrupted = False
+    return s
+
+
+def optimize(
+    s: optuna.Study, objective_of: Callable[[optuna.Trial], float], target: int, missing: int, timeout: float | None
+) -> bool:
+    """Run `missing` trials of `objective_of` (fewer if the study reaches `target` finished trials through
+    other workers, or `timeout` passes). Returns whether a signal or Ctrl-C stopped it."""
     quiet = _NoTracebackOnInterrupt()
     optuna_log = logging.getLogger("optuna.study._optimize")  # where Optuna logs a failed trial
     optuna_log.addFilter(quiet)
@@ -283,7 +309,7 @@ def run_tune(
     def run_trial(t: optuna.Trial) -> float:
         if stop.signum is not None:  # a signal between two trials: start no other
             raise TrainingInterrupted("stopped by a signal before the trial started")
-        return objective(t, cfg, mcfg, splits, family, out_dir)  # fit() catches signals during training
+        return objective_of(t)  # fit() catches signals during training
 
     def stop_if_asked(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
         if stop.signum is not None:
@@ -302,22 +328,12 @@ def run_tune(
                     gc_after_trial=True,
                     callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED), stop_if_asked],
                 )
-        interrupted = stop.signum is not None
+        return stop.signum is not None
     except (KeyboardInterrupt, TrainingInterrupted):
-        interrupted = True
+        return True
     finally:
         optuna_log.removeFilter(quiet)
         tune_ddp.finish(s)  # torchrun: the other ranks stop following (tune_ddp.py)
-    path = write_outputs(s, mcfg, out_dir, _public_url(url), epochs)
-    if path is not None:
-        log.info("[%s] tuned settings%s: %s", label, " so far" if interrupted else "", path)
-    if interrupted:
-        raise TrainingInterrupted(
-            f"tuning of {label!r} stopped; the study keeps its {len(s.get_trials(deepcopy=False, states=FINISHED))} "
-            f"finished trial(s) (the interrupted one counts as failed): run the same command, with the same "
-            f"--out or --storage, to finish it"
-        )
-    return s
 
 
 class _NoTracebackOnInterrupt(logging.Filter):
