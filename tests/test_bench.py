@@ -44,19 +44,27 @@ def test_smoke_bench_reports_every_figure(tmp_path: Path, one_thread: None) -> N
     if not d["hf"]:
         assert d["skipped"]["hf"] == "transformers is not installed"
     assert "targets" not in d  # the targets are for an H100, not a smoke run
+    lp = d["probe"]
+    assert "error" not in lp, lp
+    assert lp["epochs"] == 10 and lp["through_backbone_s"] > 0 and lp["cached_s"] > 0
+    assert d["ratios"]["linear probe cached vs through the backbone"] == pytest.approx(
+        lp["through_backbone_s"] / lp["cached_s"]
+    )
+    assert lp["val_accuracy"]["cached"] is not None and lp["images"]["train"] == 42
     text = format_bench(d)
     assert "prepared store + gpu_aug" in text and "ratio input prepared/pil" in text and "vit_b16_bs8" in text
+    assert "linear probe, vit_tiny_patch16_224 at 32px, 10 epochs on 42 images" in text
     assert "out of memory" not in text
     d["ours"][-1]["micro_batch"] = 4  # as the step's fallback leaves it: said, not hidden
     assert "vit_b16_bs8: out of memory at batch 8, measured with micro-batches of 4" in format_bench(d)
 
 
-def test_on_a_cpu_the_full_bench_measures_only_the_input_path(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_on_a_cpu_the_full_bench_measures_the_input_path_and_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     toy = bench.plan(smoke=True)
     monkeypatch.setattr(bench, "plan", lambda smoke: toy)  # the non-smoke rules, on toy sizes
-    d = run_bench(smoke=False, device="cpu")  # the model steps measure a GPU: only `input` runs
-    assert d["input"]["prepared"]["img_s"] > 0 and not d["ours"] and not d["peer"]
-    assert set(d["skipped"]) == set(SECTIONS) - {"input"}
+    d = run_bench(smoke=False, device="cpu")  # the model steps measure a GPU: `input` and `probe` run
+    assert d["input"]["prepared"]["img_s"] > 0 and not d["ours"] and not d["peer"] and d["probe"]["ratio"] > 0
+    assert set(d["skipped"]) == set(SECTIONS) - {"input", "probe"}
     assert run_bench(smoke=True, device="cpu", sections=("input",))["skipped"]["ours"] == "not asked for"
 
 

@@ -174,7 +174,7 @@ def test_preset_entries_resolve_to_the_preset_fields(tmp_path: Path) -> None:
         1e-3,
     )
     assert (base.preset, base.policy) == ("xception", "production")  # the preset's default policy
-    assert (vit.label, vit.timm, vit.finetune, vit.lr) == ("vit_b16", "vit_base_patch16_224.orig_in21k", "head", 1e-3)
+    assert (vit.label, vit.timm, vit.finetune, vit.lr) == ("vit_b16", "vit_base_patch16_224.orig_in21k", "head", None)
     assert (vit.preset, vit.policy) == ("vit_b16", "linear_probe")
 
 
@@ -218,7 +218,7 @@ def test_linear_probe_is_the_head_policy(tmp_path: Path) -> None:
         ],
     )
     assert (plain.finetune, plain.policy) == (named.finetune, named.policy) == ("head", "linear_probe")
-    assert (inferred.finetune, inferred.policy, inferred.lr) == ("head", "linear_probe", 1e-3)
+    assert (inferred.finetune, inferred.policy, inferred.lr) == ("head", "linear_probe", None)  # the probe's grid
 
 
 def test_preset_config_round_trips(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -254,3 +255,33 @@ def test_repeats_under_torchrun(tmp_path: Path) -> None:
     rank0 = _probe(probe, 0)["writes"]
     assert str(out / "repeats.json") in rank0 and str(out / "seed-1" / "results.json") in rank0
     assert _probe(probe, 1)["writes"] == []
+
+
+def test_the_cached_linear_probe_under_torchrun_equals_one_process(tmp_path: Path) -> None:
+    """Each process computes its shard's features; gathered back in sample order, they give the same
+    grid, the same chosen head and the same test predictions as one process."""
+    root = make_mini_dogs(tmp_path / "dogs")
+    cfg = _config(tmp_path / "c.yaml", root, 1, {"epochs": 2}, probe={"min_steps": 20})
+    doc = yaml.safe_load(cfg.read_text())
+    doc["models"][0]["finetune"] = "head"
+    cfg.write_text(yaml.safe_dump(doc))
+    commands = {"ddp": [*TORCHRUN[:-1], "-m", "visionpoc"], "single": [sys.executable, "-m", "visionpoc"]}
+    for name, cmd in commands.items():
+        shutil.rmtree(root / ".visionpoc-cache", ignore_errors=True)  # each run computes its own features
+        proc = subprocess.run(
+            [*cmd, "compare", "--config", str(cfg), "--out", str(tmp_path / name), "--no-report"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp, single = _model(tmp_path / "ddp"), _model(tmp_path / "single")
+    assert ddp["world_size"] == 2 and ddp["finetune"] == "head" and ddp["probe"]["cache"] == "miss"
+    assert single["probe"]["cache"] == "miss"
+    accuracies = [[g["val_accuracy"] for g in m["probe"]["grid"]] for m in (ddp, single)]
+    assert accuracies[0] == pytest.approx(accuracies[1]) and ddp["probe"]["chosen"] == single["probe"]["chosen"]
+    assert ddp["test_accuracy"] == single["test_accuracy"]
+    a = load_predictions(tmp_path / "ddp" / "vit" / "test_predictions.npz")
+    b = load_predictions(tmp_path / "single" / "vit" / "test_predictions.npz")
+    assert list(a["files"]) == list(b["files"]) and np.allclose(a["probs"], b["probs"], atol=1e-5)

@@ -91,6 +91,7 @@ def test_early_stop_clean_train_pass_and_metrics_on_every_split(mini_dogs: Path,
         "models:\n  - {label: cnn, timm: test_resnet, pretrained: false, img_size: 32, finetune: head}\n"
         "train: {epochs: 5, batch_size: 8, lr: 0.0, min_lr: 0.0, warmup_epochs: 0, early_stop_patience: 1,\n"
         "        augment: strong}\n"
+        "probe: {cache: false}\n"  # the head through the loop, not the cached probe
     )
     out = tmp_path / "run"
     (m,) = run_compare(load_config(cfg), out).models

@@ -64,6 +64,7 @@ OVERRIDES = [
     "train.device=cpu",
     "train.batch_size=8",
     "train.epochs=1",
+    "probe.min_steps=1",  # a linear-probe preset trains its heads for train.epochs, as the loop would
 ]
 # Every family, SigLIP 2's and PE's attention-pool heads included, trains and is counted (GFLOPs) in fit().
 
@@ -115,11 +116,18 @@ def test_policies_give_valid_model_configs() -> None:
         assert presets.preset(name, "linear_probe").finetune == "head"
         for policy in p.policies:
             m = presets.preset(name, policy)
-            assert m.label == name and m.pretrained and m.lr is not None and 0 < m.lr < 0.01
+            assert m.label == name and m.pretrained
+            if m.finetune == "head":  # the cached probe searches its LR grid; the loop takes the policy default
+                assert m.lr is None
+            else:
+                assert m.lr is not None and 0 < m.lr < 0.01
             assert (m.preset, m.policy) == (name, policy)
     assert presets.preset("dinov3_b16").model_kwargs == {"global_pool": "token"}
     assert presets.preset("dinov3_b16", "full", label="dino_full").label == "dino_full"
-    seed = tuple(dataclasses.replace(presets.preset(n), preset=None, policy=None) for n in ("xception", "vit_b16"))
+    seed = tuple(
+        dataclasses.replace(presets.preset(n), preset=None, policy=None, lr_source=None)
+        for n in ("xception", "vit_b16")
+    )
     assert seed == Config().models  # the original PoC
     with pytest.raises(ConfigError, match="no preset 'nope'"):
         presets.preset("nope")
@@ -206,7 +214,7 @@ def test_list_presets_rows(rows: list[dict[str, Any]]) -> None:
     md = presets.format_models_table(rows, markdown=True).splitlines()
     assert len(md) == 2 + len(rows) and md[0].startswith("| preset |")
     assert "{preset: NAME}" in text and "xception      legacy_xception" in text  # the names a config uses
-    assert "production 0.001, full 0.0001, linear_probe 0.001" in text  # the default policy first
+    assert "production 0.001, full 0.0001, linear_probe grid" in text  # the default policy first
 
 
 def test_family_filter_and_licence_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -277,7 +285,7 @@ def test_three_model_compare_and_report(tmp_path: Path, mini_dogs: Path) -> None
     md = (tmp_path / "run" / "report.md").read_text()
     summary = md.split("## 1. Summary", 1)[1].split("### What each model was given", 1)[0]
     assert len([line for line in summary.splitlines() if line.startswith("| **")]) == 3
-    fairness = md.split("### What each model was given", 1)[1].split("## 2.", 1)[0]
+    fairness = md.split("### What each model was given", 1)[1].split("### Training budget", 1)[0]
     rows = [line for line in fairness.splitlines() if line.startswith("| **")]
     assert len(rows) == 3  # the fairness table: policy, budget and input size of each model
     assert "| xception: production (top_fraction 10.0%) |" in rows[0]

@@ -11,8 +11,8 @@ import pytest
 
 from visionpoc.cli import main
 from visionpoc.errors import ConfigError
+from visionpoc.report.tracking import artifact_location, require_mlflow
 from visionpoc.results import load_results
-from visionpoc.tracking import artifact_location, require_mlflow
 
 mlflow = pytest.importorskip("mlflow")
 

@@ -255,7 +255,7 @@ def _log_mlflow(run_dir: Path, uri: str, experiment: str) -> bool:
     """Log a finished run (a run with repeats: one MLflow run per seed) to MLflow; a tracking failure is
     reported, and the run's files stay as they are."""
     from visionpoc.repeats import run_folders
-    from visionpoc.tracking import log_run
+    from visionpoc.report.tracking import log_run
 
     for folder in run_folders(run_dir):
         try:
@@ -406,7 +406,7 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "train":
         return _run(args, [args.model], None)
     if args.command == "report":
-        from visionpoc.tracking import require_mlflow
+        from visionpoc.report.tracking import require_mlflow
 
         require_mlflow(args.mlflow_uri)
         _write_report(args.run_dir)

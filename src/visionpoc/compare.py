@@ -33,7 +33,6 @@ from visionpoc.recovery import resume_config, resume_hint
 from visionpoc.repeats import read_repeats, repeat_dir, save_repeats, spread
 from visionpoc.results import DatasetInfo, ModelResult, RunResults, environment, load_results, save_results
 from visionpoc.runfiles import CONFIG_FILE, RESULTS_FILE
-from visionpoc.tracking import require_mlflow
 from visionpoc.train import fit, resolve_device
 
 log = logging.getLogger(__name__)
@@ -74,6 +73,8 @@ def run(
     with the tuned settings of `tuned_dir`; a resumed one (`resume_dir`) its own config and folder.
     """
     cfg, out_dir = _settings(command, config_path, overrides, out, resume_dir, tuned_dir)
+    from visionpoc.report.tracking import require_mlflow  # the report side: imported only for a run
+
     require_mlflow(cfg.tracking.mlflow_uri)  # before hours of training, not after
     for label in labels or []:
         cfg.model(label)  # a misspelt --model: said before a run folder is started

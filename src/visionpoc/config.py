@@ -75,7 +75,17 @@ class ModelConfig:
     pretrained_path: str | None = None
     """Local .safetensors/.pth file to load instead of the HF hub."""
     lr: float | None = None
-    """Peak learning rate for this model; null takes `train.lr`."""
+    """Peak learning rate for this model; null takes `train.lr`, and without one the policy's default
+    (`optim.default_lr`: it depends on `finetune` and scales with the batch size)."""
+    lr_source: Literal["config", "preset", "tuned"] | None = None
+    """Where `lr` came from, recorded at load time: a preset's policy, a tuned file; null: the config."""
+    head_init_scale: float | None = 0.001
+    """The new classifier's initial weights are multiplied by this and its bias zeroed, so the first
+    predictions are near uniform (BEiT/MAE fine-tuning); 0 starts it at exactly uniform; null keeps
+    timm's initialisation."""
+    head_lr_scale: float = 10.0
+    """When a pretrained backbone trains too (`full`, `top_fraction`), the new classifier's LR is this times
+    the model's: it learns from scratch while the pretrained layers only adapt."""
     # Per-model training settings (e.g. written by `compare --tuned`); null takes the `train.*` value.
     batch_size: int | None = None
     """Global batch size for this model; null takes `train.batch_size`."""
@@ -93,6 +103,8 @@ class ModelConfig:
     """Weight-EMA decay for this model; null takes `train.ema_decay`."""
     tuned_from: str | None = None
     """The tuned-settings YAML these overrides came from (set by `compare --tuned`), for the record."""
+    tuning_trials: int | None = None
+    """Finished trials of the study behind `tuned_from` (set by `compare --tuned`), for the record."""
 
 
 @dataclass(frozen=True)
@@ -101,8 +113,9 @@ class TrainConfig:
     """Passes over the training split."""
     batch_size: int = 64
     """Global batch size."""
-    lr: float = 1e-4
-    """Peak AdamW learning rate (after warmup), unless the model sets its own."""
+    lr: float | None = None
+    """Peak AdamW learning rate (after warmup) for the models that set none; null: each model's policy
+    default (`full`, `top_fraction`, `head`), scaled with its batch size (`optim.default_lr`)."""
     weight_decay: float = 0.05
     """AdamW weight decay (not applied to biases and norms)."""
     warmup_epochs: float = 1.0
@@ -140,6 +153,28 @@ class TrainConfig:
     """channels_last memory format for CNNs on CUDA."""
     eval_batch_size: int | None = None
     """Batch size for evaluation; null takes 2 x batch_size."""
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """How `finetune: head` (linear_probe) models train: the frozen backbone's features are computed once
+    and cached, then a grid of linear heads (every lr x weight decay) trains on them at once, and the best
+    head on validation is kept (DINOv2's linear evaluation)."""
+
+    cache: bool = True
+    """Use the cached-feature probe; false trains the head through the backbone in the shared loop."""
+    lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+    """Peak AdamW learning rates of the grid (on standardized features, so they suit any backbone)."""
+    weight_decays: tuple[float, ...] = (0.0, 0.05, 0.5)
+    """AdamW weight decays of the grid."""
+    views: int = 0
+    """Augmented views of each training image added to the cached training features (0: the centre
+    crop only). The views are fixed once cached: each epoch sees the same ones."""
+    epochs: int | None = None
+    """Epochs of head training on the cached features; null: `train.epochs`, or more when that gives fewer
+    than `min_steps` steps (an epoch over cached features costs next to nothing)."""
+    min_steps: int = 1000
+    """With `epochs` null, train the heads for at least this many optimizer steps."""
 
 
 @dataclass(frozen=True)
@@ -208,6 +243,8 @@ class Config:
     """The shared training budget and loop settings."""
     tune: TuneConfig = field(default_factory=TuneConfig)
     """The hyper-parameter search space and budget of `visionpoc tune`."""
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    """How the linear probe (`finetune: head`) trains: cached features and a grid of heads."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Optional experiment tracking (MLflow) of each finished `compare`."""
 
@@ -313,6 +350,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.batch_size: must be at least 1")
     _check_rules("train", cfg.train, SHARED_RULES | TRAIN_RULES)
     _check_rules("data", cfg.data, DATA_RULES)
+    _check_rules("probe", cfg.probe, PROBE_RULES)
     for i, m in enumerate(cfg.models):
         _check_rules(f"models.{i}", m, SHARED_RULES | MODEL_RULES)
     _validate_tune(cfg.tune)
@@ -341,7 +379,18 @@ DATA_RULES: Rules = {
     "split_seed": (lambda v: v >= 0, "at least 0 (or null: train.seed)"),
     "prepared_size": (lambda v: v >= 16, "at least 16 (pixels)"),
 }
-MODEL_RULES: Rules = {"img_size": (lambda v: v >= 16, "at least 16 (pixels), or null")}
+MODEL_RULES: Rules = {
+    "img_size": (lambda v: v >= 16, "at least 16 (pixels), or null"),
+    "head_init_scale": (lambda v: math.isfinite(v) and v >= 0, "at least 0 (or null: timm's initialisation)"),
+    "head_lr_scale": (lambda v: math.isfinite(v) and v > 0, "above 0"),
+}
+PROBE_RULES: Rules = {
+    "lrs": (lambda v: len(v) > 0 and all(math.isfinite(x) and x > 0 for x in v), "a non-empty list of LRs above 0"),
+    "weight_decays": (lambda v: len(v) > 0 and all(math.isfinite(x) and x >= 0 for x in v), "a non-empty list >= 0"),
+    "views": (lambda v: 0 <= v <= 100, "from 0 to 100"),
+    "min_steps": (lambda v: v >= 1, "at least 1"),
+    "epochs": (lambda v: v >= 1, "at least 1 (or null: train.epochs)"),
+}
 
 
 def _check_rules(where: str, section: Any, rules: Rules) -> None:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,3 +123,69 @@ def summarize(targets: np.ndarray, probs: np.ndarray, loss: float, time_s: float
         targets=targets,
         probs=probs,
     )
+
+
+# ------------------------------------------------------------------------------------------ training flags
+
+MIN_STEPS = {"full": 300, "top_fraction": 200, "head": 100}
+"""Optimizer steps below which a policy is flagged as likely under-trained: rules of thumb for a pretrained
+backbone on a new dataset (a new linear head converges in a few hundred AdamW steps; layers that move
+need more). They name a risk, not a certainty."""
+STILL_RISING = 0.005  # a last epoch that beats every earlier one by this much (accuracy) is still rising
+LOSS_FALLING = 0.05  # a training loss still falling by this share in the last epoch has not plateaued
+
+
+def training_flags(
+    history: list[dict[str, Any]], best_epoch: int | None, steps: int | None, finetune: str
+) -> list[dict[str, str]]:
+    """Diagnoses of one model's training from its per-epoch history (EpochRecord fields): each a
+    `{code, message}` with code still_improving, loss_not_plateaued, too_few_steps or overfits_early."""
+    flags: list[dict[str, str]] = []
+    if not history:
+        return flags
+    n = len(history)
+    val = [h.get("val_accuracy") for h in history]
+    loss = [h["train_loss"] for h in history]
+    if best_epoch == n and None not in val:
+        earlier = max((v for v in val[:-1] if v is not None), default=None)
+        if earlier is None or val[-1] - earlier >= STILL_RISING:  # one epoch cannot show a plateau
+            rise = "" if earlier is None else f", {100 * (val[-1] - earlier):+.1f} points over the earlier best"
+            flags.append(
+                _flag(
+                    "still_improving",
+                    f"validation accuracy was still rising at the last epoch (best epoch {n} of {n}{rise})",
+                )
+            )
+    if n >= 2 and loss[-2] > 0 and (loss[-2] - loss[-1]) / loss[-2] >= LOSS_FALLING:
+        drop = 100 * (loss[-2] - loss[-1]) / loss[-2]
+        flags.append(
+            _flag(
+                "loss_not_plateaued",
+                f"the training loss was still falling ({drop:.0f}% in the last epoch, "
+                f"{loss[-2]:.3f} to {loss[-1]:.3f})",
+            )
+        )
+    floor = MIN_STEPS.get(finetune)
+    if steps is not None and floor is not None and steps < floor:
+        flags.append(
+            _flag(
+                "too_few_steps",
+                f"it trained for {steps} optimizer steps; a `{finetune}` fine-tune usually needs at least {floor}",
+            )
+        )
+    val_loss = [float(h["val_loss"]) for h in history if h.get("val_loss") is not None]
+    if best_epoch is not None and n >= 3 and best_epoch <= n / 3 and len(val_loss) == n:
+        b = best_epoch - 1
+        if val_loss[-1] > 1.1 * val_loss[b] and loss[-1] < loss[b]:
+            flags.append(
+                _flag(
+                    "overfits_early",
+                    f"its best epoch was {best_epoch} of {n}; after it the validation "
+                    f"loss rose from {val_loss[b]:.3f} to {val_loss[-1]:.3f} while the training loss fell",
+                )
+            )
+    return flags
+
+
+def _flag(code: str, message: str) -> dict[str, str]:
+    return {"code": code, "message": message}

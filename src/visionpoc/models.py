@@ -122,6 +122,34 @@ def _weights_error(mcfg: ModelConfig, e: Exception) -> WeightsError:
     )
 
 
+def classifier(model: nn.Module) -> nn.Linear | nn.Conv2d:
+    """The model's final classifier layer (timm's `get_classifier`; a head module's own `fc` when the
+    classifier is a block)."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else getattr(model, "head", None)
+    if (
+        head is not None
+        and not isinstance(head, (nn.Linear, nn.Conv2d))
+        and isinstance(getattr(head, "fc", None), nn.Module)
+    ):
+        head = head.fc
+    if not isinstance(head, (nn.Linear, nn.Conv2d)):
+        raise WeightsError(f"{type(model).__name__}: its classifier is {type(head).__name__}, not a linear layer")
+    return head
+
+
+@torch.no_grad()
+def init_head(model: nn.Module, scale: float | None) -> None:
+    """Scale the new classifier's initial weights by `scale` and zero its bias, so that the first
+    predictions are near uniform and the first loss near ln(classes) (BEiT, MAE). None: timm's init."""
+    if scale is None:
+        return
+    head = classifier(model)
+    head.weight.mul_(scale)
+    if head.bias is not None:
+        head.bias.zero_()
+
+
 def data_config(model: nn.Module, mcfg: ModelConfig) -> dict[str, Any]:
     """The model's own preprocessing (input size, mean/std, crop, interpolation) from timm."""
     cfg = timm.data.resolve_model_data_config(model)

@@ -52,6 +52,7 @@ class ModelResult:
     fraction: float | None = None
     img_size: int | None = None
     lr: float | None = None  # peak LR, for the global batch (no scaling with the number of processes)
+    lr_source: str | None = None  # where `lr` came from: config, preset, policy_default, tuned (or probe_grid)
     lr_scaling: str = LR_SCALING  # how `lr` relates to the batch and the number of processes
     batch_size: int | None = None  # global batch: world_size x batch_size_per_device
     batch_size_per_device: int | None = None
@@ -104,6 +105,13 @@ class ModelResult:
     augment: str | None = None  # the preset asked for
     augment_applied: str | None = None  # what ran on this input path (e.g. RandAugment's GPU form on `prepared`)
     tuned_from: str | None = None  # the `tune` YAML these settings came from (`compare --tuned`)
+    tuning_trials: int | None = None  # trials the tuned settings' study finished (`compare --tuned`)
+    head_init_scale: float | None = None  # the new classifier's initial weights were scaled by this
+    head_lr_scale: float | None = None  # the new classifier's LR multiplier (a backbone training too)
+    optimizer_steps: int | None = None  # optimizer updates in training (all epochs run)
+    images_seen: int | None = None  # training images (or cached feature rows) passed through, all epochs
+    probe: dict[str, Any] | None = None  # the cached linear probe (`finetune: head`): its grid and choice
+    flags: list[dict[str, str]] = field(default_factory=list)  # training diagnoses: {code, message}
 
 
 @dataclass

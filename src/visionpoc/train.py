@@ -43,7 +43,7 @@ from visionpoc.data.loaders import Batches, Loaders, build_loaders, set_epoch
 from visionpoc.data.splits import Splits
 from visionpoc.distributed import SINGLE, Dist
 from visionpoc.errors import TrainingInterrupted
-from visionpoc.evaluate import EvalStats, evaluate, summarize
+from visionpoc.evaluate import EvalStats, evaluate, summarize, training_flags
 from visionpoc.presets import facts as presets
 from visionpoc.results import EpochRecord, ModelResult, save_predictions
 from visionpoc.runfiles import DATA_CONFIG_FILE, HISTORY_FILE, PREDICTIONS_FILE
@@ -252,6 +252,7 @@ class LoopState:
     warmup: float = 0.0
     data_wait: float = 0.0
     n_steady: int = 0
+    images: int = 0  # training images passed through, every epoch (a resumed epoch's included)
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> LoopState:
@@ -287,6 +288,7 @@ class Run:
     dcfg: dict[str, Any]  # the model's preprocessing (timm's data config)
     meta: dict[str, str]  # checkpoint metadata, checked on every load
     facts: ModelFacts
+    lr_source: str  # where `cfg.train.lr` came from (optim.resolve_lr)
 
     @property
     def device(self) -> torch.device:
@@ -316,6 +318,8 @@ def model_facts(model: nn.Module, mcfg: ModelConfig, input_size: tuple[int, int,
 def build_run(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path) -> Run:
     """The model (fine-tuning policy applied, measured, moved, wrapped), its EMA, its loaders at its own
     input size, the optimizer, the per-step schedule and the training step. `cfg` is the model's view."""
+    lr, lr_source = optim.resolve_lr(cfg.train.lr, mcfg, cfg.train.batch_size)  # tc.lr: the model's own
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=lr))
     tc, nc = cfg.train, splits.num_classes
     d = distributed.init("cuda" if tc.device != "cpu" and torch.cuda.is_available() else "cpu")
     device = resolve_device(tc.device, d)
@@ -324,6 +328,7 @@ def build_run(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path) -> 
         raise ConfigError(f"train.batch_size={tc.batch_size} (the global batch) must divide by the {d.world} processes")
 
     model = models.create_model(mcfg, nc)
+    models.init_head(model, mcfg.head_init_scale)
     models.apply_finetune(model, mcfg)
     dcfg = models.data_config(model, mcfg)
     facts = model_facts(model, mcfg, tuple(dcfg["input_size"]))
@@ -337,9 +342,10 @@ def build_run(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path) -> 
     seed_rank(tc.seed, d)
 
     loaders = build_loaders(splits, dcfg, cfg, device, d)
-    optimizer = optim.make_optimizer(model, tc, tc.lr, device)  # tc.lr: the model's own lr when it sets one
+    head_lr_scale = mcfg.head_lr_scale if mcfg.pretrained and mcfg.finetune != "head" else 1.0
+    optimizer = optim.make_optimizer(model, tc, lr, device, head_lr_scale)
     set_epoch(loaders.train, 1)
-    scheduler = optim.make_scheduler(optimizer, tc, tc.lr, len(loaders.train))
+    scheduler = optim.make_scheduler(optimizer, tc, lr, len(loaders.train))
     parts = StepParts(
         step_model,
         optimizer,
@@ -353,7 +359,7 @@ def build_run(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path) -> 
         ema=ema,
     )
     meta = {"timm": mcfg.timm, "num_classes": str(nc), "label": mcfg.label}
-    return Run(cfg, mcfg, splits, out_dir, d, model, eval_model, parts, loaders, dcfg, meta, facts)
+    return Run(cfg, mcfg, splits, out_dir, d, model, eval_model, parts, loaders, dcfg, meta, facts, lr_source)
 
 
 def new_result(run: Run) -> ModelResult:
@@ -370,6 +376,7 @@ def new_result(run: Run) -> ModelResult:
         fraction=mcfg.fraction if mcfg.finetune == "top_fraction" else None,
         img_size=int(facts.input_size[-1]),
         lr=tc.lr,
+        lr_source=run.lr_source,
         batch_size=tc.batch_size,
         batch_size_per_device=tc.batch_size // run.d.world,
         world_size=run.d.world,
@@ -389,6 +396,9 @@ def new_result(run: Run) -> ModelResult:
         augment_applied=augment.describe(tc.augment, run.loaders.pipeline),
         drop_path_rate=mcfg.model_kwargs.get("drop_path_rate"),
         tuned_from=mcfg.tuned_from,
+        tuning_trials=mcfg.tuning_trials,
+        head_init_scale=mcfg.head_init_scale,
+        head_lr_scale=mcfg.head_lr_scale if mcfg.pretrained and mcfg.finetune != "head" else None,
     )
 
 
@@ -476,6 +486,7 @@ def record_epoch(run: Run, loop: LoopState, result: ModelResult, epoch: int, val
     loop.warmup += progress.warmup_s
     loop.data_wait += progress.data_wait_s
     loop.n_steady += progress.n_steady
+    loop.images += progress.n
     t = progress.time_s + progress.warmup_s
     result.history.append(
         EpochRecord(
@@ -550,16 +561,27 @@ def train_epochs(
 def record_training(run: Run, loop: LoopState, result: ModelResult) -> None:
     """The training's measurements: epochs run, clocks, throughput, micro-batch, peak memory."""
     result.epochs_run = len(result.history)
+    result.optimizer_steps, result.images_seen = loop.step, loop.images
     result.train_time_s, result.warmup_s, result.data_wait_s = loop.train_time, loop.warmup, loop.data_wait
     # None (shown as "–") when every step was warm-up: a rate of 0 img/s would be a measurement
     result.train_img_s = loop.n_steady / loop.train_time if loop.n_steady > 0 and loop.train_time > 0 else None
     result.micro_batch_size, result.oom_events = run.parts.micro_batch, run.parts.oom_events
+    result.flags = flags_of(result)
     result.peak_memory_gib, result.peak_memory_kind = peak_memory_gib(run.device)
     # a prepared store resident on the GPU is input data, not the model's footprint: reported apart
     store_bytes = run.loaders.resident_bytes
     if store_bytes > 0:
         result.peak_memory_gib -= store_bytes / 2**30
         result.input_store_gib = store_bytes / 2**30
+
+
+def flags_of(result: ModelResult) -> list[dict[str, str]]:
+    """The training diagnoses of `result`'s history (evaluate.training_flags), logged."""
+    history = [dataclasses.asdict(h) for h in result.history]
+    flags = training_flags(history, result.best_epoch, result.optimizer_steps, result.finetune)
+    for f in flags:
+        log.warning("[%s] %s", result.label, f["message"])
+    return flags
 
 
 def score_best(run: Run, result: ModelResult) -> None:
@@ -569,11 +591,17 @@ def score_best(run: Run, result: ModelResult) -> None:
     checkpoint.load_weights(run.model, run.out_dir / BEST, run.meta)
     splits, loaders, model = run.splits, run.loaders, run.eval_model
     train = evaluate_on(run, model, loaders.train_eval, len(splits.train), "train (clean)")
-    if len(splits.val):
-        val = evaluate_on(run, model, loaders.val, len(splits.val), "val")
+    val = evaluate_on(run, model, loaders.val, len(splits.val), "val") if len(splits.val) else None
+    test = evaluate_on(run, model, loaders.test, len(splits.test), "test")
+    record_scores(run, result, train, val, test)
+
+
+def record_scores(run: Run, result: ModelResult, train: EvalStats, val: EvalStats | None, test: EvalStats) -> None:
+    """The best weights' scores into `result`, the latency at batch 1; rank 0 writes the test predictions
+    and the model's data config."""
+    if val is not None:
         result.val_accuracy, result.val_top5_accuracy = val.accuracy, val.top5_accuracy
         result.val_macro_f1, result.val_per_class_accuracy = val.macro_f1, val.per_class_accuracy
-    test = evaluate_on(run, model, loaders.test, len(splits.test), "test")
     result.train_accuracy, result.train_top5_accuracy = train.accuracy, train.top5_accuracy
     result.train_macro_f1, result.train_per_class_accuracy = train.macro_f1, train.per_class_accuracy
     result.test_accuracy, result.test_top5_accuracy = test.accuracy, test.top5_accuracy
@@ -581,7 +609,7 @@ def score_best(run: Run, result: ModelResult) -> None:
     result.eval_time_s, result.eval_img_s = test.time_s, test.img_s
     result.latency_ms_b1 = latency_ms(run.model, run.facts.input_size, run.device)
     if run.d.main:
-        save_predictions(run.out_dir / PREDICTIONS_FILE, test.targets, test.probs, splits.test.files)
+        save_predictions(run.out_dir / PREDICTIONS_FILE, test.targets, test.probs, run.splits.test.files)
         atomic_write_json(run.out_dir / DATA_CONFIG_FILE, json.loads(json.dumps(run.dcfg, default=list)))
 
 
@@ -602,6 +630,10 @@ def fit(
     """
     run = build_run(for_model(cfg, mcfg), mcfg, splits, out_dir)
     result = new_result(run)
+    if mcfg.finetune == "head" and cfg.probe.cache:  # frozen backbone: features once, a grid of heads on them
+        from visionpoc.probe import fit_probe  # probe.py builds on this module
+
+        return fit_probe(run, result, score_test, on_epoch)
     loop = restore(run, result) if resume else LoopState()
     train_epochs(run, loop, result, on_epoch)
     record_training(run, loop, result)

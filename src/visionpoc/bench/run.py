@@ -13,6 +13,8 @@ ratios, the targets for one H100 and a text summary. The measurements live in `b
   clipping) fed from the prepared store vs fed one synthetic batch already on the device; their ratio
   is the input path's efficiency (target: >= 0.95 on the GPU). Measured last, the plan's
   `variants` (ViT-B/16 at batch 512): does a batch that fills the GPU beat the peers' (batch 256)?
+- `probe`: a 10-epoch linear probe through the backbone vs from cached features (`bench/linear_probe.py`);
+  runs on the CPU too.
 Figures exclude warm-up (compilation, autotuning, worker start-up), which is reported apart. Only ratios
 from one run mean something: a throughput from another run or day is not comparable.
 """
@@ -34,6 +36,7 @@ import timm
 import torch
 
 from visionpoc.atomic import atomic_write_json
+from visionpoc.bench.linear_probe import linear_probe
 from visionpoc.bench.ours import input_path, ours
 from visionpoc.bench.peers import hf_vit, peer_step
 from visionpoc.bench.workload import Plan, Spec, build_model, plan, write_jpegs
@@ -44,7 +47,8 @@ from visionpoc.results import environment
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("peer", "hf", "input", "ours")
+SECTIONS = ("peer", "hf", "input", "ours", "probe")
+CPU_SECTIONS = ("input", "probe")  # what a CPU measures without --smoke: the model steps measure a GPU
 TARGETS = {
     "vit_b16 img/s": 3400,
     "vit_b16 vs timm compiled": 1.05,
@@ -89,7 +93,7 @@ def run_bench(
     only `input` runs (the model steps measure a GPU)."""
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     p = plan(smoke)
-    chosen = tuple(sections) if sections is not None else SECTIONS if smoke or dev.type == "cuda" else ("input",)
+    chosen = tuple(sections) if sections is not None else SECTIONS if smoke or dev.type == "cuda" else CPU_SECTIONS
     unknown = sorted(set(chosen) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"bench sections {unknown} unknown; choose among {list(SECTIONS)}")
@@ -100,6 +104,7 @@ def run_bench(
         "ours": [],
         "peer": [],
         "hf": [],
+        "probe": None,
         "ratios": {},
         "skipped": {s: why for s in SECTIONS if s not in chosen},
     }
@@ -112,7 +117,7 @@ def run_bench(
             atomic_write_json(out, json.loads(json.dumps(res, default=list)))
 
     def record(section: str, figure: dict[str, Any]) -> None:
-        res[section] = figure if section == "input" else [*res[section], figure]
+        res[section] = figure if section in ("input", "probe") else [*res[section], figure]
         save()
 
     if dev.type == "cuda":
@@ -168,6 +173,8 @@ def _on_jpegs(
             cache = Path(tmp) / "input_store"  # not the store `ours` built: its build is timed here
             cache.mkdir()
             record("input", _guarded("input", input_path, split, dcfg, p, dev, cache))
+        if "probe" in chosen:
+            record("probe", _guarded("linear_probe", linear_probe, p.smoke, dev, Path(tmp)))
         if "ours" in chosen:  # last: what the targets need is measured before
             for s in p.variants:
                 record("ours", _guarded(s.label, ours, s, store, images, split, p, dev))
@@ -177,6 +184,8 @@ def _on_jpegs(
 def ratios(res: dict[str, Any]) -> dict[str, float]:
     """The figures that mean something across runs: ratios measured in one process."""
     r = {"input prepared/pil": res["input"]["ratio_prepared_vs_pil"]} if "pil" in (res["input"] or {}) else {}
+    if "ratio" in (res.get("probe") or {}):
+        r["linear probe cached vs through the backbone"] = res["probe"]["ratio"]
     peers = {(m["name"], m["compile"]): m["img_s"] for m in res["peer"] + res["hf"] if "img_s" in m}
     measured = [m for m in res["ours"] if "prepared_img_s" in m]
     vit = res["ours"][0]["name"] if res["ours"] else None  # the plan's first spec: the ViT, HF's counterpart
@@ -221,7 +230,13 @@ def format_bench(d: dict[str, Any]) -> str:
             f"  prepared store + gpu_aug   {pr['img_s']:10.1f} img/s (batch {inp['batch']}; {where}; built once in "
             f"{pr['build_s']:.1f}s = {pr['build_img_s']:.0f} img/s)",
         ]
-    lines += [f"{m['name']}: FAILED {m['error']}" for m in [inp, *d["ours"], *d["peer"], *d["hf"]] if "error" in m]
+    lp = d.get("probe") or {}
+    if "ratio" in lp:
+        lines.append(
+            f"linear probe, {lp['model']} at {lp['img_size']}px, {lp['epochs']} epochs on {lp['images']['train']} "
+            f"images: through the backbone {lp['through_backbone_s']:.1f}s, cached features {lp['cached_s']:.1f}s"
+        )
+    lines += [f"{m['name']}: FAILED {m['error']}" for m in [inp, lp, *d["ours"], *d["peer"], *d["hf"]] if "error" in m]
     lines += [
         f"{m['name']}: out of memory at batch {m['bs']}, measured with micro-batches of {m['micro_batch']}"
         for m in d["ours"]

@@ -47,6 +47,7 @@ class Plan:
     input_batch: int = 32  # the input section's batch: each DataLoader worker builds several per pass
     input_passes: int = 5  # the prepared path's timed passes (median)
     variants: tuple[Spec, ...] = ()  # our loop only, measured last: levers such as a larger batch
+    smoke: bool = False  # toy sizes
 
 
 def plan(smoke: bool) -> Plan:
@@ -64,6 +65,7 @@ def plan(smoke: bool) -> Plan:
             input_batch=4,
             input_passes=2,
             variants=(big,),
+            smoke=True,
         )
     return Plan(
         (

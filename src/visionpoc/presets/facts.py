@@ -80,7 +80,7 @@ class Preset:
 
 def _validate_policy(name: str, pname: str, fields: Any) -> ModelConfig:
     where = f"{PRESETS_FILE}: presets.{name}.policies.{pname}"
-    if not isinstance(fields, dict) or "lr" not in fields:
+    if not isinstance(fields, dict) or ("lr" not in fields and fields.get("finetune") != "head"):
         raise ConfigError(f"{where}: expected a mapping of ModelConfig fields with a recommended `lr`")
     # the same resolution as a config entry `{preset: name, policy: pname}`
     return from_dict(ModelConfig, resolve_entry({"preset": name, "policy": pname}, where), where)
@@ -322,9 +322,11 @@ _LICENCE_MARK = {
 
 
 def _policies_cell(r: dict[str, Any]) -> str:
-    """`production 0.001, full 0.0001, ...`: every policy with its LR, the default first."""
+    """`production 0.001, full 0.0001, linear_probe grid`: every policy with its LR, the default first (a
+    linear probe without one searches its grid)."""
     names = [r["default_policy"], *(p for p in r["policies"] if p != r["default_policy"])]
-    return ", ".join(f"{p} {r['policies'][p]['lr']:g}" for p in names)
+    lrs = {p: "grid" if r["policies"][p]["lr"] is None else f"{r['policies'][p]['lr']:g}" for p in names}
+    return ", ".join(f"{p} {lrs[p]}" for p in names)
 
 
 def _cells(r: dict[str, Any]) -> list[str]:

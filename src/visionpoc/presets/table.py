@@ -122,6 +122,8 @@ def resolve_entry(entry: Any, where: str) -> Any:
 def _merge(base: dict[str, Any], fields: dict[str, Any], out: dict[str, Any], name: str, policy: str) -> dict[str, Any]:
     """The preset's model fields, then the policy's, then the entry's own (`model_kwargs` key by key)."""
     resolved = {**base, "label": name, **fields, **out, "preset": name, "policy": policy}
+    if "lr" not in out and resolved.get("lr") is not None:  # the policy's recommended rate, not the user's
+        resolved["lr_source"] = "preset"
     if isinstance(out.get("model_kwargs"), dict):  # `{depth: 1}` keeps DINOv3's `global_pool: token`
         resolved["model_kwargs"] = {**(base.get("model_kwargs") or {}), **out["model_kwargs"]}
     return resolved

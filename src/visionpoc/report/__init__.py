@@ -2,7 +2,8 @@
 
 `write_report(run_dir)` is the entry point; it never retrains. Modules: `inputs` (predictions and test
 images), `stats` (McNemar, bootstrap intervals, verdicts), `plots` (matplotlib figures), `pictures`
-(disagreement gallery, saliency maps), `caveats`, `tuning`, `build` (the `Report` value), `across_seeds`
+(disagreement gallery, saliency maps), `caveats`, `tuning`, `budget` (each model's training budget, its
+linear-probe grid and the loop's diagnoses), `build` (the `Report` value), `across_seeds`
 (the report of a run with repeats: the `SeedsReport` value) and `render` (Jinja2).
 """
 

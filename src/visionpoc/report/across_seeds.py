@@ -257,7 +257,11 @@ def build_seeds_report(run_dir: str | Path) -> SeedsReport:
         reports=[(d / REPORT_HTML).is_file() for d in repeats.dirs],
         rows=rows,
         pairs=pairs,
-        caveats=[c for c in caveats(first) if c.title not in NOT_HERE and not c.title.endswith(" failed")],
+        caveats=[
+            c
+            for c in caveats(first, [(s, r) for s, r in zip(repeats.seeds, runs, strict=True) if r is not None])
+            if c.title not in NOT_HERE and not c.title.endswith(" failed")
+        ],
         environment=_environment(first, repeats.seeds),
         config_yaml=config.read_text() if config.is_file() else "(no config.yaml)",
     )

@@ -1,8 +1,9 @@
 """Gather everything the report shows, from the run's files, into one `Report` value.
 
-The order of the fields is the order of the report: summary, "is the difference real?", learning
-curves, where they fail, what they look at, caveats, environment. Figures are PNG bytes keyed by a
-file-safe name; the renderer decides whether they become data URIs (HTML) or files (Markdown).
+The order of the fields is the order of the report: summary (with what each model was given, its
+training budget and any linear-probe grid), "is the difference real?", learning curves, where they
+fail, what they look at, caveats, environment. Figures are PNG bytes keyed by a file-safe name; the
+renderer decides whether they become data URIs (HTML) or files (Markdown).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import yaml
 
 from visionpoc.evaluate import per_class_accuracy
 from visionpoc.repeats import repeats_of
-from visionpoc.report import plots, stats
+from visionpoc.report import budget, plots, stats
+from visionpoc.report.budget import BudgetRow, ProbeGrid
 from visionpoc.report.caveats import Caveat, caveats
 from visionpoc.report.inputs import Predictions, align, read_predictions
 from visionpoc.report.pictures import Picture, disagreement_gallery, what_they_look_at
@@ -78,6 +80,8 @@ class Report:
     figures: dict[str, bytes] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # run-level notes (e.g. missing predictions)
     tuning: Tuning | None = None  # the hyper-parameter search budget, when the run used `--tuned`
+    budget: list[BudgetRow] = field(default_factory=list)  # steps, images, lr source, trials (when recorded)
+    probes: list[ProbeGrid] = field(default_factory=list)  # the grid of each model trained as a cached probe
 
     def figure(self, name: str, picture: Picture | bytes | None) -> str | None:
         """Keep a figure under `name` (None when there is nothing to show) and return the name."""
@@ -145,7 +149,17 @@ def _pairwise(rep: Report, preds: dict[str, Predictions]) -> list[Pairwise]:
     adjusted = stats.holm([t.p_value for _, t, _ in tested]) if len(tested) > 1 else [None] * len(tested)
     for (pw, table, diff), p_holm in zip(tested, adjusted, strict=True):  # several candidates: Holm decides
         pw.p_holm = p_holm
-        pw.verdict = stats.verdict(pw.baseline, pw.candidate, diff, table, p_holm, len(tested))
+        a, b = r.model(pw.baseline), r.model(pw.candidate)
+        pw.verdict = stats.verdict(
+            pw.baseline,
+            pw.candidate,
+            diff,
+            table,
+            p_holm,
+            len(tested),
+            under_trained=budget.under_trained(b) + budget.under_trained(a),
+            unequal=budget.unequal(b, a),
+        )
     return out
 
 
@@ -201,6 +215,8 @@ def build_report(run_dir: str | Path, explain: bool = True) -> Report:
         caveats=caveats(r),
         environment=_environment(r),
         config_yaml=_config_yaml(r, run_dir),
+        budget=budget.budget_rows(r.models),
+        probes=[g for m in r.models if m.status == "ok" and (g := budget.probe_grid(m)) is not None],
     )
     parent = repeats_of(run_dir)
     if parent is not None:

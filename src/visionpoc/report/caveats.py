@@ -2,7 +2,9 @@
 
 Each check reads `RunResults` and returns zero or more `Caveat`s: pretraining that may have seen the
 test images (Stanford Dogs is built from ImageNet), a large train/test gap, unequal budgets between
-the models, licences that restrict production use, a small test set, CPU timings, memory figures of different kinds, failed models.
+the models (tuning and planned epochs included), the training loop's diagnoses of each model (still
+improving, overfitting early...), licences that restrict production use, a small test set, CPU timings,
+memory figures of different kinds, failed models.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from visionpoc.presets.facts import licence_kind, may_have_seen_imagenet, pretrain_data, tagged_name
+from visionpoc.report import budget
 from visionpoc.results import ModelResult, RunResults
 
 GAP = 0.10  # train minus test accuracy above which we call it a large gap
@@ -125,13 +128,28 @@ def _finetune(m: ModelResult) -> str:
     return f"{m.finetune} ({m.fraction:g})" if m.fraction is not None else m.finetune
 
 
+def _value(v: object) -> str:
+    if v is None:
+        return "unknown"
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
 BUDGET_FIELDS: dict[str, Callable[[ModelResult], object]] = {
     "epochs run": lambda m: m.epochs_run,
+    "epochs planned": lambda m: m.epochs or None,
     "input size (px)": lambda m: m.img_size,
     "fine-tuning policy": _finetune,
-    "learning rate": lambda m: m.lr,
+    "learning rate": lambda m: None if m.lr is None else budget.sci(m.lr),
     "batch size": lambda m: m.batch_size,
 }
+
+
+def _tuning(ok: list[ModelResult]) -> list[str]:
+    """Which models were tuned (and over how many trials) when that differs between them."""
+    trials = {m.tuning_trials for m in ok if budget.tuned(m) and m.tuning_trials is not None}
+    if len({budget.tuned(m) for m in ok}) < 2 and len(trials) < 2:
+        return []
+    return ["tuning: " + ", ".join(f"{m.label} {budget.tuning_text(m)}" for m in ok)]
 
 
 def budgets(r: RunResults) -> list[Caveat]:
@@ -141,8 +159,11 @@ def budgets(r: RunResults) -> list[Caveat]:
     diffs = []
     for name, get in BUDGET_FIELDS.items():
         values = [get(m) for m in ok]
+        if name == "epochs planned" and None in values:
+            continue  # not recorded: nothing to say
         if len({repr(v) for v in values}) > 1:
-            diffs.append(f"{name}: " + ", ".join(f"{m.label} {v}" for m, v in zip(ok, values, strict=True)))
+            diffs.append(f"{name}: " + ", ".join(f"{m.label} {_value(v)}" for m, v in zip(ok, values, strict=True)))
+    diffs += _tuning(ok)
     stopped = [f"{m.label} ran {m.epochs_run} of {m.epochs} epochs" for m in ok if m.epochs and m.epochs_run < m.epochs]
     if not diffs and not stopped:
         return []
@@ -152,6 +173,37 @@ def budgets(r: RunResults) -> list[Caveat]:
         + "."
     )
     return [Caveat("Different budgets", text)]
+
+
+def _diagnoses(runs: list[tuple[int | None, RunResults]]) -> list[Caveat]:
+    """One caveat per model and training diagnosis, in the run's order; over several seeds (`runs` pairs
+    each seed with its results; None: a single run), it names the seeds where the loop flagged it."""
+    found: dict[tuple[str, str], list[tuple[int | None, str]]] = {}
+    for seed, r in runs:
+        for m in r.models:
+            if m.status == "ok":
+                for code, message in budget.flags(m):
+                    found.setdefault((m.label, code), []).append((seed, message))
+    out = []
+    for (label, code), where in found.items():
+        d = budget.diagnosis(code)
+        said = where[0][1]  # the loop's sentence; without one, ours (led by the label, kept as it is)
+        message = f"{said[:1].upper()}{said[1:]}" if said else f"{label} {d.said}"
+        seeds = [str(s) for s, _ in where if s is not None]
+        if seeds:
+            message += f" (in seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)} of {len(runs)})"
+        out.append(
+            Caveat(
+                f"{d.title}: {label}",
+                f"{message}: this comparison may reflect the training budget, not the model; {d.advice}.",
+            )
+        )
+    return out
+
+
+def diagnoses(r: RunResults) -> list[Caveat]:
+    """The training loop's diagnoses (`ModelResult.flags`): a model that was still improving, overfit early..."""
+    return _diagnoses([(None, r)])
 
 
 def small_test(r: RunResults) -> list[Caveat]:
@@ -239,9 +291,13 @@ def failures(r: RunResults) -> list[Caveat]:
     ]
 
 
-CHECKS = (overlap, licences, train_test_gap, budgets, small_test, timing, failures)
+CHECKS = (overlap, licences, train_test_gap, budgets, diagnoses, small_test, timing, failures)
 
 
-def caveats(r: RunResults) -> list[Caveat]:
-    """Every caveat that applies to the run, in reading order."""
-    return [c for check in CHECKS for c in check(r)]
+def caveats(r: RunResults, seeds: list[tuple[int, RunResults]] | None = None) -> list[Caveat]:
+    """Every caveat that applies to the run, in reading order. With `seeds` (each repeat's seed and results),
+    `r` is one of them and the training diagnoses are those of every seed."""
+    if seeds is None:
+        return [c for check in CHECKS for c in check(r)]
+    pooled = _diagnoses([(s, x) for s, x in seeds])
+    return [c for check in CHECKS for c in (pooled if check is diagnoses else check(r))]

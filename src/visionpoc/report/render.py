@@ -18,6 +18,7 @@ import jinja2
 from visionpoc.atomic import atomic_write_bytes, atomic_write_text
 from visionpoc.repeats import Spread, read_repeats
 from visionpoc.report.across_seeds import SeedsReport, build_seeds_report
+from visionpoc.report.budget import sci
 from visionpoc.report.build import N_RESAMPLES, Report, build_report
 from visionpoc.report.stats import Interval, format_p, p_is, pts
 from visionpoc.runfiles import REPORT_FILES_DIR, REPORT_HTML, REPORT_MD, RESULTS_FILE
@@ -48,6 +49,11 @@ def points(v: float | None, signed: bool = True) -> str:
 
 def num(v: float | int | None, spec: str = ",.1f") -> str:
     return DASH if _missing(v) else format(v, spec)
+
+
+def count(v: float | int | None) -> str:
+    """A count for a reader: 1234567 -> '1,234,567'."""
+    return DASH if _missing(v) else f"{round(v):,}"  # type: ignore[arg-type]
 
 
 def millions(v: int | None) -> str:
@@ -101,6 +107,8 @@ def _environment(image_src: Callable[[str], str]) -> jinja2.Environment:
         ci=ci,
         points=points,
         num=num,
+        count=count,
+        sci=sci,
         millions=millions,
         p=format_p,
         p_is=p_is,

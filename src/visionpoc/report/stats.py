@@ -6,7 +6,8 @@
   (`scipy.stats.bootstrap`, seeded; paired: both models are scored on the same resampled images).
 - `bootstrap_count`: the same interval for a proportion known only as a count (the train accuracy,
   which has no predictions file).
-- `verdict`: one plain sentence a decision-maker can read, with its uncertainty.
+- `verdict`: one plain sentence a decision-maker can read, with its uncertainty (and, via `with_budget`,
+  whether an under-trained model or an unequal budget may explain the result).
 - `holm`: Holm's step-down correction when several candidates are tested against the baseline (the
   chance that at least one "win" is a fluke stays at 5%, not 1 - 0.95^k).
 - `across_seeds` / `seeds_verdict`: the same question over repeated trainings (`train.repeats`): the
@@ -171,14 +172,51 @@ def _p_text(name: str, p: float, adjusted: float | None, family: int) -> str:
     return text if adjusted is None else f"{text}, {format_p(adjusted)} after Holm's correction for {family} candidates"
 
 
+def _and(things: list[str]) -> str:
+    return things[0] if len(things) == 1 else f"{', '.join(things[:-1])} and {things[-1]}"
+
+
+def with_budget(sentence: str, under_trained: list[str], unequal: list[str], gap: bool = True) -> str:
+    """`sentence` with what may make its comparison unfair: models the training loop flagged
+    (`under_trained`: 'vit_b16 was still improving at its last epoch') and differences of budget
+    (`unequal`: 'vit_b16 was tuned over 20 trials, xception was not')."""
+    if not under_trained and not unequal:
+        return sentence
+    out = sentence.removesuffix(".")
+    if under_trained:
+        but = "and" if " but " in sentence else "but"  # 'ahead, but this test set cannot tell ...; and X ...'
+        out += (
+            f"; {but} {_and(under_trained)}, so the {'gap' if gap else 'result'} may reflect the budget, not the model"
+        )
+    if unequal:
+        out += f"; the two models did not have the same budget ({'; '.join(unequal)})"
+    return out + "."
+
+
 def verdict(
-    baseline: str, candidate: str, diff: Interval, test: McNemar, p_adjusted: float | None = None, family: int = 1
+    baseline: str,
+    candidate: str,
+    diff: Interval,
+    test: McNemar,
+    p_adjusted: float | None = None,
+    family: int = 1,
+    under_trained: list[str] | None = None,
+    unequal: list[str] | None = None,
 ) -> str:
     """One sentence: which model is more accurate on test, by how much, and whether chance explains it.
 
     `diff` is candidate minus baseline; the sentence states it as the leader's lead, interval included.
     With several candidates (`family` > 1), `p_adjusted` (Holm) decides, and both p-values are shown.
+    `under_trained` and `unequal` (see `with_budget`) end it with why the comparison may not be fair.
     """
+    sentence = _verdict(baseline, candidate, diff, test, p_adjusted, family)
+    gap = test.discordant > 0 and diff.point != 0
+    return with_budget(sentence, under_trained or [], unequal or [], gap)
+
+
+def _verdict(
+    baseline: str, candidate: str, diff: Interval, test: McNemar, p_adjusted: float | None, family: int
+) -> str:
     n = f"on {test.n:,} test images"
     p = _p_text("McNemar", test.p_value, p_adjusted, family)
     decisive = test.p_value if p_adjusted is None else p_adjusted

@@ -198,7 +198,10 @@ def apply_tuned(cfg: Config, tuned_dir: Path, out_dir: Path | None = None) -> Co
                 path,
             )
             continue
-        changes = {**(doc.get("model") or {}), "tuned_from": str(path.resolve())}
+        tuned = doc.get("model") or {}
+        changes = {**tuned, "tuned_from": str(path.resolve()), "tuning_trials": (doc.get("tuning") or {}).get("trials")}
+        if "lr" in tuned:
+            changes["lr_source"] = "tuned"
         cfg = with_model_changes(cfg, m.label, changes, f"{path}: model")
         records[m.label] = doc.get("tuning", {})
         log.info("model %s: tuned settings from %s: %s", m.label, path, doc.get("model"))

@@ -1,0 +1,408 @@
+"""The linear probe as the field runs it (DINOv2's linear evaluation), for `finetune: head` models.
+
+The frozen backbone runs once per image, not once per epoch: its pre-logits features (what the classifier
+reads: timm's `forward_head(..., pre_logits=True)`) of the clean train pass, validation and test (the eval
+transform's centre crop), plus `probe.views` augmented views of each training image, are computed once
+and cached on disk next to the prepared store. A grid of linear heads, every `probe.lrs` x
+`probe.weight_decays`, then trains on the standardized features at once (one batched matmul per step for
+all of them) with AdamW, the run's cosine schedule, label smoothing and batch size; each head starts at
+zero (uniform predictions) and keeps its best-on-validation epoch. The best head is folded back into the
+model's classifier (standardization included) and scored like any other model, from the same features.
+
+Cache key: the model (timm name, weights file and its stat, kwargs, image size), its preprocessing (data
+config, input path), the views (augmentation, seed, count) and each split's files (path, size, mtime)
+and labels. Any change computes the features again; nothing else does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm.scheduler
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from visionpoc import checkpoint, distributed, models, recovery
+from visionpoc.atomic import atomic_write, atomic_write_json
+from visionpoc.config import Config, ModelConfig, ProbeConfig
+from visionpoc.data.loaders import Batches, set_epoch
+from visionpoc.data.prepared import cache_dir_for, store_key
+from visionpoc.data.splits import Splits
+from visionpoc.distributed import Dist
+from visionpoc.errors import TrainingInterrupted
+from visionpoc.evaluate import summarize
+from visionpoc.results import EpochRecord, ModelResult
+from visionpoc.runfiles import HISTORY_FILE
+from visionpoc.timing import peak_memory_gib, reset_peak_memory, sync
+from visionpoc.train import BEST, LAST, Run, flags_of, record_scores
+
+OnEpoch = Callable[[int, float | None], None]
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when what is cached changes
+PARTS = ("train", "train_eval", "val", "test")  # train: the clean pass then each view; train_eval: clean only
+
+
+def pre_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the classifier reads: (B, C, H, W) -> (B, D)."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]
+
+
+# ------------------------------------------------------------------------------------------ the features
+
+
+@dataclass
+class Features:
+    """Each part's features (N, D) float32 and labels (N,), on the CPU, and what computing them cost."""
+
+    x: dict[str, torch.Tensor]
+    y: dict[str, torch.Tensor]
+    seconds: dict[str, float]  # each part's backbone pass, when it was computed (kept with the cache)
+    hit: bool = False
+
+
+def cache_key(cfg: Config, mcfg: ModelConfig, dcfg: dict[str, Any], pipeline: str, splits: Splits) -> str:
+    """What the features depend on, hashed (see the module's docstring)."""
+    weights = Path(mcfg.pretrained_path).expanduser() if mcfg.pretrained and mcfg.pretrained_path else None
+    st = weights.stat() if weights is not None and weights.is_file() else None
+    what: dict[str, Any] = {
+        "version": CACHE_VERSION,
+        "model": [mcfg.timm, mcfg.pretrained, str(weights), st and [st.st_size, st.st_mtime_ns], mcfg.model_kwargs],
+        "preprocessing": [json.loads(json.dumps(dcfg, default=list)), pipeline, cfg.data.prepared_size],
+        "views": [cfg.probe.views, cfg.train.augment if cfg.probe.views else None, cfg.train.seed],
+    }
+    for name in ("train", "val", "test"):
+        split = getattr(splits, name)
+        labels = hashlib.sha256(np.asarray(split.labels, np.int64).tobytes()).hexdigest()
+        what[name] = [store_key([split.path(i) for i in range(len(split))], 0), labels] if len(split) else None
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@torch.inference_mode()
+def _pass(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    stop: recovery.StopRequest,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass of the frozen backbone: (features (n, D) float32, labels (n,)) of this process's batches."""
+    model.eval()
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    feats, ys = [], []
+    for x, y in batches:
+        if stop.signum is not None:
+            raise TrainingInterrupted("stopped while computing the probe's features (they are computed again)")
+        with autocast:
+            feats.append(pre_logits(model, x.to(device, non_blocking=True)).float())  # (B, D)
+        ys.append(y)
+    if not feats:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(feats).cpu(), torch.cat(ys).long().cpu()
+
+
+def _gather(d: Dist, batches: Batches, f: torch.Tensor, y: torch.Tensor, ordered: bool) -> tuple[torch.Tensor, ...]:
+    """Every process's rows; `ordered` puts an evaluation split back in sample order, as `evaluate_split` does."""
+    if not d.enabled:
+        return f, y
+    shard = getattr(getattr(batches, "sampler", None), "indices", lambda: list(range(len(y))))()
+    parts = distributed.all_gather(d, (list(shard), f.numpy(), y.numpy()))
+    fs = np.concatenate([p[1] for p in parts if len(p[1])])
+    ys = np.concatenate([p[2] for p in parts])
+    if ordered:
+        order = np.argsort(np.concatenate([np.asarray(p[0], np.int64) for p in parts]))
+        fs, ys = fs[order], ys[order]
+    return torch.from_numpy(fs), torch.from_numpy(ys)
+
+
+def compute_features(
+    model: nn.Module,
+    loaders: Any,
+    cfg: Config,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    d: Dist,
+    stop: recovery.StopRequest,
+) -> Features:
+    """Run the frozen backbone over every part once (the views: `probe.views` augmented train epochs)."""
+    x: dict[str, torch.Tensor] = {}
+    y: dict[str, torch.Tensor] = {}
+    seconds: dict[str, float] = {}
+    for part, batches in (("train_eval", loaders.train_eval), ("val", loaders.val), ("test", loaders.test)):
+        sync(device)
+        t0 = time.perf_counter()
+        f, lab = _pass(model, batches, device, dtype, stop)
+        x[part], y[part] = _gather(d, batches, f, lab, ordered=True)
+        sync(device)
+        seconds[part] = time.perf_counter() - t0
+        log.info("probe features: %s, %d images in %.1fs", part, len(y[part]), seconds[part])
+    views_x, views_y, t0 = [x["train_eval"]], [y["train_eval"]], time.perf_counter()
+    for v in range(1, cfg.probe.views + 1):  # epoch v's augmentation of every training image
+        set_epoch(loaders.train, v)
+        f, lab = _pass(model, loaders.train, device, dtype, stop)
+        f, lab = _gather(d, loaders.train, f, lab, ordered=False)
+        views_x.append(f)
+        views_y.append(lab)
+    x["train"], y["train"] = torch.cat(views_x), torch.cat(views_y)
+    seconds["train"] = seconds["train_eval"] + time.perf_counter() - t0
+    return Features(x, y, seconds)
+
+
+def cached_features(key: str, root: str | Path, compute: Callable[[], Features], d: Dist) -> Features:
+    """The features of `key` from the cache folder of `root`, or `compute()` them and (rank 0) save them.
+    Rank 0 decides hit or miss for every process (a miss computes with collectives on every rank)."""
+    path = cache_dir_for(root) / "features" / f"{key}.safetensors"
+    if distributed.broadcast_flag(d, path.is_file()):
+        try:
+            tensors = load_file(str(path))
+            meta = json.loads(path.with_suffix(".json").read_text())
+            x = {p: tensors[f"{p}.x"] for p in PARTS}
+            y = {p: tensors[f"{p}.y"] for p in PARTS}
+            log.info("probe features: cache hit (%s)", path)
+            return Features(x, y, {k: float(v) for k, v in meta["seconds"].items()}, hit=True)
+        except (OSError, KeyError, ValueError) as e:  # a damaged cache entry: computed again
+            log.warning("probe features: %s unreadable (%s): computing them again", path, e)
+    feats = compute()
+    if d.main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{p}.{k}": getattr(feats, k)[p].contiguous() for p in PARTS for k in ("x", "y")}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps({"seconds": feats.seconds})))
+    return feats
+
+
+# ------------------------------------------------------------------------------------------ the grid of heads
+
+
+@dataclass
+class Grid:
+    """The trained heads: each grid point's settings and best validation accuracy, and the chosen head."""
+
+    points: list[dict[str, float]]  # {lr, weight_decay, val_accuracy}, in grid order
+    chosen: int
+    weight: torch.Tensor  # (C, D): the chosen head, on raw (unstandardized) features
+    bias: torch.Tensor  # (C,)
+    history: list[dict[str, float]] = field(default_factory=list)  # the chosen head, per epoch
+    steps: int = 0
+    rows_seen: int = 0
+    seconds: float = 0.0
+
+
+def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(G, N, C) logits -> (G,) accuracy of each head."""
+    return (logits.argmax(-1) == y).float().mean(-1)
+
+
+def train_heads(
+    f: Features,
+    pc: ProbeConfig,
+    num_classes: int,
+    epochs: int,
+    batch_size: int,
+    warmup_epochs: float,
+    min_lr: float,
+    label_smoothing: float,
+    seed: int,
+) -> Grid:
+    """Train every grid point's head on `f.x["train"]` at once; keep each one's best validation epoch."""
+    t0 = time.perf_counter()
+    mean, std = f.x["train"].mean(0), f.x["train"].std(0).clamp_min(1e-6)  # (D,)
+    z = {p: (f.x[p] - mean) / std for p in PARTS}
+    grid = [(lr, wd) for lr in pc.lrs for wd in pc.weight_decays]
+    dim, n = z["train"].shape[1], len(z["train"])
+    weights: list[torch.Tensor] = [
+        nn.Parameter(torch.zeros(num_classes, dim)) for _ in grid
+    ]  # neutral start: loss = ln(C)
+    biases: list[torch.Tensor] = [nn.Parameter(torch.zeros(num_classes)) for _ in grid]
+    groups = [
+        {"params": [w, b], "lr": lr, "weight_decay": wd} for (lr, wd), w, b in zip(grid, weights, biases, strict=True)
+    ]
+    opt = torch.optim.AdamW(groups)
+    per_epoch = math.ceil(n / batch_size)
+    total, warm = epochs * per_epoch, min(round(warmup_epochs * per_epoch), epochs * per_epoch - 1)
+    sched = timm.scheduler.CosineLRScheduler(
+        opt,
+        t_initial=max(1, total - warm),
+        lr_min=min_lr,
+        warmup_t=warm,
+        warmup_lr_init=0.0,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+    g = torch.Generator().manual_seed(seed)
+    has_val = len(z["val"]) > 0
+    best = torch.full((len(grid),), -1.0)
+    best_w, best_b = torch.stack(weights).detach().clone(), torch.stack(biases).detach().clone()
+    curves: list[torch.Tensor] = []  # per epoch: (G, 4) train loss, train acc, val loss, val acc
+    step = 0
+    for _ in range(epochs):
+        loss_sum, correct = torch.zeros(len(grid)), torch.zeros(len(grid))
+        for idx in torch.randperm(n, generator=g).split(batch_size):
+            w, b = torch.stack(weights), torch.stack(biases)  # (G, C, D), (G, C)
+            logits = torch.einsum("nd,gcd->gnc", z["train"][idx], w) + b[:, None]  # (G, B, C)
+            y = f.y["train"][idx].expand(len(grid), -1)  # (G, B)
+            losses = F.cross_entropy(
+                logits.flatten(0, 1), y.flatten(), label_smoothing=label_smoothing, reduction="none"
+            )
+            per_head = losses.view(len(grid), -1).mean(1)  # (G,): each head's loss, independent of the others
+            opt.zero_grad(set_to_none=True)
+            per_head.sum().backward()
+            opt.step()
+            step += 1
+            sched.step_update(num_updates=step)
+            loss_sum += per_head.detach() * len(idx)
+            correct += (logits.detach().argmax(-1) == y).float().sum(1)
+        with torch.no_grad():
+            w, b = torch.stack(weights), torch.stack(biases)
+            part = "val" if has_val else "train_eval"
+            logits = torch.einsum("nd,gcd->gnc", z[part], w) + b[:, None]
+            val_loss = F.cross_entropy(logits.permute(0, 2, 1), f.y[part].expand(len(grid), -1), reduction="none").mean(
+                1
+            )
+            score = _accuracy(logits, f.y[part]) if has_val else -val_loss  # no validation: the lowest train loss
+            better = score > best
+            best = torch.where(better, score, best)
+            best_w[better], best_b[better] = w[better], b[better]
+        curves.append(torch.stack([loss_sum / n, correct / n, val_loss, _accuracy(logits, f.y[part])], 1))
+    chosen = int(torch.argmax(best))  # the first of equal bests: grid order
+    weight = best_w[chosen] / std  # fold the standardization in: W (x - m) / s + b = (W / s) x + (b - (W / s) m)
+    bias = best_b[chosen] - weight @ mean
+    points = [
+        {"lr": lr, "weight_decay": wd, "val_accuracy": float(best[i]) if has_val else float("nan")}
+        for i, (lr, wd) in enumerate(grid)
+    ]
+    history = [
+        {
+            "train_loss": float(c[chosen, 0]),
+            "train_accuracy": float(c[chosen, 1]),
+            "val_loss": float(c[chosen, 2]),
+            "val_accuracy": float(c[chosen, 3]),
+        }
+        for c in curves
+    ]
+    return Grid(points, chosen, weight, bias, history, step, epochs * n, time.perf_counter() - t0)
+
+
+def set_head(model: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Put a (C, D) head into the model's classifier (a Linear, or a 1x1 Conv2d)."""
+    head = models.classifier(model)
+    with torch.no_grad():
+        head.weight.copy_(weight.view_as(head.weight))
+        if head.bias is not None:
+            head.bias.copy_(bias)
+
+
+def probs_of(f: Features, part: str, weight: torch.Tensor, bias: torch.Tensor) -> tuple[np.ndarray, float]:
+    """(softmax probabilities (N, C), mean cross-entropy) of the head on a part's features."""
+    logits = f.x[part] @ weight.T + bias  # (N, C)
+    loss = float(F.cross_entropy(logits, f.y[part])) if len(logits) else float("nan")
+    return logits.softmax(1).numpy(), loss
+
+
+# ------------------------------------------------------------------------------------------ the model's run
+
+
+def fit_probe(run: Run, result: ModelResult, score_test: bool, on_epoch: OnEpoch | None) -> ModelResult:
+    """`train.fit` for a cached linear probe: the features (cached), the grid of heads, the chosen head in
+    the model, saved as its weights, and its scores from the same features."""
+    cfg, d, label = run.cfg, run.d, run.mcfg.label
+    per_epoch = math.ceil(len(run.splits.train) * (1 + cfg.probe.views) / cfg.train.batch_size)
+    epochs = cfg.probe.epochs or max(cfg.train.epochs, math.ceil(cfg.probe.min_steps / per_epoch))
+    key = cache_key(cfg, run.mcfg, run.dcfg, run.loaders.pipeline, run.splits)
+    reset_peak_memory(run.device)
+    with recovery.stop_on_signals() as stop:
+        compute = lambda: compute_features(run.eval_model, run.loaders, cfg, run.device, run.parts.dtype, d, stop)  # noqa: E731
+        feats = cached_features(key, cfg.data.root, compute, d)
+    tc = cfg.train
+    given = (float(tc.lr or 0.0),)  # build_run resolved it
+    pc = cfg.probe if run.lr_source == "policy_default" else replace(cfg.probe, lrs=given)  # a given lr is kept
+    grid = train_heads(
+        feats,
+        pc,
+        run.splits.num_classes,
+        epochs,
+        tc.batch_size,
+        tc.warmup_epochs,
+        tc.min_lr,
+        tc.label_smoothing,
+        tc.seed,
+    )
+    record_grid(run, result, feats, grid, epochs)
+    set_head(run.model, grid.weight, grid.bias)
+    if d.main:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        with checkpoint.Writer() as ckpt:
+            ckpt.weights(run.model, run.out_dir / BEST, {**run.meta, "step": str(grid.steps)})
+            ckpt.copy(run.out_dir / BEST, run.out_dir / LAST)
+        atomic_write_json(run.out_dir / HISTORY_FILE, [dataclasses.asdict(h) for h in result.history])
+    for h in result.history:
+        if on_epoch is not None:
+            on_epoch(h.epoch, h.val_accuracy)
+    result.peak_memory_gib, result.peak_memory_kind = peak_memory_gib(run.device)
+    if not score_test:
+        return result
+    stats = {}
+    for part in ("train_eval", "val", "test"):
+        probs, loss = probs_of(feats, part, grid.weight, grid.bias)
+        stats[part] = summarize(feats.y[part].numpy(), probs, loss, feats.seconds[part])
+    record_scores(run, result, stats["train_eval"], stats["val"] if len(run.splits.val) else None, stats["test"])
+    log.info("[%s] linear probe: %s", label, "features from the cache" if feats.hit else "features computed")
+    return result
+
+
+def record_grid(run: Run, result: ModelResult, feats: Features, grid: Grid, epochs: int) -> None:
+    """The probe's training into `result`: the chosen head's settings and history, the grid, the budget,
+    the clocks (the backbone's pass over train counts as training time, also when it came from the cache)."""
+    chosen = grid.points[grid.chosen]
+    has_val = len(run.splits.val) > 0
+    features_s = feats.seconds["train"]
+    per_epoch = grid.seconds / max(1, epochs)
+    result.history = [
+        EpochRecord(
+            epoch=e + 1,
+            train_loss=h["train_loss"],
+            train_accuracy=h["train_accuracy"],
+            val_loss=h["val_loss"] if has_val else None,
+            val_accuracy=h["val_accuracy"] if has_val else None,
+            val_top5_accuracy=None,
+            lr=chosen["lr"],
+            epoch_train_time_s=per_epoch + (features_s if e == 0 else 0.0),
+            cumulative_train_time_s=features_s + per_epoch * (e + 1),
+            train_img_s=len(feats.y["train"]) / max(per_epoch, 1e-9),
+        )
+        for e, h in enumerate(grid.history)
+    ]
+    vals = [h["val_accuracy"] for h in grid.history] if has_val else [-h["val_loss"] for h in grid.history]
+    result.best_epoch = int(np.argmax(vals)) + 1
+    result.lr, result.weight_decay = chosen["lr"], chosen["weight_decay"]
+    if run.lr_source == "policy_default":  # no lr was given: the grid chose it
+        result.lr_source = "probe_grid"
+    result.epochs, result.epochs_run = epochs, epochs
+    result.optimizer_steps, result.images_seen = grid.steps, grid.rows_seen
+    result.train_time_s, result.warmup_s = features_s + grid.seconds, 0.0
+    result.train_img_s = grid.rows_seen / result.train_time_s if result.train_time_s > 0 else None
+    result.probe = {
+        "grid": grid.points,
+        "chosen": chosen,
+        "cache": "hit" if feats.hit else "miss",
+        "views": run.cfg.probe.views,
+        "epochs": epochs,
+        "feature_dim": int(feats.x["train"].shape[1]),
+        "features_s": features_s,
+        "heads_s": grid.seconds,
+    }
+    result.flags = flags_of(result)
