@@ -252,3 +252,13 @@ def test_an_under_trained_run_is_flagged_in_results_and_report(tmp_path: Path, m
     assert "Still improving: cand" in md and "Too few optimizer steps: base" in md
     verdict = next(line for line in md.splitlines() if "cand" in line and "budget" in line)
     assert "still improving" in verdict
+
+
+def test_a_probe_without_a_validation_split_keeps_the_lowest_training_loss(tmp_path: Path, mini_dogs: Path) -> None:
+    cfg = load_config(
+        _tiny(tmp_path, mini_dogs, f"  - {{label: probe, {VIT}, finetune: head}}\n"), ["data.val_fraction=0"]
+    )
+    (m,) = run_compare(cfg, tmp_path / "run").models
+    assert m.status == "ok", m.error
+    assert m.val_accuracy is None and m.test_accuracy is not None and m.probe is not None
+    assert all(math.isnan(g["val_accuracy"]) for g in m.probe["grid"]) and m.history[0].val_accuracy is None

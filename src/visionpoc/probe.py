@@ -38,7 +38,7 @@ from torch import nn
 from visionpoc import checkpoint, distributed, models, recovery
 from visionpoc.atomic import atomic_write, atomic_write_json
 from visionpoc.config import Config, ModelConfig, ProbeConfig
-from visionpoc.data.loaders import Batches, set_epoch
+from visionpoc.data.loaders import Batches, Loaders, set_epoch
 from visionpoc.data.prepared import cache_dir_for, store_key
 from visionpoc.data.splits import Splits
 from visionpoc.distributed import Dist
@@ -131,7 +131,7 @@ def _gather(d: Dist, batches: Batches, f: torch.Tensor, y: torch.Tensor, ordered
 
 def compute_features(
     model: nn.Module,
-    loaders: Any,
+    loaders: Loaders,
     cfg: Config,
     device: torch.device,
     dtype: torch.dtype | None,
@@ -221,7 +221,7 @@ def train_heads(
     """Train every grid point's head on `f.x["train"]` at once; keep each one's best validation epoch."""
     t0 = time.perf_counter()
     mean, std = f.x["train"].mean(0), f.x["train"].std(0).clamp_min(1e-6)  # (D,)
-    z = {p: (f.x[p] - mean) / std for p in PARTS}
+    z = {p: (f.x[p] - mean) / std if len(f.x[p]) else torch.zeros(0, len(mean)) for p in PARTS}  # (N, D)
     grid = [(lr, wd) for lr in pc.lrs for wd in pc.weight_decays]
     dim, n = z["train"].shape[1], len(z["train"])
     weights: list[torch.Tensor] = [
@@ -356,10 +356,10 @@ def fit_probe(run: Run, result: ModelResult, score_test: bool, on_epoch: OnEpoch
     if not score_test:
         return result
     stats = {}
-    for part in ("train_eval", "val", "test"):
+    for part in ("train_eval", "val", "test") if len(run.splits.val) else ("train_eval", "test"):
         probs, loss = probs_of(feats, part, grid.weight, grid.bias)
         stats[part] = summarize(feats.y[part].numpy(), probs, loss, feats.seconds[part])
-    record_scores(run, result, stats["train_eval"], stats["val"] if len(run.splits.val) else None, stats["test"])
+    record_scores(run, result, stats["train_eval"], stats.get("val"), stats["test"])
     log.info("[%s] linear probe: %s", label, "features from the cache" if feats.hit else "features computed")
     return result
 
