@@ -254,9 +254,9 @@ def test_an_under_trained_run_is_flagged_in_results_and_report(tmp_path: Path, m
     assert "still improving" in verdict
 
 
-def test_a_probe_without_a_validation_split_keeps_the_lowest_training_loss(tmp_path: Path, mini_dogs: Path) -> None:
+def test_a_probe_without_a_validation_split_keeps_the_lowest_training_loss(tmp_path: Path, fresh_dogs: Path) -> None:
     cfg = load_config(
-        _tiny(tmp_path, mini_dogs, f"  - {{label: probe, {VIT}, finetune: head}}\n"), ["data.val_fraction=0"]
+        _tiny(tmp_path, fresh_dogs, f"  - {{label: probe, {VIT}, finetune: head}}\n"), ["data.val_fraction=0"]
     )
     (m,) = run_compare(cfg, tmp_path / "run").models
     assert m.status == "ok", m.error
