@@ -151,6 +151,7 @@ def test_the_new_head_starts_neutral_with_real_weights(lite0_weights: Path, phot
 # ------------------------------------------------------------------------------------------ the linear probe
 
 
+@pytest.mark.slow
 def test_linear_probe_grid_cache_and_saved_head(tmp_path: Path, lite0_weights: Path, photo_crops: Path) -> None:
     """The chosen head is the grid's best on validation; the features are computed once and cached (a
     changed image computes them again); the saved model predicts what the probe scored."""
@@ -194,6 +195,35 @@ def test_linear_probe_grid_cache_and_saved_head(tmp_path: Path, lite0_weights: P
     finally:
         os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert third.probe is not None and third.probe["cache"] == "miss"
+
+
+def test_the_grid_trains_every_head_at_once_and_keeps_the_best_on_validation() -> None:
+    """Synthetic features (3 Gaussian classes, offset and scaled): every grid point is scored, the chosen
+    one is the best on validation, and its head, folded back onto the raw features, predicts as trained."""
+    from visionpoc.config import ProbeConfig
+    from visionpoc.probe import Features, probs_of, train_heads
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=g) * 3
+
+    def part(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(n) % 3
+        return 50 + 10 * (centres[y] + torch.randn(n, 16, generator=g)), y  # far from standardized
+
+    x, y = {}, {}
+    for name, n in (("train", 90), ("val", 30), ("test", 30)):
+        x[name], y[name] = part(n)
+    x["train_eval"], y["train_eval"] = x["train"], y["train"]
+    pc = ProbeConfig(lrs=(1e-5, 1e-3, 1e-1), weight_decays=(0.0, 0.5))
+    grid = train_heads(
+        Features(x, y, {}), pc, 3, epochs=20, batch_size=16, warmup_epochs=1, min_lr=0.0, label_smoothing=0.1, seed=0
+    )
+    assert [(p["lr"], p["weight_decay"]) for p in grid.points] == [(a, b) for a in pc.lrs for b in pc.weight_decays]
+    best = grid.points[grid.chosen]["val_accuracy"]
+    assert all(best >= p["val_accuracy"] for p in grid.points) and best > 0.9
+    assert grid.steps == 20 * 6 and grid.rows_seen == 20 * 90 and len(grid.history) == 20
+    probs, _ = probs_of(Features(x, y, {}), "val", grid.weight, grid.bias)
+    assert (probs.argmax(1) == y["val"].numpy()).mean() == pytest.approx(best)
 
 
 @pytest.mark.slow
