@@ -207,6 +207,57 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1) == y).float().mean(-1)
 
 
+class Heads:
+    """One linear head per grid point `(lr, weight_decay)`, each from zero (uniform predictions, loss ln C),
+    with its own AdamW group and the run's per-step cosine schedule (timm's)."""
+
+    def __init__(
+        self, grid: list[tuple[float, float]], num_classes: int, dim: int, steps: int, warmup: int, min_lr: float
+    ) -> None:
+        self.weights: list[torch.Tensor] = [nn.Parameter(torch.zeros(num_classes, dim)) for _ in grid]
+        self.biases: list[torch.Tensor] = [nn.Parameter(torch.zeros(num_classes)) for _ in grid]
+        groups = [
+            {"params": [w, b], "lr": lr, "weight_decay": wd}
+            for (lr, wd), w, b in zip(grid, self.weights, self.biases, strict=True)
+        ]
+        self.opt = torch.optim.AdamW(groups)
+        self.sched = timm.scheduler.CosineLRScheduler(
+            self.opt,
+            t_initial=max(1, steps - warmup),
+            lr_min=min_lr,
+            warmup_t=warmup,
+            warmup_lr_init=0.0,
+            warmup_prefix=True,
+            t_in_epochs=False,
+        )
+        self.step = 0
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """(N, D) standardized features -> (G, N, C): every head in one batched matmul."""
+        return torch.einsum("nd,gcd->gnc", z, torch.stack(self.weights)) + torch.stack(self.biases)[:, None]
+
+    def train_epoch(
+        self, z: torch.Tensor, y: torch.Tensor, order: torch.Tensor, batch_size: int, label_smoothing: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass over `order`; returns each head's (G,) mean training loss and accuracy."""
+        loss_sum, correct = torch.zeros(len(self.weights)), torch.zeros(len(self.weights))
+        for idx in order.split(batch_size):
+            logits = self.logits(z[idx])  # (G, B, C)
+            target = y[idx].expand(len(self.weights), -1)  # (G, B)
+            losses = F.cross_entropy(
+                logits.flatten(0, 1), target.flatten(), label_smoothing=label_smoothing, reduction="none"
+            )
+            per_head = losses.view(len(self.weights), -1).mean(1)  # (G,): each head's loss, independent
+            self.opt.zero_grad(set_to_none=True)
+            per_head.sum().backward()
+            self.opt.step()
+            self.step += 1
+            self.sched.step_update(num_updates=self.step)
+            loss_sum += per_head.detach() * len(idx)
+            correct += (logits.detach().argmax(-1) == target).float().sum(1)
+        return loss_sum / len(order), correct / len(order)
+
+
 def train_heads(
     f: Features,
     pc: ProbeConfig,
@@ -218,83 +269,43 @@ def train_heads(
     label_smoothing: float,
     seed: int,
 ) -> Grid:
-    """Train every grid point's head on `f.x["train"]` at once; keep each one's best validation epoch."""
+    """Train every grid point's head on `f.x["train"]` at once; keep each one's best validation epoch (no
+    validation split: its lowest loss on the clean train pass)."""
     t0 = time.perf_counter()
     mean, std = f.x["train"].mean(0), f.x["train"].std(0).clamp_min(1e-6)  # (D,)
     z = {p: (f.x[p] - mean) / std if len(f.x[p]) else torch.zeros(0, len(mean)) for p in PARTS}  # (N, D)
     grid = [(lr, wd) for lr in pc.lrs for wd in pc.weight_decays]
-    dim, n = z["train"].shape[1], len(z["train"])
-    weights: list[torch.Tensor] = [
-        nn.Parameter(torch.zeros(num_classes, dim)) for _ in grid
-    ]  # neutral start: loss = ln(C)
-    biases: list[torch.Tensor] = [nn.Parameter(torch.zeros(num_classes)) for _ in grid]
-    groups = [
-        {"params": [w, b], "lr": lr, "weight_decay": wd} for (lr, wd), w, b in zip(grid, weights, biases, strict=True)
-    ]
-    opt = torch.optim.AdamW(groups)
-    per_epoch = math.ceil(n / batch_size)
-    total, warm = epochs * per_epoch, min(round(warmup_epochs * per_epoch), epochs * per_epoch - 1)
-    sched = timm.scheduler.CosineLRScheduler(
-        opt,
-        t_initial=max(1, total - warm),
-        lr_min=min_lr,
-        warmup_t=warm,
-        warmup_lr_init=0.0,
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
+    n, per_epoch = len(z["train"]), math.ceil(len(z["train"]) / batch_size)
+    total = epochs * per_epoch
+    heads = Heads(grid, num_classes, len(mean), total, min(round(warmup_epochs * per_epoch), total - 1), min_lr)
     g = torch.Generator().manual_seed(seed)
-    has_val = len(z["val"]) > 0
-    best = torch.full((len(grid),), -1.0)
-    best_w, best_b = torch.stack(weights).detach().clone(), torch.stack(biases).detach().clone()
+    part = "val" if len(z["val"]) else "train_eval"
+    best = torch.full((len(grid),), -math.inf)
+    best_w, best_b = torch.stack(heads.weights).detach().clone(), torch.stack(heads.biases).detach().clone()
     curves: list[torch.Tensor] = []  # per epoch: (G, 4) train loss, train acc, val loss, val acc
-    step = 0
     for _ in range(epochs):
-        loss_sum, correct = torch.zeros(len(grid)), torch.zeros(len(grid))
-        for idx in torch.randperm(n, generator=g).split(batch_size):
-            w, b = torch.stack(weights), torch.stack(biases)  # (G, C, D), (G, C)
-            logits = torch.einsum("nd,gcd->gnc", z["train"][idx], w) + b[:, None]  # (G, B, C)
-            y = f.y["train"][idx].expand(len(grid), -1)  # (G, B)
-            losses = F.cross_entropy(
-                logits.flatten(0, 1), y.flatten(), label_smoothing=label_smoothing, reduction="none"
-            )
-            per_head = losses.view(len(grid), -1).mean(1)  # (G,): each head's loss, independent of the others
-            opt.zero_grad(set_to_none=True)
-            per_head.sum().backward()
-            opt.step()
-            step += 1
-            sched.step_update(num_updates=step)
-            loss_sum += per_head.detach() * len(idx)
-            correct += (logits.detach().argmax(-1) == y).float().sum(1)
+        loss, acc = heads.train_epoch(
+            z["train"], f.y["train"], torch.randperm(n, generator=g), batch_size, label_smoothing
+        )
         with torch.no_grad():
-            w, b = torch.stack(weights), torch.stack(biases)
-            part = "val" if has_val else "train_eval"
-            logits = torch.einsum("nd,gcd->gnc", z[part], w) + b[:, None]
-            val_loss = F.cross_entropy(logits.permute(0, 2, 1), f.y[part].expand(len(grid), -1), reduction="none").mean(
-                1
-            )
-            score = _accuracy(logits, f.y[part]) if has_val else -val_loss  # no validation: the lowest train loss
+            logits = heads.logits(z[part])  # (G, N, C)
+            val_loss = F.cross_entropy(logits.permute(0, 2, 1), f.y[part].expand(len(grid), -1), reduction="none")
+            val_acc = _accuracy(logits, f.y[part])
+            score = val_acc if part == "val" else -val_loss.mean(1)
             better = score > best
             best = torch.where(better, score, best)
-            best_w[better], best_b[better] = w[better], b[better]
-        curves.append(torch.stack([loss_sum / n, correct / n, val_loss, _accuracy(logits, f.y[part])], 1))
+            best_w[better], best_b[better] = torch.stack(heads.weights)[better], torch.stack(heads.biases)[better]
+        curves.append(torch.stack([loss, acc, val_loss.mean(1), val_acc], 1))
     chosen = int(torch.argmax(best))  # the first of equal bests: grid order
     weight = best_w[chosen] / std  # fold the standardization in: W (x - m) / s + b = (W / s) x + (b - (W / s) m)
     bias = best_b[chosen] - weight @ mean
     points = [
-        {"lr": lr, "weight_decay": wd, "val_accuracy": float(best[i]) if has_val else float("nan")}
+        {"lr": lr, "weight_decay": wd, "val_accuracy": float(best[i]) if part == "val" else float("nan")}
         for i, (lr, wd) in enumerate(grid)
     ]
-    history = [
-        {
-            "train_loss": float(c[chosen, 0]),
-            "train_accuracy": float(c[chosen, 1]),
-            "val_loss": float(c[chosen, 2]),
-            "val_accuracy": float(c[chosen, 3]),
-        }
-        for c in curves
-    ]
-    return Grid(points, chosen, weight, bias, history, step, epochs * n, time.perf_counter() - t0)
+    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+    history = [{k: float(v) for k, v in zip(keys, c[chosen], strict=True)} for c in curves]
+    return Grid(points, chosen, weight, bias, history, heads.step, epochs * n, time.perf_counter() - t0)
 
 
 def set_head(model: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
