@@ -117,6 +117,26 @@ def all_gather(d: Dist, obj: Any) -> list[Any]:
     return out
 
 
+def shard_of(batches: Any, n_total: int) -> list[int]:
+    """The sample indices this process's evaluation batches hold (all of them without a sharded sampler)."""
+    return list(getattr(getattr(batches, "sampler", None), "indices", lambda: range(n_total))())
+
+
+def gather_in_order(d: Dist, shard: list[int], arrays: tuple[np.ndarray, ...], n_total: int) -> list[np.ndarray]:
+    """Every process's rows of `arrays` (each indexed like `shard`), concatenated back into sample order;
+    every sample is checked to be counted exactly once."""
+    parts = all_gather(d, (shard, *arrays))
+    index = np.concatenate([np.asarray(p[0], dtype=np.int64) for p in parts])
+    if len(index) != n_total or len(np.unique(index)) != n_total:
+        raise AssertionError(f"distributed evaluation counted {len(index)} samples for {n_total}")
+    order = np.argsort(index)
+    out = []
+    for k in range(1, len(arrays) + 1):
+        rows = [p[k] for p in parts if len(p[k])] or [parts[0][k]]  # an empty shard may lack the row shape
+        out.append(np.concatenate(rows)[order])
+    return out
+
+
 class EpochSampler(torch.utils.data.Sampler[int]):
     """A seeded permutation per epoch, cut to a multiple of `world` and sharded by rank.
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from visionpoc.config import ModelConfig, TrainConfig
+from visionpoc.models import classifier
 
 REFERENCE_BATCH = 256
 POLICY_LR = {"full": 2e-4, "top_fraction": 1e-3, "head": 2e-2}
@@ -37,6 +38,12 @@ POLICY_LR = {"full": 2e-4, "top_fraction": 1e-3, "head": 2e-2}
 def default_lr(finetune: str, batch_size: int) -> float:
     """The policy's peak LR for a global batch of `batch_size`: POLICY_LR x sqrt(batch / 256)."""
     return POLICY_LR[finetune] * math.sqrt(batch_size / REFERENCE_BATCH)
+
+
+def head_lr_scale(mcfg: ModelConfig) -> float | None:
+    """The new classifier's LR multiplier: `mcfg.head_lr_scale` when a pretrained backbone trains too;
+    None when it does not apply (the head alone, or a model trained from scratch)."""
+    return mcfg.head_lr_scale if mcfg.pretrained and mcfg.finetune != "head" else None
 
 
 def resolve_lr(lr: float | None, mcfg: ModelConfig, batch_size: int) -> tuple[float, str]:
@@ -64,8 +71,6 @@ def make_optimizer(
 def _scale_head(opt: torch.optim.Optimizer, model: nn.Module, scale: float) -> torch.optim.Optimizer:
     """`opt` rebuilt with the new classifier's parameters in groups of their own, whose `lr_scale` (which
     timm's scheduler applies) is multiplied by `scale`."""
-    from visionpoc.models import classifier
-
     head = {id(p) for p in classifier(model).parameters()}
     groups = []
     for g in opt.param_groups:

@@ -17,6 +17,7 @@ and labels. Any change computes the features again; nothing else does.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -38,10 +39,10 @@ from torch import nn
 from visionpoc import checkpoint, distributed, models, recovery
 from visionpoc.atomic import atomic_write, atomic_write_json
 from visionpoc.config import Config, ModelConfig, ProbeConfig
-from visionpoc.data.loaders import Batches, Loaders, set_epoch
+from visionpoc.data.loaders import Loaders, set_epoch
 from visionpoc.data.prepared import cache_dir_for, store_key
 from visionpoc.data.splits import Splits
-from visionpoc.distributed import Dist
+from visionpoc.distributed import Dist, gather_in_order, shard_of
 from visionpoc.errors import TrainingInterrupted
 from visionpoc.evaluate import summarize
 from visionpoc.results import EpochRecord, ModelResult
@@ -115,18 +116,13 @@ def _pass(
     return torch.cat(feats).cpu(), torch.cat(ys).long().cpu()
 
 
-def _gather(d: Dist, batches: Batches, f: torch.Tensor, y: torch.Tensor, ordered: bool) -> tuple[torch.Tensor, ...]:
-    """Every process's rows; `ordered` puts an evaluation split back in sample order, as `evaluate_split` does."""
+def _gather_rows(d: Dist, f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every process's training rows, in rank order (their order does not matter: the heads shuffle)."""
     if not d.enabled:
         return f, y
-    shard = getattr(getattr(batches, "sampler", None), "indices", lambda: list(range(len(y))))()
-    parts = distributed.all_gather(d, (list(shard), f.numpy(), y.numpy()))
-    fs = np.concatenate([p[1] for p in parts if len(p[1])])
-    ys = np.concatenate([p[2] for p in parts])
-    if ordered:
-        order = np.argsort(np.concatenate([np.asarray(p[0], np.int64) for p in parts]))
-        fs, ys = fs[order], ys[order]
-    return torch.from_numpy(fs), torch.from_numpy(ys)
+    parts = distributed.all_gather(d, (f.numpy(), y.numpy()))
+    fs = np.concatenate([p[0] for p in parts if len(p[0])])
+    return torch.from_numpy(fs), torch.from_numpy(np.concatenate([p[1] for p in parts]))
 
 
 def compute_features(
@@ -137,16 +133,25 @@ def compute_features(
     dtype: torch.dtype | None,
     d: Dist,
     stop: recovery.StopRequest,
+    splits: Splits,
 ) -> Features:
     """Run the frozen backbone over every part once (the views: `probe.views` augmented train epochs)."""
     x: dict[str, torch.Tensor] = {}
     y: dict[str, torch.Tensor] = {}
     seconds: dict[str, float] = {}
-    for part, batches in (("train_eval", loaders.train_eval), ("val", loaders.val), ("test", loaders.test)):
+    passes = (
+        ("train_eval", loaders.train_eval, len(splits.train)),
+        ("val", loaders.val, len(splits.val)),
+        ("test", loaders.test, len(splits.test)),
+    )
+    for part, batches, n in passes:
         sync(device)
         t0 = time.perf_counter()
         f, lab = _pass(model, batches, device, dtype, stop)
-        x[part], y[part] = _gather(d, batches, f, lab, ordered=True)
+        if d.enabled:  # each process's shard, back in sample order (as `train.evaluate_split` does)
+            rows = gather_in_order(d, shard_of(batches, n), (f.numpy(), lab.numpy()), n)
+            f, lab = torch.from_numpy(rows[0]), torch.from_numpy(rows[1])
+        x[part], y[part] = f, lab
         sync(device)
         seconds[part] = time.perf_counter() - t0
         log.info("probe features: %s, %d images in %.1fs", part, len(y[part]), seconds[part])
@@ -154,7 +159,7 @@ def compute_features(
     for v in range(1, cfg.probe.views + 1):  # epoch v's augmentation of every training image
         set_epoch(loaders.train, v)
         f, lab = _pass(model, loaders.train, device, dtype, stop)
-        f, lab = _gather(d, loaders.train, f, lab, ordered=False)
+        f, lab = _gather_rows(d, f, lab)
         views_x.append(f)
         views_y.append(lab)
     x["train"], y["train"] = torch.cat(views_x), torch.cat(views_y)
@@ -336,7 +341,9 @@ def fit_probe(run: Run, result: ModelResult, score_test: bool, on_epoch: OnEpoch
     key = cache_key(cfg, run.mcfg, run.dcfg, run.loaders.pipeline, run.splits)
     reset_peak_memory(run.device)
     with recovery.stop_on_signals() as stop:
-        compute = lambda: compute_features(run.eval_model, run.loaders, cfg, run.device, run.parts.dtype, d, stop)  # noqa: E731
+        compute = functools.partial(
+            compute_features, run.eval_model, run.loaders, cfg, run.device, run.parts.dtype, d, stop, run.splits
+        )
         feats = cached_features(key, cfg.data.root, compute, d)
     tc = cfg.train
     given = (float(tc.lr or 0.0),)  # build_run resolved it

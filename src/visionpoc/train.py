@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import timm.utils
 import torch
 from torch import nn
@@ -220,19 +219,13 @@ def evaluate_split(
 ) -> EvalStats:
     """`evaluate` on this process's shard; under torchrun, the shards are gathered in sample order and
     every sample is checked to be counted exactly once."""
-    shard = getattr(getattr(batches, "sampler", None), "indices", lambda: list(range(n_total)))()
+    shard = distributed.shard_of(batches, n_total)
     stats = evaluate(model, batches, device, num_classes, len(shard), dtype, desc)
     if not d.enabled:
         return stats
-    parts = distributed.all_gather(d, (shard, stats.targets, stats.probs, stats.loss * stats.n, stats.time_s))
-    index = np.concatenate([np.asarray(s, dtype=np.int64) for s, *_ in parts])
-    if len(index) != n_total or len(np.unique(index)) != n_total:
-        raise AssertionError(f"distributed evaluation counted {len(index)} samples for {n_total}")
-    order = np.argsort(index)
-    targets = np.concatenate([t for _, t, *_ in parts])[order]
-    probs = np.concatenate([pr for _, _, pr, *_ in parts])[order]
-    loss = sum(part[3] for part in parts) / n_total
-    return summarize(targets, probs, loss, max(part[4] for part in parts))
+    targets, probs = distributed.gather_in_order(d, shard, (stats.targets, stats.probs), n_total)
+    sums = distributed.all_gather(d, (stats.loss * stats.n, stats.time_s))
+    return summarize(targets, probs, sum(s[0] for s in sums) / n_total, max(s[1] for s in sums))
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -342,8 +335,7 @@ def build_run(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path) -> 
     seed_rank(tc.seed, d)
 
     loaders = build_loaders(splits, dcfg, cfg, device, d)
-    head_lr_scale = mcfg.head_lr_scale if mcfg.pretrained and mcfg.finetune != "head" else 1.0
-    optimizer = optim.make_optimizer(model, tc, lr, device, head_lr_scale)
+    optimizer = optim.make_optimizer(model, tc, lr, device, optim.head_lr_scale(mcfg) or 1.0)
     set_epoch(loaders.train, 1)
     scheduler = optim.make_scheduler(optimizer, tc, lr, len(loaders.train))
     parts = StepParts(
@@ -398,7 +390,7 @@ def new_result(run: Run) -> ModelResult:
         tuned_from=mcfg.tuned_from,
         tuning_trials=mcfg.tuning_trials,
         head_init_scale=mcfg.head_init_scale,
-        head_lr_scale=mcfg.head_lr_scale if mcfg.pretrained and mcfg.finetune != "head" else None,
+        head_lr_scale=optim.head_lr_scale(mcfg),
     )
 
 
