@@ -20,10 +20,10 @@ import yaml
 
 from dogs_fixture import make_mini_dogs
 from visionpoc import models, step
-from visionpoc.atomic import atomic_write_text
 from visionpoc.cli import main
 from visionpoc.config import ModelConfig
 from visionpoc.results import load_predictions
+from visionpoc.runfiles import atomic_write_text
 
 VIT = {
     "label": "vit",
@@ -254,7 +254,7 @@ def test_atomic_write_leaves_the_old_file_on_a_crash(tmp_path: Path) -> None:
         tmp.write_text('{"half": ')
         raise Boom
 
-    from visionpoc.atomic import atomic_write
+    from visionpoc.runfiles import atomic_write
 
     with pytest.raises(Boom):
         atomic_write(target, crash)
@@ -441,7 +441,7 @@ def _results(tmp_path: Path, label: str):  # type: ignore[no-untyped-def]
 
 
 def test_a_crash_while_saving_results_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from visionpoc import atomic
+    from visionpoc import runfiles
     from visionpoc.results import load_results, save_results
 
     save_results(_results(tmp_path, "first"), tmp_path)
@@ -451,7 +451,7 @@ def test_a_crash_while_saving_results_keeps_the_previous_file(tmp_path: Path, mo
         text = real_dumps(obj, **kw)
         raise OSError(f"disk full after {len(text) // 2} bytes")
 
-    monkeypatch.setattr(atomic.json, "dumps", half_then_crash)
+    monkeypatch.setattr(runfiles.json, "dumps", half_then_crash)
     with pytest.raises(OSError, match="disk full"):
         save_results(_results(tmp_path, "second"), tmp_path)
     monkeypatch.undo()
@@ -459,7 +459,7 @@ def test_a_crash_while_saving_results_keeps_the_previous_file(tmp_path: Path, mo
     def replace_crashes(src: str, dst: str) -> None:  # killed between the write and the rename
         raise OSError("killed")
 
-    monkeypatch.setattr(atomic.os, "replace", replace_crashes)
+    monkeypatch.setattr(runfiles.os, "replace", replace_crashes)
     with pytest.raises(OSError, match="killed"):
         save_results(_results(tmp_path, "second"), tmp_path)
     monkeypatch.undo()

@@ -15,8 +15,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from visionpoc.atomic import atomic_copy, atomic_write
 from visionpoc.errors import CheckpointError
+from visionpoc.runfiles import atomic_copy, atomic_write
 
 BEST = "best.safetensors"  # best-on-validation weights: the ones scored on test
 LAST = "last.safetensors"  # weights at the last save (epoch end or interruption)

@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 import yaml
 
-from visionpoc.atomic import atomic_write_text
 from visionpoc.errors import ConfigError
 from visionpoc.presets.table import resolve_entry
+from visionpoc.runfiles import atomic_write_text
 from visionpoc.typed import apply_override, from_dict, to_dict
 
 

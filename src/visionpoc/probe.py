@@ -37,7 +37,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from visionpoc import checkpoint, distributed, models, recovery
-from visionpoc.atomic import atomic_write, atomic_write_json
 from visionpoc.config import Config, ModelConfig, ProbeConfig
 from visionpoc.data.loaders import Loaders, set_epoch
 from visionpoc.data.prepared import cache_dir_for, store_key
@@ -46,7 +45,7 @@ from visionpoc.distributed import Dist, gather_in_order, shard_of
 from visionpoc.errors import TrainingInterrupted
 from visionpoc.evaluate import summarize
 from visionpoc.results import EpochRecord, ModelResult
-from visionpoc.runfiles import HISTORY_FILE
+from visionpoc.runfiles import HISTORY_FILE, atomic_write, atomic_write_json
 from visionpoc.timing import peak_memory_gib, reset_peak_memory, sync
 from visionpoc.train import BEST, LAST, Run, flags_of, record_scores
 

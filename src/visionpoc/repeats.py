@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from visionpoc.atomic import atomic_write_json
 from visionpoc.errors import VisionpocError
 from visionpoc.results import RunResults, load_results
-from visionpoc.runfiles import REPEATS_FILE, RESULTS_FILE
+from visionpoc.runfiles import REPEATS_FILE, RESULTS_FILE, atomic_write_json
 
 
 def repeat_dir(seed: int) -> str:

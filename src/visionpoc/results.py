@@ -16,8 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from visionpoc.atomic import atomic_write, atomic_write_json, atomic_write_text
-from visionpoc.runfiles import REPEATS_FILE, RESULTS_CSV, RESULTS_FILE
+from visionpoc.runfiles import (
+    REPEATS_FILE,
+    RESULTS_CSV,
+    RESULTS_FILE,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+)
 
 LR_SCALING = (
     "none: lr is the peak LR for the global batch (batch_size = batch_size_per_device x world_size); "

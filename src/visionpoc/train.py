@@ -35,7 +35,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from visionpoc import checkpoint, distributed, models, optim, recovery
-from visionpoc.atomic import atomic_write_json
 from visionpoc.config import Config, ConfigError, ModelConfig, for_model
 from visionpoc.data import augment
 from visionpoc.data.loaders import Batches, Loaders, build_loaders, set_epoch
@@ -45,7 +44,7 @@ from visionpoc.errors import TrainingInterrupted
 from visionpoc.evaluate import EvalStats, evaluate, summarize, training_flags
 from visionpoc.presets import facts as presets
 from visionpoc.results import EpochRecord, ModelResult, save_predictions
-from visionpoc.runfiles import DATA_CONFIG_FILE, HISTORY_FILE, PREDICTIONS_FILE
+from visionpoc.runfiles import DATA_CONFIG_FILE, HISTORY_FILE, PREDICTIONS_FILE, atomic_write_json
 from visionpoc.step import StepParts, train_step
 from visionpoc.timing import latency_ms, peak_memory_gib, reset_peak_memory, sync
 

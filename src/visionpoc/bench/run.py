@@ -35,7 +35,6 @@ from typing import Any
 import timm
 import torch
 
-from visionpoc.atomic import atomic_write_json
 from visionpoc.bench.linear_probe import linear_probe
 from visionpoc.bench.ours import input_path, ours
 from visionpoc.bench.peers import hf_vit, peer_step
@@ -44,6 +43,7 @@ from visionpoc.data.prepared import prepare_store
 from visionpoc.data.store_batches import place
 from visionpoc.errors import ConfigError
 from visionpoc.results import environment
+from visionpoc.runfiles import atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from pathlib import Path, PurePosixPath
 import requests
 from tqdm import tqdm
 
-from visionpoc.atomic import atomic_write_json
 from visionpoc.data.sources import find_dogs_lists, read_stanford_dogs
 from visionpoc.errors import DataError
+from visionpoc.runfiles import atomic_write_json
 
 log = logging.getLogger(__name__)
 

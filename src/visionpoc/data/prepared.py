@@ -46,7 +46,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from visionpoc import distributed
-from visionpoc.atomic import atomic_write, atomic_write_json
 from visionpoc.config import Config
 from visionpoc.data.images import load_rgb
 from visionpoc.data.loaders import Loaders, default_workers
@@ -54,6 +53,7 @@ from visionpoc.data.sources import Split
 from visionpoc.data.splits import Splits
 from visionpoc.data.store_batches import StoreBatches, Transform, batch_eval_transform, batch_train_transform, place
 from visionpoc.distributed import SINGLE, Dist, EpochSampler
+from visionpoc.runfiles import atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
 

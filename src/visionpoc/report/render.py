@@ -15,13 +15,19 @@ from pathlib import Path
 
 import jinja2
 
-from visionpoc.atomic import atomic_write_bytes, atomic_write_text
 from visionpoc.repeats import Spread, read_repeats
 from visionpoc.report.across_seeds import SeedsReport, build_seeds_report
 from visionpoc.report.budget import sci
 from visionpoc.report.build import N_RESAMPLES, Report, build_report
 from visionpoc.report.stats import Interval, format_p, p_is, pts
-from visionpoc.runfiles import REPORT_FILES_DIR, REPORT_HTML, REPORT_MD, RESULTS_FILE
+from visionpoc.runfiles import (
+    REPORT_FILES_DIR,
+    REPORT_HTML,
+    REPORT_MD,
+    RESULTS_FILE,
+    atomic_write_bytes,
+    atomic_write_text,
+)
 
 log = logging.getLogger(__name__)
 

@@ -31,10 +31,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from visionpoc.atomic import atomic_write, atomic_write_json
 from visionpoc.config import ModelConfig
 from visionpoc.errors import ConfigError, VisionpocError
-from visionpoc.runfiles import EXPORT_DIR
+from visionpoc.runfiles import EXPORT_DIR, atomic_write, atomic_write_json
 from visionpoc.serving.loading import TrainedModel, load_trained, trained_labels
 
 log = logging.getLogger(__name__)

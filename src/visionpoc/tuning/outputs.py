@@ -24,7 +24,6 @@ import optuna
 import yaml
 from matplotlib.figure import Figure
 
-from visionpoc.atomic import atomic_write_json, atomic_write_text
 from visionpoc.config import Config, ConfigError, ModelConfig, with_model_changes
 from visionpoc.runfiles import (
     RUN_TUNING_DIR,
@@ -32,6 +31,8 @@ from visionpoc.runfiles import (
     TUNE_PLOTS_DIR,
     TUNE_SUMMARY_FILE,
     TUNED_DIR,
+    atomic_write_json,
+    atomic_write_text,
     tuned_file,
     tuning_plot,
 )
