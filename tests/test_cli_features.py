@@ -63,6 +63,7 @@ def test_models_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", "--family", "nonexistent"]) == 2
 
 
+@pytest.mark.slow
 def test_tune_then_compare_tuned(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = run / "config.yaml"
     tune_out = tmp_path / "tune"

@@ -13,7 +13,7 @@ import pytest
 
 from visionpoc.errors import VisionpocError
 from visionpoc.results import load_predictions
-from visionpoc.serving.predict import Predictor, format_predictions, image_files
+from visionpoc.serving.predict import LATENCY_NOTE, Predictor, format_predictions, image_files
 
 LABELS = ["cnn", "vit"]
 
@@ -47,7 +47,7 @@ def test_output_format(predictor: Predictor, mini_dogs: Path) -> None:
     lines = text.splitlines()
     assert lines[0] == row["image"] and "cnn (" in lines[1] and "vit (" in lines[1] and " ms)" in lines[1]
     assert lines[2].startswith("  1  ") and "%" in lines[2]
-    assert text.count("\n\n") == 1
+    assert text.count("\n\n") == 2 and lines[-1] == LATENCY_NOTE  # two tables, then what the ms measure
 
 
 def test_bad_files_and_paths(predictor: Predictor, tmp_path: Path) -> None:

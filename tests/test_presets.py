@@ -266,6 +266,7 @@ def test_licence_kind() -> None:
 # ---------------------------------------------------------------------------------- N-model compare
 
 
+@pytest.mark.slow
 def test_three_model_compare_and_report(tmp_path: Path, mini_dogs: Path) -> None:
     entries = [
         tiny_entry("xception"),

@@ -81,8 +81,8 @@ def _model(label: str, timm: str, acc: float, **kw: object) -> ModelResult:
             val_accuracy=min(acc + 0.02 * e - 0.04, 1.0),
             val_top5_accuracy=1.0,
             lr=1e-4,
-            epoch_train_time_s=10.0,
-            cumulative_train_time_s=10.0 * e,
+            epoch_train_time_s=10.0 + (e == 1),  # as the loop records it: the warm-up (1 s) in the first epoch
+            cumulative_train_time_s=10.0 * e + 1.0,
             train_img_s=100.0,
         )
         for e in (1, 2, 3)
@@ -313,10 +313,13 @@ def test_the_scatter_labels_the_classes_that_differ_most() -> None:
     assert most_different(base, cand, names, n_labels=2) == {(0.2, 0.9): ["charlie"], (0.9, 0.3): ["bravo"]}
     three = most_different(base, cand, names, n_labels=3)
     assert [n for v in three.values() for n in v] == ["charlie", "bravo", "delta"]  # ties: class order
+    assert "alpha" not in [n for v in most_different(base, cand, names, n_labels=4).values() for n in v]
     every = [n for v in most_different(base, cand, names, n_labels=10).values() for n in v]
-    assert "alpha" not in every and "echo" not in every  # equal accuracy or absent from the test set
-    shared = most_different(np.array([0.0, 0.0, 1.0]), np.array([1.0, 1.0, 1.0]), ["x", "y", "z"])
+    assert "alpha" in every and "echo" not in every  # equal accuracy only when there is room; absent: never
+    shared = most_different(np.array([0.0, 0.0, 1.0]), np.array([1.0, 1.0, 1.0]), ["x", "y", "z"], n_labels=2)
     assert shared == {(0.0, 1.0): ["x", "y"]}  # one label at one point
+    pile = most_different(np.array([0.0, 0.0, 0.0, 1.0]), np.array([0.0, 0.0, 0.0, 0.0]), list("pqrs"), n_labels=2)
+    assert pile == {(1.0, 0.0): ["s"], (0.0, 0.0): ["p", "q", "r"]}  # a labelled pile names every class in it
 
 
 def test_verdict_sentences() -> None:
@@ -436,7 +439,7 @@ def test_write_report_without_images_or_weights(tmp_path: Path) -> None:
     rows = _summary_rows(html)
     assert list(rows) == ["a", "b"]  # one row per model, labelled in its first cell, in run order
     a, b = rows["a"], rows["b"]
-    assert "85.7%" in a[3] and "75.7%" in b[3]  # test accuracy, each on its own row
+    assert "85.7%" in a[4] and "75.7%" in b[4]  # test accuracy, each on its own row
     for text in ("30.0", "0.01", "457", "1,234", "3.2", "1.23 M", "1.00 M", "10% waiting for data"):
         assert text in " ".join(a), text
     assert "McNemar" in html and "0.0923" in html
@@ -448,7 +451,7 @@ def test_write_report_without_images_or_weights(tmp_path: Path) -> None:
     # markdown: the same numbers, figures as files in report_files/
     assert "0.0923" in md and "| **a right** | 50 (both right) | 10 (only a) |" in md
     md_rows = _md_rows(md)
-    assert list(md_rows) == ["a", "b"] and "85.7%" in md_rows["a"][3] and "75.7%" in md_rows["b"][3]
+    assert list(md_rows) == ["a", "b"] and "85.7%" in md_rows["a"][4] and "75.7%" in md_rows["b"][4]
     refs = re.findall(r"\]\((report_files/[^)]+\.png)\)", md)
     assert refs
     for ref in refs:
@@ -474,11 +477,12 @@ def test_summary_shows_intervals_for_test_top5_and_train_accuracy(tmp_path: Path
         assert test != top5
         cells = rows[label]
         assert f'<span class="ci">{train}</span>' in cells[2], cells[2]  # train acc
-        assert f'<span class="ci">{test}</span>' in cells[3], cells[3]  # test acc
-        assert f'<span class="ci">{top5}</span>' in cells[4], cells[4]  # top-5
-        assert f"{100 * top5_correct(correct).mean():.1f}%" in cells[4]
+        assert cells[3] == f"{100 * correct.mean():.1f}%"  # val acc (make_run sets it to the test accuracy)
+        assert f'<span class="ci">{test}</span>' in cells[4], cells[4]  # test acc
+        assert f'<span class="ci">{top5}</span>' in cells[5], cells[5]  # top-5
+        assert f"{100 * top5_correct(correct).mean():.1f}%" in cells[5]
         md = md_rows[label]
-        assert train in md[2] and test in md[3] and top5 in md[4]
+        assert train in md[2] and md[3] == cells[3] and test in md[4] and top5 in md[5]
 
 
 def test_gallery_with_test_images_and_missing_weights(tmp_path: Path) -> None:
@@ -532,6 +536,7 @@ def test_disagreement_gallery_picks_only_disagreements_and_captions_both_predict
     ]
 
 
+@pytest.mark.slow
 def test_saliency_maps_and_every_image_of_a_full_run_decode(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path, n_models=3, images=True, weights=True, failed=True)
     rep = build_report(run_dir)
@@ -692,8 +697,19 @@ def test_budget_caveat_when_a_model_stopped_early(tmp_path: Path) -> None:
     assert "epochs run:" not in text and text.endswith("a ran 2 of 3 epochs; b ran 2 of 3 epochs.")
 
 
+def _with_environment(run_dir: Path, **changes: object) -> Path:
+    from visionpoc.results import load_results
+
+    r = load_results(run_dir)
+    for key, value in changes.items():
+        setattr(r.environment, key, value)
+    save_results(r, run_dir)
+    return run_dir
+
+
 def test_environment_section_shows_device_versions_seed_and_commit(tmp_path: Path) -> None:
-    run_dir = make_run(tmp_path)
+    """A CPU run shows the CPU and no CUDA version, even when torch was built with CUDA."""
+    run_dir = _with_environment(make_run(tmp_path), cuda="13.0")  # a CUDA build of torch, run on the CPU
     html, md = write_report(run_dir).read_text(), (run_dir / "report.md").read_text()
     section = html[html.index("<h2>7. Environment</h2>") :]
     env = dict(re.findall(r"<dt>([^<]+)</dt><dd>([^<]*)</dd>", section))
@@ -702,17 +718,33 @@ def test_environment_section_shows_device_versions_seed_and_commit(tmp_path: Pat
         "python": "3.11.9",
         "torch": "2.4.0",
         "timm": "1.0.20",
-        "CUDA": "none",
         "visionpoc": "0.1.0",
         "seed": "0",
         "git commit": "abc1234",
         "platform": "Linux",
     }
     assert {k: env.get(k) for k in expected} == expected
+    assert "CUDA" not in env and "13.0" not in section[: section.index("Resolved configuration")]
     assert "epochs: 3" in section[section.index("Resolved configuration") :]  # the config, collapsed
     md_section = md[md.index("## 7. Environment") :]
     for key, value in expected.items():
         assert f"- {key}: {value}\n" in md_section, key
+    assert "CUDA" not in md_section
+
+
+def test_environment_section_of_a_cuda_run_names_the_gpu_and_cuda(tmp_path: Path) -> None:
+    from visionpoc.report.across_seeds import _environment as seeds_environment
+    from visionpoc.results import load_results
+
+    run_dir = _with_environment(make_run(tmp_path), device="cuda", gpu_name="NVIDIA H200", cuda="12.8")
+    html, md = write_report(run_dir).read_text(), (run_dir / "report.md").read_text()
+    env = dict(re.findall(r"<dt>([^<]+)</dt><dd>([^<]*)</dd>", html[html.index("<h2>7. Environment</h2>") :]))
+    assert env["device"] == "cuda (NVIDIA H200)" and env["CUDA"] == "12.8"
+    assert "- CUDA: 12.8\n" in md[md.index("## 7. Environment") :]
+    seeds = dict(seeds_environment(load_results(run_dir), [0, 1]))  # the page across seeds: the same rule
+    assert seeds["device"] == "cuda (NVIDIA H200)" and seeds["CUDA"] == "12.8"
+    on_cpu = dict(seeds_environment(load_results(_with_environment(run_dir, device="cpu", gpu_name=None)), [0, 1]))
+    assert on_cpu["device"] == "cpu" and "CUDA" not in on_cpu
 
 
 def test_failed_candidate_single_model_and_escaping(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ def test_report_renders_in_chromium(tmp_path: Path) -> None:
         images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
         summary = page.inner_text("#summary")
         labels = page.locator("#summary tbody tr td:first-child b").all_inner_texts()
-        test_acc = page.locator("#summary tbody tr td:nth-child(4)").all_inner_texts()
+        test_acc = page.locator("#summary tbody tr td:nth-child(5)").all_inner_texts()
         verdicts = page.locator(".bottom-line .verdict").all_inner_texts()
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOT), full_page=True)

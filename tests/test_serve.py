@@ -161,7 +161,8 @@ def test_image_modes(client: TestClient, mini_dogs: Path, mode: str, fmt: str) -
 
 
 def test_health_schema_docs_and_page(client: TestClient) -> None:
-    assert client.get("/health").json() == {"status": "ok", "models": LABELS, "num_classes": 3}
+    health = {"status": "ok", "models": LABELS, "num_classes": 3, "title": "Which dog breed is it?"}
+    assert client.get("/health").json() == health
     schema = client.get("/openapi.json").json()
     assert "multipart/form-data" in schema["paths"]["/predict"]["post"]["requestBody"]["content"]
     assert client.get("/docs").status_code == 200
@@ -171,6 +172,10 @@ def test_health_schema_docs_and_page(client: TestClient) -> None:
     html = page.text
     assert 'type="file"' in html and "/predict?top=5&explain=true" in html
     assert "http://" not in html and "https://" not in html and "<script src" not in html  # self-contained
+    # the run's words, in the page as served (no request needed to show them)
+    assert "<h1>Which dog breed is it?</h1>" in html and "Drop a dog photo here" in html
+    assert '<div class="muted" id="models">Models: cnn, vit · 3 breeds</div>' in html
+    assert schema["info"]["title"] == "visionpoc: Which dog breed is it?"
 
 
 def resolve(api: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
@@ -238,7 +243,12 @@ def test_openapi_documents_the_responses(client: TestClient, mini_dogs: Path) ->
     for status in ("400", "413"):
         assert field_kinds(body_schema("/predict", "post", status)) == {"error": "string"}
     health = body_schema("/health", "get", "200")
-    assert field_kinds(health) == {"status": "string", "models": "string[]", "num_classes": "integer"}
+    assert field_kinds(health) == {
+        "status": "string",
+        "models": "string[]",
+        "num_classes": "integer",
+        "title": "string",
+    }
 
     photo = dog_photos(mini_dogs)[0].read_bytes()
     for query, explained in (("?top=3", False), ("?explain=true", True)):
@@ -429,6 +439,7 @@ def answers_of(r: Any, with_png: bool = False) -> list[Any]:
     ]
 
 
+@pytest.mark.slow
 def test_concurrent_explanations_match_sequential_ones(client: TestClient, mini_dogs: Path) -> None:
     """The demo page always asks for explanations: 16 parallel requests, explained and not (the explained
     ones hook the models while plain ones run them), each gets exactly its sequential answer."""
@@ -519,6 +530,21 @@ def test_serve_command(run_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: p
     assert (kw["host"], kw["port"]) == ("0.0.0.0", 8123)
     assert app.state.max_upload_bytes == 10 * 2**20  # the default
     assert any("reachable from other machines" in r.getMessage() for r in caplog.records)
+
+
+def test_serve_title_flag(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve --title` replaces the run's title on the page (escaped: it is text, not markup) and in /health."""
+    import uvicorn
+
+    apps: list[FastAPI] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    assert main(["serve", str(run_dir), "--title", "Whose <b>puppy</b> & which?"]) == 0
+    client = TestClient(apps[-1])
+    html = client.get("/").text
+    assert "<h1>Whose &lt;b&gt;puppy&lt;/b&gt; &amp; which?</h1>" in html and "<b>puppy" not in html
+    assert "<title>Whose &lt;b&gt;puppy&lt;/b&gt; &amp; which? · visionpoc demo</title>" in html
+    assert "Which dog breed" not in html and "· 3 breeds</div>" in html  # the class count stays the run's
+    assert client.get("/health").json()["title"] == "Whose <b>puppy</b> & which?"
 
 
 def test_a_taken_port_is_a_user_error(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -115,6 +115,35 @@ def test_dropping_a_photo_shows_the_predictions(server: str, predictor: Predicto
         assert text.startswith(label) and expected[label] in text
 
 
+# the visible <img> elements the browser could not decode: each shows a broken-image icon
+BROKEN_IMAGES = """Array.from(document.images)
+  .filter((i) => i.getClientRects().length > 0 && i.hasAttribute("src") && i.naturalWidth === 0)
+  .map((i) => i.id || i.alt)"""
+
+
+@needs_chromium
+def test_a_refused_upload_leaves_no_broken_image(server: str, mini_dogs: Path) -> None:
+    photo = sorted((mini_dogs / "Images").rglob("*.jpg"))[0]
+    fake = {"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"these are notes, not a photo"}
+    with chromium_page((server, "data:", "blob:"), width=1100) as (page, errors):
+        page.goto(server + "/", wait_until="load")
+        page.set_input_files("#file", str(photo))  # a photo first: its preview and results must go
+        page.wait_for_selector("body[data-state=done]", timeout=30_000)
+        shown_before = page.is_visible("#preview")
+        page.set_input_files("#file", files=[fake])
+        page.wait_for_selector("body[data-state=error]", timeout=30_000)
+        page.wait_for_timeout(300)  # let the browser finish (and fail) decoding the fake photo
+        broken = page.evaluate(BROKEN_IMAGES)
+        preview_visible = page.is_visible("#preview")
+        error_visible, error = page.is_visible("#error"), page.inner_text("#error")
+        cards = page.locator(".model-card").count()
+    assert shown_before
+    assert broken == [] and not preview_visible
+    assert error_visible and error.startswith("Could not predict: ") and "image" in error
+    assert cards == 0
+    assert [e for e in errors if "400" not in e] == []  # the refused POST is the only console error
+
+
 def test_real_server_refuses_an_oversized_upload_early(server: str) -> None:
     import httpx
 

@@ -30,6 +30,7 @@ def _runs(uri: str, experiment: str) -> list[object]:
     return list(client.search_runs([exp.experiment_id]))
 
 
+@pytest.mark.slow
 def test_report_logs_the_run_to_a_sqlite_store(finished: Path, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     (tmp_path / "store").mkdir()

@@ -9,10 +9,11 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from visionpoc.errors import TrainingInterrupted, VisionpocError, user_message
 
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_data_parser, _compare_parser, _tune_parser, _train_parser, _report_parser, _predict_parser):
         add(sub)
-    for add in (_serve_parser, _export_parser, _bench_parser, _models_parser):
+    for add in (_serve_parser, _export_parser, _bench_parser, _models_parser, _demo_parser):
         add(sub)
     return parser
 
@@ -90,6 +91,7 @@ def _data_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     ck = data.add_parser("check", help="validate a dataset tree and print what was found")
     ck.add_argument("--root", type=Path, default=Path("data/stanford_dogs"))
     ck.add_argument("--source", choices=["stanford_dogs", "folder"], default="stanford_dogs")
+    ck.add_argument("--class-names", type=Path, default=None, help="a data.class_names file (CSV or JSON) to check")
     ck.add_argument("--json", action="store_true", help="print one JSON object")
     ck.add_argument(
         "--decode", action="store_true", help="also decode every image (in parallel) and list every file that fails"
@@ -101,6 +103,7 @@ def _compare_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     cmp_ = sub.add_parser("compare", help="the PoC: train and compare every model of the config")
     _add_config_args(cmp_)
     cmp_.add_argument("--no-report", action="store_true", help="skip writing report.html / report.md")
+    _add_dry_run(cmp_)
     cmp_.add_argument(
         "--tuned",
         type=Path,
@@ -131,6 +134,16 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     tr = sub.add_parser("train", help="train one model of the config alone, through the same loop")
     _add_config_args(tr)
     tr.add_argument("--model", required=True, help="label of the model in the config")
+    _add_dry_run(tr)
+
+
+def _add_dry_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check every model, weights file and the data, print the plan (models, lr, steps, data) and "
+        "exit: nothing trains, nothing is written",
+    )
 
 
 def _report_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -161,6 +174,7 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     sv.add_argument(
         "--max-upload-mb", type=_positive(float), default=10, help="larger uploads are refused with 413 (default 10)"
     )
+    sv.add_argument("--title", default=None, help="the demo page's title (default: from the run's dataset)")
 
 
 def _export_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -182,7 +196,19 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def _models_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ml = sub.add_parser("models", help="list the model presets: params, GFLOPs, pretraining data, licence")
     ml.add_argument("--family", default=None, help="only this family (e.g. dinov3, siglip2, vit)")
-    ml.add_argument("--json", action="store_true", help="print JSON rows")
+    ml.add_argument("--json", action="store_true", help="print JSON rows (every column)")
+    ml.add_argument(
+        "--wide", action="store_true", help="every column: family, params, GFLOPs, pretraining data, each policy's lr"
+    )
+
+
+def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    dm = sub.add_parser(
+        "demo", help="a whole comparison in about a minute on a CPU, offline: a CNN vs a ViT on handwritten digits"
+    )
+    dm.add_argument("--out", type=Path, default=None, help="folder for the digits and the run (default: runs/demo)")
+    dm.add_argument("--serve", action="store_true", help="then start the demo page on 127.0.0.1 (Ctrl-C stops it)")
+    dm.add_argument("--port", type=_port, default=8000, help="the demo page's port with --serve (0: any free port)")
 
 
 def _data_download(args: argparse.Namespace) -> int:
@@ -198,7 +224,7 @@ def _data_check(args: argparse.Namespace) -> int:
     from visionpoc.data.sources import read_dataset
     from visionpoc.data.splits import make_splits
 
-    ds = read_dataset(args.source, args.root)
+    ds = read_dataset(args.source, args.root, args.class_names)
     make_splits(ds, DataConfig().val_fraction, None, 0)  # e.g. a class with one training image: said now
     summary: dict[str, Any] = {
         "source": ds.source,
@@ -228,11 +254,18 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, labels: list[str] | None, tuned: Path | None) -> int:
-    from visionpoc.compare import format_runs, run
+    from visionpoc.preflight import format_plan, settings  # no torch, no timm: a config error comes at once
+
+    resume = args.resume is not None
+    cfg, out = settings(args.command, args.config, args.overrides, args.out, args.resume, tuned, labels, args.dry_run)
+    from visionpoc.compare import dry_run, format_runs, run
     from visionpoc.repeats import run_folders
     from visionpoc.runfiles import RESULTS_FILE
 
-    done = run(args.command, args.config, args.overrides, args.out, args.resume, tuned, labels)
+    if args.dry_run:
+        print(format_plan(dry_run(args.command, cfg, out, resume, labels)))
+        return 0
+    done = run(args.command, cfg, out, resume, labels)
     if not done.main:  # under torchrun only rank 0 speaks for the run
         return 0
     print(format_runs(done.runs))
@@ -258,6 +291,7 @@ def _log_mlflow(run_dir: Path, uri: str, experiment: str) -> bool:
     from visionpoc.report.tracking import log_run
 
     for folder in run_folders(run_dir):
+        log.info("logging %s to MLflow at %s", folder, uri)
         try:
             run_id = log_run(folder, uri, experiment)
         except KeyboardInterrupt:
@@ -296,10 +330,11 @@ def _export(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     from visionpoc import distributed
-    from visionpoc.compare import default_out
     from visionpoc.config import load_config
+    from visionpoc.preflight import default_out
+    from visionpoc.report.tuning import tie_advice
     from visionpoc.runfiles import TUNED_DIR, tuned_file
-    from visionpoc.tuning.outputs import best_trial
+    from visionpoc.tuning.outputs import TS, best_trial, tied_value
     from visionpoc.tuning.search import run_tune
 
     cfg = load_config(args.config, args.overrides)
@@ -320,6 +355,15 @@ def _tune(args: argparse.Namespace) -> int:
     if not d.main:  # under torchrun only rank 0 speaks for the study
         return 0
     best = best_trial(study)  # the trial the tuned YAML records
+    tie = tied_value(study)
+    if tie is not None:  # nothing to choose between the trials: naming one the winner would be noise
+        n = len(study.get_trials(deepcopy=False, states=(TS.COMPLETE,)))
+        print(
+            f"all {n} completed trials of study {study.study_name!r} scored {tie:.3f} validation accuracy: the search "
+            f"found nothing to choose between them; no tuned settings written (the defaults stand); {tie_advice(tie)}",
+            file=sys.stderr,
+        )
+        return 1
     if best is None:
         print(
             f"{len(study.trials)} trials in study {study.study_name!r}, none completed: no tuned settings "
@@ -338,16 +382,49 @@ def _tune(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     from visionpoc.presets import facts as presets
 
-    rows = presets.list_presets(args.family)
-    print(json.dumps(rows, indent=2) if args.json else presets.format_models_table(rows))
+    rows = presets.list_presets(args.family, figures=args.wide or args.json)  # figures: each model built
+    print(json.dumps(rows, indent=2) if args.json else presets.format_models_table(rows, wide=args.wide))
     return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from visionpoc.compare import format_table
+    from visionpoc.demo.run import PAGE_TITLE, free_port, next_steps, run_demo
+
+    with _sigterm_interrupts():
+        demo = run_demo(args.out)
+    print(format_table(demo.results))
+    print("\n".join(["bottom line:", *(f"  {line}" for line in demo.bottom_line)]))
+    print(next_steps(demo))
+    if not args.serve:
+        return 0 if demo.ok else 1
+    from visionpoc.serving.app import serve
+
+    port = free_port(args.port)
+    print(f"demo page: http://127.0.0.1:{port}/ (Ctrl-C stops it)", flush=True)
+    serve(demo.run_dir, host="127.0.0.1", port=port, title=PAGE_TITLE)
+    return 0 if demo.ok else 1
 
 
 def _write_report(run_dir: Path) -> None:
     from visionpoc.report import write_report
 
+    log.info("writing the report (figures, statistics) in %s", run_dir)  # a phase of its own: not silent
     html = write_report(run_dir)
     print(f"report: {html}")
+
+
+def _warning_line(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """A library's warning (Optuna's, timm's, torch's) as one log line in the log's format."""
+    text = " ".join(str(message).split())
+    logging.getLogger("py.warnings").warning("%s: %s (%s:%d)", category.__name__, text, Path(filename).name, lineno)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -379,12 +456,15 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s{speaker} %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    warnings.showwarning = _warning_line  # not Python's two-line format, between the log's lines
     try:
         if args.command == "serve":  # uvicorn handles its signals itself
             from visionpoc.serving.app import serve
 
-            serve(args.run_dir, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+            serve(args.run_dir, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, title=args.title)
             return 0
+        if args.command == "demo":  # the run as below; then, with --serve, uvicorn handles its signals
+            return _demo(args)
         with _sigterm_interrupts():  # SIGTERM anywhere: the message and exit code of Ctrl-C, not a silent 143
             return _command(args)
     except TrainingInterrupted as e:

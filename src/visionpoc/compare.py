@@ -2,8 +2,10 @@
 loop on the same splits, and write `results.json`, `results.csv`, `config.yaml` and one folder per
 model. A model that fails is recorded with its error; the others still run and are reported.
 
-`run` is the `compare` and `train` commands: it resolves the run's config and folder (new, resumed or
-tuned), trains, and turns an interruption or a data error into a message that says how to continue.
+`run` is the `compare` and `train` commands, given the config and folder `preflight.settings` resolved
+(new, resumed or tuned): it checks everything first (`check`: every model, then the data, before the first
+model trains or anything is written), trains, and turns an interruption or a data error into a message
+that says how to continue. `dry_run` is `--dry-run`: the same checks, then the plan.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from visionpoc import distributed
-from visionpoc.config import Config, ModelConfig, TrackingConfig, load_config, save_config, to_dict
+from visionpoc import distributed, preflight
+from visionpoc.config import Config, ModelConfig, TrackingConfig, save_config, to_dict
 from visionpoc.data.sources import Dataset, read_dataset
 from visionpoc.data.splits import Splits, make_splits
 from visionpoc.errors import (
@@ -29,7 +31,8 @@ from visionpoc.errors import (
     VisionpocError,
     user_message,
 )
-from visionpoc.recovery import resume_config, resume_hint
+from visionpoc.preflight import refuse_existing_run
+from visionpoc.recovery import resume_hint
 from visionpoc.repeats import read_repeats, repeat_dir, save_repeats, spread
 from visionpoc.results import DatasetInfo, ModelResult, RunResults, environment, load_results, save_results
 from visionpoc.runfiles import CONFIG_FILE, RESULTS_FILE
@@ -53,66 +56,62 @@ class RunOutcome:
         return all(m.status == "ok" for r in self.runs for m in r.models)
 
 
-def default_out(command: str) -> Path:
-    """The output folder of a command run without --out: `runs/<command>-<time>`."""
-    return Path("runs") / f"{command}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def run(
-    command: str,
-    config_path: Path | None,
-    overrides: list[str],
-    out: Path | None,
-    resume_dir: Path | None,
-    tuned_dir: Path | None,
-    labels: list[str] | None,
-) -> RunOutcome:
-    """`visionpoc compare` (`labels` None: every model) or `visionpoc train` (`labels`: [one model]).
-
-    A new run uses `config_path` (required for `train`) with `overrides`, in `out` (default: `default_out`),
-    with the tuned settings of `tuned_dir`; a resumed one (`resume_dir`) its own config and folder.
-    """
-    cfg, out_dir = _settings(command, config_path, overrides, out, resume_dir, tuned_dir)
-    from visionpoc.report.tracking import require_mlflow  # the report side: imported only for a run
-
-    require_mlflow(cfg.tracking.mlflow_uri)  # before hours of training, not after
-    for label in labels or []:
-        cfg.model(label)  # a misspelt --model: said before a run folder is started
+def run(command: str, cfg: Config, out_dir: Path, resume: bool, labels: list[str] | None) -> RunOutcome:
+    """`visionpoc compare` (`labels` None: every model) or `visionpoc train` (`labels`: [one model]) of
+    `cfg` into `out_dir` (`preflight.settings`); `resume` continues the run that folder holds."""
     d = distributed.from_env()
     hint = resume_hint(command, out_dir, labels[0] if labels else None, d.world)
     try:
-        runs = _train(cfg, out_dir, labels, resume_dir is not None, hint)
+        data = check(cfg, labels)  # before hours of training, not after
+    except DataError as e:  # a resumed run's data moved or damaged: how to go on once it is fixed
+        raise DataError(_data_error_message(e, out_dir, hint)) from None
+    try:
+        runs = _train(cfg, out_dir, labels, resume, hint, data)
     finally:
         distributed.shutdown(d)  # a no-op for one process
     return RunOutcome(out_dir, runs, cfg.tracking, d.main)
 
 
-def _settings(
-    command: str, config: Path | None, overrides: list[str], out: Path | None, resume: Path | None, tuned: Path | None
-) -> tuple[Config, Path]:
-    """The run's config and folder: the interrupted run's own, or a new one (with the settings of `tuned`)."""
-    if resume is not None:
-        if config is not None or out is not None:
-            raise ConfigError(f"--resume RUN_DIR takes the run's own {CONFIG_FILE} and folder: drop --config/--out")
-        return resume_config(resume, overrides), resume  # refuses --set that would change the training
-    if command == "train" and config is None:
-        raise ConfigError("visionpoc train needs --config FILE (or --resume RUN_DIR)")
-    cfg = load_config(config, overrides)
-    out_dir = out or default_out(command)
-    if tuned is not None:
-        from visionpoc.tuning.outputs import apply_tuned  # Optuna: imported only when asked for
+def check(cfg: Config, labels: list[str] | None) -> tuple[Dataset, Splits] | None:
+    """Everything the run needs, before anything trains or is written, every problem at once: MLflow's
+    client (when tracking is on), each model's timm name and weights file (`preflight.model_problems`),
+    the data read and split. Returns the data, or None while Stanford Dogs is still to be downloaded
+    (the run downloads it before the first model)."""
+    from visionpoc.report.tracking import require_mlflow  # the report side: imported only for a run
 
-        refuse_existing_run(out_dir)  # before the tuning records are copied into it
-        cfg = apply_tuned(cfg, tuned, out_dir)
-    return cfg, out_dir
+    require_mlflow(cfg.tracking.mlflow_uri)
+    problems = preflight.model_problems(cfg, labels)
+    data = None
+    if not download_due(cfg):
+        try:
+            data = load_data(cfg)
+        except DataError as e:
+            if not problems:
+                raise
+            problems.append(f"data: {user_message(e)}")
+    preflight.refuse(problems)
+    return data
 
 
-def _train(cfg: Config, out_dir: Path, labels: list[str] | None, resume: bool, hint: str) -> list[RunResults]:
+def dry_run(command: str, cfg: Config, out_dir: Path, resume: bool, labels: list[str] | None) -> preflight.Plan:
+    """`--dry-run`: the checks of `run`, then its plan; nothing trains and nothing is written."""
+    data = check(cfg, labels)
+    return preflight.plan(command, cfg, out_dir, labels, None if data is None else data[1], resume)
+
+
+def _train(
+    cfg: Config,
+    out_dir: Path,
+    labels: list[str] | None,
+    resume: bool,
+    hint: str,
+    data: tuple[Dataset, Splits] | None,
+) -> list[RunResults]:
     """`run_compare`, or `run_repeats` for `train.repeats` > 1; a stop or a data error says how to go on."""
     try:
         if cfg.train.repeats > 1:
-            return run_repeats(cfg, out_dir, labels, resume=resume)
-        return [run_compare(cfg, out_dir, labels, resume=resume)]
+            return run_repeats(cfg, out_dir, labels, resume=resume, data=data)
+        return [run_compare(cfg, out_dir, labels, resume=resume, data=data)]
     except TrainingInterrupted as e:
         raise TrainingInterrupted(f"{e}. Resume with: {hint}") from None
     except KeyboardInterrupt:  # outside the loop's step boundaries (SIGTERM too: `cli.main`)
@@ -138,17 +137,27 @@ def _split_seed(cfg: Config) -> int:
     return cfg.train.seed if cfg.data.split_seed is None else cfg.data.split_seed
 
 
+def download_due(cfg: Config) -> bool:
+    """Whether `load_data` would download Stanford Dogs first: allowed, and `data.root` holds neither it
+    nor another dataset (a class-folder tree read with the wrong `data.source` is said, not overwritten)."""
+    if cfg.data.source != "stanford_dogs" or not cfg.data.download:
+        return False
+    from visionpoc.data.download import is_extracted
+    from visionpoc.data.sources import class_folder_layout, find_dogs_lists
+
+    root = Path(cfg.data.root).expanduser()
+    return not is_extracted(root) and find_dogs_lists(root) is None and class_folder_layout(root) is None
+
+
 def load_data(cfg: Config) -> tuple[Dataset, Splits]:
     """The dataset of `cfg.data`, downloading Stanford Dogs first when allowed and absent."""
     root = Path(cfg.data.root).expanduser()
-    if cfg.data.source == "stanford_dogs" and cfg.data.download:
-        from visionpoc.data.download import download_stanford_dogs, is_extracted
-        from visionpoc.data.sources import find_dogs_lists
+    if download_due(cfg):
+        from visionpoc.data.download import download_stanford_dogs
 
-        if not is_extracted(root) and find_dogs_lists(root) is None:
-            log.info("Stanford Dogs not found in %s: downloading it (data.download=false turns this off)", root)
-            download_stanford_dogs(root, base_url=cfg.data.base_url)
-    ds = read_dataset(cfg.data.source, root)
+        log.info("Stanford Dogs not found in %s: downloading it (data.download=false turns this off)", root)
+        download_stanford_dogs(root, base_url=cfg.data.base_url)
+    ds = read_dataset(cfg.data.source, root, cfg.data.class_names)
     splits = make_splits(ds, cfg.data.val_fraction, cfg.data.limit_per_class, _split_seed(cfg))
     empty = [name for name, split in (("train", splits.train), ("test", splits.test)) if len(split) == 0]
     if empty:
@@ -164,16 +173,6 @@ def load_data(cfg: Config) -> tuple[Dataset, Splits]:
     return ds, splits
 
 
-def refuse_existing_run(out_dir: Path) -> None:
-    """A new run may not go into a folder that holds one (its config.yaml): results and checkpoints of the
-    two runs would mix."""
-    if (Path(out_dir) / CONFIG_FILE).exists():
-        raise ConfigError(
-            f"{out_dir} already holds a run (its config.yaml): continue it with --resume {out_dir}, "
-            "or give another --out (or delete that folder)"
-        )
-
-
 def _run_folder(out_dir: Path, resume: bool) -> None:
     """Create `out_dir`, refused if it holds another run (unless this one resumes it)."""
     if not resume:
@@ -184,11 +183,18 @@ def _run_folder(out_dir: Path, resume: bool) -> None:
         raise ConfigError(f"--out {out_dir}: cannot create the folder ({e}); choose another path") from e
 
 
-def run_compare(cfg: Config, out_dir: Path, labels: list[str] | None = None, resume: bool = False) -> RunResults:
+def run_compare(
+    cfg: Config,
+    out_dir: Path,
+    labels: list[str] | None = None,
+    resume: bool = False,
+    data: tuple[Dataset, Splits] | None = None,
+) -> RunResults:
     """Train and score each model of `cfg` (or only `labels`); results are saved after every model.
 
     With `resume`, models already finished in `out_dir/results.json` are kept, and an interrupted model
-    continues from its last checkpoint. Only the main process writes (under torchrun).
+    continues from its last checkpoint. `data`: the dataset and splits `check` read (else read here).
+    Only the main process writes (under torchrun).
     """
     out_dir = Path(out_dir)
     d = distributed.init("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -197,11 +203,11 @@ def run_compare(cfg: Config, out_dir: Path, labels: list[str] | None = None, res
         done = {m.label: m for m in load_results(out_dir).models if m.status == "ok"}
     if d.main:
         _run_folder(out_dir, resume)
-        ds, splits = load_data(cfg)  # one process downloads; the others wait for it
+        ds, splits = data or load_data(cfg)  # one process downloads; the others wait for it
         save_config(cfg, out_dir / CONFIG_FILE)  # the run starts: a data error before it leaves none
     distributed.barrier(d)
     if not d.main:
-        ds, splits = load_data(cfg)
+        ds, splits = data or load_data(cfg)
     device = resolve_device(cfg.train.device, d)
     results = RunResults(
         dataset=DatasetInfo(
@@ -254,11 +260,18 @@ def run_compare(cfg: Config, out_dir: Path, labels: list[str] | None = None, res
     return results
 
 
-def run_repeats(cfg: Config, out_dir: Path, labels: list[str] | None = None, resume: bool = False) -> list[RunResults]:
+def run_repeats(
+    cfg: Config,
+    out_dir: Path,
+    labels: list[str] | None = None,
+    resume: bool = False,
+    data: tuple[Dataset, Splits] | None = None,
+) -> list[RunResults]:
     """`run_compare` once per seed of `cfg.train.repeats` (seed, seed+1, ...), each a whole run in
     `out_dir/seed-<s>/` on the same splits (the first seed's); `out_dir` holds the config and the list.
 
     With `resume`, finished repeats are kept and an interrupted one continues from its checkpoints.
+    `data`: the dataset and splits `check` read (else read here).
     """
     out_dir = Path(out_dir)
     seeds = [cfg.train.seed + k for k in range(cfg.train.repeats)]
@@ -273,7 +286,7 @@ def run_repeats(cfg: Config, out_dir: Path, labels: list[str] | None = None, res
         )
     if distributed.from_env().main:
         _run_folder(out_dir, resume)
-        load_data(cfg)  # a data error before the run starts leaves no config.yaml, as in run_compare
+        data = data or load_data(cfg)  # a data error before the run starts leaves no config.yaml
         save_config(cfg, out_dir / CONFIG_FILE)
         save_repeats(out_dir, seeds, labels)  # a resumed run may have changed train.repeats
     runs = []
@@ -283,7 +296,7 @@ def run_repeats(cfg: Config, out_dir: Path, labels: list[str] | None = None, res
         )
         sub = out_dir / repeat_dir(seed)
         log.info("=== repeat %d of %d: seed %d, in %s", k + 1, len(seeds), seed, sub)
-        runs.append(run_compare(one, sub, labels, resume=resume and (sub / CONFIG_FILE).is_file()))
+        runs.append(run_compare(one, sub, labels, resume=resume and (sub / CONFIG_FILE).is_file(), data=data))
     return runs
 
 

@@ -29,6 +29,10 @@ class DataConfig:
     """`stanford_dogs` (official layout) or `folder` (root/train/<class>/*, root/test|val/<class>/*)."""
     root: str = "data/stanford_dogs"
     """Dataset folder."""
+    class_names: str | None = None
+    """Display names of the classes: a CSV file of `folder,name` rows (header optional) or a JSON file
+    `{"folder": "name"}`; classes it leaves out keep their default name (the breed for Stanford Dogs and
+    `n<8 digits>-<name>` folders, else the folder name). Null: the default names."""
     val_fraction: float = 0.1
     """Stratified, seeded share of train held out for validation (model selection, early stopping)."""
     limit_per_class: int | None = None
@@ -375,6 +379,7 @@ TRAIN_RULES: Rules = {
     "repeats": (lambda v: v >= 1, "at least 1"),
 }
 DATA_RULES: Rules = {
+    "class_names": (lambda v: bool(v.strip()), "a CSV or JSON file (or null: the default names)"),
     "num_workers": (lambda v: v >= 0, "at least 0 (or null)"),
     "split_seed": (lambda v: v >= 0, "at least 0 (or null: train.seed)"),
     "prepared_size": (lambda v: v >= 16, "at least 16 (pixels)"),

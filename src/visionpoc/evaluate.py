@@ -1,8 +1,11 @@
 """Evaluation: one pass in eval mode under inference_mode, and the metrics (top-1, top-5, macro-F1,
-per-class accuracy). The number of evaluated samples is checked against the split size."""
+per-class accuracy). The number of evaluated samples is checked against the split size. A long pass
+shows its progress (`timing.Progress`). `learning` says whether a model learned at all: test accuracy
+at chance level, or one class answered for most images."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
@@ -14,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import f1_score
 from torch import nn
-from tqdm.auto import tqdm
+
+from visionpoc.timing import Progress
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,8 +75,10 @@ def evaluate(
     expected_n: int,
     amp_dtype: torch.dtype | None = None,
     desc: str = "eval",
+    show: bool = True,
 ) -> EvalStats:
     """Run `model` over `batches` and compute metrics; asserts exactly `expected_n` samples were seen.
+    `desc` names the pass in its progress display, shown when `show` (the main process).
 
     The time (`time_s`, `img_s`) is the pass's synchronized wall time, input included. On CUDA a batch
     shape met for the first time (the first batch, a smaller last one) is run once untimed before its
@@ -83,7 +91,8 @@ def evaluate(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0, untimed, shapes = time.perf_counter(), 0.0, set()
-    for x, y in tqdm(batches, desc=desc, leave=False, disable=None):
+    bar = Progress(batches, desc, show=show, logger=log)
+    for x, y in bar:
         x = x.to(device, non_blocking=True)  # (B, C, H, W)
         y = y.to(device, non_blocking=True)  # (B,)
         if device.type == "cuda" and x.shape not in shapes:
@@ -100,6 +109,9 @@ def evaluate(
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         probs.append(logits.softmax(1))
         targets.append(y)
+        if bar.step(len(y)):  # the host's view of the rate: no sync
+            bar.show()
+    bar.close()
     p = torch.cat(probs).cpu().numpy() if probs else np.zeros((0, num_classes), np.float32)
     t = torch.cat(targets).cpu().numpy() if targets else np.zeros(0, np.int64)
     dt = time.perf_counter() - t0 - untimed  # the copy to the host above synchronized the device
@@ -189,3 +201,85 @@ def training_flags(
 
 def _flag(code: str, message: str) -> dict[str, str]:
     return {"code": code, "message": message}
+
+
+# ------------------------------------------------------------------------------------------ did it learn?
+
+CHANCE_ROOM = 0.05  # within this share of the way from chance level to 100%: near chance...
+CHANCE_FACTOR = 1.5  # ...but never beyond this multiple of chance level (many classes: chance is tiny)
+ONE_CLASS_SHARE = 0.5  # one class answered for more than this share of the test images...
+ONE_CLASS_EXCESS = 0.4  # ...and for this much more of them than it has: a collapsed model
+
+
+@dataclass(frozen=True)
+class Learning:
+    """Whether a model's test scores show that it learned anything: its accuracy against chance level
+    (the accuracy of always answering the most frequent test class: 1/classes on a balanced test set),
+    and the class it answers most often.
+
+    Near chance: the accuracy is below chance level plus `CHANCE_ROOM` of the way from it to 100%, and
+    below `CHANCE_FACTOR` x chance level whichever is lower (10 classes: under 14.5%; 120 classes: under
+    1.25%; 2 classes: under 52.5%). One class: a class answered for over half of the test images and for
+    `ONE_CLASS_EXCESS` (40 points) more of them than are of that class (10 classes: over half; 3 classes:
+    at least 73%). Either means the model did not learn, and a comparison with it says nothing about
+    the models. The size of the test set is not judged here: a small one has its own caveat.
+    """
+
+    n: int  # test images
+    accuracy: float
+    chance: float
+    majority: bool  # chance level is the most frequent class's share (an unbalanced test set), not 1/classes
+    top_class: int | None = None  # the class answered most often (None: predictions not known)
+    top_share: float = 0.0  # its share of the test images' answers
+    top_truth: float = 0.0  # its share of the test images' true classes
+
+    @property
+    def near_chance(self) -> bool:
+        margin = min((CHANCE_FACTOR - 1) * self.chance, CHANCE_ROOM * (1 - self.chance))
+        return self.accuracy < self.chance + margin
+
+    @property
+    def one_class(self) -> bool:
+        return (
+            self.top_class is not None
+            and self.top_share > ONE_CLASS_SHARE
+            and self.top_share >= self.top_truth + ONE_CLASS_EXCESS
+        )
+
+    @property
+    def learned(self) -> bool:
+        return not (self.near_chance or self.one_class)
+
+    def reasons(self, class_names: list[str]) -> list[str]:
+        """Why it did not learn, as clauses: 'its test accuracy, 9.3%, is no better than chance level
+        (10.0%)', 'it answers beagle for 93% of the test images (10% of them are beagle)'."""
+        out = []
+        if self.near_chance:
+            level = f"{100 * self.chance:.1f}%" + (", always answering the most common class" if self.majority else "")
+            how = "is no better than" if self.accuracy <= self.chance else "is barely above"
+            out.append(f"its test accuracy, {100 * self.accuracy:.1f}%, {how} chance level ({level})")
+        if self.one_class and self.top_class is not None:
+            name = class_names[self.top_class] if self.top_class < len(class_names) else f"class {self.top_class}"
+            out.append(
+                f"it answers {name} for {100 * self.top_share:.0f}% of the test images "
+                f"({100 * self.top_truth:.0f}% of them are {name})"
+            )
+        return out
+
+
+def learning(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> Learning:
+    """`Learning` from a model's test predictions (targets and predicted classes, (N,) each)."""
+    t, p = np.asarray(targets, dtype=np.int64).ravel(), np.asarray(preds, dtype=np.int64).ravel()
+    n, k = t.size, max(num_classes, int(t.max(initial=-1)) + 1, int(p.max(initial=-1)) + 1, 1)
+    truth, answers = np.bincount(t, minlength=k) / max(n, 1), np.bincount(p, minlength=k) / max(n, 1)
+    uniform = 1 / max(num_classes, 1)
+    chance = max(uniform, float(truth.max()))
+    top = int(answers.argmax())
+    accuracy = float((t == p).mean()) if n else 0.0
+    return Learning(n, accuracy, chance, chance > uniform + 1e-9, top, float(answers[top]), float(truth[top]))
+
+
+def learning_from_accuracy(accuracy: float, n: int, num_classes: int) -> Learning:
+    """`Learning` from a recorded test accuracy alone (no predictions: chance level is 1/classes and the
+    answers per class are unknown)."""
+    return Learning(n, accuracy, 1 / max(num_classes, 1), majority=False)

@@ -8,6 +8,11 @@ Policies:
 - `top_fraction`: the top `fraction` of conv layers (CNN) or of transformer blocks, everything after
   them, and the new head train. Frozen BatchNorm layers become `FrozenBatchNorm2d` (timm), so they stay
   in eval mode and their running statistics never move.
+
+A model is a transformer when it has multi-head self-attention outside its classifier head
+(`is_transformer`), whatever its attribute names: EfficientNet and MobileNet keep their stages in
+`.blocks` and are CNNs; Swin keeps its blocks in `.layers[i].blocks` and is a transformer. Hybrids with
+attention stages (CoAtNet, MobileViT, MobileNetV4 hybrid) count as transformers.
 """
 
 from __future__ import annotations
@@ -175,16 +180,47 @@ def _classifier_prefixes(model: nn.Module) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
 
 
+ATTENTION_PROJECTIONS = ("qkv", "q", "k", "v", "q_proj", "kv", "query", "key")  # timm's names for them
+
+
+def _is_attention(m: nn.Module) -> bool:
+    """Multi-head attention: torch's, or a timm module with heads and query/key/value projections (a
+    squeeze-excite or channel-attention gate of a CNN has neither)."""
+    if isinstance(m, nn.MultiheadAttention):
+        return True
+    return hasattr(m, "num_heads") and any(isinstance(getattr(m, a, None), nn.Module) for a in ATTENTION_PROJECTIONS)
+
+
+def transformer_blocks(model: nn.Module) -> list[str]:
+    """The names of the model's transformer blocks in forward order: the modules that hold a multi-head
+    attention layer, outside the classifier head (an attention-pool head makes no CNN a transformer)."""
+    heads = {name.split(".")[0] for name in _classifier_prefixes(model)}
+    blocks: list[str] = []
+    for name, m in model.named_modules():
+        if not name or name.split(".")[0] in heads or not _is_attention(m):
+            continue
+        block = name.rpartition(".")[0] or name  # the block that holds it: `blocks.3` for `blocks.3.attn`
+        if block not in blocks and not any(block.startswith(b + ".") for b in blocks):
+            blocks.append(block)
+    return blocks
+
+
+def is_transformer(model: nn.Module) -> bool:
+    """Whether `model` is (or has stages of) a vision transformer: it has self-attention blocks outside
+    its head. Decides layer-wise LR decay in tuning, `top_fraction`'s unit and channels-last inputs."""
+    return bool(transformer_blocks(model))
+
+
 def _first_trainable(model: nn.Module, fraction: float) -> str:
-    """Name of the first module of the trainable top: a block for transformers, else a conv layer."""
-    blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) > 0:
-        k = max(1, math.ceil(fraction * len(blocks)))
-        return f"blocks.{len(blocks) - k}"
+    """Name of the first module of the trainable top: a transformer block for transformers (the top
+    `fraction` of them), else a conv layer (the top `fraction` of the conv layers)."""
+    blocks = transformer_blocks(model)
+    if blocks:
+        return blocks[len(blocks) - max(1, math.ceil(fraction * len(blocks)))]
     convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise WeightsError(
-            f"{type(model).__name__} has neither `blocks` nor conv layers: use finetune 'full' or 'head'"
+            f"{type(model).__name__} has neither transformer blocks nor conv layers: use finetune 'full' or 'head'"
         )
     k = max(1, math.ceil(fraction * len(convs)))
     return convs[len(convs) - k]

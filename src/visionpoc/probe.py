@@ -46,7 +46,7 @@ from visionpoc.errors import TrainingInterrupted
 from visionpoc.evaluate import summarize
 from visionpoc.results import EpochRecord, ModelResult
 from visionpoc.runfiles import HISTORY_FILE, atomic_write, atomic_write_json
-from visionpoc.timing import peak_memory_gib, reset_peak_memory, sync
+from visionpoc.timing import Progress, peak_memory_gib, reset_peak_memory, sync
 from visionpoc.train import BEST, LAST, Run, flags_of, record_scores
 
 OnEpoch = Callable[[int, float | None], None]
@@ -99,17 +99,25 @@ def _pass(
     device: torch.device,
     dtype: torch.dtype | None,
     stop: recovery.StopRequest,
+    desc: str = "probe features",
+    show: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass of the frozen backbone: (features (n, D) float32, labels (n,)) of this process's batches."""
+    """One pass of the frozen backbone: (features (n, D) float32, labels (n,)) of this process's batches;
+    its progress shown (`timing.Progress`) as `desc` when `show` (the main process)."""
     model.eval()
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     feats, ys = [], []
-    for x, y in batches:
+    bar = Progress(batches, desc, show=show, logger=log)
+    for x, y in bar:
         if stop.signum is not None:
+            bar.close()
             raise TrainingInterrupted("stopped while computing the probe's features (they are computed again)")
         with autocast:
             feats.append(pre_logits(model, x.to(device, non_blocking=True)).float())  # (B, D)
         ys.append(y)
+        if bar.step(len(y)):  # the host's view of the rate: no sync
+            bar.show()
+    bar.close()
     if not feats:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     return torch.cat(feats).cpu(), torch.cat(ys).long().cpu()
@@ -133,8 +141,10 @@ def compute_features(
     d: Dist,
     stop: recovery.StopRequest,
     splits: Splits,
+    label: str = "",
 ) -> Features:
-    """Run the frozen backbone over every part once (the views: `probe.views` augmented train epochs)."""
+    """Run the frozen backbone over every part once (the views: `probe.views` augmented train epochs);
+    `label` names the model in the progress display."""
     x: dict[str, torch.Tensor] = {}
     y: dict[str, torch.Tensor] = {}
     seconds: dict[str, float] = {}
@@ -146,7 +156,7 @@ def compute_features(
     for part, batches, n in passes:
         sync(device)
         t0 = time.perf_counter()
-        f, lab = _pass(model, batches, device, dtype, stop)
+        f, lab = _pass(model, batches, device, dtype, stop, f"[{label}] probe features: {part}", d.main)
         if d.enabled:  # each process's shard, back in sample order (as `train.evaluate_split` does)
             rows = gather_in_order(d, shard_of(batches, n), (f.numpy(), lab.numpy()), n)
             f, lab = torch.from_numpy(rows[0]), torch.from_numpy(rows[1])
@@ -157,7 +167,8 @@ def compute_features(
     views_x, views_y, t0 = [x["train_eval"]], [y["train_eval"]], time.perf_counter()
     for v in range(1, cfg.probe.views + 1):  # epoch v's augmentation of every training image
         set_epoch(loaders.train, v)
-        f, lab = _pass(model, loaders.train, device, dtype, stop)
+        desc = f"[{label}] probe features: train view {v}/{cfg.probe.views}"
+        f, lab = _pass(model, loaders.train, device, dtype, stop, desc, d.main)
         f, lab = _gather_rows(d, f, lab)
         views_x.append(f)
         views_y.append(lab)
@@ -272,9 +283,12 @@ def train_heads(
     min_lr: float,
     label_smoothing: float,
     seed: int,
+    desc: str = "linear probe heads",
+    show: bool = True,
 ) -> Grid:
     """Train every grid point's head on `f.x["train"]` at once; keep each one's best validation epoch (no
-    validation split: its lowest loss on the clean train pass)."""
+    validation split: its lowest loss on the clean train pass). The epochs' progress is shown as `desc`
+    when `show` (the main process)."""
     t0 = time.perf_counter()
     mean, std = f.x["train"].mean(0), f.x["train"].std(0).clamp_min(1e-6)  # (D,)
     z = {p: (f.x[p] - mean) / std if len(f.x[p]) else torch.zeros(0, len(mean)) for p in PARTS}  # (N, D)
@@ -287,7 +301,8 @@ def train_heads(
     best = torch.full((len(grid),), -math.inf)
     best_w, best_b = torch.stack(heads.weights).detach().clone(), torch.stack(heads.biases).detach().clone()
     curves: list[torch.Tensor] = []  # per epoch: (G, 4) train loss, train acc, val loss, val acc
-    for _ in range(epochs):
+    bar = Progress(range(epochs), desc, show=show, logger=log, unit="epoch")
+    for _ in bar:
         loss, acc = heads.train_epoch(
             z["train"], f.y["train"], torch.randperm(n, generator=g), batch_size, label_smoothing
         )
@@ -300,6 +315,9 @@ def train_heads(
             best = torch.where(better, score, best)
             best_w[better], best_b[better] = torch.stack(heads.weights)[better], torch.stack(heads.biases)[better]
         curves.append(torch.stack([loss, acc, val_loss.mean(1), val_acc], 1))
+        if bar.step(n):
+            bar.show()
+    bar.close()
     chosen = int(torch.argmax(best))  # the first of equal bests: grid order
     weight = best_w[chosen] / std  # fold the standardization in: W (x - m) / s + b = (W / s) x + (b - (W / s) m)
     bias = best_b[chosen] - weight @ mean
@@ -341,7 +359,16 @@ def fit_probe(run: Run, result: ModelResult, score_test: bool, on_epoch: OnEpoch
     reset_peak_memory(run.device)
     with recovery.stop_on_signals() as stop:
         compute = functools.partial(
-            compute_features, run.eval_model, run.loaders, cfg, run.device, run.parts.dtype, d, stop, run.splits
+            compute_features,
+            run.eval_model,
+            run.loaders,
+            cfg,
+            run.device,
+            run.parts.dtype,
+            d,
+            stop,
+            run.splits,
+            label=label,
         )
         feats = cached_features(key, cfg.data.root, compute, d)
     tc = cfg.train
@@ -357,6 +384,8 @@ def fit_probe(run: Run, result: ModelResult, score_test: bool, on_epoch: OnEpoch
         tc.min_lr,
         tc.label_smoothing,
         tc.seed,
+        f"[{label}] linear probe: {len(pc.lrs) * len(pc.weight_decays)} heads",
+        d.main,
     )
     record_grid(run, result, feats, grid, epochs)
     set_head(run.model, grid.weight, grid.bias)

@@ -1,4 +1,5 @@
 """Surviving interruptions: SIGINT/SIGTERM become a stop request honoured at the next step boundary,
+worker processes leave a signal sent to the whole process group to the main process (`shield_worker`),
 and the training state (RNG states included) is saved and restored so that a resumed run continues
 exactly where the interrupted one stopped. A resumed run keeps its saved config: only settings that do
 not change the training (`RESUME_MAY_CHANGE`) may be overridden."""
@@ -6,6 +7,8 @@ not change the training (`RESUME_MAY_CHANGE`) may be overridden."""
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import random
 import signal
 import threading
@@ -20,7 +23,7 @@ from torch import nn
 
 from visionpoc import checkpoint
 from visionpoc.config import Config, load_config, to_dict
-from visionpoc.errors import CheckpointError, ConfigError
+from visionpoc.errors import CheckpointError, ConfigError, TrainingInterrupted
 from visionpoc.repeats import repeat_dir, repeats_of
 from visionpoc.runfiles import CONFIG_FILE
 from visionpoc.typed import flat_keys
@@ -43,6 +46,8 @@ class StopRequest:
 
 @contextmanager
 def stop_on_signals() -> Iterator[StopRequest]:
+    """SIGINT and SIGTERM set the yielded `StopRequest` inside. A DataLoader worker that died after a stop
+    was asked for (a second signal to the group) ends the block as an interruption, not as a failure."""
     req = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield req
@@ -50,9 +55,45 @@ def stop_on_signals() -> Iterator[StopRequest]:
     previous = {s: signal.signal(s, req) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield req
+    except RuntimeError as e:
+        if req.signum is None or not str(e).startswith("DataLoader worker (pid"):
+            raise
+        raise TrainingInterrupted(
+            f"{signal.Signals(req.signum).name} received, and a DataLoader worker ended before the next step "
+            f"boundary ({e}): this model's last checkpoint stands"
+        ) from None
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def shield_worker() -> None:
+    """The initializer of a worker process (DataLoader, process pool): a signal sent to the whole process
+    group is left to the main process, which stops at the next step boundary and then ends its workers.
+
+    A terminal's Ctrl-C, `timeout`, Slurm, Kubernetes and `kill -- -PGID` signal every process of the
+    group: a worker that died of it first would turn the clean stop into a loader crash (the model
+    recorded as failed, no checkpoint). SIGINT is ignored. SIGTERM is taken by a thread (`sigwaitinfo`,
+    which tells the sender): from the main process (a loader ending a worker that does not answer) the
+    worker exits at once, as torch's own handler does; from anyone else the first is left to the main
+    process, and a second ends the worker. Where `sigwaitinfo` is missing (macOS, Windows) SIGTERM keeps
+    its default action."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    parent = multiprocessing.parent_process()
+    main_pid = parent.pid if parent is not None and parent.pid is not None else os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # from now on only the thread receives it
+    threading.Thread(target=_take_sigterm, args=(main_pid,), name="sigterm", daemon=True).start()
+
+
+def _take_sigterm(main_pid: int) -> None:
+    asked = False
+    while True:
+        sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
+        if sender == main_pid or asked:
+            os._exit(0 if sender == main_pid else 128 + signal.SIGTERM)
+        asked = True  # the group's signal: the main process got it too and will end this worker
 
 
 def seed_streams(seed: int) -> None:

@@ -128,7 +128,7 @@ class DatasetInfo:
     val_size: int
     test_size: int
     num_classes: int
-    class_names: list[str]
+    class_names: list[str]  # display names, index = label (`data.class_names`); files are found by path
     test_root: str | None = None  # absolute folder the test split's file paths are relative to
 
 

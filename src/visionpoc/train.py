@@ -32,7 +32,6 @@ import timm.utils
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from visionpoc import checkpoint, distributed, models, optim, recovery
 from visionpoc.config import Config, ConfigError, ModelConfig, for_model
@@ -41,12 +40,12 @@ from visionpoc.data.loaders import Batches, Loaders, build_loaders, set_epoch
 from visionpoc.data.splits import Splits
 from visionpoc.distributed import SINGLE, Dist
 from visionpoc.errors import TrainingInterrupted
-from visionpoc.evaluate import EvalStats, evaluate, summarize, training_flags
+from visionpoc.evaluate import EvalStats, evaluate, learning, summarize, training_flags
 from visionpoc.presets import facts as presets
 from visionpoc.results import EpochRecord, ModelResult, save_predictions
 from visionpoc.runfiles import DATA_CONFIG_FILE, HISTORY_FILE, PREDICTIONS_FILE, atomic_write_json
 from visionpoc.step import StepParts, train_step
-from visionpoc.timing import latency_ms, peak_memory_gib, reset_peak_memory, sync
+from visionpoc.timing import Progress, latency_ms, peak_memory_gib, reset_peak_memory, sync
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +103,6 @@ def resolve_device(name: str, d: Dist = SINGLE) -> torch.device:
     return torch.device(name)
 
 
-def is_transformer(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "blocks", None), (nn.Sequential, nn.ModuleList))
-
-
 @dataclass
 class EpochProgress:
     """Running sums of one epoch; checkpointed so that an interrupted epoch resumes exactly."""
@@ -138,8 +133,12 @@ def train_one_epoch(
     progress: EpochProgress,
     stop: recovery.StopRequest,
     d: Dist = SINGLE,
+    desc: str | None = None,
 ) -> tuple[EpochProgress, int, bool]:
-    """Train over `batches` from `progress` on. Returns (progress, global step, stopped early)."""
+    """Train over `batches` from `progress` on. Returns (progress, global step, stopped early).
+
+    `desc` names the epoch in the progress display (`timing.Progress`: a bar in a terminal, else a log
+    line about every `PROGRESS_LOG_S` s), e.g. "[vit] epoch 2/5"."""
     p.model.train()
     # one process continues the interrupted epoch's running sum, so a resumed epoch adds in the same order
     carried = 0.0 if d.enabled else progress.loss_sum
@@ -147,7 +146,7 @@ def train_one_epoch(
     correct = torch.zeros((), device=p.device, dtype=torch.long)
     n = n_first = 0
     warm_s = wait_s = 0.0
-    bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None if d.main else True)
+    bar = Progress(batches, desc or f"epoch {epoch}", done=progress.batches, show=d.main, logger=log)
     batch_iter, stopped = iter(bar), False
     sync(p.device)  # the epoch clock: synchronized at both ends only, so GPU work stays asynchronous
     t_epoch = time.perf_counter()
@@ -181,16 +180,14 @@ def train_one_epoch(
             warm_s, n_first = time.perf_counter() - t_warm, len(y)
         progress.batches += 1
         n += len(y)
-        if bar.disable is False and step % 10 == 0:  # .item() syncs: only when a bar is shown
-            elapsed = time.perf_counter() - t_epoch - warm_s
-            bar.set_postfix(
-                loss=f"{loss_sum.item() / n:.3f}",
-                acc=f"{correct.item() / n:.3f}",
-                img_s=f"{(n - n_first) / max(elapsed, 1e-9):.0f}",
-            )
+        if bar.step(len(y)):  # .item() syncs: only when a bar's figures or a log line are due
+            bar.show(loss=f"{loss_sum.item() / n:.3f}", acc=f"{correct.item() / n:.3f}")
+        if first:
+            bar.restart_clock()  # the rate and the ETA leave the warm-up out
         if distributed.broadcast_flag(d, stop.signum is not None):  # every rank stops at the same step
             stopped = True
             break
+    bar.close()
     sync(p.device)
     steady_s = time.perf_counter() - t_epoch - warm_s  # input waits included: end-to-end throughput
     # the epoch's sums over every process's samples, added to what an interrupted run had done
@@ -217,9 +214,9 @@ def evaluate_split(
     desc: str,
 ) -> EvalStats:
     """`evaluate` on this process's shard; under torchrun, the shards are gathered in sample order and
-    every sample is checked to be counted exactly once."""
+    every sample is checked to be counted exactly once. Only the main process shows its progress."""
     shard = distributed.shard_of(batches, n_total)
-    stats = evaluate(model, batches, device, num_classes, len(shard), dtype, desc)
+    stats = evaluate(model, batches, device, num_classes, len(shard), dtype, desc, show=d.main)
     if not d.enabled:
         return stats
     targets, probs = distributed.gather_in_order(d, shard, (stats.targets, stats.probs), n_total)
@@ -324,7 +321,7 @@ def build_run(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path) -> 
     models.apply_finetune(model, mcfg)
     dcfg = models.data_config(model, mcfg)
     facts = model_facts(model, mcfg, tuple(dcfg["input_size"]))
-    channels_last = device.type == "cuda" and tc.channels_last and not is_transformer(model)
+    channels_last = device.type == "cuda" and tc.channels_last and not models.is_transformer(model)
     model = sync_batchnorm(model, d, device)
     model.to(device)
     if channels_last:
@@ -466,7 +463,9 @@ def interrupted(label: str, where: str, out_dir: Path) -> TrainingInterrupted:
 
 
 def evaluate_on(run: Run, model: nn.Module, batches: Batches, n_total: int, desc: str) -> EvalStats:
-    """`evaluate_split` with the run's processes, device, classes and autocast dtype."""
+    """`evaluate_split` with the run's processes, device, classes and autocast dtype; `desc` names the
+    pass (the model's label is added)."""
+    desc = f"[{run.mcfg.label}] {desc}"
     return evaluate_split(model, batches, run.d, n_total, run.device, run.splits.num_classes, run.parts.dtype, desc)
 
 
@@ -519,8 +518,9 @@ def train_epochs(
     with recovery.stop_on_signals() as stop, ckpt:  # leaving: every checkpoint asked for is on disk
         for epoch in range(loop.epoch, run.cfg.train.epochs + 1):
             set_epoch(run.loaders.train, epoch, skip_batches=loop.progress.batches)
+            desc = f"[{label}] epoch {epoch}/{run.cfg.train.epochs}"
             loop.progress, loop.step, stopped = train_one_epoch(
-                run.parts, run.loaders.train, epoch, loop.step, loop.progress, stop, d
+                run.parts, run.loaders.train, epoch, loop.step, loop.progress, stop, d, desc
             )
             if stopped:
                 save_last(run, ckpt, loop, result)
@@ -580,11 +580,30 @@ def score_best(run: Run, result: ModelResult) -> None:
     batch 1. Rank 0 writes the test predictions and the model's data config."""
     distributed.barrier(run.d)
     checkpoint.load_weights(run.model, run.out_dir / BEST, run.meta)
-    splits, loaders, model = run.splits, run.loaders, run.eval_model
-    train = evaluate_on(run, model, loaders.train_eval, len(splits.train), "train (clean)")
-    val = evaluate_on(run, model, loaders.val, len(splits.val), "val") if len(splits.val) else None
-    test = evaluate_on(run, model, loaders.test, len(splits.test), "test")
+    splits, loaders = run.splits, run.loaders
+    train = score_on(run, "train (clean)", loaders.train_eval, len(splits.train))
+    val = score_on(run, "val", loaders.val, len(splits.val)) if len(splits.val) else None
+    test = score_on(run, "test", loaders.test, len(splits.test))
     record_scores(run, result, train, val, test)
+
+
+def score_on(run: Run, name: str, batches: Batches, n: int) -> EvalStats:
+    """One scoring pass of the best weights, announced: the time after the last epoch is not silent."""
+    if run.d.main:
+        log.info("[%s] scoring the best weights on %s: %d images", run.mcfg.label, name, n)
+    return evaluate_on(run, run.eval_model, batches, n, name)
+
+
+def warn_if_not_learned(label: str, test: EvalStats, class_names: list[str]) -> None:
+    """A warning when the test scores show that the model did not learn (`evaluate.learning`)."""
+    check = learning(test.targets, test.probs.argmax(1), len(class_names))
+    if not check.learned:
+        log.warning(
+            "[%s] did not learn: %s; comparisons with it say nothing until it does: check the learning rate, "
+            "the number of epochs and the data",
+            label,
+            " and ".join(check.reasons(class_names)),
+        )
 
 
 def record_scores(run: Run, result: ModelResult, train: EvalStats, val: EvalStats | None, test: EvalStats) -> None:
@@ -600,6 +619,8 @@ def record_scores(run: Run, result: ModelResult, train: EvalStats, val: EvalStat
     result.eval_time_s, result.eval_img_s = test.time_s, test.img_s
     result.latency_ms_b1 = latency_ms(run.model, run.facts.input_size, run.device)
     if run.d.main:
+        warn_if_not_learned(run.mcfg.label, test, run.splits.class_names)
+        log.info("[%s] writing the test predictions (%d images) to %s", run.mcfg.label, len(test.targets), run.out_dir)
         save_predictions(run.out_dir / PREDICTIONS_FILE, test.targets, test.probs, run.splits.test.files)
         atomic_write_json(run.out_dir / DATA_CONFIG_FILE, json.loads(json.dumps(run.dcfg, default=list)))
 

@@ -34,7 +34,7 @@ from visionpoc.data.store_batches import batch_train_transform, place
 from visionpoc.recovery import StopRequest
 from visionpoc.step import StepParts
 from visionpoc.timing import sync
-from visionpoc.train import EpochProgress, is_transformer, train_one_epoch
+from visionpoc.train import EpochProgress, train_one_epoch
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -113,7 +113,7 @@ def ours(
     """Our loop's img/s fed by the prepared store and by a synthetic batch already on the device."""
     model = build_model(spec).to(device)
     dcfg = models.data_config(model, ModelConfig(label=spec.label, timm=spec.timm, img_size=spec.size))
-    cl = device.type == "cuda" and not is_transformer(model)
+    cl = device.type == "cuda" and not models.is_transformer(model)
     if cl:
         model = model.to(memory_format=torch.channels_last)
     step_model: nn.Module = torch.compile(model) if device.type == "cuda" else model  # type: ignore[assignment]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from visionpoc.bench.workload import NUM_CLASSES, Plan, Spec, timed
-from visionpoc.train import is_transformer
+from visionpoc.models import is_transformer
 
 
 def hf_vit(spec: Spec) -> nn.Module:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from visionpoc.data.images import load_rgb
 from visionpoc.data.sources import Split
 from visionpoc.data.splits import Splits
 from visionpoc.distributed import SINGLE, Dist, EpochSampler, derive_seed, rank_seed
-from visionpoc.recovery import seed_streams
+from visionpoc.recovery import seed_streams, shield_worker
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +95,10 @@ class AugmentSampler(EpochSampler):
 
 
 def _seed_worker(worker_id: int) -> None:
-    # a terminal's Ctrl-C reaches the whole process group: the main process stops at a step boundary and
-    # ends its workers; a worker that died of it first would turn a clean stop into a loader crash
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C and SIGTERM sent to the whole process group (a terminal, `timeout`, Slurm) reach the workers
+    # too: the main process stops at a step boundary and ends its workers; a worker that died of the
+    # signal first would turn a clean stop into a loader crash
+    shield_worker()
     seed = torch.initial_seed() % 2**32  # torch already derives a distinct seed for each worker
     np.random.seed(seed)
     random.seed(seed)

@@ -53,6 +53,7 @@ from visionpoc.data.sources import Split
 from visionpoc.data.splits import Splits
 from visionpoc.data.store_batches import StoreBatches, Transform, batch_eval_transform, batch_train_transform, place
 from visionpoc.distributed import SINGLE, Dist, EpochSampler
+from visionpoc.recovery import shield_worker
 from visionpoc.runfiles import atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ _WORKER_STORE: np.memmap | None = None  # each build worker's writable map of th
 
 def _open_worker_store(path: str) -> None:
     global _WORKER_STORE
+    shield_worker()  # a stop signal sent to the process group is the main process's to handle
     _WORKER_STORE = np.load(path, mmap_mode="r+")
 
 

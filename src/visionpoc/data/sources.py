@@ -3,9 +3,13 @@
 Two sources:
 - `stanford_dogs`, the official layout: `Images/<wnid>-<breed>/<wnid>_<n>.jpg`, `Annotation/...`, and
   `train_list.mat` / `test_list.mat` / `file_list.mat` in the root or in `lists/` (scipy.io.loadmat;
-  `file_list`, `annotation_list`, 1-based `labels`).
+  `file_list`, `annotation_list`, 1-based `labels`). A class-folder tree read as `stanford_dogs` is
+  recognised (`class_folder_layout`): the error says to read it as `folder`, not to download.
 - `folder`: `root/train/<class>/*` and `root/test/<class>/*` (or `root/val/` as test); classes are the
   sorted train folder names.
+
+Each class has its folder and its display name (`names.py`: the breed for Stanford Dogs, a map given by
+`data.class_names`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from visionpoc.data.names import breed_name as breed_name  # re-exported: where it was first found
+from visionpoc.data.names import default_names, display_names
 from visionpoc.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -47,13 +53,15 @@ class Split:
 
 @dataclass
 class Dataset:
-    """What a source yields: train and test splits and the class names (index = label)."""
+    """What a source yields: train and test splits and the classes (index = label): their display names
+    and their folders."""
 
     source: str
     root: Path
     train: Split
     test: Split
-    class_names: list[str]
+    class_names: list[str]  # what a reader sees: results, reports, `predict`, the demo, exports
+    class_folders: list[str]  # where the images are, in the same order
 
     @property
     def num_classes(self) -> int:
@@ -61,12 +69,6 @@ class Dataset:
 
 
 # ------------------------------------------------------------------------------------- stanford dogs
-
-
-def breed_name(folder: str) -> str:
-    """`n02085620-Chihuahua` -> `Chihuahua`; `n02088094-Afghan_hound` -> `Afghan hound`."""
-    name = folder.split("-", 1)[1] if "-" in folder else folder
-    return name.replace("_", " ")
 
 
 def find_dogs_lists(root: Path) -> Path | None:
@@ -101,6 +103,9 @@ def read_stanford_dogs(root: str | Path) -> Dataset:
     lists = find_dogs_lists(root)
     if lists is None:
         missing = [f for f in DOGS_LISTS if not (root / f).is_file() and not (root / "lists" / f).is_file()]
+        layout = class_folder_layout(root)
+        if layout is not None:  # the user's own images, read with the default source
+            raise DataError(_not_dogs_message(root, layout, missing))
         raise DataError(
             f"{', '.join(missing)} not found in {root} or {root / 'lists'}: "
             f"run 'visionpoc data download --root {root}' or pass the dataset folder with --root"
@@ -121,17 +126,51 @@ def read_stanford_dogs(root: str | Path) -> Dataset:
     absent_classes = [k + 1 for k in range(num_classes) if k not in folders]
     if absent_classes:
         raise DataError(f"{lists}: labels {absent_classes} have no images in either list")
-    class_names = [breed_name(folders[k]) for k in range(num_classes)]
+    class_folders = [folders[k] for k in range(num_classes)]
     ds = Dataset(
         source="stanford_dogs",
         root=root,
         train=Split(images, train_files, train_labels),
         test=Split(images, test_files, test_labels),
-        class_names=class_names,
+        class_names=default_names(class_folders),  # the breeds
+        class_folders=class_folders,
     )
     _check_files_exist(ds)
     _check_class_coverage(ds)
     return ds
+
+
+_DOGS_DIRS = {"Images", "Annotation", "lists"}  # Stanford Dogs' own folders, never classes
+FOLDER_SOURCE = "--set data.source=folder (compare, train, tune) or --source folder (visionpoc data check)"
+
+
+def _holds_images(d: Path, nested: bool) -> bool:
+    """Whether `d` holds an image file (in sub-folders too, when `nested`); stops at the first."""
+    files = d.rglob("*") if nested else d.iterdir()
+    return any(p.suffix.lower() in IMG_EXTENSIONS and p.is_file() for p in files)
+
+
+def class_folder_layout(root: Path) -> str | None:
+    """How `root` holds a class-folder dataset rather than Stanford Dogs' official layout: `split`
+    (`train/<class>/` folders of images: the `folder` source), `flat` (`<class>/` folders of images, no
+    train/test split), or None."""
+    if not root.is_dir():
+        return None
+    train = root / "train"
+    if train.is_dir() and any(c.is_dir() and _holds_images(c, nested=True) for c in train.iterdir()):
+        return "split"
+    classes = [c for c in root.iterdir() if c.is_dir() and not _hidden(c.name) and c.name not in _DOGS_DIRS]
+    return "flat" if sum(_holds_images(c, nested=False) for c in classes[:50]) >= 2 else None
+
+
+def _not_dogs_message(root: Path, layout: str, missing: list[str]) -> str:
+    what = f"{root} holds class folders of images, not Stanford Dogs' official layout (no {', '.join(missing)})"
+    if layout == "split":
+        return f"{what}: read it as a folder dataset with {FOLDER_SOURCE}"
+    return (
+        f"{what}: for your own images, put them in {root / 'train'}/<class>/ and {root / 'test'}/<class>/, "
+        f"then read them with {FOLDER_SOURCE}"
+    )
 
 
 # -------------------------------------------------------------------------------------------- folders
@@ -258,7 +297,7 @@ def read_folder(root: str | Path) -> Dataset:
                 ", ".join(f"{k}: {v}" for k, v in counts.most_common()),
                 " ".join(IMG_EXTENSIONS),
             )
-    ds = Dataset("folder", root, train, test, class_names)
+    ds = Dataset("folder", root, train, test, default_names(class_names), class_names)
     _check_class_coverage(ds)
     return ds
 
@@ -278,14 +317,19 @@ def _check_files_exist(ds: Dataset) -> None:
 
 def _check_class_coverage(ds: Dataset) -> None:
     in_test = set(np.unique(ds.test.labels).tolist())
-    for k, name in enumerate(ds.class_names):
+    for k, folder in enumerate(ds.class_folders):
         if k not in in_test:
-            log.warning("class %r has training images but none in the test split; it is not scored", name)
+            log.warning("class %r has training images but none in the test split; it is not scored", folder)
 
 
-def read_dataset(source: str, root: str | Path) -> Dataset:
+def read_dataset(source: str, root: str | Path, class_names: str | Path | None = None) -> Dataset:
+    """The dataset at `root`; `class_names` (`data.class_names`) maps class folders to display names."""
     if source == "stanford_dogs":
-        return read_stanford_dogs(root)
-    if source == "folder":
-        return read_folder(root)
-    raise DataError(f"data.source: unknown source {source!r}; use 'stanford_dogs' or 'folder'")
+        ds = read_stanford_dogs(root)
+    elif source == "folder":
+        ds = read_folder(root)
+    else:
+        raise DataError(f"data.source: unknown source {source!r}; use 'stanford_dogs' or 'folder'")
+    if class_names is not None:
+        ds.class_names = display_names(ds.class_folders, ds.class_names, class_names)
+    return ds

@@ -18,7 +18,7 @@ class Splits:
     train: Split
     val: Split
     test: Split
-    class_names: list[str]
+    class_names: list[str]  # display names (index = label), as results and reports show them
 
     @property
     def num_classes(self) -> int:
@@ -37,8 +37,9 @@ def limit_per_class(split: Split, limit: int | None, seed: int) -> Split:
     return split.subset(np.sort(np.asarray(keep, dtype=np.int64)))
 
 
-def stratified_val_split(train: Split, fraction: float, seed: int, class_names: list[str]) -> tuple[Split, Split]:
-    """Hold out round(fraction * n_c) images of each class c (at least one) for validation."""
+def stratified_val_split(train: Split, fraction: float, seed: int, class_folders: list[str]) -> tuple[Split, Split]:
+    """Hold out round(fraction * n_c) images of each class c (at least one) for validation; errors name the
+    class by its folder (`class_folders`), where images are to be added."""
     if fraction <= 0:
         return train, train.subset(np.zeros(0, dtype=np.int64))
     rng = np.random.default_rng(seed)
@@ -47,7 +48,7 @@ def stratified_val_split(train: Split, fraction: float, seed: int, class_names: 
         idx = rng.permutation(np.flatnonzero(train.labels == c))
         if len(idx) < 2:
             raise DataError(
-                f"class {class_names[c]!r} has {len(idx)} training image(s); the validation split needs "
+                f"class {class_folders[c]!r} has {len(idx)} training image(s); the validation split needs "
                 "at least 2 per class: add images or set data.val_fraction=0"
             )
         n_val = min(len(idx) - 1, max(1, round(fraction * len(idx))))
@@ -61,5 +62,5 @@ def make_splits(ds: Dataset, val_fraction: float, limit: int | None, seed: int) 
     """Limit train and test per class, then carve validation out of (limited) train."""
     train = limit_per_class(ds.train, limit, seed)
     test = limit_per_class(ds.test, limit, seed)
-    train, val = stratified_val_split(train, val_fraction, seed, ds.class_names)
+    train, val = stratified_val_split(train, val_fraction, seed, ds.class_folders)
     return Splits(train=train, val=val, test=test, class_names=ds.class_names)

@@ -6,7 +6,8 @@ metadata kept outside `ModelConfig` (family, release, pretraining data, licence 
 A config names one as `models: [{preset: NAME, policy: P}]` (`preset_entries` resolves it at load time);
 `preset(name, policy)` gives the same `ModelConfig` in Python; `list_presets(family)` gives one row per preset
 with parameters, forward GFLOPs, input size, pretraining data and licence (timm's pretrained config
-first, the preset's own field as fallback) for `visionpoc models` and docs/models.md.
+first, the preset's own field as fallback) for `visionpoc models` and docs/models.md; without `figures`
+it builds no model and reads only presets.yaml (no torch, no timm), for the quick default table.
 `pretrain_data` and `may_have_seen_imagenet` read a timm tag for the report's leakage caveat.
 """
 
@@ -18,10 +19,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import timm
-import torch
-
-from visionpoc import models
 from visionpoc.config import ModelConfig
 from visionpoc.errors import ConfigError
 from visionpoc.presets.table import PRESETS_FILE as PRESETS_FILE  # re-exported
@@ -188,6 +185,8 @@ def tagged_name(timm_name: str, tag: str | None = None) -> str:
         return f"{arch}.{tag}"
     if dot:
         return timm_name
+    import timm
+
     cfg = timm.models.get_pretrained_cfg(arch)
     return f"{arch}.{cfg.tag}" if cfg is not None and cfg.tag else arch
 
@@ -228,6 +227,8 @@ def licence_kind(licence: str | None) -> LicenceKind:
 
 def timm_licence(timm_name: str) -> tuple[str | None, str | None]:
     """(licence, hf_hub_id) from timm's pretrained config of the tagged name, where timm has them."""
+    import timm
+
     try:
         cfg = timm.models.get_pretrained_cfg(timm_name)
     except (RuntimeError, ValueError):
@@ -243,6 +244,10 @@ def model_figures(mcfg: ModelConfig) -> tuple[int, float, tuple[int, int, int]]:
     The model is built on the `meta` device (no memory, no compute; attention is counted, which the CPU
     kernels are not), with the CPU as fallback.
     """
+    import torch
+
+    from visionpoc import models
+
     for device in (torch.device("meta"), torch.device("cpu")):
         try:
             with device:
@@ -258,13 +263,14 @@ def model_figures(mcfg: ModelConfig) -> tuple[int, float, tuple[int, int, int]]:
     raise AssertionError("unreachable")
 
 
-def list_presets(family: str | None = None) -> list[dict[str, Any]]:
+def list_presets(family: str | None = None, figures: bool = True) -> list[dict[str, Any]]:
     """One JSON-ready row per preset (optionally of one family), in presets.yaml order.
 
     Keys: name, label, timm, family, released, input_size, params (backbone, no classifier), gflops
     (forward, batch 1, at input_size), pretrain_tag, pretrain_data, imagenet_overlap (True/False/None),
     license, license_source (`timm` or `preset`), license_kind, hf_hub_id, default_policy, policies
-    (name -> {finetune, lr, fraction}), notes.
+    (name -> {finetune, lr, fraction}), notes. Without `figures` no model is built and timm is not asked:
+    params, gflops and hf_hub_id are None, input_size is the preset's, the licence the preset's.
     """
     presets = list(load_presets().values())
     if family is not None:
@@ -275,8 +281,12 @@ def list_presets(family: str | None = None) -> list[dict[str, Any]]:
     rows = []
     for p in presets:
         mcfg = preset(p.name)
-        params, gflops, input_size = model_figures(mcfg)
-        licence, hub = timm_licence(mcfg.timm)
+        params: int | None = None
+        gflops: float | None = None
+        size, licence, hub = mcfg.img_size or p.input_size, None, None
+        if figures:
+            params, gflops, (_, _, size) = model_figures(mcfg)
+            licence, hub = timm_licence(mcfg.timm)
         source = "timm" if licence else ("preset" if p.license else None)
         licence = licence or p.license
         tag = mcfg.timm.partition(".")[2] or None
@@ -292,9 +302,9 @@ def list_presets(family: str | None = None) -> list[dict[str, Any]]:
                 "timm": mcfg.timm,
                 "family": p.family,
                 "released": p.released,
-                "input_size": int(input_size[-1]),
+                "input_size": int(size),
                 "params": params,
-                "gflops": round(gflops, 2),
+                "gflops": None if gflops is None else round(gflops, 2),
                 "pretrain_tag": tag,
                 "pretrain_data": p.pretrain_data or pretrain_data(mcfg.timm),
                 "imagenet_overlap": may_have_seen_imagenet(p.pretrain_data or mcfg.timm),
@@ -366,9 +376,45 @@ USAGE = (
 )
 
 
-def format_models_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+NARROW = 100  # columns of the default `visionpoc models` table
+_SHORT_MARK = {"permissive": "", "non-commercial": " [NC]", "custom": " [review]", "unknown": " [unknown]"}
+
+
+def _narrow_table(rows: list[dict[str, Any]]) -> str:
+    """The default table, within NARROW columns and without figures (no model built): the names a config
+    uses, the input size, the ImageNet overlap and the licence."""
+    headers = ["preset", "timm", "input", "ImageNet", "licence"]
+    cells = [
+        [r["name"], r["timm"], str(r["input_size"]), _OVERLAP[r["imagenet_overlap"]], _licence_short(r)] for r in rows
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(
+            v.rjust(w) if i == 2 else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths, strict=True))
+        )
+
+    notes = [
+        "ImageNet: whether pretraining saw ImageNet, where Stanford Dogs' test images come from.",
+        "Licences: [NC] non-commercial; [review] a licence of its own, to read before production use.",
+        "--wide adds family, params, GFLOPs, pretraining data and each policy's lr (it builds every model).",
+        "In a config, one line per model: `- {preset: NAME}` (its default policy) or",
+        "`- {preset: NAME, policy: full|linear_probe}`; fields on the line (lr, img_size, ...) win.",
+    ]
+    out = [line(headers), "-" * len(line(headers)), *(line(row) for row in cells), *notes]
+    return "\n".join(s.rstrip() for s in out)
+
+
+def _licence_short(r: dict[str, Any]) -> str:
+    return (r["license"] or "-") + _SHORT_MARK[r["license_kind"]]
+
+
+def format_models_table(rows: list[dict[str, Any]], markdown: bool = False, wide: bool = True) -> str:
     """`list_presets` rows as an aligned text table (or a Markdown table), with licence warnings and, in
-    text, how a config names a preset."""
+    text, how a config names a preset. `wide=False`: the default table of `visionpoc models`, within
+    NARROW columns, which needs no figures (`list_presets(figures=False)`)."""
+    if not wide and not markdown:
+        return _narrow_table(rows)
     cells = [_cells(r) for r in rows]
     numeric = {3, 4, 5}
     if markdown:

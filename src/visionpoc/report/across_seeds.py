@@ -4,7 +4,9 @@ One run's intervals and McNemar test measure the test set's noise for those trai
 measure the training's (the new head's initialisation, data order, augmentation, dropout). This page
 gives each model's mean and spread across seeds next to the test set's own sampling error, each
 candidate's per-seed difference to the baseline with a paired t-test over seeds and a sentence, McNemar
-per seed, a figure, and a link to each seed's full report (`seed-<s>/report.html`).
+per seed, a figure, and a link to each seed's full report (`seed-<s>/report.html`). A model that did not
+learn in some seed (chance level, or one class for most images) gets a caveat naming those seeds, and its
+comparisons name no lead.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from visionpoc.errors import VisionpocError
+from visionpoc.evaluate import Learning
 from visionpoc.repeats import Spread, read_repeats, spread
 from visionpoc.report import plots, stats
-from visionpoc.report.caveats import Caveat, caveats
+from visionpoc.report.build import cuda_rows, device_text
+from visionpoc.report.caveats import Caveat, caveats, learning_checks, seeds_text, why_not_learned
 from visionpoc.report.inputs import align, read_predictions
 from visionpoc.results import ModelResult, RunResults
 from visionpoc.runfiles import CONFIG_FILE, REPEATS_FILE, REPORT_HTML
@@ -126,9 +130,39 @@ def _pair(
     )
 
 
-def _verdicts(pairs: list[SeedPair], never: frozenset[str] = frozenset()) -> None:
+def _learning(
+    run_dirs: list[Path], seeds: list[int], runs: list[RunResults | None]
+) -> list[tuple[int, dict[str, Learning]]]:
+    """Each finished seed's `learning_checks`, from its test predictions."""
+    out = []
+    for d, s, r in zip(run_dirs, seeds, runs, strict=True):
+        if r is not None:
+            preds = {m.label: p for m in r.models if (p := read_predictions(d, m)) is not None}
+            out.append((s, learning_checks(r, preds)))
+    return out
+
+
+def _not_learned(learned: list[tuple[int, dict[str, Learning]]], class_names: list[str]) -> dict[str, str]:
+    """label -> 'in 2 of 4 seeds (seeds 3, 4): test accuracy 9.3%, chance level 10.0%', for each model that did not
+    learn in some seed (the reason is that of the first such seed)."""
+    seeds: dict[str, list[int]] = {}
+    first: dict[str, Learning] = {}
+    for s, checks in learned:
+        for label, c in checks.items():
+            if not c.learned:
+                seeds.setdefault(label, []).append(s)
+                first.setdefault(label, c)
+    return {
+        label: f"in {seeds_text(ss, len(learned))}: {why_not_learned(first[label], class_names)}"
+        for label, ss in seeds.items()
+    }
+
+
+def _verdicts(
+    pairs: list[SeedPair], never: frozenset[str] = frozenset(), not_learned: dict[str, str] | None = None
+) -> None:
     """Each pair's sentence; with several tested candidates, Holm's correction of the t-tests decides.
-    `never`: the models that finished in no seed."""
+    `never`: the models that finished in no seed; `not_learned`: those that did not learn in some seed."""
     tested = [(p, p.diff.p_value) for p in pairs if p.diff is not None and p.diff.p_value is not None]
     if len(tested) > 1:
         for (p, _), value in zip(tested, stats.holm([v for _, v in tested]), strict=True):
@@ -138,18 +172,20 @@ def _verdicts(pairs: list[SeedPair], never: frozenset[str] = frozenset()) -> Non
             who = " and ".join(x for x in (p.baseline, p.candidate) if x in never)
             p.verdict = f"{who} finished in no seed: there is nothing to compare."
         else:
-            p.verdict = stats.seeds_verdict(p.baseline, p.candidate, p.diff, p.p_holm, max(len(tested), 1))
+            p.verdict = stats.seeds_verdict(
+                p.baseline, p.candidate, p.diff, p.p_holm, max(len(tested), 1), not_learned=not_learned
+            )
 
 
 def _environment(first: RunResults, seeds: list[int]) -> list[tuple[str, str]]:
     e, d = first.environment, first.dataset
     return [
-        ("device", e.device + (f" ({e.gpu_name})" if e.gpu_name else "")),
+        ("device", device_text(e)),
         ("platform", e.platform),
         ("python", e.python),
         ("torch", e.torch),
         ("timm", e.timm),
-        ("CUDA", e.cuda or "none"),
+        *cuda_rows(e),
         ("visionpoc", e.visionpoc),
         ("seeds", ", ".join(map(str, seeds))),
         ("git commit", e.git_commit or "unknown"),
@@ -247,7 +283,9 @@ def build_seeds_report(run_dir: str | Path) -> SeedsReport:
     per_label = {label: _by_label(runs, label) for label in labels}
     rows = [_row(label, per_label[label], first.dataset.test_size, finished) for label in labels]
     pairs = [_pair(repeats.dirs, (labels[0], c), per_label[labels[0]], per_label[c]) for c in labels[1:]]
-    _verdicts(pairs, frozenset(row.label for row in rows if row.finished == 0))
+    learned = _learning(repeats.dirs, repeats.seeds, runs)
+    never = frozenset(row.label for row in rows if row.finished == 0)
+    _verdicts(pairs, never, _not_learned(learned, first.dataset.class_names))
     config = run_dir / CONFIG_FILE
     rep = SeedsReport(
         title=f"Model comparison across {len(repeats.seeds)} seeds: {', '.join(labels)}",
@@ -259,7 +297,9 @@ def build_seeds_report(run_dir: str | Path) -> SeedsReport:
         pairs=pairs,
         caveats=[
             c
-            for c in caveats(first, [(s, r) for s, r in zip(repeats.seeds, runs, strict=True) if r is not None])
+            for c in caveats(
+                first, [(s, r) for s, r in zip(repeats.seeds, runs, strict=True) if r is not None], learned
+            )
             if c.title not in NOT_HERE and not c.title.endswith(" failed")
         ],
         environment=_environment(first, repeats.seeds),

@@ -21,12 +21,12 @@ from visionpoc.evaluate import per_class_accuracy
 from visionpoc.repeats import repeats_of
 from visionpoc.report import budget, plots, stats
 from visionpoc.report.budget import BudgetRow, ProbeGrid
-from visionpoc.report.caveats import Caveat, caveats
+from visionpoc.report.caveats import Caveat, caveats, learning_checks, why_not_learned
 from visionpoc.report.inputs import Predictions, align, read_predictions
 from visionpoc.report.pictures import Picture, disagreement_gallery, what_they_look_at
 from visionpoc.report.stats import Confusion, Interval, McNemar
 from visionpoc.report.tuning import Tuning, read_tuning
-from visionpoc.results import ModelResult, RunResults, load_results
+from visionpoc.results import Environment, ModelResult, RunResults, load_results
 from visionpoc.runfiles import CONFIG_FILE, RESULTS_FILE
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,8 @@ def _pairwise(rep: Report, preds: dict[str, Predictions]) -> list[Pairwise]:
         pw.gallery = rep.figure(f"disagreements_{_slug(cand.label)}", gallery)
         pw.notes += gallery.notes
     tested = [(pw, pw.table, pw.diff) for pw in out if pw.table is not None and pw.diff is not None]
+    checks = learning_checks(r, preds)  # a model at chance level, or answering one class: no lead is named
+    not_learned = {x: why_not_learned(c, r.dataset.class_names) for x, c in checks.items() if not c.learned}
     adjusted = stats.holm([t.p_value for _, t, _ in tested]) if len(tested) > 1 else [None] * len(tested)
     for (pw, table, diff), p_holm in zip(tested, adjusted, strict=True):  # several candidates: Holm decides
         pw.p_holm = p_holm
@@ -159,20 +161,30 @@ def _pairwise(rep: Report, preds: dict[str, Predictions]) -> list[Pairwise]:
             len(tested),
             under_trained=budget.under_trained(b) + budget.under_trained(a),
             unequal=budget.unequal(b, a),
+            not_learned=not_learned,
         )
     return out
 
 
+def device_text(e: Environment) -> str:
+    """The device the run trained on: 'cpu', 'cuda (NVIDIA H200)'."""
+    return e.device + (f" ({e.gpu_name})" if e.gpu_name else "")
+
+
+def cuda_rows(e: Environment) -> list[tuple[str, str]]:
+    """The CUDA version, only when the run ran on CUDA: torch's build has one on a CPU run too, unused."""
+    return [("CUDA", e.cuda or "unknown")] if e.device.startswith("cuda") else []
+
+
 def _environment(r: RunResults) -> list[tuple[str, str]]:
     e = r.environment
-    device = e.device + (f" ({e.gpu_name})" if e.gpu_name else "")
     return [
-        ("device", device),
+        ("device", device_text(e)),
         ("platform", e.platform),
         ("python", e.python),
         ("torch", e.torch),
         ("timm", e.timm),
-        ("CUDA", e.cuda or "none"),
+        *cuda_rows(e),
         ("visionpoc", e.visionpoc),
         ("seed", str(e.seed)),
         ("git commit", e.git_commit or "unknown"),
@@ -212,7 +224,7 @@ def build_report(run_dir: str | Path, explain: bool = True) -> Report:
         pairwise=[],
         confusions=[],
         explain_notes=[],
-        caveats=caveats(r),
+        caveats=caveats(r, learned=[(None, learning_checks(r, preds))]),
         environment=_environment(r),
         config_yaml=_config_yaml(r, run_dir),
         budget=budget.budget_rows(r.models),

@@ -1,19 +1,23 @@
 """Caveats, generated from the run's facts rather than written by hand.
 
-Each check reads `RunResults` and returns zero or more `Caveat`s: pretraining that may have seen the
-test images (Stanford Dogs is built from ImageNet), a large train/test gap, unequal budgets between
-the models (tuning and planned epochs included), the training loop's diagnoses of each model (still
-improving, overfitting early...), licences that restrict production use, a small test set, CPU timings,
-memory figures of different kinds, failed models.
+Each check reads `RunResults` and returns zero or more `Caveat`s: a model that did not learn (test
+accuracy at chance level, or one class answered for most images: `learning_checks`, from the test
+predictions when the report has them; it comes first, since every other figure of that model is
+noise), pretraining that may have seen the test images (Stanford Dogs is built from ImageNet), a large
+train/test gap, unequal budgets between the models (tuning and planned epochs included), the training
+loop's diagnoses of each model (still improving, overfitting early...), licences that restrict production
+use, a small test set, CPU timings, memory figures of different kinds, failed models.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from visionpoc.evaluate import Learning, learning, learning_from_accuracy
 from visionpoc.presets.facts import licence_kind, may_have_seen_imagenet, pretrain_data, tagged_name
 from visionpoc.report import budget
+from visionpoc.report.inputs import Predictions
 from visionpoc.results import ModelResult, RunResults
 
 GAP = 0.10  # train minus test accuracy above which we call it a large gap
@@ -42,6 +46,70 @@ def pretraining_source(m: ModelResult) -> str | None:
     if seen is None:
         return "web-scale" if pretrain_data(name) else "unknown"
     return "other"  # documented pretraining data without ImageNet (e.g. satellite images)
+
+
+LEARN_ADVICE = (
+    "check the learning rate (`lr`: too high and the training diverges, too low and the weights barely move), "
+    "the number of epochs (`train.epochs`) and the data (one folder per class, labels that match the images), "
+    "and train it again"
+)
+
+
+def learning_checks(r: RunResults, preds: Mapping[str, Predictions] | None = None) -> dict[str, Learning]:
+    """Whether each finished model learned (`evaluate.Learning`): from its test predictions when `preds` has
+    them (chance level from the test set's classes, and the class it answers most), else from its recorded
+    test accuracy (chance level 1/classes)."""
+    out = {}
+    for m in r.models:
+        p = (preds or {}).get(m.label)
+        if m.status != "ok":
+            continue
+        if p is not None and len(p.targets) > 0:
+            out[m.label] = learning(p.targets, p.preds, r.dataset.num_classes)
+        elif m.test_accuracy is not None and r.dataset.test_size > 0:
+            out[m.label] = learning_from_accuracy(m.test_accuracy, r.dataset.test_size, r.dataset.num_classes)
+    return out
+
+
+def why_not_learned(check: Learning, class_names: list[str]) -> str:
+    """A verdict's short reason: 'test accuracy 9.3%, chance level 10.0%, beagle answered for 93% of the
+    test images'."""
+    parts = []
+    if check.near_chance:
+        parts.append(f"test accuracy {100 * check.accuracy:.1f}%, chance level {100 * check.chance:.1f}%")
+    if check.one_class and check.top_class is not None:
+        name = class_names[check.top_class] if check.top_class < len(class_names) else f"class {check.top_class}"
+        parts.append(f"{name} answered for {100 * check.top_share:.0f}% of the test images")
+    return ", ".join(parts)
+
+
+def _not_learned(runs: Sequence[tuple[int | None, Mapping[str, Learning]]], class_names: list[str]) -> list[Caveat]:
+    """One caveat per model that did not learn, in the run's order; over several seeds (`runs` pairs each
+    seed with its checks; None: a single run), it names the seeds where it did not."""
+    found: dict[str, list[tuple[int | None, Learning]]] = {}
+    for seed, checks in runs:
+        for label, check in checks.items():
+            if not check.learned:
+                found.setdefault(label, []).append((seed, check))
+    out = []
+    for label, where in found.items():
+        seeds = [str(s) for s, _ in where if s is not None]
+        when = f" in {seeds_text(seeds, len(runs))}" if seeds else ""
+        reasons = where[0][1].reasons(class_names)
+        first = f" (seed {seeds[0]})" if len(seeds) > 1 else ""
+        out.append(
+            Caveat(
+                f"Did not learn: {label}",
+                f"{label} did not learn{when}: {' and '.join(reasons)}{first}. Its figures and every comparison "
+                f"with it say nothing about the model until it does: {LEARN_ADVICE}.",
+            )
+        )
+    return out
+
+
+def seeds_text(seeds: Sequence[object], of: int) -> str:
+    """'1 of 3 seeds (seed 4)', '2 of 3 seeds (seeds 3, 5)'."""
+    return f"{len(seeds)} of {of} seeds (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
 
 
 def _name(m: ModelResult) -> str:
@@ -125,7 +193,7 @@ def train_test_gap(r: RunResults) -> list[Caveat]:
 
 
 def _finetune(m: ModelResult) -> str:
-    return f"{m.finetune} ({m.fraction:g})" if m.fraction is not None else m.finetune
+    return f"{m.finetune} ({m.fraction:.3g})" if m.fraction is not None else m.finetune
 
 
 def _value(v: object) -> str:
@@ -294,10 +362,17 @@ def failures(r: RunResults) -> list[Caveat]:
 CHECKS = (overlap, licences, train_test_gap, budgets, diagnoses, small_test, timing, failures)
 
 
-def caveats(r: RunResults, seeds: list[tuple[int, RunResults]] | None = None) -> list[Caveat]:
+def caveats(
+    r: RunResults,
+    seeds: list[tuple[int, RunResults]] | None = None,
+    learned: Sequence[tuple[int | None, Mapping[str, Learning]]] | None = None,
+) -> list[Caveat]:
     """Every caveat that applies to the run, in reading order. With `seeds` (each repeat's seed and results),
-    `r` is one of them and the training diagnoses are those of every seed."""
-    if seeds is None:
-        return [c for check in CHECKS for c in check(r)]
-    pooled = _diagnoses([(s, x) for s, x in seeds])
-    return [c for check in CHECKS for c in (pooled if check is diagnoses else check(r))]
+    `r` is one of them and the training diagnoses are those of every seed. `learned`: each run's
+    `learning_checks` (the report passes those of the test predictions, which can tell a model that
+    answers one class); without it, each run's recorded test accuracies decide."""
+    runs: list[tuple[int | None, RunResults]] = [(None, r)] if seeds is None else [(s, x) for s, x in seeds]
+    checks = learned if learned is not None else [(s, learning_checks(x)) for s, x in runs]
+    pooled = _diagnoses(runs)
+    rest = [c for check in CHECKS for c in (pooled if check is diagnoses else check(r))]
+    return _not_learned(checks, r.dataset.class_names) + rest

@@ -53,8 +53,26 @@ def points(v: float | None, signed: bool = True) -> str:
     return DASH if _missing(v) else pts(v, signed)  # type: ignore[arg-type]
 
 
-def num(v: float | int | None, spec: str = ",.1f") -> str:
-    return DASH if _missing(v) else format(v, spec)
+def num(v: float | int | None, spec: str = ",.1f", sig: int = 2) -> str:
+    """A number with `spec`; a fixed-point spec keeps at least `sig` significant digits, so that a small value
+    is not rounded away: num(1.56, ",.0f") -> '1.6', num(0.0123, ".2f") -> '0.012' (zero keeps `spec`)."""
+    if _missing(v):
+        return DASH
+    m = re.fullmatch(r"(,?)\.(\d+)f", spec)
+    if m and v:
+        magnitude = math.floor(math.log10(abs(v)))  # type: ignore[arg-type]
+        spec = f"{m[1]}.{max(int(m[2]), sig - 1 - magnitude)}f"
+    return format(v, spec)
+
+
+def rate(v: float | int | None) -> str:
+    """A throughput (img/s): whole numbers from 100 up, three significant digits below ('45.7', '1.56')."""
+    return num(v, ",.0f", sig=3)
+
+
+def decimal(v: float | int | None) -> str:
+    """A setting such as an EMA or layer decay: four significant digits (0.8876087522 -> '0.8876')."""
+    return DASH if _missing(v) else f"{v:.4g}"
 
 
 def count(v: float | int | None) -> str:
@@ -89,11 +107,11 @@ def range_pct(s: Spread | None) -> str:
     return "" if s is None or len(s.values) < 2 else f"[{100 * s.low:.1f}, {100 * s.high:.1f}]"
 
 
-def spread_num(s: Spread | None, spec: str = ",.1f") -> str:
+def spread_num(s: Spread | None, spec: str = ",.1f", sig: int = 2) -> str:
     """Any other figure across seeds: '123.4 ± 5.6'."""
     if s is None:
         return DASH
-    return num(s.mean, spec) + ("" if s.std is None else f" ± {num(s.std, spec)}")
+    return num(s.mean, spec, sig) + ("" if s.std is None else f" ± {num(s.std, spec, sig)}")
 
 
 def p_or_dash(p: float | None) -> str:
@@ -113,6 +131,8 @@ def _environment(image_src: Callable[[str], str]) -> jinja2.Environment:
         ci=ci,
         points=points,
         num=num,
+        rate=rate,
+        decimal=decimal,
         count=count,
         sci=sci,
         millions=millions,

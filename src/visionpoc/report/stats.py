@@ -7,11 +7,13 @@
 - `bootstrap_count`: the same interval for a proportion known only as a count (the train accuracy,
   which has no predictions file).
 - `verdict`: one plain sentence a decision-maker can read, with its uncertainty (and, via `with_budget`,
-  whether an under-trained model or an unequal budget may explain the result).
+  whether an under-trained model or an unequal budget may explain the result). When a model did not
+  learn (at chance level, or one class for most images), `no_learning` replaces it: no lead is named.
 - `holm`: Holm's step-down correction when several candidates are tested against the baseline (the
   chance that at least one "win" is a fluke stays at 5%, not 1 - 0.95^k).
 - `across_seeds` / `seeds_verdict`: the same question over repeated trainings (`train.repeats`): the
-  per-seed differences, a paired t-test over seeds (`scipy.stats.ttest_1samp`) and a sentence.
+  per-seed differences, a paired t-test over seeds (`scipy.stats.ttest_1samp`) and a sentence (or
+  `no_learning`'s, when a model did not learn in some seed).
 - `confused_pairs`: the most frequent (true class, predicted class) mistakes.
 """
 
@@ -193,6 +195,31 @@ def with_budget(sentence: str, under_trained: list[str], unequal: list[str], gap
     return out + "."
 
 
+def no_learning(
+    baseline: str, candidate: str, not_learned: dict[str, str], under_trained: list[str] | None = None
+) -> str:
+    """The verdict when the baseline, the candidate or both did not learn (`not_learned`: label -> why,
+    e.g. 'test accuracy 9.3%, chance level 10.0%'): no lead is named, since a difference between models
+    that guess says nothing about them. The training loop's diagnoses (`under_trained`) follow as hints."""
+    who = [x for x in (candidate, baseline) if x in not_learned]
+    reasons = [(x, not_learned[x]) for x in who if not_learned[x]]
+    why = "; ".join(f"{x}: {reason}" if len(who) > 1 else reason for x, reason in reasons)
+    why = f" ({why})" if why else ""
+    if len(who) > 1:
+        out = (
+            f"Neither {candidate} nor {baseline} learned{why}: the difference between them says nothing about the "
+            "models until they do. Check the learning rate, the number of epochs and the data, and train them again"
+        )
+    else:
+        other = baseline if who[0] == candidate else candidate
+        out = (
+            f"{who[0]} did not learn{why}, so its comparison with {other} says nothing about the models until it "
+            "does. Check its learning rate, number of epochs and data, and train it again"
+        )
+    hints = under_trained or []
+    return out + (f"; the training loop noted that {_and(hints)}." if hints else ".")
+
+
 def verdict(
     baseline: str,
     candidate: str,
@@ -202,13 +229,17 @@ def verdict(
     family: int = 1,
     under_trained: list[str] | None = None,
     unequal: list[str] | None = None,
+    not_learned: dict[str, str] | None = None,
 ) -> str:
     """One sentence: which model is more accurate on test, by how much, and whether chance explains it.
 
     `diff` is candidate minus baseline; the sentence states it as the leader's lead, interval included.
     With several candidates (`family` > 1), `p_adjusted` (Holm) decides, and both p-values are shown.
     `under_trained` and `unequal` (see `with_budget`) end it with why the comparison may not be fair.
+    `not_learned` (label -> why) names the models that did not learn: then `no_learning` speaks instead.
     """
+    if not_learned and {baseline, candidate} & not_learned.keys():
+        return no_learning(baseline, candidate, not_learned, under_trained)
     sentence = _verdict(baseline, candidate, diff, test, p_adjusted, family)
     gap = test.discordant > 0 and diff.point != 0
     return with_budget(sentence, under_trained or [], unequal or [], gap)
@@ -268,10 +299,18 @@ def across_seeds(baseline_acc: list[float], candidate_acc: list[float]) -> Seeds
 
 
 def seeds_verdict(
-    baseline: str, candidate: str, diff: SeedsDifference | None, p_adjusted: float | None = None, family: int = 1
+    baseline: str,
+    candidate: str,
+    diff: SeedsDifference | None,
+    p_adjusted: float | None = None,
+    family: int = 1,
+    not_learned: dict[str, str] | None = None,
 ) -> str:
     """One sentence: which model leads across the seeds, how often, and whether the training's own
-    randomness could explain it. With several candidates, `p_adjusted` (Holm) decides, as in `verdict`."""
+    randomness could explain it. With several candidates, `p_adjusted` (Holm) decides, as in `verdict`.
+    `not_learned` (label -> why, e.g. 'in 2 of 4 seeds (seeds 3, 4): ...'): `no_learning` speaks instead."""
+    if not_learned and {baseline, candidate} & not_learned.keys():
+        return no_learning(baseline, candidate, not_learned)
     if diff is None:
         return f"No seed finished with both {baseline} and {candidate}: nothing to compare."
     k = len(diff.diffs)

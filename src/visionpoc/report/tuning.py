@@ -2,18 +2,29 @@
 
 Reads the study records that `compare --tuned` copied into `RUN_DIR/tuning/` (`tune_summary.json` and
 Optuna's figures), or, when they were not copied, the tune folder that each model's `tuned_from` names.
-Nothing here imports Optuna or the training code: these are plain files.
+A study whose completed trials all scored the same (`tied_value` in its record) found nothing: its row
+and a note say so, and name no best settings.
+Nothing here imports Optuna or the training code: these are plain files. The figures themselves are drawn
+here too, from plain numbers (`history_figure`, `importance_figure`), in the report's style: `visionpoc
+tune` calls them with its study's trials.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
 from visionpoc.repeats import repeats_of
+from visionpoc.report.budget import sci
+from visionpoc.report.plots import NEUTRAL, WIDTH, colour, styled
 from visionpoc.results import RunResults
 from visionpoc.runfiles import RUN_TUNING_DIR, TUNE_PLOTS, TUNE_PLOTS_DIR, TUNE_SUMMARY_FILE, tuning_plot
 
@@ -35,6 +46,7 @@ class TuneRow:
     device: str | None = None
     best_val: float | None = None
     params: str = ""
+    tied: float | None = None  # every completed trial scored this: the search found nothing
 
 
 @dataclass
@@ -45,7 +57,10 @@ class Tuning:
 
 
 def _fmt(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
+    """A best setting: '4.0e-04' for a small number (as the budget table writes a learning rate), else '0.888'."""
+    if isinstance(v, float):
+        return sci(v) if 0 < abs(v) < 0.01 else f"{v:.3g}"
+    return str(v)
 
 
 def _sources(run_dir: Path, r: RunResults) -> list[Path]:
@@ -92,7 +107,11 @@ def read_tuning(run_dir: Path, r: RunResults) -> tuple[Tuning | None, dict[str, 
         if rec is None:
             rows.append(TuneRow(label, tuned=False))
             continue
+        tied = rec.get("tied_value")
+        tied = float(tied) if isinstance(tied, int | float) and not isinstance(tied, bool) else None
         params = " · ".join(f"{k} {_fmt(v)}" for k, v in (rec.get("best_params") or {}).items())
+        if tied is not None:
+            params = f"none: all trials scored {tied:.3f} (configured settings kept)"
         rows.append(
             TuneRow(
                 label,
@@ -104,8 +123,9 @@ def read_tuning(run_dir: Path, r: RunResults) -> tuple[Tuning | None, dict[str, 
                 rec.get("epochs_per_trial"),
                 rec.get("tuning_time_s"),
                 rec.get("device"),
-                rec.get("best_val_accuracy"),
+                rec.get("best_val_accuracy") if tied is None else tied,  # a tie: every trial's score
                 params,
+                tied,
             )
         )
         for kind in TUNE_PLOTS:
@@ -117,8 +137,27 @@ def read_tuning(run_dir: Path, r: RunResults) -> tuple[Tuning | None, dict[str, 
     return Tuning(rows, figures, _fairness_notes(rows)), pngs
 
 
+def tie_advice(value: float) -> str:
+    """What to do about a study whose completed trials all scored `value`."""
+    if value >= 1.0:
+        return (
+            "every trial was perfect: the validation split is too small or too easy to tell settings apart "
+            "(give it more images: `data.val_fraction`)"
+        )
+    return (
+        "trials that all score the same usually learned nothing (chance level is 1/classes): check the "
+        "learning-rate range (`tune.lr`), the epochs per trial (`tune.epochs`) and the data"
+    )
+
+
 def _fairness_notes(rows: list[TuneRow]) -> list[str]:
-    notes = []
+    notes = [
+        f"The search of {row.label} found nothing: all {row.complete} completed trials scored {row.tied:.3f} "
+        f"validation accuracy, so no trial was better than another and {row.label} trained with its configured "
+        f"settings; {tie_advice(row.tied)}."
+        for row in rows
+        if row.tied is not None
+    ]
     untuned = [row.label for row in rows if not row.tuned]
     if untuned:
         notes.append(
@@ -132,3 +171,49 @@ def _fairness_notes(rows: list[TuneRow]) -> list[str]:
             each = ", ".join(f"{row.label} {getattr(row, key)}" for row in tuned)
             notes.append(f"Unequal budget: the models were tuned with different {what} ({each}).")
     return notes
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+
+@styled
+def history_figure(numbers: Sequence[int], values: Sequence[float], n_trials: int | None = None) -> Figure:
+    """The optimisation history: each completed trial's validation accuracy (dots, by trial number) and the
+    best so far (a step line); the x axis counts whole trials, up to `n_trials` (every trial, pruned and
+    failed ones included, so that the gaps show them)."""
+    fig = Figure(figsize=(WIDTH / 2, 3.4), layout="constrained")
+    ax = fig.subplots()
+    order = np.argsort(numbers, kind="stable")
+    xs, ys = np.asarray(numbers)[order], np.asarray(values, dtype=float)[order]
+    ax.plot(xs, ys, "o", color=colour(0), alpha=0.8, label="completed trial")
+    if xs.size:
+        ax.step(xs, np.maximum.accumulate(ys), where="post", color=colour(1), lw=2, label="best so far")
+    last = max(int(xs.max()) if xs.size else 0, (n_trials or 0) - 1)
+    ax.set(
+        title="Optimisation history",
+        xlabel="trial",
+        ylabel="validation accuracy",
+        xlim=(-0.5, last + 0.5),
+    )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    return fig
+
+
+@styled
+def importance_figure(importances: Mapping[str, float]) -> Figure:
+    """Each searched parameter's share of the variation in validation accuracy (Optuna's fANOVA
+    importances), as horizontal bars, the most important at the top."""
+    names = sorted(importances, key=lambda k: -importances[k])
+    fig = Figure(figsize=(WIDTH / 2, max(2.2, 1.2 + 0.4 * len(names))), layout="constrained")
+    ax = fig.subplots()
+    ys = np.arange(len(names))[::-1]
+    values = [importances[k] for k in names]
+    ax.barh(ys, values, height=0.6, color=colour(0))
+    for y, v in zip(ys, values, strict=True):
+        ax.text(v, y, f" {v:.2f}", va="center", fontsize=9, color=NEUTRAL)
+    ax.set_yticks(ys, names)
+    ax.set(title="Parameter importance", xlabel="share of the variation in validation accuracy", xlim=(0, 1.1))
+    ax.grid(axis="x", alpha=0.3)
+    return fig

@@ -36,7 +36,8 @@ from starlette.concurrency import run_in_threadpool
 
 from visionpoc import __version__
 from visionpoc.errors import VisionpocError
-from visionpoc.serving.page import CSP, PAGE
+from visionpoc.results import load_results
+from visionpoc.serving.page import CSP, PageText, page_text, render_page
 from visionpoc.serving.predict import Predictor
 from visionpoc.serving.uploads import (
     DEFAULT_MAX_PIXELS,
@@ -113,6 +114,7 @@ class HealthResponse(BaseModel):
     status: Literal["ok"] = Field(description="always `ok` when the service answers")
     models: list[str] = Field(description="the labels of the loaded models")
     num_classes: int = Field(description="the number of classes the models choose from")
+    title: str = Field(description="the demo page's title (from the run's dataset, or `serve --title`)")
 
 
 class ErrorResponse(BaseModel):
@@ -163,17 +165,19 @@ def create_app(
     device: str = "cpu",
     predictor: Predictor | None = None,
     max_concurrent: int = MAX_CONCURRENT_PREDICTIONS,
+    title: str | None = None,
 ) -> FastAPI:
     """The service for the run in `run_dir`; its models load now, once. Uploads over `max_upload_bytes`
     or declaring more than `max_pixels` pixels are refused (413); at most `max_concurrent` uploads are
-    decoded and predicted at a time."""
+    decoded and predicted at a time. The demo page's title is `title`, else the run's (`page_text`)."""
     predictor = predictor or Predictor(run_dir, device=device)
+    text = page_text(load_results(predictor.run_dir).dataset, title)
     # /docs is FastAPI's Swagger UI. Its JS and CSS come from the fastapi-offline package when it is
     # installed (works offline); otherwise from FastAPI's default CDN (the page is blank offline, while
     # /openapi.json always works).
     assets = swagger_assets()
     app = FastAPI(
-        title="visionpoc: which dog breed?",
+        title=f"visionpoc: {text.title}",
         version=__version__,
         description=f"The models of run `{Path(run_dir).name}`: {', '.join(predictor.labels)}.",
         redoc_url=None,
@@ -186,19 +190,21 @@ def create_app(
     async def refused(_request: Request, exc: UploadError) -> JSONResponse:
         return JSONResponse(ErrorResponse(error=exc.message).model_dump(), status_code=exc.status)
 
-    _add_health(app, predictor)
+    _add_health(app, predictor, text)
     _add_predict(app, _Service(predictor, max_upload_bytes, max_pixels, threading.BoundedSemaphore(max_concurrent)))
     if assets:
         _add_offline_docs(app, assets)
-    _add_page(app)
+    _add_page(app, render_page(text, predictor.labels))
     return app
 
 
-def _add_health(app: FastAPI, predictor: Predictor) -> None:
+def _add_health(app: FastAPI, predictor: Predictor, text: PageText) -> None:
     @app.get("/health")
     def health() -> HealthResponse:
-        """Liveness, the loaded models and the number of classes."""
-        return HealthResponse(status="ok", models=predictor.labels, num_classes=len(predictor.class_names))
+        """Liveness, the loaded models, the number of classes and the demo page's title."""
+        return HealthResponse(
+            status="ok", models=predictor.labels, num_classes=len(predictor.class_names), title=text.title
+        )
 
 
 def _add_predict(app: FastAPI, service: _Service) -> None:
@@ -256,10 +262,10 @@ def _add_offline_docs(app: FastAPI, assets: Path) -> None:
         return FileResponse(assets / name)
 
 
-def _add_page(app: FastAPI) -> None:
+def _add_page(app: FastAPI, html: str) -> None:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
-        return HTMLResponse(PAGE, headers={"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"})
+        return HTMLResponse(html, headers={"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"})
 
 
 def is_loopback(host: str) -> bool:
@@ -272,9 +278,15 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(
-    run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10, device: str = "cpu"
+    run_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_upload_mb: float = 10,
+    device: str = "cpu",
+    title: str | None = None,
 ) -> None:
-    """Run the service with uvicorn until interrupted (one process: the models are loaded once)."""
+    """Run the service with uvicorn until interrupted (one process: the models are loaded once); `title`
+    replaces the demo page's title taken from the run."""
     import uvicorn
 
     if not is_loopback(host):
@@ -283,7 +295,7 @@ def serve(
             "use --host 127.0.0.1 unless that is what you want",
             host,
         )
-    app = create_app(run_dir, max_upload_bytes=int(max_upload_mb * 2**20), device=device)
+    app = create_app(run_dir, max_upload_bytes=int(max_upload_mb * 2**20), device=device, title=title)
     log.info("serving %s on http://%s:%d/ (docs: /docs, API schema: /openapi.json)", run_dir, host, port)
     try:
         uvicorn.run(app, host=host, port=port, server_header=False, timeout_keep_alive=5)

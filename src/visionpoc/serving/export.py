@@ -67,7 +67,7 @@ def export(
     run_dir: str | Path, fmt: Literal["onnx", "safetensors"], label: str | None = None, out: str | Path | None = None
 ) -> list[Path]:
     """Export every successful model of the run (or only `label`) to `out/<label>/` (default
-    `RUN_DIR/export/<label>/`); returns the files written."""
+    `RUN_DIR/export/<label>/`); returns the files written (logged only at debug level: the caller shows them)."""
     if fmt not in FORMATS:
         raise VisionpocError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
     run_dir = Path(run_dir)
@@ -81,6 +81,7 @@ def export(
         raise ConfigError(f"--out {out_dir} is a file: give a folder (each model's files go in <out>/<label>/)")
     written: list[Path] = []
     for lab in [label] if label else labels:
+        log.info("[%s] exporting to %s in %s", lab, fmt, out_dir / lab)  # the phase; the files are the result
         tm = load_trained(run_dir, lab)
         folder = out_dir / lab
         written.append(export_onnx(tm, folder) if fmt == "onnx" else export_safetensors(tm, folder))
@@ -151,7 +152,7 @@ def export_onnx(tm: TrainedModel, folder: Path) -> Path:
             stale.unlink(missing_ok=True)
         raise
     atomic_write_json(folder / CHECK_FILE, asdict(checks[-1]))
-    log.info("%s -> %s; %s", tm.label, path, checks[-1])
+    log.debug("%s -> %s; %s", tm.label, path, checks[-1])  # a result: the caller shows it (read_onnx_check)
     return path
 
 
@@ -233,7 +234,7 @@ def export_safetensors(tm: TrainedModel, folder: Path) -> Path:
     meta = {"timm": tm.mcfg.timm, "num_classes": str(nc), "config": json.dumps(config)}
     path = atomic_write(folder / "model.safetensors", lambda tmp: save_file(weights, str(tmp), metadata=meta))
     atomic_write_json(folder / "model_config.json", config)
-    log.info("%s -> %s", tm.label, path)
+    log.debug("%s -> %s", tm.label, path)  # a result: the caller shows it
     return path
 
 

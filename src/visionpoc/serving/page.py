@@ -3,12 +3,23 @@ resource, so it works offline and under a strict Content-Security-Policy). A per
 photo; the page posts it to `/predict?top=5&explain=true` and shows each model's top-5 side by side as
 bars, with the model's explanation overlay (ViT attention rollout, CNN Grad-CAM) when there is one.
 
-Server data is put into the page with `textContent` only (never `innerHTML`), so a class name cannot
-inject markup. When a prediction has rendered, `document.body.dataset.state` is `"done"` (`"error"`
-after a refusal): tests and scripts can wait on it.
+Its title and class count come from the run (`page_text`: "Which dog breed is it?" and "120 breeds"
+for Stanford Dogs, "Which class is it?" and "10 classes of <dataset folder>" otherwise), or from
+`serve --title`; they are HTML-escaped into the page when it is served. Answers from the server are put
+into the page with `textContent` only (never `innerHTML`), so a class name cannot inject markup. The
+preview shows only once the browser has decoded the photo, and a refused upload clears it (no broken
+image). When a prediction has rendered, `document.body.dataset.state` is `"done"` (`"error"` after a
+refusal): tests and scripts can wait on it.
 """
 
 from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from visionpoc.results import DatasetInfo
 
 # default-src 'none': nothing leaves for another origin; the page talks only to its own server
 CSP = (
@@ -22,7 +33,7 @@ PAGE = """<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <link rel="icon" href="data:,">
-<title>Which dog breed? visionpoc demo</title>
+<title>__TITLE__ · visionpoc demo</title>
 <style>
   :root { --fg: #1d232b; --muted: #5d6b7a; --line: #dde3ea; --accent: #2b6cb0; --bg: #f6f8fa; }
   * { box-sizing: border-box; }
@@ -56,10 +67,10 @@ PAGE = """<!doctype html>
 </head>
 <body data-state="idle">
 <main>
-  <h1>Which dog breed is it?</h1>
-  <div class="muted" id="models">Loading the models…</div>
+  <h1>__TITLE__</h1>
+  <div class="muted" id="models">__SUMMARY__</div>
   <label id="drop" for="file">
-    <strong>Drop a dog photo here</strong> or choose a file (JPEG, PNG, WebP…)
+    <strong>Drop __PHOTO__ here</strong> or choose a file (JPEG, PNG, WebP…)
     <input type="file" id="file" name="file" accept="image/*">
   </label>
   <div id="top">
@@ -77,9 +88,17 @@ function el(tag, cls, text) {
   if (text !== undefined) e.textContent = text;
   return e;
 }
-fetch("/health").then((r) => r.json()).then((h) => {
-  $("models").textContent = "Models: " + h.models.join(", ") + " · " + h.num_classes + " breeds";
-}).catch(() => { $("models").textContent = "The service is not answering /health."; });
+const preview = $("preview");
+// shown once the browser has decoded the file; a file it cannot show, or a refused upload, leaves no
+// broken-image icon behind
+function clearPreview() {
+  preview.style.display = "none";
+  const url = preview.getAttribute("src");
+  preview.removeAttribute("src");  // removing (not emptying) src fires no further error event
+  if (url) URL.revokeObjectURL(url);
+}
+preview.addEventListener("load", () => { preview.style.display = "block"; });
+preview.addEventListener("error", clearPreview);
 
 function card(answer) {
   const c = el("article", "model-card");
@@ -112,10 +131,8 @@ async function predict(file) {
   document.body.dataset.state = "busy";
   $("error").textContent = "";
   $("results").replaceChildren();
-  const preview = $("preview");
-  if (preview.src) URL.revokeObjectURL(preview.src);
+  clearPreview();
   preview.src = URL.createObjectURL(file);
-  preview.style.display = "block";
   $("status").textContent = "Predicting " + file.name + "…";
   const form = new FormData();
   form.append("file", file);
@@ -127,6 +144,7 @@ async function predict(file) {
     $("status").textContent = file.name + ": " + body.models.length + " models answered.";
     document.body.dataset.state = "done";
   } catch (err) {
+    clearPreview();
     $("status").textContent = "";
     $("error").textContent = "Could not predict: " + err.message;
     document.body.dataset.state = "error";
@@ -146,3 +164,27 @@ drop.addEventListener("drop", (e) => {
 </body>
 </html>
 """
+
+
+@dataclass(frozen=True)
+class PageText:
+    """The run's words on the page."""
+
+    title: str  # the heading and the tab's title: "Which dog breed is it?"
+    classes: str  # what the models choose from: "120 breeds", "10 classes of flowers"
+    photo: str  # what to drop: "a dog photo", "a photo"
+
+
+def page_text(dataset: DatasetInfo, title: str | None = None) -> PageText:
+    """The page's words for a run on `dataset`; `title` (`serve --title`) replaces the default title."""
+    n = dataset.num_classes
+    if dataset.source == "stanford_dogs":
+        return PageText(title or "Which dog breed is it?", f"{n} breeds", "a dog photo")
+    name = Path(dataset.root).name or dataset.root
+    return PageText(title or "Which class is it?", f"{n} classes of {name}", "a photo")
+
+
+def render_page(text: PageText, models: list[str]) -> str:
+    """The page, with the run's words (HTML-escaped) and the labels of the loaded `models`."""
+    fill = {"TITLE": text.title, "SUMMARY": f"Models: {', '.join(models)} · {text.classes}", "PHOTO": text.photo}
+    return re.sub(r"__(TITLE|SUMMARY|PHOTO)__", lambda m: html.escape(fill[m.group(1)]), PAGE)

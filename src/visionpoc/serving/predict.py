@@ -2,6 +2,11 @@
 preprocessed exactly as evaluation does (the model's own timm eval transform on the RGB image), and
 each model answers its top-k classes with probabilities and the forward latency.
 
+The latency is one forward pass at batch 1, timed (synchronized on CUDA) after an untimed warm-up
+forward per model: a process's first forward pays one-off costs (allocations, kernel selection, lazy
+initialization) that can make it ten times slower, and would read as the model's speed. It leaves out
+decoding and preprocessing. Results are returned, never logged: the caller shows them once.
+
 Shared by `visionpoc predict` and the web service. A `Predictor` may be called from several threads:
 each model has its own lock, because explanation switches the model's attention path and installs
 hooks for the duration of a call.
@@ -34,6 +39,7 @@ from visionpoc.serving.loading import TrainedModel, load_trained
 log = logging.getLogger(__name__)
 
 MAX_ASPECT_RATIO = 20  # longer side / shorter side; a panorama is ~4, a 20:1 strip is not a photo
+LATENCY_NOTE = "ms: one forward pass at batch 1, timed after an untimed warm-up; decoding and preprocessing excluded"
 Row = dict[str, Any]  # one image: {"image", "models": [{"model", "top", "latency_ms"}]} or {"image", "error"}
 
 
@@ -76,6 +82,7 @@ class Predictor:
         self.class_names = list(results.dataset.class_names)
         self._transforms = {tm.label: eval_transform(tm.data_config) for tm in self.models}
         self._locks = {tm.label: threading.Lock() for tm in self.models}
+        self._warm: set[str] = set()  # models that have run their untimed warm-up forward
         log.info("loaded %s from %s", ", ".join(self.labels), self.run_dir)
 
     @property
@@ -91,8 +98,8 @@ class Predictor:
             torch.cuda.synchronize(self.device)
 
     def predict_image(self, image: Image.Image, top: int = 5) -> list[dict[str, Any]]:
-        """Each model's top-`top` classes for one image and its forward latency (ms, batch 1, no decode
-        or preprocessing)."""
+        """Each model's top-`top` classes for one image and its forward latency (ms: one forward at batch
+        1 after a warm-up; no decode or preprocessing)."""
         if top < 1:
             raise ValueError(f"top must be at least 1, got {top}")
         check_aspect_ratio(image.width, image.height)
@@ -101,6 +108,9 @@ class Predictor:
         for tm in self.models:
             x = self.preprocess(tm, image)  # (1, 3, H, W)
             with self._locks[tm.label], torch.inference_mode():
+                if tm.label not in self._warm:  # the first forward's one-off costs are not the model's speed
+                    tm.model(x)
+                    self._warm.add(tm.label)
                 self._sync()
                 t0 = time.perf_counter()
                 logits = tm.model(x)  # (1, num_classes)
@@ -128,7 +138,7 @@ class Predictor:
     def predict_paths(self, paths: Iterable[str | Path], top: int = 5) -> list[Row]:
         """Predict every image file named in `paths` (folders are searched recursively for image
         extensions). An image that cannot be decoded, or is too elongated (`MAX_ASPECT_RATIO`), gives a
-        row with an `error` instead of stopping."""
+        row with an `error` instead of stopping (the row carries it: the caller shows it)."""
         files = image_files(paths)
         rows: list[Row] = []
         for path in tqdm(files, desc="predict", unit="img", disable=None):
@@ -136,7 +146,6 @@ class Predictor:
                 image = load_rgb(path)  # within PIL's pixel limit, like any image: a strip decodes cheaply
                 check_aspect_ratio(image.width, image.height, f"image {path}")  # before the resize
             except VisionpocError as e:
-                log.warning("%s", e)
                 rows.append({"image": str(path), "error": str(e)})
                 continue
             rows.append({"image": str(path), "models": self.predict_image(image, top)})
@@ -188,7 +197,8 @@ def image_files(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def format_predictions(rows: list[Row]) -> str:
-    """A plain-text table per image, the models side by side: rank, class and probability."""
+    """A plain-text table per image, the models side by side: rank, class and probability; a last line
+    says what the latency in each model's heading measures (`LATENCY_NOTE`)."""
     blocks = []
     for row in rows:
         if "error" in row:
@@ -207,4 +217,6 @@ def format_predictions(rows: list[Row]) -> str:
                 cells.append(cell.ljust(width))
             lines.append(f"  {r + 1:<3}" + "".join(cells).rstrip())
         blocks.append("\n".join(lines))
+    if any("models" in row for row in rows):
+        blocks.append(LATENCY_NOTE)
     return "\n\n".join(blocks)

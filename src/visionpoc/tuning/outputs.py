@@ -4,17 +4,24 @@ In the tune folder OUT:
 - `tuned/<label>.yaml`: the best trial's settings as overrides of that model's ModelConfig (`model:`),
   plus the study's record (`tuning:` trials complete/pruned/failed, time spent, device, best
   validation accuracy). It is plain YAML: edit it, or copy it between machines. A study without a
-  completed trial writes none: the model stays untuned (and the report says so).
+  completed trial writes none: the model stays untuned (and the report says so). A study whose
+  completed trials all scored the same (at least two: `tied_value`) found nothing to choose between
+  them: its file holds no settings (`model: {}`), only the record with `tied_value`, so the configured
+  settings stand.
 - `tune_summary.json`: every `tuned/*.yaml`'s record, side by side (the fairness table).
-- `plots/<label>_history.png`, `plots/<label>_importance.png`: Optuna's matplotlib figures.
+- `plots/<label>_history.png`, `plots/<label>_importance.png`: the optimisation history and the
+  parameter importances, drawn in the report's style.
 
 `apply_tuned(cfg, OUT)` puts each model's overrides into the config (`tuned_from` records the file; a file
-without overrides and without a best trial is ignored with a warning), and with `out_dir` copies the records and the figures into `out_dir/tuning/`, where the report finds them.
+without overrides and without a best trial is ignored with a warning), and with `out_dir` copies the
+records and the figures into `out_dir/tuning/`, where the report finds them (a tied study's record too:
+the report says that its search found nothing).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import warnings
 from pathlib import Path
@@ -22,7 +29,6 @@ from typing import Any
 
 import optuna
 import yaml
-from matplotlib.figure import Figure
 
 from visionpoc.config import Config, ConfigError, ModelConfig, with_model_changes
 from visionpoc.runfiles import (
@@ -31,6 +37,7 @@ from visionpoc.runfiles import (
     TUNE_PLOTS_DIR,
     TUNE_SUMMARY_FILE,
     TUNED_DIR,
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     tuned_file,
@@ -48,11 +55,28 @@ def _overrides(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     return dict(trial.user_attrs.get("overrides", {}))
 
 
+def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(TS.COMPLETE,)) if t.value is not None]
+
+
+def tied_value(study: optuna.Study) -> float | None:
+    """The validation accuracy that every completed trial scored, when there are at least two and they all
+    scored the same (e.g. three trials at chance level, 0.100): the search found nothing to choose
+    between them. None otherwise."""
+    values = [float(t.value or 0.0) for t in _complete(study)]
+    if len(values) < 2 or not all(math.isclose(v, values[0], rel_tol=0, abs_tol=1e-12) for v in values):
+        return None
+    return values[0]
+
+
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     """The completed trial with the highest validation accuracy, the earliest among equals (Optuna's
-    `best_trial` leaves ties to the database); None without a completed trial."""
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TS.COMPLETE,)) if t.value is not None]
-    return max(complete, key=lambda t: (float(t.value or 0.0), -t.number)) if complete else None
+    `best_trial` leaves ties to the database); None without a completed trial, or when every completed
+    trial scored the same (`tied_value`: no trial is better than another)."""
+    complete = _complete(study)
+    if not complete or tied_value(study) is not None:
+        return None
+    return max(complete, key=lambda t: (float(t.value or 0.0), -t.number))
 
 
 def study_record(study: optuna.Study, mcfg: ModelConfig, storage: str, epochs: int) -> dict[str, Any]:
@@ -82,6 +106,7 @@ def study_record(study: optuna.Study, mcfg: ModelConfig, storage: str, epochs: i
         "best_trial": best.number if best else None,
         "best_val_accuracy": best.value if best else None,
         "best_params": dict(best.params) if best else {},
+        "tied_value": tied_value(study),  # set: every completed trial scored this, no settings chosen
         "searched": sorted({k for t in trials for k in t.params}),
     }
 
@@ -99,37 +124,49 @@ def best_params_yaml(study: optuna.Study, mcfg: ModelConfig, record: dict[str, A
     head = (
         f"# Tuned settings of {mcfg.label!r}: overrides of its ModelConfig, used by `visionpoc compare --tuned DIR`.\n"
     )
+    if record.get("tied_value") is not None:
+        head = (
+            f"# No tuned settings for {mcfg.label!r}: {tie_text(record)}; "
+            "its configured settings stand. The study's record follows.\n"
+        )
     return head + yaml.safe_dump(doc, sort_keys=False)
 
 
+def tie_text(record: dict[str, Any]) -> str:
+    """'all 3 completed trials scored 0.100 validation accuracy: the search found nothing to choose between
+    them', from a study record with `tied_value`."""
+    return (
+        f"all {record.get('complete')} completed trials scored {float(record['tied_value']):.3f} validation "
+        "accuracy: the search found nothing to choose between them"
+    )
+
+
 def save_plots(study: optuna.Study, folder: Path, label: str) -> list[str]:
-    """Optimisation history and parameter importances as PNG in `folder`; returns notes on skipped ones."""
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
+    """Optimisation history and parameter importances as PNG in `folder`, drawn in the report's style
+    (`report.tuning.history_figure`, `importance_figure`); returns notes on skipped ones."""
+    from visionpoc.report.plots import to_png
+    from visionpoc.report.tuning import history_figure, importance_figure
 
     folder.mkdir(parents=True, exist_ok=True)
-    complete = study.get_trials(deepcopy=False, states=(TS.COMPLETE,))
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TS.COMPLETE,)) if t.value is not None]
+    n_trials = len(study.get_trials(deepcopy=False))
     notes = []
-    for name, draw, need in (
-        ("history", ovm.plot_optimization_history, 1),
-        ("importance", ovm.plot_param_importances, 2),
-    ):
+    for name, need in (("history", 1), ("importance", 2)):
         path = folder / tuning_plot(label, name)
         if len(complete) < need:
             notes.append(f"{name} plot skipped: it needs {need} completed trial(s), the study has {len(complete)}")
             path.unlink(missing_ok=True)
             continue
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                ax = draw(study)
-            fig = ax.figure
-            assert isinstance(fig, Figure)
-            fig.savefig(path, dpi=100, bbox_inches="tight", facecolor="white")
-            plt.close(fig)
+            if name == "history":
+                fig = history_figure([t.number for t in complete], [float(t.value or 0.0) for t in complete], n_trials)
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    fig = importance_figure(optuna.importance.get_param_importances(study))
+            atomic_write_bytes(path, to_png(fig))
         except Exception as e:  # importance needs parameters that vary; a plot must never lose the study
             notes.append(f"{name} plot skipped: {type(e).__name__}: {e}")
-            plt.close("all")
     for n in notes:
         log.info("[%s] %s", label, n)
     return notes
@@ -137,11 +174,15 @@ def save_plots(study: optuna.Study, folder: Path, label: str) -> list[str]:
 
 def write_outputs(study: optuna.Study, mcfg: ModelConfig, out_dir: Path, storage: str, epochs: int) -> Path | None:
     """Write `tuned/<label>.yaml`, the plots and `tune_summary.json` in `out_dir`; return the YAML path,
-    or None when the study has no completed trial (no YAML: the model is not tuned)."""
+    or None when the study has no completed trial (no YAML: the model is not tuned) or when its completed
+    trials all tied (a YAML without settings, for the record: the configured settings stand)."""
     record = study_record(study, mcfg, storage, epochs)
     record["notes"] = save_plots(study, out_dir / TUNE_PLOTS_DIR, mcfg.label)
     path: Path | None = None
-    if record["best_trial"] is None:
+    if record["tied_value"] is not None:  # the record is kept (the summary, the report), without settings
+        atomic_write_text(out_dir / TUNED_DIR / tuned_file(mcfg.label), best_params_yaml(study, mcfg, record))
+        log.warning("[%s] %s; no tuned settings written (the defaults stand)", mcfg.label, tie_text(record))
+    elif record["best_trial"] is None:
         log.warning(
             "[%s] study %r has no completed trial: no tuned settings written; run the same command again to add trials",
             mcfg.label,
@@ -191,6 +232,15 @@ def apply_tuned(cfg: Config, tuned_dir: Path, out_dir: Path | None = None) -> Co
                 f"{path} was tuned for {doc['timm']!r}, but model {m.label!r} is {m.timm!r}: "
                 "tune it again or remove the file"
             )
+        if not doc.get("model") and (doc.get("tuning") or {}).get("tied_value") is not None:
+            log.warning(
+                "model %s: %s holds no tuned settings (%s): it keeps its configured ones",
+                m.label,
+                path,
+                tie_text(doc["tuning"]),
+            )
+            records[m.label] = doc["tuning"]  # the report says that the search found nothing
+            continue
         if not doc.get("model") and (doc.get("tuning") or {}).get("best_trial") is None:
             log.warning(
                 "model %s: %s holds no tuned settings (its study has no completed trial): it keeps "

@@ -25,6 +25,8 @@ validation accuracy only.
   capped at the trial's epochs (a longer one would never reach the peak LR).
 - Each trial trains in `OUT/trials/<label>/<number>/` and keeps its `history.json` there; its weights
   are deleted when it ends (compare retrains the best settings). Results: see `outputs.py`.
+- Optuna's log lines (a study created, a trial finished or pruned) go through the project's logging
+  (`optuna_logs_to_root`), in its format, instead of Optuna's own stderr handler.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from visionpoc.data.splits import Splits
 from visionpoc.errors import TrainingInterrupted
 from visionpoc.recovery import stop_on_signals
 from visionpoc.runfiles import TRIALS_DIR, TUNE_DB_FILE
-from visionpoc.train import fit, is_transformer, resolve_device
+from visionpoc.train import fit, resolve_device
 from visionpoc.tuning import ddp as tune_ddp  # under torchrun, trials run data-parallel
 from visionpoc.tuning.outputs import FINISHED, apply_tuned, best_params_yaml, write_outputs
 
@@ -91,7 +93,7 @@ def model_family(mcfg: ModelConfig, num_classes: int) -> Family:
     model = models.create_model(mcfg, num_classes, pretrained=False)
     takes = inspect.signature(type(model).__init__).parameters
     return Family(
-        mcfg.finetune == "top_fraction", is_transformer(model), "drop_path_rate" in takes, "drop_rate" in takes
+        mcfg.finetune == "top_fraction", models.is_transformer(model), "drop_path_rate" in takes, "drop_rate" in takes
     )
 
 
@@ -167,6 +169,14 @@ def _public_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+def optuna_logs_to_root() -> None:
+    """Optuna's records (INFO and up: a study created, each trial's end) to the root logger's handlers,
+    formatted like every other line, instead of Optuna's own stderr handler and format."""
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+
+
 def tuning_splits(cfg: Config) -> Splits:
     """The compare run's train/validation splits (same seed, same carve-out), with an empty test split."""
     _, splits = load_data(cfg)
@@ -225,6 +235,7 @@ def run_tune(
     then write its tuned settings, summary and plots in `out_dir`. Returns the study (also after Ctrl-C:
     finished trials kept)."""
     out_dir = Path(out_dir)
+    optuna_logs_to_root()
     mcfg = cfg.model(label)
     if cfg.data.val_fraction <= 0:
         raise ConfigError("tune scores trials on the validation split: set data.val_fraction > 0 (e.g. 0.1)")
