@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from visionpoc.bench import plain
 from visionpoc.bench import run as bench
 from visionpoc.bench.run import SECTIONS, format_bench, run_bench
 
@@ -51,7 +52,15 @@ def test_smoke_bench_reports_every_figure(tmp_path: Path, one_thread: None) -> N
         lp["through_backbone_s"] / lp["cached_s"]
     )
     assert lp["val_accuracy"]["cached"] is not None and lp["images"]["train"] == 42
+    pl = d["plain"]
+    assert "error" not in pl, pl
+    assert [c["finetune"] for c in pl["cases"]] == ["full", "head"]
+    for c in pl["cases"]:
+        assert c["plain_img_s"] > 0 and c["ours_img_s"] > 0 and len(c["rates"]["ours"]) == len(c["rates"]["plain"])
+        assert c["ratio"] == pytest.approx(c["ours_img_s"] / c["plain_img_s"])  # one round: its own ratio
+        assert d["ratios"][f"{c['finetune']} vs the plain loop"] == c["ratio"]
     text = format_bench(d)
+    assert "our loop vs a plain loop, resnet10t full at 32px" in text
     assert "prepared store + gpu_aug" in text and "ratio input prepared/pil" in text and "vit_b16_bs8" in text
     assert "linear probe, vit_tiny_patch16_224 at 32px, 10 epochs on 42 images" in text
     assert "out of memory" not in text
@@ -59,12 +68,16 @@ def test_smoke_bench_reports_every_figure(tmp_path: Path, one_thread: None) -> N
     assert "vit_b16_bs8: out of memory at batch 8, measured with micro-batches of 4" in format_bench(d)
 
 
-def test_on_a_cpu_the_full_bench_measures_the_input_path_and_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
-    toy = bench.plan(smoke=True)
+def test_on_a_cpu_the_full_bench_measures_the_input_path_and_the_probe(
+    monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    toy, toy_plain = bench.plan(smoke=True), plain.plain_plan(smoke=True)
     monkeypatch.setattr(bench, "plan", lambda smoke: toy)  # the non-smoke rules, on toy sizes
-    d = run_bench(smoke=False, device="cpu")  # the model steps measure a GPU: `input` and `probe` run
+    monkeypatch.setattr(plain, "plain_plan", lambda smoke: toy_plain)
+    d = run_bench(smoke=False, device="cpu")  # the model steps measure a GPU: `input`, `probe`, `plain` run
     assert d["input"]["prepared"]["img_s"] > 0 and not d["ours"] and not d["peer"] and d["probe"]["ratio"] > 0
-    assert set(d["skipped"]) == set(SECTIONS) - {"input", "probe"}
+    assert d["ratios"]["head vs the plain loop"] > 0
+    assert set(d["skipped"]) == set(SECTIONS) - {"input", "probe", "plain"}
     assert run_bench(smoke=True, device="cpu", sections=("input",))["skipped"]["ours"] == "not asked for"
 
 

@@ -523,7 +523,7 @@ def test_serve_command(run_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: p
         assert app.state.max_upload_bytes == limit
         noise = encode(Image.effect_noise((300, 300), 64).convert("RGB"), "PNG")
         assert len(noise) > limit
-        r = TestClient(app).post("/predict", files={"file": ("noise.png", noise)})
+        r = TestClient(app, base_url="http://localhost").post("/predict", files={"file": ("noise.png", noise)})
         assert r.status_code == 413 and f"the limit is {limit:,} bytes" in r.json()["error"]
         assert main(["serve", str(run_dir), "--host", "0.0.0.0", "--port", "8123"]) == 0
     app, kw = calls[-1]
@@ -539,7 +539,7 @@ def test_serve_title_flag(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     apps: list[FastAPI] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
     assert main(["serve", str(run_dir), "--title", "Whose <b>puppy</b> & which?"]) == 0
-    client = TestClient(apps[-1])
+    client = TestClient(apps[-1], base_url="http://localhost")  # served on loopback: a loopback Host
     html = client.get("/").text
     assert "<h1>Whose &lt;b&gt;puppy&lt;/b&gt; &amp; which?</h1>" in html and "<b>puppy" not in html
     assert "<title>Whose &lt;b&gt;puppy&lt;/b&gt; &amp; which? · visionpoc demo</title>" in html

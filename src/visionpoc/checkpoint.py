@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from visionpoc.errors import CheckpointError
-from visionpoc.runfiles import atomic_copy, atomic_write
+from visionpoc.runfiles import atomic_copy, atomic_write, is_disk_full
 
 BEST = "best.safetensors"  # best-on-validation weights: the ones scored on test
 LAST = "last.safetensors"  # weights at the last save (epoch end or interruption)
@@ -88,10 +88,13 @@ class Writer:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
             self.wait()
-        except Exception:
+        except Exception as e:
             if exc_type is None:
                 raise
-            log.exception("a checkpoint write failed while the run was already stopping")
+            if is_disk_full(e):  # the message names the file and the space; no traceback
+                log.error("a checkpoint write failed while the run was already stopping: %s", e)
+            else:
+                log.exception("a checkpoint write failed while the run was already stopping")
         finally:
             self._pool.shutdown(wait=True)
 

@@ -175,6 +175,16 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--max-upload-mb", type=_positive(float), default=10, help="larger uploads are refused with 413 (default 10)"
     )
     sv.add_argument("--title", default=None, help="the demo page's title (default: from the run's dataset)")
+    sv.add_argument(
+        "--max-queue", type=_positive(int), default=16, help="uploads that may wait for a slot; more get 503 (16)"
+    )
+    sv.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also accept this Host name (repeatable; on loopback only localhost, 127.0.0.1 and [::1] by default)",
+    )
 
 
 def _export_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -190,7 +200,9 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     bn.add_argument("--smoke", action="store_true", help="tiny sizes: runs on the CPU in seconds")
     bn.add_argument("--device", default="auto")
     bn.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
-    bn.add_argument("--sections", default=None, help="comma-separated subset of peer,hf,input,ours (default: all)")
+    bn.add_argument(
+        "--sections", default=None, help="comma-separated subset of peer,hf,input,ours,probe,plain (default: all)"
+    )
 
 
 def _models_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -461,7 +473,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":  # uvicorn handles its signals itself
             from visionpoc.serving.app import serve
 
-            serve(args.run_dir, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, title=args.title)
+            serve(
+                args.run_dir,
+                host=args.host,
+                port=args.port,
+                max_upload_mb=args.max_upload_mb,
+                title=args.title,
+                max_queue=args.max_queue,
+                allowed_hosts=args.allowed_host,
+            )
             return 0
         if args.command == "demo":  # the run as below; then, with --serve, uvicorn handles its signals
             return _demo(args)

@@ -32,10 +32,10 @@ from visionpoc.errors import (
     user_message,
 )
 from visionpoc.preflight import refuse_existing_run
-from visionpoc.recovery import resume_hint
+from visionpoc.recovery import clean_orphan_temps, resume_hint
 from visionpoc.repeats import read_repeats, repeat_dir, save_repeats, spread
 from visionpoc.results import DatasetInfo, ModelResult, RunResults, environment, load_results, save_results
-from visionpoc.runfiles import CONFIG_FILE, RESULTS_FILE
+from visionpoc.runfiles import CONFIG_FILE, RESULTS_FILE, is_disk_full
 from visionpoc.train import fit, resolve_device
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,13 @@ def _train(
         return [run_compare(cfg, out_dir, labels, resume=resume, data=data)]
     except TrainingInterrupted as e:
         raise TrainingInterrupted(f"{e}. Resume with: {hint}") from None
+    except OSError as e:  # a full disk: the next models would fail the same way
+        if not is_disk_full(e):
+            raise
+        raise VisionpocError(
+            f"{e}. The models finished before it are kept in {RESULTS_FILE} under {out_dir}, and the "
+            f"interrupted one continues from its last checkpoint: free the space, then {hint}"
+        ) from None
     except KeyboardInterrupt:  # outside the loop's step boundaries (SIGTERM too: `cli.main`)
         if not (out_dir / CONFIG_FILE).is_file():
             raise
@@ -203,6 +210,8 @@ def run_compare(
         done = {m.label: m for m in load_results(out_dir).models if m.status == "ok"}
     if d.main:
         _run_folder(out_dir, resume)
+        if resume:
+            clean_orphan_temps(out_dir)
         ds, splits = data or load_data(cfg)  # one process downloads; the others wait for it
         save_config(cfg, out_dir / CONFIG_FILE)  # the run starts: a data error before it leaves none
     distributed.barrier(d)
@@ -241,6 +250,8 @@ def run_compare(
         except (KeyboardInterrupt, DataError, CheckpointError, TrainingInterrupted):
             raise  # the user stopped us, or the data/checkpoint needs the user, for every model alike
         except Exception as e:  # one model failing (weights, OOM, a bug) must not lose the others
+            if is_disk_full(e):
+                raise  # every later model would fail the same way: stop, keeping what is done
             message = str(e) if isinstance(e, VisionpocError) else f"{type(e).__name__}: {e}"
             log.error("model %s failed: %s", mcfg.label, message)
             log.debug("%s", traceback.format_exc())
@@ -286,6 +297,8 @@ def run_repeats(
         )
     if distributed.from_env().main:
         _run_folder(out_dir, resume)
+        if resume:
+            clean_orphan_temps(out_dir)  # the seeds' folders too
         data = data or load_data(cfg)  # a data error before the run starts leaves no config.yaml
         save_config(cfg, out_dir / CONFIG_FILE)
         save_repeats(out_dir, seeds, labels)  # a resumed run may have changed train.repeats

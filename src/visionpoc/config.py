@@ -20,7 +20,7 @@ import yaml
 from visionpoc.errors import ConfigError
 from visionpoc.presets.table import resolve_entry
 from visionpoc.runfiles import atomic_write_text
-from visionpoc.typed import apply_override, from_dict, to_dict
+from visionpoc.typed import BoundedLoader, YamlTooLargeError, apply_override, from_dict, to_dict
 
 
 @dataclass(frozen=True)
@@ -276,6 +276,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
         except UnicodeDecodeError as e:
             raise ConfigError(f"config file {p} is not UTF-8 text ({e}): save it as UTF-8 YAML") from e
+        except YamlTooLargeError as e:
+            raise ConfigError(f"config file {p} refused: {e}") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
         if not isinstance(loaded, dict):
@@ -301,8 +303,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+class _UniqueKeyLoader(BoundedLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would keep the last silently), and an
+    alias bomb (`typed.BoundedLoader`)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -353,6 +356,11 @@ def _validate(cfg: Config) -> None:
     if cfg.train.batch_size < 1:
         raise ConfigError("train.batch_size: must be at least 1")
     _check_rules("train", cfg.train, SHARED_RULES | TRAIN_RULES)
+    if cfg.train.seed + cfg.train.repeats - 1 > MAX_SEED:
+        raise ConfigError(
+            f"train.seed: {cfg.train.seed} with train.repeats {cfg.train.repeats} gives seeds above {MAX_SEED}: "
+            "lower the seed"
+        )
     _check_rules("data", cfg.data, DATA_RULES)
     _check_rules("probe", cfg.probe, PROBE_RULES)
     for i, m in enumerate(cfg.models):
@@ -361,11 +369,17 @@ def _validate(cfg: Config) -> None:
 
 
 Rules = dict[str, tuple[Callable[[Any], bool], str]]  # key -> (is the value fine, the rule in words); null passes
+# Upper bounds, so that a typo (`1e23`, `.inf`) is refused at load time rather than failing mid-run
+MAX_SEED = 2**32 - 1  # NumPy's seeds are 32-bit; `seed + repeats - 1` must fit too
+MAX_EPOCHS = 100_000
+MAX_REPEATS = 1000
+MAX_BATCH = 2**20
+MAX_SIDE = 8192  # pixels
 SHARED_RULES: Rules = {  # `train.*` and each model's override of it (PER_MODEL)
     "lr": (lambda v: math.isfinite(v) and v >= 0, "at least 0"),  # 0: the weights stay as loaded
-    "batch_size": (lambda v: v >= 1, "at least 1"),
-    "weight_decay": (lambda v: v >= 0, "at least 0"),
-    "warmup_epochs": (lambda v: v >= 0, "at least 0"),
+    "batch_size": (lambda v: 1 <= v <= MAX_BATCH, f"at least 1 and at most {MAX_BATCH}"),
+    "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "at least 0 (and finite)"),
+    "warmup_epochs": (lambda v: 0 <= v <= MAX_EPOCHS, f"at least 0 and at most {MAX_EPOCHS} (epochs)"),
     "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "layer_decay": (lambda v: 0 < v <= 1, "in (0, 1] (or null)"),
     "ema_decay": (lambda v: 0 < v < 1, "in (0, 1) (or null)"),
@@ -374,18 +388,19 @@ TRAIN_RULES: Rules = {
     "min_lr": (lambda v: math.isfinite(v) and v >= 0, "at least 0"),
     "grad_clip": (lambda v: math.isfinite(v) and v > 0, "above 0 (or null: no clipping)"),
     "early_stop_patience": (lambda v: v >= 1, "at least 1 (or null)"),
-    "eval_batch_size": (lambda v: v >= 1, "at least 1 (or null)"),
-    "seed": (lambda v: v >= 0, "at least 0"),
-    "repeats": (lambda v: v >= 1, "at least 1"),
+    "eval_batch_size": (lambda v: 1 <= v <= MAX_BATCH, f"at least 1 and at most {MAX_BATCH} (or null)"),
+    "seed": (lambda v: 0 <= v <= MAX_SEED, f"at least 0 and at most {MAX_SEED}"),
+    "repeats": (lambda v: 1 <= v <= MAX_REPEATS, f"at least 1 and at most {MAX_REPEATS}"),
+    "epochs": (lambda v: 1 <= v <= MAX_EPOCHS, f"at least 1 and at most {MAX_EPOCHS}"),
 }
 DATA_RULES: Rules = {
     "class_names": (lambda v: bool(v.strip()), "a CSV or JSON file (or null: the default names)"),
-    "num_workers": (lambda v: v >= 0, "at least 0 (or null)"),
-    "split_seed": (lambda v: v >= 0, "at least 0 (or null: train.seed)"),
-    "prepared_size": (lambda v: v >= 16, "at least 16 (pixels)"),
+    "num_workers": (lambda v: 0 <= v <= 1024, "at least 0 and at most 1024 (or null)"),
+    "split_seed": (lambda v: 0 <= v <= MAX_SEED, f"at least 0 and at most {MAX_SEED} (or null: train.seed)"),
+    "prepared_size": (lambda v: 16 <= v <= MAX_SIDE, f"at least 16 and at most {MAX_SIDE} (pixels)"),
 }
 MODEL_RULES: Rules = {
-    "img_size": (lambda v: v >= 16, "at least 16 (pixels), or null"),
+    "img_size": (lambda v: 16 <= v <= MAX_SIDE, f"at least 16 and at most {MAX_SIDE} (pixels), or null"),
     "head_init_scale": (lambda v: math.isfinite(v) and v >= 0, "at least 0 (or null: timm's initialisation)"),
     "head_lr_scale": (lambda v: math.isfinite(v) and v > 0, "above 0"),
 }
@@ -393,8 +408,8 @@ PROBE_RULES: Rules = {
     "lrs": (lambda v: len(v) > 0 and all(math.isfinite(x) and x > 0 for x in v), "a non-empty list of LRs above 0"),
     "weight_decays": (lambda v: len(v) > 0 and all(math.isfinite(x) and x >= 0 for x in v), "a non-empty list >= 0"),
     "views": (lambda v: 0 <= v <= 100, "from 0 to 100"),
-    "min_steps": (lambda v: v >= 1, "at least 1"),
-    "epochs": (lambda v: v >= 1, "at least 1 (or null: train.epochs)"),
+    "min_steps": (lambda v: 1 <= v <= 10**9, "at least 1 and at most 1000000000"),
+    "epochs": (lambda v: 1 <= v <= MAX_EPOCHS, f"at least 1 and at most {MAX_EPOCHS} (or null: train.epochs)"),
 }
 
 
@@ -412,7 +427,7 @@ def _validate_tune(tc: TuneConfig) -> None:
     bounds = {
         "lr": (1e-12, math.inf),
         "weight_decay": (1e-12, math.inf),
-        "warmup_epochs": (0.0, math.inf),
+        "warmup_epochs": (0.0, float(MAX_EPOCHS)),
         "label_smoothing": (0.0, 0.999),
         "top_fraction": (1e-9, 1.0),
         "layer_decay": (1e-9, 1.0),

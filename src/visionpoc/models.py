@@ -7,7 +7,8 @@ Policies:
   `policy: linear_probe`): the loader turns it into `head` and records the policy name.
 - `top_fraction`: the top `fraction` of conv layers (CNN) or of transformer blocks, everything after
   them, and the new head train. Frozen BatchNorm layers become `FrozenBatchNorm2d` (timm), so they stay
-  in eval mode and their running statistics never move.
+  in eval mode and their running statistics never move; ours is fused into one kernel
+  (`FusedFrozenBatchNorm2d`). Under `head` the frozen backbone also trains in eval mode (`eval_frozen`).
 
 A model is a transformer when it has multi-head self-attention outside its classifier head
 (`is_transformer`), whatever its attribute names: EfficientNet and MobileNet keep their stages in
@@ -23,12 +24,15 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import timm
 import timm.utils
 import torch
+import torch.nn.functional as F
+from timm.layers.norm_act import FrozenBatchNormAct2d
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from visionpoc.config import ModelConfig
 from visionpoc.errors import WeightsError
@@ -226,8 +230,50 @@ def _first_trainable(model: nn.Module, fraction: float) -> str:
     return convs[len(convs) - k]
 
 
+class FusedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """torchvision's FrozenBatchNorm2d (what `timm.utils.freeze` makes of a frozen BatchNorm2d) computed
+    by one fused kernel, `F.batch_norm` in inference mode, instead of four elementwise ops: the same
+    affine map from the same buffers, one pass over the activations (it counts on a CPU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+class FusedFrozenBatchNormAct2d(FrozenBatchNormAct2d):
+    """timm's FrozenBatchNormAct2d, fused as `FusedFrozenBatchNorm2d`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean, var = cast(torch.Tensor, self.running_mean), cast(torch.Tensor, self.running_var)
+        w, b = cast(torch.Tensor, self.weight), cast(torch.Tensor, self.bias)
+        x = F.batch_norm(x, mean, var, w, b, False, 0.0, self.eps)
+        return self.act(self.drop(x))
+
+
+def fuse_frozen_norms(model: nn.Module) -> None:
+    """Swap each frozen BatchNorm's class for its fused twin, in place (same buffers, same state dict)."""
+    for m in model.modules():
+        if type(m) is FrozenBatchNorm2d:
+            m.__class__ = FusedFrozenBatchNorm2d
+        elif type(m) is FrozenBatchNormAct2d:
+            m.__class__ = FusedFrozenBatchNormAct2d
+
+
+def eval_frozen(model: nn.Module) -> None:
+    """Put every submodule whose parameters are all frozen into eval mode (called after `model.train()`
+    under `finetune: head`): a frozen backbone then computes the same features as at evaluation, as the
+    cached probe's do (no dropout or drop-path in it; its BatchNorm statistics are frozen anyway).
+    Parameter-free modules directly on a trainable path (a head's dropout) keep their mode."""
+    for child in model.children():
+        params = list(child.parameters())
+        if params and not any(q.requires_grad for q in params):
+            child.eval()
+        elif params:
+            eval_frozen(child)
+
+
 def apply_finetune(model: nn.Module, mcfg: ModelConfig) -> None:
-    """Set `requires_grad` per the policy and freeze BatchNorm statistics of frozen layers."""
+    """Set `requires_grad` per the policy and freeze BatchNorm statistics of frozen layers (fused
+    FrozenBatchNorm2d)."""
     if mcfg.finetune == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -252,6 +298,7 @@ def apply_finetune(model: nn.Module, mcfg: ModelConfig) -> None:
                 p.requires_grad_(True)
     frozen = [n for n, _ in leaves if n not in trainable]
     timm.utils.freeze(model, frozen)  # params off, BatchNorm -> FrozenBatchNorm2d (eval-mode stats)
+    fuse_frozen_norms(model)
     for name, m in leaves:  # freeze() may not reach params of frozen parents; re-assert the top
         if name in trainable:
             for p in m.parameters():

@@ -2,7 +2,8 @@
 worker processes leave a signal sent to the whole process group to the main process (`shield_worker`),
 and the training state (RNG states included) is saved and restored so that a resumed run continues
 exactly where the interrupted one stopped. A resumed run keeps its saved config: only settings that do
-not change the training (`RESUME_MAY_CHANGE`) may be overridden."""
+not change the training (`RESUME_MAY_CHANGE`) may be overridden. A resume first removes the temp files
+that a killed process left behind (`clean_orphan_temps`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import logging
 import multiprocessing
 import os
 import random
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -197,6 +199,26 @@ def resume_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) ->
             f"other settings, start a new run: --config {path} --set ... --out NEW_DIR"
         )
     return cfg
+
+
+ORPHAN_TEMP = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
+"""The temp files of `runfiles.atomic_write` (`.<name>.<8 random characters>.tmp`), left only by a process
+killed mid-write (any other end removes or renames them)."""
+
+
+def clean_orphan_temps(run_dir: Path) -> int:
+    """Remove the atomic writes' temp files left under `run_dir` (its sub-folders included, symbolic links
+    not followed) by a killed run; return how many. Call it before the resumed run writes anything."""
+    removed = 0
+    for folder, _, files in os.walk(run_dir, followlinks=False):
+        for name in files:
+            path = Path(folder) / name
+            if ORPHAN_TEMP.fullmatch(name) and not path.is_symlink():
+                path.unlink(missing_ok=True)
+                removed += 1
+    if removed:
+        log.info("removed %d temp file(s) under %s left by the interrupted run", removed, run_dir)
+    return removed
 
 
 def resume_hint(command: str, run_dir: Path, label: str | None, world: int) -> str:

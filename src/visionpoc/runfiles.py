@@ -6,11 +6,13 @@ serving). A model's checkpoints are named by `visionpoc.checkpoint` (BEST, LAST,
 `seed-<s>/` folder by `visionpoc.repeats.repeat_dir`.
 
 Atomic writes: write a temp file in the same folder, fsync, then rename over the target. A crash
-mid-write leaves the old file (or none), never a half-written one that looks valid. Imports nothing of ours.
+mid-write leaves the old file (or none), never a half-written one that looks valid. A full disk (or quota)
+raises `DiskFullError`, naming the file and the free space. Imports nothing of ours.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -61,6 +63,34 @@ os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK  # what open() would give: the temp file's private 0600 is not kept
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """A write that found no space left (disk full or quota exceeded); the message names the file, the
+    free space and what the file needed at least."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the message alone, without OSError's `[Errno 28]`
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether `e` is a write that ran out of disk space (or quota)."""
+    return isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS
+
+
+def _disk_full(path: Path, written: int, e: OSError) -> DiskFullError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 1e6:,.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(
+        e.errno,
+        f"no space left on the disk to write {path} ({free} in {path.parent}; the file needed more than "
+        f"the {written / 1e6:,.1f} MB written when it failed): free at least that much there",
+    )
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call `write(tmp_path)` then atomically move the temp file to `path` (with the usual permissions)."""
     path = Path(path)
@@ -74,6 +104,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, path)
+    except OSError as e:
+        written = tmp_path.stat().st_size if tmp_path.exists() else 0
+        tmp_path.unlink(missing_ok=True)
+        if is_disk_full(e) and not isinstance(e, DiskFullError):
+            raise _disk_full(path, written, e) from e
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise

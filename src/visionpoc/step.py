@@ -37,6 +37,7 @@ class StepParts:
     oom_events: list[dict[str, Any]] = field(default_factory=list)
     batch_aug: augment.BatchOp | None = None  # on the device batch, before the step (mixup/cutmix, erasing)
     ema: timm.utils.ModelEmaV3 | None = None  # updated after every optimizer step
+    eval_frozen: bool = False  # `finetune: head`: the frozen backbone trains in eval mode (models.eval_frozen)
 
 
 def _step(p: StepParts, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -140,6 +140,8 @@ def train_one_epoch(
     `desc` names the epoch in the progress display (`timing.Progress`: a bar in a terminal, else a log
     line about every `PROGRESS_LOG_S` s), e.g. "[vit] epoch 2/5"."""
     p.model.train()
+    if p.eval_frozen:
+        models.eval_frozen(p.model)
     # one process continues the interrupted epoch's running sum, so a resumed epoch adds in the same order
     carried = 0.0 if d.enabled else progress.loss_sum
     loss_sum = torch.tensor(carried, device=p.device, dtype=torch.float64)
@@ -345,6 +347,7 @@ def build_run(cfg: Config, mcfg: ModelConfig, splits: Splits, out_dir: Path) -> 
         channels_last,
         batch_aug=augment.batch_augment(tc.augment, nc, tc.label_smoothing, device),
         ema=ema,
+        eval_frozen=mcfg.finetune == "head",
     )
     meta = {"timm": mcfg.timm, "num_classes": str(nc), "label": mcfg.label}
     return Run(cfg, mcfg, splits, out_dir, d, model, eval_model, parts, loaders, dcfg, meta, facts, lr_source)

@@ -1,6 +1,8 @@
 """Typed trees of frozen dataclasses from plain dicts (parsed YAML): unknown keys, missing keys and
 wrong types are rejected with a ConfigError naming the dotted key (`models.0.lr`); `a.b=value`
-overrides are applied to the plain dict first. Generic: it knows nothing of visionpoc's settings."""
+overrides are applied to the plain dict first. YAML is read with `BoundedLoader`: a safe loader that
+refuses, before building anything, a document whose aliases expand beyond `MAX_YAML_VALUES` values (an
+alias bomb) or refer to themselves. Generic: it knows nothing of visionpoc's settings."""
 
 from __future__ import annotations
 
@@ -12,6 +14,47 @@ from typing import Any, Literal
 import yaml
 
 from visionpoc.errors import ConfigError
+
+MAX_YAML_VALUES = 100_000
+"""The most values (scalars, lists, mappings) a YAML document may hold once its aliases are expanded; a
+config holds a few hundred, and an alias bomb billions."""
+
+
+class YamlTooLargeError(yaml.YAMLError):
+    """A YAML document that expands beyond `MAX_YAML_VALUES` values, or an alias that contains itself."""
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that measures the composed node graph (aliases counted at every use, each node
+    measured once) and raises YamlTooLargeError before constructing anything too large or cyclic."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _expanded_size(node, {}, set())
+        return super().construct_document(node)  # type: ignore[no-untyped-call]
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """The number of values `node` stands for with every alias expanded; memoised by node, so a bomb is
+    measured in time linear in its text."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise YamlTooLargeError(f"an alias refers to the value that contains it (line {node.start_mark.line + 1})")
+    open_nodes.add(key)
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(c, sizes, open_nodes) for c in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, sizes, open_nodes) + _expanded_size(v, sizes, open_nodes) for k, v in node.value)
+    open_nodes.discard(key)
+    if size > MAX_YAML_VALUES:
+        raise YamlTooLargeError(
+            f"the YAML expands to more than {MAX_YAML_VALUES:,} values through its aliases (`*name`) "
+            f"(line {node.start_mark.line + 1}): an alias bomb, or far too large for a config; write the values out"
+        )
+    sizes[key] = size
+    return size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +198,9 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set train.epochs=3")
     key, text = assignment.split("=", 1)
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = yaml.load(text, Loader=BoundedLoader) if text.strip() else ""
+    except YamlTooLargeError as e:
+        raise ConfigError(f"--set {key}: refused, {e}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({e})") from e
     if value is None or isinstance(value, (bool, int, float)):

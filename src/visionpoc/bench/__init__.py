@@ -4,4 +4,6 @@
 - `workload`: the plan (models, sizes, synthetic JPEGs) and the timer every section shares;
 - `ours`: our loop and input paths;
 - `peers`: timm eager/compiled and Hugging Face transformers steps.
+- `plain`: our loop against the plainest correct PyTorch loop on real photos (`full` and `head`);
+- `linear_probe`: a linear probe through the backbone vs from cached features.
 """

@@ -15,6 +15,8 @@ ratios, the targets for one H100 and a text summary. The measurements live in `b
   `variants` (ViT-B/16 at batch 512): does a batch that fills the GPU beat the peers' (batch 256)?
 - `probe`: a 10-epoch linear probe through the backbone vs from cached features (`bench/linear_probe.py`);
   runs on the CPU too.
+- `plain`: our loop (`fit`'s path) vs the plainest correct PyTorch loop on the same real photos, model,
+  batch, workers and augmentation, `full` and `head` (`bench/plain.py`); runs on the CPU too.
 Figures exclude warm-up (compilation, autotuning, worker start-up), which is reported apart. Only ratios
 from one run mean something: a throughput from another run or day is not comparable.
 """
@@ -38,6 +40,7 @@ import torch
 from visionpoc.bench.linear_probe import linear_probe
 from visionpoc.bench.ours import input_path, ours
 from visionpoc.bench.peers import hf_vit, peer_step
+from visionpoc.bench.plain import plain_peer
 from visionpoc.bench.workload import Plan, Spec, build_model, plan, write_jpegs
 from visionpoc.data.prepared import prepare_store
 from visionpoc.data.store_batches import place
@@ -47,8 +50,8 @@ from visionpoc.runfiles import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("peer", "hf", "input", "ours", "probe")
-CPU_SECTIONS = ("input", "probe")  # what a CPU measures without --smoke: the model steps measure a GPU
+SECTIONS = ("peer", "hf", "input", "ours", "probe", "plain")
+CPU_SECTIONS = ("input", "probe", "plain")  # what a CPU measures without --smoke: the model steps measure a GPU
 TARGETS = {
     "vit_b16 img/s": 3400,
     "vit_b16 vs timm compiled": 1.05,
@@ -105,6 +108,7 @@ def run_bench(
         "peer": [],
         "hf": [],
         "probe": None,
+        "plain": None,
         "ratios": {},
         "skipped": {s: why for s in SECTIONS if s not in chosen},
     }
@@ -117,7 +121,7 @@ def run_bench(
             atomic_write_json(out, json.loads(json.dumps(res, default=list)))
 
     def record(section: str, figure: dict[str, Any]) -> None:
-        res[section] = figure if section in ("input", "probe") else [*res[section], figure]
+        res[section] = figure if section in ("input", "probe", "plain") else [*res[section], figure]
         save()
 
     if dev.type == "cuda":
@@ -175,6 +179,8 @@ def _on_jpegs(
             record("input", _guarded("input", input_path, split, dcfg, p, dev, cache))
         if "probe" in chosen:
             record("probe", _guarded("linear_probe", linear_probe, p.smoke, dev, Path(tmp)))
+        if "plain" in chosen:
+            record("plain", _guarded("plain", plain_peer, p.smoke, dev, Path(tmp)))
         if "ours" in chosen:  # last: what the targets need is measured before
             for s in p.variants:
                 record("ours", _guarded(s.label, ours, s, store, images, split, p, dev))
@@ -186,6 +192,8 @@ def ratios(res: dict[str, Any]) -> dict[str, float]:
     r = {"input prepared/pil": res["input"]["ratio_prepared_vs_pil"]} if "pil" in (res["input"] or {}) else {}
     if "ratio" in (res.get("probe") or {}):
         r["linear probe cached vs through the backbone"] = res["probe"]["ratio"]
+    for c in (res.get("plain") or {}).get("cases", []):
+        r[f"{c['finetune']} vs the plain loop"] = c["ratio"]
     peers = {(m["name"], m["compile"]): m["img_s"] for m in res["peer"] + res["hf"] if "img_s" in m}
     measured = [m for m in res["ours"] if "prepared_img_s" in m]
     vit = res["ours"][0]["name"] if res["ours"] else None  # the plan's first spec: the ViT, HF's counterpart
@@ -236,7 +244,15 @@ def format_bench(d: dict[str, Any]) -> str:
             f"linear probe, {lp['model']} at {lp['img_size']}px, {lp['epochs']} epochs on {lp['images']['train']} "
             f"images: through the backbone {lp['through_backbone_s']:.1f}s, cached features {lp['cached_s']:.1f}s"
         )
-    lines += [f"{m['name']}: FAILED {m['error']}" for m in [inp, lp, *d["ours"], *d["peer"], *d["hf"]] if "error" in m]
+    pl = d.get("plain") or {}
+    for c in pl.get("cases", []):
+        lines.append(
+            f"our loop vs a plain loop, {c['timm']} {c['finetune']} at {c['size']}px, batch {c['batch']}, "
+            f"{c['workers']} workers, {pl['threads']} threads: plain {c['plain_img_s']:.1f} img/s, ours "
+            f"{c['ours_img_s']:.1f} img/s (ratio {c['ratio']:.3f}, {c['ratio_min']:.3f}-{c['ratio_max']:.3f})"
+        )
+    failed = [inp, lp, pl, *d["ours"], *d["peer"], *d["hf"]]
+    lines += [f"{m['name']}: FAILED {m['error']}" for m in failed if "error" in m]
     lines += [
         f"{m['name']}: out of memory at batch {m['bs']}, measured with micro-batches of {m['micro_batch']}"
         for m in d["ours"]

@@ -20,6 +20,7 @@ import shutil
 import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import requests
 from tqdm import tqdm
@@ -36,6 +37,7 @@ ENV_URL = "VISIONPOC_DOGS_URL"  # env var overriding the base URL (mirrors, test
 MARKER = ".visionpoc-extracted"
 DOWNLOADS = ".downloads"
 TMP_PREFIX = ".extract-tmp-"
+_FILTER_ERROR: Any = getattr(tarfile, "FilterError", ())  # Python < 3.11.4 has no filter (catches nothing)
 LIST_FILES = ("file_list.mat", "train_list.mat", "test_list.mat")
 TIMEOUT = (30, 120)  # seconds: connect, read
 CHUNK = 1 << 16  # bytes; a transfer cut mid-chunk loses that chunk (urllib3 drops it), never more
@@ -214,8 +216,17 @@ def _extract(root: Path, archives: list[Path], progress: bool) -> None:
                         tar.extractall(tmp, members=members, filter="data")
                     else:  # Python < 3.11.4: _check_archive already refused unsafe members
                         tar.extractall(tmp, members=members)
-            except (tarfile.TarError, OSError) as e:
-                raise DataError(f"cannot extract {a} into {tmp} ({e}); check free disk space and re-run") from e
+            except _FILTER_ERROR as e:  # the extraction filter refused a member: links, devices, '..'
+                raise DataError(
+                    f"{a} holds an unsafe member ({e}): it is not an official Stanford Dogs archive; nothing "
+                    f"was extracted into {root}: delete {a} and re-run to download it again, or replace it "
+                    "with the official one"
+                ) from e
+            except (tarfile.TarError, OSError) as e:  # `tmp` is removed below: name what stays
+                raise DataError(
+                    f"cannot extract {a} into {root} ({e}); nothing was moved into {root}: check free disk "
+                    f"space there (or delete {a} if it is damaged) and re-run"
+                ) from e
         try:
             read_stanford_dogs(tmp)
         except DataError as e:

@@ -2,12 +2,15 @@
 
 Grayscale (8/16-bit, float), CMYK, palette and alpha images are converted to RGB and turned upright
 by their EXIF orientation; the format is read from the file's content, not its extension. Truncated
-files and decompression bombs are errors, never silently padded or decoded into memory.
+files and decompression bombs are errors, never silently padded or decoded into memory. The conversion
+makes no full-size intermediate wider than 8 bits per channel: `peak_bytes_per_pixel` bounds what
+decoding and converting one image hold at once, per PIL mode, for callers that budget memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -22,26 +25,60 @@ from visionpoc.errors import DataError, ImageError
 MAX_PIXELS = 178_956_970  # PIL's own default bomb threshold (~0.18 gigapixel), made explicit
 
 
+# Bytes per pixel of a decoded image in PIL's memory: one byte for 1/L/P, two for 16-bit grey, else
+# four (PIL keeps RGB as RGBX; I and F are 32-bit).
+_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+# Bytes per pixel that `to_rgb` allocates on top of the decoded image, by mode: the RGB result (4) and
+# what it passes through (an 8-bit L for 16/32-bit and float, RGBA and an alpha mask for transparency).
+_CONVERT_BYTES = {"RGB": 0, "P": 4 + 4 + 1, "RGBA": 4 + 1, "LA": 4 + 4 + 1, "PA": 4 + 4 + 1}
+_CONVERT_BYTES.update(dict.fromkeys(("I", "F", "I;16", "I;16B", "I;16L", "I;16N"), 1 + 4))
+STRIP_ROWS = 256  # 16/32-bit and float images are converted this many rows at a time
+
+
+def peak_bytes_per_pixel(mode: str) -> int:
+    """The most bytes per pixel that decoding an image of PIL `mode` and `to_rgb` hold at once: the
+    decoded image plus the larger of its EXIF-upright copy and the conversion to RGB."""
+    stored = _STORED_BYTES.get(mode, 4)
+    return stored + max(stored, _CONVERT_BYTES.get(mode, 4))
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """An L image of a 16/32-bit or float image, `STRIP_ROWS` rows at a time so that no full-size
+    wider intermediate is made: integers keep their top 8 of 16 bits (clipped to 0..65535), float is
+    read as 0..1 (scaled to 255) when its maximum is at most 1, else as 0..255; NaN is 0."""
+    w, h = img.size
+    strips = [(y, min(h, y + STRIP_ROWS)) for y in range(0, h, STRIP_ROWS)]
+    scale = 1.0
+    if img.mode == "F":
+        top = max((np.nan_to_num(np.asarray(img.crop((0, a, w, b)))).max() for a, b in strips), default=0.0)
+        scale = 255.0 if top <= 1.0 else 1.0
+    out = np.empty((h, w), dtype=np.uint8)
+    for a, b in strips:
+        band = np.asarray(img.crop((0, a, w, b)))  # (rows, W), uint16, int32 or float32
+        if img.mode == "F":
+            out[a:b] = np.clip(np.nan_to_num(band) * scale, 0, 255).round().astype(np.uint8)
+        else:
+            out[a:b] = (np.clip(band, 0, 65535) >> 8).astype(np.uint8)
+    return Image.fromarray(out)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB view of any PIL mode, upright: the EXIF orientation a camera wrote is applied (as a photo
     viewer does), transparency is composited onto white (photos of dogs on white), 16-bit grayscale
-    keeps its top 8 bits and a float image is read as 0..1 (scaled to 255) or else 0..255."""
+    keeps its top 8 bits and a float image is read as 0..1 (scaled to 255) or else 0..255. The memory
+    it takes on top of `img` is bounded by `peak_bytes_per_pixel`."""
     with contextlib.suppress(Exception):  # a malformed EXIF block: the pixels are still good
         ImageOps.exif_transpose(img, in_place=True)
     if img.mode == "RGB":
         return img
-    if img.mode.startswith("I"):  # I;16, I;16B (big-endian, ImageJ's TIFFs), I;16L, I (32-bit)
-        img = Image.fromarray((np.clip(np.asarray(img).astype(np.int64), 0, 65535) >> 8).astype(np.uint8))
-    elif img.mode == "F":
-        a = np.nan_to_num(np.asarray(img, dtype=np.float32))
-        a = a * 255.0 if a.size and a.max() <= 1.0 else a
-        img = Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8))
-    if img.mode == "P":
+    if img.mode.startswith("I") or img.mode == "F":  # I;16, I;16B (ImageJ's TIFFs), I;16L, I (32-bit), F
+        img = _to_8bit(img)
+    if img.mode in ("P", "LA", "PA"):
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, img).convert("RGB")
+    if img.mode == "RGBA":
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img.getchannel("A"))
+        return background
     return img.convert("RGB")
 
 
@@ -72,14 +109,21 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int | Non
         ) from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # raised by the header read
         raise ImageError(
-            f"image {path} declares too many pixels ({e}): it is not a photo this tool can use; "
-            "remove it from the dataset"
+            f"image {path} declares {declared_pixels(e)} pixels, over the {max_pixels:,} limit: "
+            "it is not a photo this tool can use; remove it from the dataset"
         ) from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(
             f"cannot decode image {path} ({type(e).__name__}: {e}): the file is corrupt or not an image; "
             "replace or delete it"
         ) from e
+
+
+def declared_pixels(e: Exception) -> str:
+    """The pixel count in PIL's DecompressionBombError text ("Image size (N pixels) exceeds ..."),
+    formatted with separators, or "too many" if the text changed."""
+    m = re.search(r"\((\d+) pixels\)", str(e))
+    return f"{int(m.group(1)):,}" if m else "too many"
 
 
 def _decode_error(path: Path) -> str | None:

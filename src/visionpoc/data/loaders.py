@@ -33,7 +33,7 @@ from visionpoc.data.images import load_rgb
 from visionpoc.data.sources import Split
 from visionpoc.data.splits import Splits
 from visionpoc.distributed import SINGLE, Dist, EpochSampler, derive_seed, rank_seed
-from visionpoc.recovery import seed_streams, shield_worker
+from visionpoc.recovery import shield_worker
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +50,30 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 @contextmanager
 def seeded_rngs(seed: int) -> Iterator[None]:
-    """Python, NumPy and torch (CPU) seeded with `seed` inside, restored after: the transforms draw
-    from these global generators, and in the main process (`num_workers: 0`) the training stream
-    (dropout, mixup) must not see the draws."""
-    py, npy = random.getstate(), np.random.get_state()
+    """Python, NumPy and torch (CPU) seeded with `seed` inside: the transforms draw from these global
+    generators. In the main process (`num_workers: 0`) they are restored after, since the training
+    stream (dropout, mixup) must not see the draws; a worker has no other draw to protect. Only torch's
+    CPU generator is seeded (the transforms run on the CPU): `torch.manual_seed` would also queue a seed
+    for every accelerator, with a stack trace each time while CUDA is uninitialized (a worker), about
+    half of a small photo's cost, and would reseed a live GPU generator."""
+    if torch.utils.data.get_worker_info() is not None:  # a DataLoader worker: no other draw to protect
+        _seed_cpu_streams(seed)
+        yield
+        return
+    py, npy = random.getstate(), np.random.get_state()  # NumPy's state costs ~60 us to save and restore
     with torch.random.fork_rng(devices=[]):
-        seed_streams(seed)
+        _seed_cpu_streams(seed)
         try:
             yield
         finally:
             random.setstate(py)
             np.random.set_state(npy)
+
+
+def _seed_cpu_streams(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.random.default_generator.manual_seed(seed)
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -221,9 +221,28 @@ def _list_images(class_dir: Path, skipped: Counter[str]) -> list[str]:
     return sorted(found)
 
 
-def _class_dirs(d: Path) -> dict[str, Path]:
-    """Class name (Unicode NFC: a name typed on macOS matches the same name typed elsewhere) -> folder."""
-    return {unicodedata.normalize("NFC", c.name): c for c in sorted(d.iterdir()) if c.is_dir() and not _hidden(c.name)}
+def _class_dirs(d: Path, split_dirs: tuple[Path, ...]) -> dict[str, Path]:
+    """Class name (Unicode NFC: a name typed on macOS matches the same name typed elsewhere) -> folder.
+    A class folder may be a symbolic link to images kept elsewhere, but not into `split_dirs` (train/,
+    test/) or above them: that would read other classes' images, or the test images, again as this class."""
+    dirs = [c for c in sorted(d.iterdir()) if c.is_dir() and not _hidden(c.name)]
+    for c in dirs:
+        if c.is_symlink():
+            _refuse_link_into(c, split_dirs)
+    return {unicodedata.normalize("NFC", c.name): c for c in dirs}
+
+
+def _refuse_link_into(link: Path, split_dirs: tuple[Path, ...]) -> None:
+    """Raise DataError if the class-folder symlink `link` points to a folder that holds it, or into one
+    of `split_dirs`."""
+    target = link.resolve()
+    around = {link.parent.resolve(), *link.parent.resolve().parents}
+    inside = any(target == s.resolve() or s.resolve() in target.parents for s in split_dirs)
+    if target in around or inside:
+        raise DataError(
+            f"the class folder {link} is a symbolic link to {target}, a folder of the dataset: its images "
+            "would be read again as this class; replace the link with the class's own images, or remove it"
+        )
 
 
 def read_folder(root: str | Path) -> Dataset:
@@ -243,7 +262,10 @@ def read_folder(root: str | Path) -> Dataset:
             "(data.val_fraction); merge val/ into train/ to train on it",
             root / "val",
         )
-    train_classes, test_classes = _class_dirs(train_dir), _class_dirs(test_dir)
+    train_classes, test_classes = (
+        _class_dirs(train_dir, (train_dir, test_dir)),
+        _class_dirs(test_dir, (train_dir, test_dir)),
+    )
     _refuse_non_utf8([str(c.relative_to(root)) for c in [*train_classes.values(), *test_classes.values()]], root)
     class_names = sorted(train_classes)
     if len(class_names) < 2:

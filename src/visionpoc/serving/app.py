@@ -11,18 +11,23 @@ Safety: binds to 127.0.0.1 unless told otherwise (and warns when told); uploads 
 capped in bytes (Content-Length and the bytes actually read), in declared pixels and in aspect ratio
 (both checked on the image header, before decoding); no request names a server path. Decoding and
 inference run in the thread pool so the event loop keeps serving, at most `MAX_CONCURRENT_PREDICTIONS`
-uploads at a time (each decoded image may take up to 192 MB); the `Predictor` locks each model around
-its forward pass.
+uploads at a time (decoding one takes at most `DEFAULT_MAX_DECODED_BYTES`, 512 MB; one whose client
+hangs up while it waits is dropped); the `Predictor` locks each model around its forward pass.
+Load limits (`limits.py`): at most `max_queue` more uploads wait (then 503 with
+`Retry-After`), a body must arrive within `body_timeout_s` (else 408, logged as one line), /health and
+the page are async and touch nothing blocking (a full queue never delays them), and when `serve` binds to
+loopback only loopback Host names are accepted (DNS rebinding; `allowed_hosts` widens it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import importlib.util
 import io
-import ipaddress
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,10 +38,21 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from pydantic.json_schema import SkipJsonSchema
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import ClientDisconnect
 
 from visionpoc import __version__
 from visionpoc.errors import VisionpocError
 from visionpoc.results import load_results
+from visionpoc.serving.limits import (
+    BODY_TIMEOUT_S,
+    MAX_QUEUED_PREDICTIONS,
+    RETRY_AFTER_S,
+    Admission,
+    is_loopback,
+    server_settings,
+    trusted_hosts,
+)
 from visionpoc.serving.page import CSP, PageText, page_text, render_page
 from visionpoc.serving.predict import Predictor
 from visionpoc.serving.uploads import (
@@ -53,7 +69,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 2**20
 # uploads decoded and predicted at once; the others wait their turn (their bodies, <= the upload limit
-# each, are already read). Bounds the memory of decoded images (<= 192 MB each at the pixel cap).
+# each, are already read). Bounds the memory of decoded images (<= 512 MB each, uploads.DEFAULT_MAX_DECODED_BYTES).
 MAX_CONCURRENT_PREDICTIONS = 4
 DOCS_ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon.png")  # served by /docs-assets/NAME
 
@@ -129,7 +145,13 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "not a multipart/form-data upload with a `file` field, an invalid Content-Length, "
         "not an image, or too elongated",
     },
+    408: {"model": ErrorResponse, "description": "the upload did not arrive within the body timeout"},
     413: {"model": ErrorResponse, "description": "over the upload size limit or the pixel limit"},
+    503: {
+        "model": ErrorResponse,
+        "description": "too many uploads in progress: retry after the `Retry-After` seconds",
+        "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
+    },
 }
 
 
@@ -156,6 +178,8 @@ class _Service:
     max_upload_bytes: int  # the file in the form, and (plus MULTIPART_OVERHEAD) the whole body
     max_pixels: int  # the most pixels (width x height) an image header may declare
     slots: threading.BoundedSemaphore  # a thread lock: the thread pool waits on it
+    admission: Admission  # the uploads in progress (read, waiting or predicted), bounded
+    body_timeout_s: float  # the whole body must arrive within this
 
 
 def create_app(
@@ -166,10 +190,15 @@ def create_app(
     predictor: Predictor | None = None,
     max_concurrent: int = MAX_CONCURRENT_PREDICTIONS,
     title: str | None = None,
+    max_queue: int = MAX_QUEUED_PREDICTIONS,
+    body_timeout_s: float = BODY_TIMEOUT_S,
+    allowed_hosts: Sequence[str] | None = None,
 ) -> FastAPI:
     """The service for the run in `run_dir`; its models load now, once. Uploads over `max_upload_bytes`
     or declaring more than `max_pixels` pixels are refused (413); at most `max_concurrent` uploads are
-    decoded and predicted at a time. The demo page's title is `title`, else the run's (`page_text`)."""
+    decoded and predicted at a time and `max_queue` more wait (beyond: 503); a body slower than
+    `body_timeout_s` is a 408. Only `allowed_hosts` Host names are served (400 otherwise; None: any).
+    The demo page's title is `title`, else the run's (`page_text`)."""
     predictor = predictor or Predictor(run_dir, device=device)
     text = page_text(load_results(predictor.run_dir).dataset, title)
     # /docs is FastAPI's Swagger UI. Its JS and CSS come from the fastapi-offline package when it is
@@ -188,10 +217,17 @@ def create_app(
 
     @app.exception_handler(UploadError)
     async def refused(_request: Request, exc: UploadError) -> JSONResponse:
-        return JSONResponse(ErrorResponse(error=exc.message).model_dump(), status_code=exc.status)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 503 else {}
+        if exc.status in (408, 503):  # the body is left unread: close rather than wait for the rest of it
+            headers["Connection"] = "close"
+        return JSONResponse(ErrorResponse(error=exc.message).model_dump(), status_code=exc.status, headers=headers)
 
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts), www_redirect=False)
     _add_health(app, predictor, text)
-    _add_predict(app, _Service(predictor, max_upload_bytes, max_pixels, threading.BoundedSemaphore(max_concurrent)))
+    slots = threading.BoundedSemaphore(max_concurrent)
+    app.state.admission = admission = Admission(max_concurrent + max_queue)
+    _add_predict(app, _Service(predictor, max_upload_bytes, max_pixels, slots, admission, body_timeout_s))
     if assets:
         _add_offline_docs(app, assets)
     _add_page(app, render_page(text, predictor.labels))
@@ -200,7 +236,7 @@ def create_app(
 
 def _add_health(app: FastAPI, predictor: Predictor, text: PageText) -> None:
     @app.get("/health")
-    def health() -> HealthResponse:
+    async def health() -> HealthResponse:  # async and non-blocking: never waits behind predictions
         """Liveness, the loaded models, the number of classes and the demo page's title."""
         return HealthResponse(
             status="ok", models=predictor.labels, num_classes=len(predictor.class_names), title=text.title
@@ -216,15 +252,52 @@ def _add_predict(app: FastAPI, service: _Service) -> None:
         explain: bool = Query(False, description="add each model's explanation overlay (base64 PNG)"),
     ) -> PredictResponse:
         """Each model's top-k (label, probability) for the uploaded photo, and its inference latency."""
-        length = request.headers.get("content-length")
-        body = await read_limited(request.stream(), service.max_upload_bytes, length, overhead=MULTIPART_OVERHEAD)
-        return await run_in_threadpool(_answer, service, body, request.headers.get("content-type"), top, explain)
+        with service.admission.enter():  # a 503 when the queue is full, before reading the body
+            body = await _read_body(request, service)
+            gone = threading.Event()  # set if the client hangs up: its queued upload is then never decoded
+            watcher = asyncio.create_task(_watch_disconnect(request, gone))
+            try:
+                ctype = request.headers.get("content-type")
+                return await run_in_threadpool(_answer, service, body, ctype, top, explain, gone)
+            finally:
+                watcher.cancel()
 
 
-def _answer(service: _Service, body: bytes, content_type: str | None, top: int, explain: bool) -> PredictResponse:
+async def _watch_disconnect(request: Request, gone: threading.Event) -> None:
+    """Set `gone` once the client has hung up (polled: Starlette has no disconnect callback)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.1)
+    gone.set()
+
+
+async def _read_body(request: Request, service: _Service) -> bytes:
+    """The upload's body, within the size limit and the body deadline; a client that is too slow (408) or
+    hangs up mid-body is logged as one line, without a traceback."""
+    length = request.headers.get("content-length")
+    reading = read_limited(request.stream(), service.max_upload_bytes, length, overhead=MULTIPART_OVERHEAD)
+    peer = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+    try:
+        return await asyncio.wait_for(reading, service.body_timeout_s)
+    except TimeoutError:
+        log.warning("upload from %s aborted: its body did not arrive within %g s", peer, service.body_timeout_s)
+        raise UploadError(
+            408, f"the upload did not arrive within {service.body_timeout_s:g} s: retry on a faster connection"
+        ) from None
+    except ClientDisconnect:
+        log.warning("upload from %s aborted: the client disconnected before sending the whole body", peer)
+        raise UploadError(400, "the client disconnected before sending the whole upload") from None
+
+
+def _answer(
+    service: _Service, body: bytes, content_type: str | None, top: int, explain: bool, gone: threading.Event
+) -> PredictResponse:
     """Take the file out of the form, check it, decode it and predict: blocking, so it runs in the thread
-    pool, as many at a time as `service.slots` allows."""
+    pool, as many at a time as `service.slots` allows; skipped once `gone` is set (the client hung up
+    while it waited for a slot)."""
     with service.slots:
+        if gone.is_set():
+            log.info("an upload was dropped: its client disconnected while it waited for a prediction slot")
+            raise UploadError(400, "the client disconnected before its upload was decoded")
         data = multipart_file(body, content_type)
         if len(data) > service.max_upload_bytes:
             raise UploadError(
@@ -246,7 +319,7 @@ def _add_offline_docs(app: FastAPI, assets: Path) -> None:
     """/docs with Swagger UI's JS and CSS served from `assets`, by /docs-assets/NAME."""
 
     @app.get("/docs", include_in_schema=False)
-    def docs() -> HTMLResponse:
+    async def docs() -> HTMLResponse:  # async: never waits behind predictions
         return get_swagger_ui_html(
             openapi_url=app.openapi_url or "/openapi.json",
             title=f"{app.title} - Swagger UI",
@@ -264,17 +337,8 @@ def _add_offline_docs(app: FastAPI, assets: Path) -> None:
 
 def _add_page(app: FastAPI, html: str) -> None:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def page() -> HTMLResponse:
+    async def page() -> HTMLResponse:  # async: a full prediction queue never delays the page
         return HTMLResponse(html, headers={"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"})
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def serve(
@@ -284,9 +348,12 @@ def serve(
     max_upload_mb: float = 10,
     device: str = "cpu",
     title: str | None = None,
+    max_queue: int = MAX_QUEUED_PREDICTIONS,
+    allowed_hosts: Sequence[str] = (),
 ) -> None:
     """Run the service with uvicorn until interrupted (one process: the models are loaded once); `title`
-    replaces the demo page's title taken from the run."""
+    replaces the demo page's title taken from the run. Bound to loopback, it answers only requests whose
+    Host is a loopback name or one of `allowed_hosts`; `max_queue` uploads may wait for a prediction slot."""
     import uvicorn
 
     if not is_loopback(host):
@@ -295,10 +362,20 @@ def serve(
             "use --host 127.0.0.1 unless that is what you want",
             host,
         )
-    app = create_app(run_dir, max_upload_bytes=int(max_upload_mb * 2**20), device=device, title=title)
+    hosts = trusted_hosts(host, allowed_hosts)
+    app = create_app(
+        run_dir,
+        max_upload_bytes=int(max_upload_mb * 2**20),
+        device=device,
+        title=title,
+        max_queue=max_queue,
+        allowed_hosts=hosts,
+    )
     log.info("serving %s on http://%s:%d/ (docs: /docs, API schema: /openapi.json)", run_dir, host, port)
+    if hosts is not None:
+        log.info("accepting the Host names %s (add one with --allowed-host NAME)", ", ".join(hosts))
     try:
-        uvicorn.run(app, host=host, port=port, server_header=False, timeout_keep_alive=5)
+        uvicorn.run(app, host=host, port=port, **server_settings())
     except SystemExit as e:  # uvicorn exits (code 3) when it cannot start, e.g. the port is taken
         if e.code in (0, None):
             raise

@@ -43,6 +43,7 @@ from visionpoc.runfiles import (
     tuned_file,
     tuning_plot,
 )
+from visionpoc.typed import BoundedLoader
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def write_outputs(study: optuna.Study, mcfg: ModelConfig, out_dir: Path, storage
     else:
         path = atomic_write_text(out_dir / TUNED_DIR / tuned_file(mcfg.label), best_params_yaml(study, mcfg, record))
     summary = {
-        p.stem: (yaml.safe_load(p.read_text()) or {}).get("tuning", {})
+        p.stem: (yaml.load(p.read_text(), Loader=BoundedLoader) or {}).get("tuning", {})
         for p in sorted((out_dir / TUNED_DIR).glob("*.yaml"))
     }
     atomic_write_json(out_dir / TUNE_SUMMARY_FILE, {"models": summary})
@@ -224,7 +225,7 @@ def apply_tuned(cfg: Config, tuned_dir: Path, out_dir: Path | None = None) -> Co
             )
             continue
         try:
-            doc = yaml.safe_load(path.read_text()) or {}
+            doc = yaml.load(path.read_text(), Loader=BoundedLoader) or {}  # an alias bomb is refused
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
         if doc.get("timm", m.timm) != m.timm:
