@@ -194,6 +194,18 @@ def test_export_shows_each_result_once(
         assert said.count(str(tmp_path / "st" / label / "model.safetensors")) == 1, said
 
 
+def test_report_shows_its_path_once(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    import shutil
+
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    caplog.set_level(logging.INFO)
+    assert main(["report", str(run)]) == 0
+    said = _said(capsys, caplog)
+    assert said.count(str(run / "report.html")) == 1, said
+
+
 class _SlowFirstCall(nn.Module):
     """The model, with the first forward 0.5 s slower: the one-off costs of a process's first forward."""
 

@@ -183,5 +183,5 @@ def write_report(run_dir: str | Path, explain: bool = True) -> Path:
         atomic_write_bytes(files / f"{name}.png", png)
     atomic_write_text(run_dir / REPORT_MD, render_markdown(rep))
     html = atomic_write_text(run_dir / REPORT_HTML, render_html(rep))
-    log.info("report: %s (%d figures)", html, len(rep.figures))
+    log.debug("report: %s (%d figures)", html, len(rep.figures))
     return html
