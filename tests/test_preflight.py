@@ -56,6 +56,18 @@ def test_a_typo_in_the_second_model_stops_the_run_before_the_first_trains(
     assert not out.exists()
 
 
+def test_tune_checks_the_model_before_its_first_trial(
+    tmp_path: Path, mini_dogs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lite0 = {"label": "lite0", "timm": "tf_efficientnet_lite_0", "pretrained": False}
+    cfg = write_config(tmp_path / "c.yaml", mini_dogs, [CNN, lite0])
+    out = tmp_path / "tune"
+    assert main(["tune", "--config", str(cfg), "--model", "lite0", "--trials", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "models.1 (lite0)" in err and "did you mean 'tf_efficientnet_lite0'" in err
+    assert not out.exists()  # no study, no trial folder
+
+
 def test_every_problem_of_every_model_is_said_at_once(
     tmp_path: Path, mini_dogs: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

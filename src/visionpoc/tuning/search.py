@@ -47,7 +47,7 @@ import numpy as np
 import optuna
 import torch
 
-from visionpoc import checkpoint, models
+from visionpoc import checkpoint, models, preflight
 from visionpoc.compare import load_data
 from visionpoc.config import Config, ConfigError, ModelConfig, TuneConfig, with_model_changes
 from visionpoc.data.splits import Splits
@@ -239,6 +239,7 @@ def run_tune(
     mcfg = cfg.model(label)
     if cfg.data.val_fraction <= 0:
         raise ConfigError("tune scores trials on the validation split: set data.val_fraction > 0 (e.g. 0.1)")
+    preflight.refuse(preflight.model_problems(cfg, [label]))  # a misspelt timm name: said before any trial
     tc = cfg.tune
     if cfg.train.repeats > 1:
         log.warning(
