@@ -19,7 +19,7 @@ from visionpoc.errors import VisionpocError
 from visionpoc.evaluate import Learning
 from visionpoc.repeats import Spread, read_repeats, spread
 from visionpoc.report import plots, stats
-from visionpoc.report.build import cuda_rows, device_text
+from visionpoc.report.build import software_rows
 from visionpoc.report.caveats import Caveat, caveats, learning_checks, seeds_text, why_not_learned
 from visionpoc.report.inputs import align, read_predictions
 from visionpoc.results import ModelResult, RunResults
@@ -180,13 +180,7 @@ def _verdicts(
 def _environment(first: RunResults, seeds: list[int]) -> list[tuple[str, str]]:
     e, d = first.environment, first.dataset
     return [
-        ("device", device_text(e)),
-        ("platform", e.platform),
-        ("python", e.python),
-        ("torch", e.torch),
-        ("timm", e.timm),
-        *cuda_rows(e),
-        ("visionpoc", e.visionpoc),
+        *software_rows(e),
         ("seeds", ", ".join(map(str, seeds))),
         ("git commit", e.git_commit or "unknown"),
         (

@@ -166,26 +166,25 @@ def _pairwise(rep: Report, preds: dict[str, Predictions]) -> list[Pairwise]:
     return out
 
 
-def device_text(e: Environment) -> str:
-    """The device the run trained on: 'cpu', 'cuda (NVIDIA H200)'."""
-    return e.device + (f" ({e.gpu_name})" if e.gpu_name else "")
-
-
-def cuda_rows(e: Environment) -> list[tuple[str, str]]:
-    """The CUDA version, only when the run ran on CUDA: torch's build has one on a CPU run too, unused."""
-    return [("CUDA", e.cuda or "unknown")] if e.device.startswith("cuda") else []
+def software_rows(e: Environment) -> list[tuple[str, str]]:
+    """The device the run trained on ('cpu', 'cuda (NVIDIA H200)') and the software it ran: the CUDA version
+    only when the run ran on CUDA (torch's build has one on a CPU run too, unused)."""
+    cuda = [("CUDA", e.cuda or "unknown")] if e.device.startswith("cuda") else []
+    return [
+        ("device", e.device + (f" ({e.gpu_name})" if e.gpu_name else "")),
+        ("platform", e.platform),
+        ("python", e.python),
+        ("torch", e.torch),
+        ("timm", e.timm),
+        *cuda,
+        ("visionpoc", e.visionpoc),
+    ]
 
 
 def _environment(r: RunResults) -> list[tuple[str, str]]:
     e = r.environment
     return [
-        ("device", device_text(e)),
-        ("platform", e.platform),
-        ("python", e.python),
-        ("torch", e.torch),
-        ("timm", e.timm),
-        *cuda_rows(e),
-        ("visionpoc", e.visionpoc),
+        *software_rows(e),
         ("seed", str(e.seed)),
         ("git commit", e.git_commit or "unknown"),
         ("run created", r.created or "unknown"),
