@@ -59,7 +59,12 @@ def test_smoke_bench_reports_every_figure(tmp_path: Path, one_thread: None) -> N
         assert c["plain_img_s"] > 0 and c["ours_img_s"] > 0 and len(c["rates"]["ours"]) == len(c["rates"]["plain"])
         assert c["ratio"] == pytest.approx(c["ours_img_s"] / c["plain_img_s"])  # one round: its own ratio
         assert d["ratios"][f"{c['finetune']} vs the plain loop"] == c["ratio"]
+        lo = c["loop"]  # the loops alone, over the same built batches
+        assert lo["plain_img_s"] > 0 and lo["ours_img_s"] > 0
+        assert lo["ratio"] == pytest.approx(lo["ours_img_s"] / lo["plain_img_s"])
+        assert d["ratios"][f"{c['finetune']} vs the plain loop, loops alone"] == lo["ratio"]
     text = format_bench(d)
+    assert "the loops alone on built batches: ratio" in text
     assert "our loop vs a plain loop, resnet10t full at 32px" in text
     assert "prepared store + gpu_aug" in text and "ratio input prepared/pil" in text and "vit_b16_bs8" in text
     assert "linear probe, vit_tiny_patch16_224 at 32px, 10 epochs on 42 images" in text

@@ -15,6 +15,8 @@ The plain loop: `ImageFolder` + `DataLoader` (shuffled, persistent workers), for
 progress, stop flag, seeded per-sample augmentation and all). Each side builds once, trains one warm-up
 epoch untimed, then the two alternate, `repeats` epochs each, the order flipped every round; an
 epoch's img/s is its images over its synchronized wall time, the start of its iteration included.
+Then the same over batches already built (`loop`): the loops alone, without their input paths, whose
+workers share the CPU with the model and make the end-to-end figure noisier.
 """
 
 from __future__ import annotations
@@ -97,8 +99,17 @@ def photo_folder(root: Path, n: int, side: tuple[int, int], seed: int = 0) -> Sp
     return Split(root, files, labels)
 
 
-def _plain(case: Case, root: Path, dcfg: dict[str, Any], p: PlainPlan, device: torch.device) -> Callable[[], int]:
-    """The plainest correct loop; returns a function that trains one epoch and returns its images."""
+@dataclass(frozen=True)
+class Loop:
+    """One side of the comparison: `epoch()` trains one epoch of its loader and returns its images;
+    `over(batches)` trains over batches already built: the loop alone, without its input path."""
+
+    epoch: Callable[[], int]
+    over: Callable[[list[tuple[torch.Tensor, torch.Tensor]]], int]
+
+
+def _plain(case: Case, root: Path, dcfg: dict[str, Any], p: PlainPlan, device: torch.device) -> Loop:
+    """The plainest correct loop."""
     from torchvision.datasets import ImageFolder
 
     torch.manual_seed(0)
@@ -131,29 +142,35 @@ def _plain(case: Case, root: Path, dcfg: dict[str, Any], p: PlainPlan, device: t
     )
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    def epoch() -> int:
+    def modes() -> None:
         model.train()
         if head:  # a frozen backbone: eval mode (its BatchNorm statistics stay as they are)
             model.eval()
             classifier.train()
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with amp:
+            loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if not head:
+            nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+    def over(batches: Any) -> int:
+        modes()
         n = 0
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with amp:
-                loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if not head:
-                nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+        for x, y in batches:
+            step(x, y)
             n += len(y)
         return n
 
-    return epoch
+    return Loop(lambda: over(loader), over)
 
 
-def _ours(case: Case, split: Split, p: PlainPlan, device: torch.device, tmp: Path) -> tuple[Callable[[], int], Any]:
-    """Our loop as `fit` builds it; returns (a function that trains one epoch and returns its images, dcfg)."""
+def _ours(case: Case, split: Split, p: PlainPlan, device: torch.device, tmp: Path) -> tuple[Loop, Any]:
+    """Our loop as `fit` builds it; returns (the loop, its model's data config)."""
     from visionpoc.data.loaders import set_epoch
     from visionpoc.recovery import StopRequest
     from visionpoc.train import EpochProgress, build_run, train_one_epoch
@@ -173,38 +190,57 @@ def _ours(case: Case, split: Split, p: PlainPlan, device: torch.device, tmp: Pat
     run = build_run(for_model(cfg, mcfg), mcfg, splits, tmp / f"ours_{case.finetune}")
     stop, state = StopRequest(), {"epoch": 0, "step": 0}
 
-    def epoch() -> int:
+    def over(batches: Any) -> int:
         state["epoch"] += 1
-        set_epoch(run.loaders.train, state["epoch"])
+        set_epoch(batches, state["epoch"])  # a no-op on a list
         prog, state["step"], _ = train_one_epoch(
-            run.parts, run.loaders.train, state["epoch"], state["step"], EpochProgress(), stop
+            run.parts, batches, state["epoch"], state["step"], EpochProgress(), stop
         )
         return prog.n
 
-    return epoch, run.dcfg
+    return Loop(lambda: over(run.loaders.train), over), run.dcfg
 
 
-def _rate(epoch: Callable[[], int], device: torch.device) -> float:
+def _rate(pass_: Callable[[], int], device: torch.device) -> float:
     sync(device)
     t0 = time.perf_counter()
-    n = epoch()
+    n = pass_()
     sync(device)
     return n / (time.perf_counter() - t0)
 
 
+def _alternate(passes: dict[str, Callable[[], int]], repeats: int, device: torch.device) -> dict[str, Any]:
+    """img/s of each side's pass, alternating, the order flipped every round; the median ratio ours/plain."""
+    rates: dict[str, list[float]] = {"plain": [], "ours": []}
+    for r in range(repeats):
+        for who in ("plain", "ours") if r % 2 == 0 else ("ours", "plain"):
+            rates[who].append(_rate(passes[who], device))
+    ratios = [o / q for o, q in zip(rates["ours"], rates["plain"], strict=True)]
+    return {
+        "plain_img_s": statistics.median(rates["plain"]),
+        "ours_img_s": statistics.median(rates["ours"]),
+        "ratio": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "rates": rates,
+    }
+
+
 def plain_case(case: Case, split: Split, p: PlainPlan, device: torch.device, tmp: Path) -> dict[str, Any]:
-    """img/s of the plain loop and ours, alternating epochs; the median of the per-round ratios."""
+    """Both loops, alternating: whole epochs (input path included), then the loops alone over the same
+    batches already built (`loop`: the loop's own cost, free of the input path's noise)."""
     ours, dcfg = _ours(case, split, p, device, tmp)
     plain = _plain(case, split.root, dcfg, p, device)
     t0 = time.perf_counter()
-    plain(), ours()  # warm-up: worker start-up, page cache, first calls
+    plain.epoch(), ours.epoch()  # warm-up: worker start-up, page cache, first calls
     warm = time.perf_counter() - t0
-    rates: dict[str, list[float]] = {"plain": [], "ours": []}
-    for r in range(p.repeats):
-        order = ("plain", "ours") if r % 2 == 0 else ("ours", "plain")
-        for who in order:
-            rates[who].append(_rate(plain if who == "plain" else ours, device))
-    ratios = [o / q for o, q in zip(rates["ours"], rates["plain"], strict=True)]
+    epochs = _alternate({"plain": plain.epoch, "ours": ours.epoch}, p.repeats, device)
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(p.batch, *dcfg["input_size"], generator=g), torch.arange(p.batch) % 8)
+        for _ in range(len(split) // p.batch)
+    ]
+    loop = _alternate({"plain": lambda: plain.over(batches), "ours": lambda: ours.over(batches)}, p.repeats, device)
     return {
         "finetune": case.finetune,
         "timm": case.timm,
@@ -213,12 +249,8 @@ def plain_case(case: Case, split: Split, p: PlainPlan, device: torch.device, tmp
         "workers": p.workers,
         "images": len(split),
         "warmup_s": warm,
-        "plain_img_s": statistics.median(rates["plain"]),
-        "ours_img_s": statistics.median(rates["ours"]),
-        "ratio": statistics.median(ratios),
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
-        "rates": rates,
+        **epochs,
+        "loop": loop,
     }
 
 
