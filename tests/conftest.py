@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from dogs_fixture import make_mini_dogs  # noqa: E402
 from real_weights import LITE0_PACKAGE, convert_lite0, lite0_pth, make_photo_crops  # noqa: E402
+from servers import PostgresServer, postgres_bindir, postgres_missing  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +34,15 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _price_only_where_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`compare` ends by measuring each model's price at inference (an ONNX export and a timing process, about
+    2 s a model): only tests marked `price` do; in the others (in this process) it is skipped, as with
+    `inference.enabled: false`."""
+    if request.node.get_closest_marker("price") is None:
+        monkeypatch.setattr("visionpoc.inference.cost.price_runs", lambda cfg, runs: None)
 
 
 @pytest.fixture(scope="session")
@@ -80,3 +91,20 @@ def photo_crops(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A read-only-by-convention real-photo dataset in the `folder` layout: 8 classes (the quadrants of
     scikit-learn's china and flower photos, e.g. `china_top_left`), 40 train + 20 test 64x64 JPEGs each."""
     return make_photo_crops(tmp_path_factory.mktemp("photo_crops"))
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server on 127.0.0.1 for the whole test run (Debian's `postgresql` package,
+    which `.ci/run` installs); `create_database(name)` gives each test its own database."""
+    missing = postgres_missing()
+    if missing:  # CI (VISIONPOC_REQUIRE_POSTGRES=1) fails instead of skipping
+        (pytest.fail if os.environ.get("VISIONPOC_REQUIRE_POSTGRES") == "1" else pytest.skip)(missing)
+    bindir = postgres_bindir()
+    assert bindir is not None
+    server = PostgresServer(bindir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()

@@ -288,7 +288,9 @@ def test_imagenet_overlap_warning(caplog: pytest.LogCaptureFixture) -> None:
                 ModelConfig(label="untagged", timm="legacy_xception"),  # timm's default tag: tf_in1k
                 ModelConfig(label="scratch", timm="vit_base_patch16_224.orig_in21k", pretrained=False),
                 ModelConfig(label="webli", timm="vit_base_patch16_siglip_224.v2_webli"),  # overlap undocumented
+                ModelConfig(label="vit_hf", hf="google/vit-base-patch16-224-in21k"),  # the seed's, on the HF hub
+                ModelConfig(label="own_hf", hf="/models/our-vit"),  # a folder that does not say
             ]
         )
-    assert flagged == ["xception", "vit_b16", "untagged"]
+    assert flagged == ["xception", "vit_b16", "untagged", "vit_hf"]
     assert "Stanford Dogs is built from ImageNet" in caplog.text and "vit_b16" in caplog.text

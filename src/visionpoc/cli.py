@@ -75,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"visionpoc {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_data_parser, _compare_parser, _tune_parser, _train_parser, _report_parser, _predict_parser):
+    for add in (_data_parser, _compare_parser, _tune_parser, _train_parser, _evaluate_parser, _report_parser):
         add(sub)
-    for add in (_serve_parser, _export_parser, _bench_parser, _models_parser, _demo_parser):
+    for add in (_predict_parser, _serve_parser, _export_parser, _bench_parser, _models_parser, _demo_parser):
         add(sub)
     return parser
 
@@ -90,7 +90,11 @@ def _data_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     dl.add_argument("--from", dest="from_dir", type=Path, default=None, help="folder holding the three tars")
     ck = data.add_parser("check", help="validate a dataset tree and print what was found")
     ck.add_argument("--root", type=Path, default=Path("data/stanford_dogs"))
-    ck.add_argument("--source", choices=["stanford_dogs", "folder"], default="stanford_dogs")
+    ck.add_argument(
+        "--source", choices=["stanford_dogs", "folder", "manifest", "hf", "webdataset"], default="stanford_dogs"
+    )
+    ck.add_argument("--image-column", default="image", help="hf: the column of the images")
+    ck.add_argument("--label-column", default="label", help="hf: the column of the labels")
     ck.add_argument("--class-names", type=Path, default=None, help="a data.class_names file (CSV or JSON) to check")
     ck.add_argument("--json", action="store_true", help="print one JSON object")
     ck.add_argument(
@@ -144,6 +148,45 @@ def _add_dry_run(p: argparse.ArgumentParser) -> None:
         help="check every model, weights file and the data, print the plan (models, lr, steps, data) and "
         "exit: nothing trains, nothing is written",
     )
+
+
+def _evaluate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ev = sub.add_parser("evaluate", help="score a deployed ONNX file or a run's model on a dataset split")
+    ev.add_argument(
+        "--model", type=Path, required=True, help="a .onnx file, a `visionpoc export` folder or a run folder"
+    )
+    ev.add_argument("--label", default=None, help="the model's name in the results (default: the file's or model's)")
+    ev.add_argument("--model-label", default=None, help="a run folder: which of its models (default: its only one)")
+    ev.add_argument(
+        "--preprocess", default=None, help="ONNX file: a YAML file or mapping, e.g. '{size: 299, layout: NHWC}'"
+    )
+    ev.add_argument("--classes", default=None, help="ONNX file: class name per output (a text or JSON file)")
+    ev.add_argument("--split", choices=["test", "val", "train"], default="test", help="test also scores val (default)")
+    ev.add_argument("--data", type=Path, default=None, help="dataset root (sets data.root)")
+    ev.add_argument("--source", default=None, help="dataset source (sets data.source), e.g. folder")
+    _add_config_args(ev, resume=False)
+    ev.add_argument("--no-report", action="store_true", help="skip writing report.html / report.md")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from visionpoc.config import load_config
+    from visionpoc.preflight import default_out
+
+    sets = [f"data.root={args.data}"] * (args.data is not None) + [f"data.source={args.source}"] * bool(args.source)
+    cfg = load_config(args.config, [*args.overrides, *sets])
+    from visionpoc.deployed.rescore import run_evaluate
+
+    out = args.out or default_out("evaluate")
+    done = run_evaluate(args.model, cfg, out, args.label, args.split, args.preprocess, args.classes, args.model_label)
+    m = done.result
+    scores = ", ".join(
+        f"{name} accuracy {v:.4f}" for name in ("train", "val", "test") if (v := getattr(m, f"{name}_accuracy"))
+    )
+    print(f"{m.label} ({m.timm}): {scores or 'nothing scored'}" + (f"; added to {out}" if done.added else ""))
+    if not args.no_report and m.test_accuracy is not None:
+        _write_report(out)
+    print(f"results: {out / 'results.json'}")
+    return 0
 
 
 def _report_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -236,12 +279,14 @@ def _data_check(args: argparse.Namespace) -> int:
     from visionpoc.data.sources import read_dataset
     from visionpoc.data.splits import make_splits
 
-    ds = read_dataset(args.source, args.root, args.class_names)
+    options = DataConfig(image_column=args.image_column, label_column=args.label_column)
+    ds = read_dataset(args.source, args.root, args.class_names, options)
     make_splits(ds, DataConfig().val_fraction, None, 0)  # e.g. a class with one training image: said now
     summary: dict[str, Any] = {
         "source": ds.source,
         "root": str(ds.root),
         "train": len(ds.train),
+        **({"val": len(ds.val)} if ds.val is not None else {}),  # the source's own validation split
         "test": len(ds.test),
         "classes": ds.num_classes,
         "class_names": ds.class_names,
@@ -250,13 +295,16 @@ def _data_check(args: argparse.Namespace) -> int:
         from visionpoc.data.images import undecodable
         from visionpoc.data.loaders import default_workers
 
-        paths = [s.path(i) for s in (ds.train, ds.test) for i in range(len(s))]
+        files = [s for s in (ds.train, ds.val, ds.test) if s is not None and s.shards is None]  # not streamed
+        paths = [s.path(i) for s in files for i in range(len(s))]
         summary["undecodable"] = undecodable(paths, default_workers(DataConfig(num_workers=args.workers)))
     if args.json:
         print(json.dumps(summary))
     else:
         print(
-            f"{ds.source} dataset in {ds.root}: {len(ds.train)} train / {len(ds.test)} test images, "
+            f"{ds.source} dataset in {ds.root}: {len(ds.train)} train / "
+            + (f"{len(ds.val)} val / " if ds.val is not None else "")
+            + f"{len(ds.test)} test images, "
             f"{ds.num_classes} classes ({', '.join(ds.class_names[:5])}{', ...' if ds.num_classes > 5 else ''})"
         )
         if args.decode:
@@ -266,10 +314,13 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, labels: list[str] | None, tuned: Path | None) -> int:
-    from visionpoc.preflight import format_plan, settings  # no torch, no timm: a config error comes at once
+    from visionpoc.preflight import elastic_resume, format_plan, settings  # no torch, no timm: errors at once
 
-    resume = args.resume is not None
-    cfg, out = settings(args.command, args.config, args.overrides, args.out, args.resume, tuned, labels, args.dry_run)
+    # a worker that torchrun (re)started for a run its --out already holds continues it
+    elastic = None if args.resume or args.dry_run else elastic_resume(args.config, args.overrides, args.out, tuned)
+    config, out_arg, resume_dir = (None, None, elastic) if elastic else (args.config, args.out, args.resume)
+    resume = resume_dir is not None
+    cfg, out = settings(args.command, config, args.overrides, out_arg, resume_dir, tuned, labels, args.dry_run)
     from visionpoc.compare import dry_run, format_runs, run
     from visionpoc.repeats import run_folders
     from visionpoc.runfiles import RESULTS_FILE
@@ -505,6 +556,8 @@ def _command(args: argparse.Namespace) -> int:
         return _run(args, None, args.tuned)
     if args.command == "train":
         return _run(args, [args.model], None)
+    if args.command == "evaluate":
+        return _evaluate(args)
     if args.command == "report":
         from visionpoc.report.tracking import require_mlflow
 

@@ -1,17 +1,20 @@
 """The PoC: read (or download) the dataset, split it once, then fine-tune every model through the same
 loop on the same splits, and write `results.json`, `results.csv`, `config.yaml` and one folder per
-model. A model that fails is recorded with its error; the others still run and are reported.
+model. A deployed model (`onnx:`) is scored as it is, not trained, and once across repeats. A model that
+fails is recorded with its error; the others still run and are reported.
 
 `run` is the `compare` and `train` commands, given the config and folder `preflight.settings` resolved
 (new, resumed or tuned): it checks everything first (`check`: every model, then the data, before the first
-model trains or anything is written), trains, and turns an interruption or a data error into a message
-that says how to continue. `dry_run` is `--dry-run`: the same checks, then the plan.
+model trains or anything is written), trains, measures each model's price at inference (`price`), and
+turns an interruption or a data error into a message that says how to continue. `dry_run` is `--dry-run`:
+the same checks, then the plan.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import shutil
 import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +30,7 @@ from visionpoc.errors import (
     ConfigError,
     DataError,
     ImageError,
+    RankLost,
     TrainingInterrupted,
     VisionpocError,
     user_message,
@@ -35,7 +39,7 @@ from visionpoc.preflight import refuse_existing_run
 from visionpoc.recovery import clean_orphan_temps, resume_hint
 from visionpoc.repeats import read_repeats, repeat_dir, save_repeats, spread
 from visionpoc.results import DatasetInfo, ModelResult, RunResults, environment, load_results, save_results
-from visionpoc.runfiles import CONFIG_FILE, RESULTS_FILE, is_disk_full
+from visionpoc.runfiles import CONFIG_FILE, PREDICTIONS_FILE, RESULTS_FILE, is_disk_full
 from visionpoc.train import fit, resolve_device
 
 log = logging.getLogger(__name__)
@@ -69,7 +73,27 @@ def run(command: str, cfg: Config, out_dir: Path, resume: bool, labels: list[str
         runs = _train(cfg, out_dir, labels, resume, hint, data)
     finally:
         distributed.shutdown(d)  # a no-op for one process
+    if d.main:
+        price(cfg, out_dir, runs, hint)
     return RunOutcome(out_dir, runs, cfg.tracking, d.main)
+
+
+def price(cfg: Config, out_dir: Path, runs: list[RunResults], hint: str = "") -> None:
+    """Each model's price at inference (`inference.cost.price_runs`) unless `inference.enabled` is false, once
+    every model is trained: under torchrun the process group is gone by then, so no rank waits on a
+    collective while it is measured. `runs`: the run in `out_dir`, or its repeats (one per seed)."""
+    if not cfg.inference.enabled:
+        return
+    from visionpoc.inference.cost import price_runs
+
+    seeds = [cfg.train.seed + k for k in range(len(runs))]
+    dirs = [out_dir] if cfg.train.repeats == 1 else [out_dir / repeat_dir(s) for s in seeds]
+    try:
+        price_runs(cfg, list(zip(dirs, runs, strict=True)))
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(
+            f"stopped while measuring the price at inference; the trained models are saved. Resume to measure it: {hint}"
+        ) from None
 
 
 def check(cfg: Config, labels: list[str] | None) -> tuple[Dataset, Splits] | None:
@@ -89,6 +113,8 @@ def check(cfg: Config, labels: list[str] | None) -> tuple[Dataset, Splits] | Non
             if not problems:
                 raise
             problems.append(f"data: {user_message(e)}")
+        if data is not None:  # deployed models' class maps against the dataset's classes
+            problems += preflight.class_map_problems(cfg, labels, data[0].class_names, data[0].class_folders)
     preflight.refuse(problems)
     return data
 
@@ -164,7 +190,7 @@ def load_data(cfg: Config) -> tuple[Dataset, Splits]:
 
         log.info("Stanford Dogs not found in %s: downloading it (data.download=false turns this off)", root)
         download_stanford_dogs(root, base_url=cfg.data.base_url)
-    ds = read_dataset(cfg.data.source, root, cfg.data.class_names)
+    ds = read_dataset(cfg.data.source, root, cfg.data.class_names, cfg.data, _split_seed(cfg))
     splits = make_splits(ds, cfg.data.val_fraction, cfg.data.limit_per_class, _split_seed(cfg))
     empty = [name for name, split in (("train", splits.train), ("test", splits.test)) if len(split) == 0]
     if empty:
@@ -196,11 +222,14 @@ def run_compare(
     labels: list[str] | None = None,
     resume: bool = False,
     data: tuple[Dataset, Splits] | None = None,
+    scored: Path | None = None,
 ) -> RunResults:
-    """Train and score each model of `cfg` (or only `labels`); results are saved after every model.
+    """Train and score each model of `cfg` (or only `labels`; an `onnx:` one is only scored); results are
+    saved after every model.
 
     With `resume`, models already finished in `out_dir/results.json` are kept, and an interrupted model
     continues from its last checkpoint. `data`: the dataset and splits `check` read (else read here).
+    `scored`: a run folder on the same splits (the first repeat) whose deployed models' scores are reused.
     Only the main process writes (under torchrun).
     """
     out_dir = Path(out_dir)
@@ -214,7 +243,7 @@ def run_compare(
             clean_orphan_temps(out_dir)
         ds, splits = data or load_data(cfg)  # one process downloads; the others wait for it
         save_config(cfg, out_dir / CONFIG_FILE)  # the run starts: a data error before it leaves none
-    distributed.barrier(d)
+    distributed.wait_for_main(d)  # a download may take longer than the collective timeout
     if not d.main:
         ds, splits = data or load_data(cfg)
     device = resolve_device(cfg.train.device, d)
@@ -244,27 +273,23 @@ def run_compare(
             log.info("=== %s: already finished in %s, kept", mcfg.label, out_dir)
             results.models.append(done[mcfg.label])
             continue
-        log.info("=== %s (%s, finetune=%s)", mcfg.label, mcfg.timm, mcfg.finetune)
+        log.info("=== %s (%s, finetune=%s)", mcfg.label, mcfg.name, "deployed" if mcfg.onnx else mcfg.finetune)
+        if mcfg.kind == "onnx" and not d.main:  # a deployed model is scored by one process
+            continue
         try:
-            result = fit(cfg, mcfg, splits, out_dir / mcfg.label, resume=resume)
+            result = _fit_or_score(cfg, mcfg, splits, ds, out_dir, resume, scored)
         except (KeyboardInterrupt, DataError, CheckpointError, TrainingInterrupted):
             raise  # the user stopped us, or the data/checkpoint needs the user, for every model alike
         except Exception as e:  # one model failing (weights, OOM, a bug) must not lose the others
             if is_disk_full(e):
                 raise  # every later model would fail the same way: stop, keeping what is done
+            lost = distributed.peer_failure(d, e)  # another rank died: not this model's failure
+            if lost is not None:
+                raise RankLost(f"[{mcfg.label}] {lost}; this model's last checkpoint stands") from None
             message = str(e) if isinstance(e, VisionpocError) else f"{type(e).__name__}: {e}"
             log.error("model %s failed: %s", mcfg.label, message)
             log.debug("%s", traceback.format_exc())
-            result = ModelResult(
-                label=mcfg.label,
-                timm=mcfg.timm,
-                finetune=mcfg.finetune,
-                pretrained=mcfg.pretrained,
-                status="failed",
-                error=message,
-                preset=mcfg.preset,
-                policy=mcfg.policy,
-            )
+            result = _failed(mcfg, message)
         results.models.append(result)
         if d.main:
             save_results(results, out_dir)
@@ -309,20 +334,67 @@ def run_repeats(
         )
         sub = out_dir / repeat_dir(seed)
         log.info("=== repeat %d of %d: seed %d, in %s", k + 1, len(seeds), seed, sub)
-        runs.append(run_compare(one, sub, labels, resume=resume and (sub / CONFIG_FILE).is_file(), data=data))
+        again = resume and (sub / CONFIG_FILE).is_file()
+        first = out_dir / repeat_dir(seeds[0]) if k else None  # a deployed model: scored once, same splits
+        runs.append(run_compare(one, sub, labels, resume=again, data=data, scored=first))
     return runs
+
+
+def _fit_or_score(
+    cfg: Config, mcfg: ModelConfig, splits: Splits, ds: Dataset, out_dir: Path, resume: bool, scored: Path | None
+) -> ModelResult:
+    """`fit` model `mcfg` into `out_dir/<label>`; a deployed model (`onnx:`) is scored as it is instead."""
+    if mcfg.kind == "onnx":
+        return _deployed(cfg, mcfg, splits, ds.class_folders, out_dir, scored)
+    return fit(cfg, mcfg, splits, out_dir / mcfg.label, resume=resume)
+
+
+def _failed(mcfg: ModelConfig, message: str) -> ModelResult:
+    """The result of model `mcfg` that failed with `message`."""
+    deployed = mcfg.kind == "onnx"
+    return ModelResult(
+        label=mcfg.label,
+        timm=mcfg.name,
+        finetune="deployed" if deployed else mcfg.finetune,
+        pretrained=mcfg.pretrained and not deployed,
+        status="failed",
+        error=message,
+        preset=mcfg.preset,
+        policy="deployed" if deployed else mcfg.policy,
+        onnx=mcfg.onnx,
+    )
+
+
+def _deployed(
+    cfg: Config, mcfg: ModelConfig, splits: Splits, class_folders: list[str], out_dir: Path, scored: Path | None
+) -> ModelResult:
+    """Score the deployed model `mcfg`, or reuse its scores from the run in `scored`: it is not trained, so
+    another seed on the same splits would give the same figures."""
+    from visionpoc.deployed.score import score_deployed
+    from visionpoc.deployed.spec import entry_keys
+
+    here = out_dir / mcfg.label / PREDICTIONS_FILE
+    if scored is not None and (scored / mcfg.label / PREDICTIONS_FILE).is_file() and (scored / RESULTS_FILE).is_file():
+        done = [m for m in load_results(scored).models if m.label == mcfg.label and m.status == "ok"]
+        if done:
+            log.info("[%s] deployed: scored once, in %s; the same scores stand for this seed", mcfg.label, scored)
+            here.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(scored / mcfg.label / PREDICTIONS_FILE, here)
+            return done[0]
+    keys = entry_keys(next(i for i, m in enumerate(cfg.models) if m.label == mcfg.label))
+    return score_deployed(cfg, mcfg, splits, class_folders, out_dir / mcfg.label, keys)
 
 
 def warn_imagenet_overlap(chosen: list[ModelConfig]) -> list[str]:
     """Log (and return) the pretrained models whose pretraining data contains ImageNet, from which
     Stanford Dogs was built: they may have seen its test images."""
-    from visionpoc.presets.facts import may_have_seen_imagenet, tagged_name
+    from visionpoc.presets.facts import hf_pretrain_name, may_have_seen_imagenet, tagged_name
 
     flagged = []
     for m in chosen:
-        if not m.pretrained or m.pretrained_path:
+        if m.onnx or not m.pretrained or m.pretrained_path:
             continue
-        name = tagged_name(m.timm)  # an untagged name loads timm's default tag
+        name = hf_pretrain_name(m.hf) if m.hf else tagged_name(m.timm)  # untagged: timm's default tag
         if may_have_seen_imagenet(name):
             flagged.append(m.label)
             log.warning(
@@ -336,7 +408,7 @@ def warn_imagenet_overlap(chosen: list[ModelConfig]) -> list[str]:
 
 
 def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+    return format("-", ">" + spec.split(".")[0]) if v is None else format(v, spec)
 
 
 def format_table(results: RunResults) -> str:

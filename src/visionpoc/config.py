@@ -25,10 +25,21 @@ from visionpoc.typed import BoundedLoader, YamlTooLargeError, apply_override, fr
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: Literal["stanford_dogs", "folder"] = "stanford_dogs"
-    """`stanford_dogs` (official layout) or `folder` (root/train/<class>/*, root/test|val/<class>/*)."""
+    source: Literal["stanford_dogs", "folder", "manifest", "hf", "webdataset"] = "stanford_dogs"
+    """`stanford_dogs` (official layout), `folder` (root/train/<class>/*, root/test|val/<class>/*),
+    `manifest` (a CSV/JSONL file of `path,label[,split]`), `hf` (a Hugging Face `datasets` dataset) or
+    `webdataset` (tar shards with a `cls` label per image)."""
     root: str = "data/stanford_dogs"
-    """Dataset folder."""
+    """Dataset folder; for `manifest` the CSV/JSONL file; for `hf` a `save_to_disk` folder, a parquet
+    file or folder, an image folder or a hub id (from the local cache); for `webdataset` a folder of
+    `train-*.tar` / `val-*.tar` / `test-*.tar` shards or a brace pattern (`shards/{000..009}.tar`)."""
+    test_fraction: float = 0.2
+    """`manifest`, `hf`, `webdataset` without a test split: the stratified, seeded share of the images
+    held out as the test split (before validation is carved out of the rest)."""
+    image_column: str = "image"
+    """`hf`: the column holding the images."""
+    label_column: str = "label"
+    """`hf`: the column holding the labels (a `ClassLabel`'s names become the class names)."""
     class_names: str | None = None
     """Display names of the classes: a CSV file of `folder,name` rows (header optional) or a JSON file
     `{"folder": "name"}`; classes it leaves out keep their default name (the breed for Stanford Dogs and
@@ -55,11 +66,43 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class PreprocessConfig:
+    """How a deployed model file (`onnx:`) wants its input: what the team's serving code does before it."""
+
+    size: int = 224
+    """Side of the square input, in pixels (the crop)."""
+    resize: int | None = None
+    """Shorter side before the centre crop; null: `size` / 0.875 (timm's default crop_pct), rounded."""
+    crop: Literal["center", "squash"] = "center"
+    """`center`: resize the shorter side then cut the central square; `squash`: resize to size x size."""
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    """Subtracted per channel, on pixels scaled to [0, 1] (Keras' [-1, 1]: 0.5, 0.5, 0.5)."""
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    """Divided per channel, on pixels scaled to [0, 1] (raw 0..255 input: mean 0, std 0.00392157)."""
+    channels: Literal["RGB", "BGR"] = "RGB"
+    """Channel order the model expects."""
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    """Tensor layout: PyTorch exports are NCHW, Keras/TensorFlow exports NHWC."""
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     label: str
     """Short name used in tables, folders and `--model`."""
-    timm: str
-    """Full tagged timm name, e.g. `vit_base_patch16_224.orig_in21k`."""
+    timm: str = ""
+    """Full tagged timm name, e.g. `vit_base_patch16_224.orig_in21k`. Each entry names exactly one of
+    `timm`, `hf` and `onnx`."""
+    hf: str | None = None
+    """A Hugging Face `transformers` image-classification model instead of timm: a hub id
+    (`google/vit-base-patch16-224-in21k`) or a local folder written by `save_pretrained`."""
+    onnx: str | None = None
+    """A deployed model file (ONNX) scored as it is, not trained: the production model as it serves.
+    Needs `preprocess` and `classes`."""
+    preprocess: PreprocessConfig | None = None
+    """For `onnx`: the model's input (size, resize/crop, mean/std, channel order, layout)."""
+    classes: tuple[str, ...] | str | None = None
+    """For `onnx`: the dataset class name of each output index, as a list or a file (one per line, or
+    JSON list/`{"index": "name"}`)."""
     preset: str | None = None
     """The preset (`visionpoc models`) this entry was resolved from at load time; kept for the record."""
     policy: str | None = None
@@ -109,6 +152,16 @@ class ModelConfig:
     """The tuned-settings YAML these overrides came from (set by `compare --tuned`), for the record."""
     tuning_trials: int | None = None
     """Finished trials of the study behind `tuned_from` (set by `compare --tuned`), for the record."""
+
+    @property
+    def kind(self) -> Literal["timm", "hf", "onnx"]:
+        """Where the model comes from: a timm name, a Hugging Face model, or a deployed ONNX file."""
+        return "onnx" if self.onnx else "hf" if self.hf else "timm"
+
+    @property
+    def name(self) -> str:
+        """The model's identifier for tables and records: the timm name, the HF id/folder or the ONNX path."""
+        return self.onnx or self.hf or self.timm
 
 
 @dataclass(frozen=True)
@@ -219,6 +272,13 @@ class TuneConfig:
     drop_rate: tuple[float, ...] | None = (0.0, 0.5)
     """Dropout range (`model_kwargs.drop_rate`, before the classifier), only for models that accept it
     (Xception, ResNets, ViTs)."""
+    heartbeat_s: int = 60
+    """Seconds between a running trial's heartbeats in the study's database."""
+    grace_s: int = 180
+    """Seconds of heartbeat silence after which another worker marks a trial failed (its worker died);
+    above `heartbeat_s`."""
+    retries: int = 1
+    """Times a dead worker's trial is queued again, with the same settings (0: never)."""
 
 
 def _default_models() -> tuple[ModelConfig, ...]:
@@ -238,6 +298,29 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class InferenceConfig:
+    """The price of each model at inference, measured after the run on this machine's CPU with ONNX Runtime
+    (each trained model exported to ONNX; a deployed `onnx:` file as it is), and with torch on CUDA when
+    there is a GPU. Needs the `export` extra (onnx, onnxruntime); without it, each model gets a note."""
+
+    enabled: bool = True
+    """Measure it after the models are trained and scored; false skips it."""
+    threads: int | None = None
+    """ONNX Runtime's intra-op threads; null: its default (one per physical core). The number actually
+    used is recorded either way."""
+    batch_sizes: tuple[int, ...] = (1, 32)
+    """Batch sizes timed: latency (p50, p95) is read at the smallest, throughput at the largest."""
+    warmup_runs: int = 3
+    """Untimed runs at each batch size before the timed ones."""
+    min_runs: int = 10
+    """Timed runs at each batch size, at least (even past `max_seconds`)."""
+    max_runs: int = 200
+    """Timed runs at each batch size, at most."""
+    max_seconds: float = 10.0
+    """Time budget of the timed runs at each batch size: once spent (and `min_runs` done), it stops."""
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     """Where the images come from and how they are split."""
@@ -251,6 +334,8 @@ class Config:
     """How the linear probe (`finetune: head`) trains: cached features and a grid of heads."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Optional experiment tracking (MLflow) of each finished `compare`."""
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    """The price of each model at inference (CPU latency, throughput, memory, file size)."""
 
     def model(self, label: str) -> ModelConfig:
         for m in self.models:
@@ -334,6 +419,18 @@ def _check_label(i: int, label: str) -> None:
         )
 
 
+def _check_source(i: int, m: ModelConfig) -> None:
+    """Each entry names exactly one of `timm`, `hf`, `onnx`; `preprocess`/`classes` belong to `onnx`."""
+    named = [k for k in ("timm", "hf", "onnx") if getattr(m, k)]
+    if len(named) != 1:
+        raise ConfigError(
+            f"models.{i} ({m.label}): name exactly one of `timm:` (a timm name), `hf:` (a Hugging Face model id "
+            f"or folder) and `onnx:` (a deployed model file); got {named or 'none'}"
+        )
+    if m.onnx is None and (m.preprocess is not None or m.classes is not None):
+        raise ConfigError(f"models.{i} ({m.label}): `preprocess:` and `classes:` apply to an `onnx:` entry only")
+
+
 def _validate(cfg: Config) -> None:
     if not cfg.models:
         raise ConfigError("models: the list is empty; name at least one timm model")
@@ -346,9 +443,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.device: {cfg.train.device!r} must be auto, cpu, cuda or cuda:N")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: {cfg.data.val_fraction} must be in [0, 1)")
+    if not 0.0 < cfg.data.test_fraction < 1.0:
+        raise ConfigError(f"data.test_fraction: {cfg.data.test_fraction} must be in (0, 1)")
     if cfg.data.limit_per_class is not None and cfg.data.limit_per_class < 1:
         raise ConfigError("data.limit_per_class: must be a positive integer or null")
     for i, m in enumerate(cfg.models):
+        _check_source(i, m)
         if not 0.0 < m.fraction <= 1.0:
             raise ConfigError(f"models.{i}.fraction: {m.fraction} must be in (0, 1]")
     if cfg.train.epochs < 1:
@@ -363,6 +463,12 @@ def _validate(cfg: Config) -> None:
         )
     _check_rules("data", cfg.data, DATA_RULES)
     _check_rules("probe", cfg.probe, PROBE_RULES)
+    _check_rules("inference", cfg.inference, INFERENCE_RULES)
+    if cfg.inference.min_runs > cfg.inference.max_runs:
+        raise ConfigError(
+            f"inference.min_runs: {cfg.inference.min_runs} is above inference.max_runs "
+            f"({cfg.inference.max_runs}): lower it or raise max_runs"
+        )
     for i, m in enumerate(cfg.models):
         _check_rules(f"models.{i}", m, SHARED_RULES | MODEL_RULES)
     _validate_tune(cfg.tune)
@@ -412,6 +518,18 @@ PROBE_RULES: Rules = {
     "epochs": (lambda v: 1 <= v <= MAX_EPOCHS, f"at least 1 and at most {MAX_EPOCHS} (or null: train.epochs)"),
 }
 
+INFERENCE_RULES: Rules = {
+    "threads": (lambda v: 1 <= v <= 1024, "at least 1 and at most 1024 (or null: ONNX Runtime's default)"),
+    "batch_sizes": (
+        lambda v: len(v) > 0 and all(1 <= b <= 4096 for b in v),
+        "a non-empty list of batch sizes from 1 to 4096",
+    ),
+    "warmup_runs": (lambda v: 0 <= v <= 1000, "from 0 to 1000"),
+    "min_runs": (lambda v: 1 <= v <= 100_000, "at least 1 and at most 100000"),
+    "max_runs": (lambda v: 1 <= v <= 100_000, "at least 1 and at most 100000"),
+    "max_seconds": (lambda v: math.isfinite(v) and 0 < v <= 3600, "above 0 and at most 3600 (seconds)"),
+}
+
 
 def _check_rules(where: str, section: Any, rules: Rules) -> None:
     for key, (ok, rule) in rules.items():
@@ -423,6 +541,11 @@ def _check_rules(where: str, section: Any, rules: Rules) -> None:
 def _validate_tune(tc: TuneConfig) -> None:
     if tc.trials < 1 or (tc.epochs is not None and tc.epochs < 1) or tc.startup_trials < 0:
         raise ConfigError("tune.trials and tune.epochs must be at least 1, tune.startup_trials at least 0")
+    if not 1 <= tc.heartbeat_s < tc.grace_s or not 0 <= tc.retries <= 100:
+        raise ConfigError(
+            f"tune.heartbeat_s ({tc.heartbeat_s}) must be at least 1 and below tune.grace_s ({tc.grace_s}), "
+            f"tune.retries ({tc.retries}) from 0 to 100"
+        )
     # (lowest low, highest high); lr and weight decay are searched on a log scale, so their low is > 0
     bounds = {
         "lr": (1e-12, math.inf),

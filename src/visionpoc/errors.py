@@ -29,6 +29,11 @@ class TrainingInterrupted(VisionpocError):
     """Ctrl-C or SIGTERM: a checkpoint was written at a step boundary; the message says how to resume."""
 
 
+class RankLost(TrainingInterrupted):
+    """Another process of the run (under torchrun) died or lost its host: this one stops too, naming it;
+    the last checkpoint stands and the message says how to resume."""
+
+
 def user_message(e: Exception) -> str:
     """The user's message, also when a DataLoader worker wrapped it in its own traceback text."""
     msg = str(e).strip()

@@ -1,5 +1,6 @@
 """Models: timm creation by full tagged name, pretrained weights (hub or local file), fine-tuning
-policies, preprocessing config, and size/cost figures (params, forward GFLOPs).
+policies, preprocessing config, and size/cost figures (params, forward GFLOPs). An `hf:` entry is built
+by `visionpoc.hfmodels` (transformers) with the same attributes, and goes through the same functions.
 
 Policies:
 - `full`: every parameter trains.
@@ -41,8 +42,18 @@ log = logging.getLogger(__name__)
 
 
 def create_model(mcfg: ModelConfig, num_classes: int, pretrained: bool | None = None) -> nn.Module:
-    """`timm.create_model` with a new head for `num_classes`; `pretrained` overrides the config's."""
+    """`timm.create_model` (or, for an `hf:` entry, transformers' `AutoModelForImageClassification`) with a
+    new head for `num_classes`; `pretrained` overrides the config's."""
+    if mcfg.onnx:
+        raise WeightsError(
+            f"model {mcfg.label!r} is a deployed file ({mcfg.onnx}): it is scored as it is, never rebuilt, so it "
+            "cannot be trained, tuned, exported, explained, served or benchmarked; pick a timm model's label"
+        )
     use_pretrained = mcfg.pretrained if pretrained is None else pretrained
+    if mcfg.kind == "hf":  # transformers (the `hf` extra): imported only for such an entry
+        from visionpoc.hfmodels import build
+
+        return build.create(mcfg, num_classes, use_pretrained, hub_online=hub_reachable)
     kwargs: dict[str, Any] = dict(mcfg.model_kwargs)
     if use_pretrained and mcfg.pretrained_path:
         path = Path(mcfg.pretrained_path).expanduser()
@@ -192,7 +203,8 @@ def _is_attention(m: nn.Module) -> bool:
     squeeze-excite or channel-attention gate of a CNN has neither)."""
     if isinstance(m, nn.MultiheadAttention):
         return True
-    return hasattr(m, "num_heads") and any(isinstance(getattr(m, a, None), nn.Module) for a in ATTENTION_PROJECTIONS)
+    heads = hasattr(m, "num_heads") or hasattr(m, "num_attention_heads")  # timm's name, transformers'
+    return heads and any(isinstance(getattr(m, a, None), nn.Module) for a in ATTENTION_PROJECTIONS)
 
 
 def transformer_blocks(model: nn.Module) -> list[str]:
@@ -334,7 +346,12 @@ def forward_gflops(model: nn.Module, input_size: tuple[int, int, int], device: t
     return counter.get_total_flops() / 1e9
 
 
+def pretrained_cfg(model: nn.Module) -> dict[str, Any]:
+    """timm's pretrained config of the model (an `hf:` model's: its preprocessing, classifier, revision)."""
+    return dict(getattr(model, "pretrained_cfg", None) or {})
+
+
 def pretrained_info(model: nn.Module) -> tuple[str | None, str | None]:
     """(pretrained tag, licence) from the model's pretrained config, when timm has them."""
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    cfg = pretrained_cfg(model)
     return cfg.get("tag"), cfg.get("license")

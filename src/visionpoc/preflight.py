@@ -2,9 +2,12 @@
 
 - `settings`: a `compare`/`train` command's config (new, resumed or tuned) and run folder. It imports
   neither torch nor timm (only a resumed or tuned run loads them), so a config error is said at once.
+  `elastic_resume`: workers that torchrun restarts resume their `--out` folder by themselves.
 - `model_problems`: what is wrong with each model, every one at once: a timm name that timm does not
   know (with timm's closest names), a `pretrained_path` that is absent or not a readable weights file
-  (its header is read, never the weights). `refuse` turns them into one error.
+  (its header is read, never the weights), an `onnx:` entry's file, shapes and class names
+  (`deployed.spec`; its class map against the data: `class_map_problems`), an `hf:` entry's folder
+  (config.json) or hub id (in the cache, or the hub reachable). `refuse` turns them into one error.
 - `plan` / `format_plan`: what `--dry-run` prints: per model the timm name, policy, LR and where it came
   from, batch, epochs and optimizer steps; the data counts; a time estimate only from throughput this
   run has measured itself (a resumed run's epochs).
@@ -17,18 +20,22 @@ from __future__ import annotations
 import datetime as dt
 import difflib
 import json
+import logging
 import math
+import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from visionpoc.config import Config, ModelConfig, for_model, load_config
+from visionpoc.config import Config, ModelConfig, for_model, load_config, to_dict
 from visionpoc.errors import ConfigError
 from visionpoc.runfiles import CONFIG_FILE, HISTORY_FILE, RESULTS_FILE
 
 if TYPE_CHECKING:
     from visionpoc.data.splits import Splits
+
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------ settings
 
@@ -46,6 +53,35 @@ def refuse_existing_run(out_dir: Path) -> None:
             f"{out_dir} already holds a run (its config.yaml): continue it with --resume {out_dir}, "
             "or give another --out (or delete that folder)"
         )
+
+
+def elastic_resume(config: Path | None, overrides: list[str], out: Path | None, tuned: Path | None) -> Path | None:
+    """The run folder a command that torchrun (re)started continues, as `--resume OUT` would; else None.
+
+    torchrun with `--max-restarts N` (`TORCHELASTIC_MAX_RESTARTS` > 0) restarts every worker with the
+    command it started, after a worker died or a host joined or left; only the failed worker's agent counts
+    a restart (`TORCHELASTIC_RESTART_COUNT`), so every worker decides from the folder instead: `--out`
+    holds a run whose saved config is the one this command asks for. A folder with other settings is
+    left to `refuse_existing_run`."""
+    restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    if out is None or not restarts.isdigit() or int(restarts) == 0 or not (Path(out) / CONFIG_FILE).is_file():
+        return None
+    asked = load_config(config, overrides)
+    if tuned is not None:
+        from visionpoc.tuning.outputs import apply_tuned  # Optuna: imported only when asked for
+
+        asked = apply_tuned(asked, tuned, None)
+    if to_dict(asked) != to_dict(load_config(Path(out) / CONFIG_FILE)):
+        return None
+    log.warning(
+        "torchrun started this worker (restart %s of up to %s) for a run that %s already holds: resuming it "
+        "from its last checkpoint, as --resume %s would",
+        os.environ.get("TORCHELASTIC_RESTART_COUNT", "?"),
+        restarts,
+        out,
+        out,
+    )
+    return Path(out)
 
 
 def settings(
@@ -156,6 +192,19 @@ def model_problems(cfg: Config, labels: list[str] | None = None) -> list[str]:
         if labels and m.label not in labels:
             continue
         where = f"models.{i} ({m.label})"
+        if m.kind == "onnx":  # a deployed file: exists, shapes against `preprocess` and `classes` (no torch)
+            from visionpoc.deployed.spec import entry_keys
+            from visionpoc.deployed.spec import problems as deployed_problems
+
+            problems += [f"{where}: {p}" for p in deployed_problems(m, entry_keys(i))]
+            continue
+        if m.kind == "hf":  # a folder with config.json, or a cached (or reachable) hub id; no transformers import
+            from visionpoc.hfmodels import source_problem
+
+            hf = source_problem(str(m.hf), _hub_online)
+            if hf:
+                problems.append(f"{where}: {hf} (or --set models.{i}.hf=FOLDER_OR_ID)")
+            continue
         name = timm_name_problem(m.timm)
         if name:
             problems.append(f"{where}: {name} (fix its `timm:` in the config, or --set models.{i}.timm=NAME)")
@@ -166,6 +215,28 @@ def model_problems(cfg: Config, labels: list[str] | None = None) -> list[str]:
                 f"`pretrained_path` to take timm's weights: --set models.{i}.pretrained_path=null)"
             )
     return problems
+
+
+def _hub_online() -> bool:
+    from visionpoc.models import hub_reachable  # torch: only asked for a hub id missing from the cache
+
+    return hub_reachable()
+
+
+def class_map_problems(
+    cfg: Config, labels: list[str] | None, class_names: list[str], class_folders: list[str]
+) -> list[str]:
+    """The class map of each deployed model (`onnx:`) against the dataset's classes: nothing in common is a
+    problem (a partial overlap is a warning when it is scored)."""
+    from visionpoc.deployed.spec import data_problem, entry_keys
+
+    out = []
+    for i, m in enumerate(cfg.models):
+        if m.kind == "onnx" and (not labels or m.label in labels):
+            p = data_problem(m, entry_keys(i), class_names, class_folders)
+            if p:
+                out.append(f"models.{i} ({m.label}): {p}")
+    return out
 
 
 def refuse(problems: list[str]) -> None:
@@ -251,6 +322,9 @@ def model_plan(cfg: Config, mcfg: ModelConfig, n_train: int | None, out_dir: Pat
     (`optim.resolve_lr`), and its steps as the loop (or the cached probe) counts them."""
     from visionpoc.optim import resolve_lr
 
+    if mcfg.kind == "onnx":  # scored as it is: no LR, no epochs
+        status = "finished (kept)" if mcfg.label in done else ""
+        return ModelPlan(mcfg.label, mcfg.name, "deployed", "deployed", "-", "deployed", 0, 0, 0, None, status=status)
     view = for_model(cfg, mcfg)
     bs = view.train.batch_size
     lr, source = resolve_lr(view.train.lr, mcfg, bs)
@@ -271,7 +345,7 @@ def model_plan(cfg: Config, mcfg: ModelConfig, n_train: int | None, out_dir: Pat
             estimate = max(0, epochs - ran) * per_epoch * bs / img_s
     return ModelPlan(
         label=mcfg.label,
-        timm=mcfg.timm,
+        timm=mcfg.name,
         finetune=mcfg.finetune,
         policy=mcfg.policy,
         lr=lr_text,
@@ -331,6 +405,9 @@ def format_plan(p: Plan) -> str:
     lines.append(f"{len(p.models)} model(s), one after the other through the same loop{seeds}:")
     for m in p.models:
         policy = f"policy {m.policy} (finetune {m.finetune})" if m.policy else f"finetune {m.finetune}"
+        if m.finetune == "deployed":
+            lines.append(f"  {m.label}: {m.timm}, deployed: scored as it is on val and test, not trained")
+            continue
         lines.append(f"  {m.label}: {m.timm}, {policy}" + (f"; {m.status}" if m.status else ""))
         steps = (
             "? steps" if m.steps_per_epoch is None else f"{_n(m.steps_per_epoch, 'step')} = {m.steps} optimizer steps"
@@ -342,7 +419,7 @@ def format_plan(p: Plan) -> str:
             lines.append(f"    time: about {_duration(m.estimate_s)} of training at this run's measured img/s")
         elif "finished" not in m.status:
             lines.append("    time: no estimate")
-    if any(m.estimate_s is None and "finished" not in m.status for m in p.models):
+    if any(m.estimate_s is None and "finished" not in m.status and m.finetune != "deployed" for m in p.models):
         lines.append("no estimate: a time comes only from the img/s this run has measured (the dry run of a resumed")
         lines.append("run uses its recorded epochs); each epoch's log line gives its img/s.")
     return "\n".join(lines)

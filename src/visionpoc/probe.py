@@ -9,7 +9,7 @@ all of them) with AdamW, the run's cosine schedule, label smoothing and batch si
 zero (uniform predictions) and keeps its best-on-validation epoch. The best head is folded back into the
 model's classifier (standardization included) and scored like any other model, from the same features.
 
-Cache key: the model (timm name, weights file and its stat, kwargs, image size), its preprocessing (data
+Cache key: the model (timm name or `hf:` model, weights file and its stat, kwargs, image size), its preprocessing (data
 config, input path), the views (augmentation, seed, count) and each split's files (path, size, mtime)
 and labels. Any change computes the features again; nothing else does.
 """
@@ -58,8 +58,17 @@ PARTS = ("train", "train_eval", "val", "test")  # train: the clean pass then eac
 
 
 def pre_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What the classifier reads: (B, C, H, W) -> (B, D)."""
-    return model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]
+    """What the classifier reads: (B, C, H, W) -> (B, D). A model without timm's `forward_head` (an
+    `hf:` model) runs whole and its classifier layer's input is kept."""
+    if callable(getattr(model, "forward_head", None)):
+        return model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]
+    seen: list[torch.Tensor] = []
+    hook = models.classifier(model).register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    try:
+        model(x)
+    finally:
+        hook.remove()
+    return seen[0].flatten(1)  # (B, D)
 
 
 # ------------------------------------------------------------------------------------------ the features
@@ -78,10 +87,12 @@ class Features:
 def cache_key(cfg: Config, mcfg: ModelConfig, dcfg: dict[str, Any], pipeline: str, splits: Splits) -> str:
     """What the features depend on, hashed (see the module's docstring)."""
     weights = Path(mcfg.pretrained_path).expanduser() if mcfg.pretrained and mcfg.pretrained_path else None
+    if mcfg.pretrained and mcfg.hf and Path(mcfg.hf).expanduser().is_dir():  # a folder's weights may change
+        weights = Path(mcfg.hf).expanduser() / "model.safetensors"
     st = weights.stat() if weights is not None and weights.is_file() else None
     what: dict[str, Any] = {
         "version": CACHE_VERSION,
-        "model": [mcfg.timm, mcfg.pretrained, str(weights), st and [st.st_size, st.st_mtime_ns], mcfg.model_kwargs],
+        "model": [mcfg.name, mcfg.pretrained, str(weights), st and [st.st_size, st.st_mtime_ns], mcfg.model_kwargs],
         "preprocessing": [json.loads(json.dumps(dcfg, default=list)), pipeline, cfg.data.prepared_size],
         "views": [cfg.probe.views, cfg.train.augment if cfg.probe.views else None, cfg.train.seed],
     }

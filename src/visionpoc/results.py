@@ -46,6 +46,59 @@ class EpochRecord:
 
 
 @dataclass
+class BatchTiming:
+    """Timed runs of one batch size, after a warm-up."""
+
+    batch: int
+    runs: int  # timed runs
+    p50_ms: float  # median time of one run (the whole batch)
+    p95_ms: float
+    mean_ms: float
+    img_s: float  # batch x runs / total time
+    # CPU: peak RSS increase so far (the session and every batch up to this one); GPU: peak allocated
+    peak_mib: float | None = None
+
+
+@dataclass
+class InferenceCost:
+    """One model's price at inference on this machine: ONNX Runtime on the CPU (`batches`), and torch on
+    CUDA when there was a GPU (`gpu_batches`). `error` says why nothing was measured."""
+
+    runtime: str = ""  # e.g. "onnxruntime 1.20.1, CPUExecutionProvider"
+    cpu: str = ""  # the CPU's model name
+    cpus: int | None = None  # logical CPUs this process may use
+    threads: int | None = None  # intra-op threads the session used (asked, or counted when left to the default)
+    threads_asked: int | None = None  # `inference.threads`; null: ONNX Runtime's default
+    file_bytes: int | None = None  # the ONNX file measured
+    peak_mib: float | None = None  # peak RSS increase of the measuring process: session, weights, batches
+    peak_kind: str = ""  # how peak_mib was read ("VmHWM reset", "ru_maxrss delta")
+    batches: list[BatchTiming] = field(default_factory=list)  # CPU, in increasing batch size
+    gpu: str | None = None  # the GPU's name, when measured with torch on CUDA
+    gpu_batches: list[BatchTiming] = field(default_factory=list)
+    measured_in: str | None = None  # another run folder this block was measured in (repeats: the first seed's)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def latency(self) -> BatchTiming | None:
+        """The CPU timing of the smallest batch (batch 1 by default): its p50/p95 are the latency."""
+        return self.batches[0] if self.batches else None
+
+    def throughput(self) -> BatchTiming | None:
+        """The CPU timing of the largest batch (32 by default): its img/s is the throughput."""
+        return self.batches[-1] if self.batches else None
+
+
+def inference_from(data: dict[str, Any] | None) -> InferenceCost | None:
+    """An `inference` block of `results.json` back into its dataclass."""
+    if data is None:
+        return None
+    d = dict(data)
+    for key in ("batches", "gpu_batches"):
+        d[key] = [_build(BatchTiming, b) for b in d.get(key) or []]
+    return _build(InferenceCost, d)
+
+
+@dataclass
 class ModelResult:
     label: str
     timm: str
@@ -118,6 +171,14 @@ class ModelResult:
     images_seen: int | None = None  # training images (or cached feature rows) passed through, all epochs
     probe: dict[str, Any] | None = None  # the cached linear probe (`finetune: head`): its grid and choice
     flags: list[dict[str, str]] = field(default_factory=list)  # training diagnoses: {code, message}
+    # a deployed model (`onnx:` entry, finetune "deployed"): scored as it is, never trained (train figures null)
+    onnx: str | None = None  # the ONNX file scored (absolute path)
+    # a Hugging Face transformers model (`hf:` entry): its hub id or folder, and the exact weights loaded
+    hf: str | None = None
+    hf_revision: str | None = None  # the hub snapshot's commit hash, or the absolute folder
+    classes_unknown: list[str] = field(default_factory=list)  # dataset classes it has no output for
+    classes_ignored: list[str] = field(default_factory=list)  # its classes that are not in the dataset
+    inference: InferenceCost | None = None  # its price at inference (`inference.enabled`); null: not measured
 
 
 @dataclass
@@ -247,6 +308,7 @@ def load_results(run_dir: str | Path) -> RunResults:
         for m in data["models"]:
             m = dict(m)
             m["history"] = [_build(EpochRecord, h) for h in m.get("history", [])]
+            m["inference"] = inference_from(m.get("inference"))
             models.append(_build(ModelResult, m))
         return RunResults(
             dataset=_build(DatasetInfo, data["dataset"]),

@@ -221,6 +221,7 @@ def evaluate_split(
     stats = evaluate(model, batches, device, num_classes, len(shard), dtype, desc, show=d.main)
     if not d.enabled:
         return stats
+    shard = distributed.shard_of(batches, n_total)  # a split streamed from shards knows its order once read
     targets, probs = distributed.gather_in_order(d, shard, (stats.targets, stats.probs), n_total)
     sums = distributed.all_gather(d, (stats.loss * stats.n, stats.time_s))
     return summarize(targets, probs, sum(s[0] for s in sums) / n_total, max(s[1] for s in sums))
@@ -359,7 +360,9 @@ def new_result(run: Run) -> ModelResult:
     mcfg, tc, facts = run.mcfg, run.cfg.train, run.facts
     return ModelResult(
         label=mcfg.label,
-        timm=mcfg.timm,
+        timm=mcfg.name,
+        hf=mcfg.hf,
+        hf_revision=models.pretrained_cfg(run.model).get("hf_revision"),
         finetune=mcfg.finetune,
         pretrained=mcfg.pretrained,
         preset=mcfg.preset,
@@ -626,6 +629,10 @@ def record_scores(run: Run, result: ModelResult, train: EvalStats, val: EvalStat
         log.info("[%s] writing the test predictions (%d images) to %s", run.mcfg.label, len(test.targets), run.out_dir)
         save_predictions(run.out_dir / PREDICTIONS_FILE, test.targets, test.probs, run.splits.test.files)
         atomic_write_json(run.out_dir / DATA_CONFIG_FILE, json.loads(json.dumps(run.dcfg, default=list)))
+        if run.mcfg.kind == "hf":  # its architecture beside the weights: predict, serve and export stay offline
+            from visionpoc.hfmodels.build import save_architecture
+
+            save_architecture(run.model, run.out_dir)
 
 
 def fit(
@@ -646,9 +653,15 @@ def fit(
     run = build_run(for_model(cfg, mcfg), mcfg, splits, out_dir)
     result = new_result(run)
     if mcfg.finetune == "head" and cfg.probe.cache:  # frozen backbone: features once, a grid of heads on them
-        from visionpoc.probe import fit_probe  # probe.py builds on this module
+        if splits.train.shards is None:
+            from visionpoc.probe import fit_probe  # probe.py builds on this module
 
-        return fit_probe(run, result, score_test, on_epoch)
+            return fit_probe(run, result, score_test, on_epoch)
+        log.warning(  # the cache keys and reads image files; a streamed split has none
+            "%s: the training split streams from tar shards, so the linear probe trains its head through the "
+            "frozen backbone every epoch (no feature cache, one LR)",
+            mcfg.label,
+        )
     loop = restore(run, result) if resume else LoopState()
     train_epochs(run, loop, result, on_epoch)
     record_training(run, loop, result)

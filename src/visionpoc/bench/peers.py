@@ -23,7 +23,7 @@ def hf_vit(spec: Spec) -> nn.Module:
     """HF transformers' ViT-B/16 for `spec` (a 2-layer toy when `spec.kwargs["smoke"]`)."""
     from transformers import ViTConfig, ViTForImageClassification
 
-    small = (
+    small: dict[str, Any] = (
         {
             "image_size": spec.size,
             "num_hidden_layers": 2,
@@ -34,7 +34,8 @@ def hf_vit(spec: Spec) -> nn.Module:
         if spec.kwargs["smoke"]
         else {}
     )
-    return ViTForImageClassification(ViTConfig(num_labels=NUM_CLASSES, attn_implementation="sdpa", **small))
+    settings: dict[str, Any] = {"num_labels": NUM_CLASSES, "attn_implementation": "sdpa", **small}
+    return ViTForImageClassification(ViTConfig(**settings))
 
 
 def peer_step(

@@ -1,4 +1,4 @@
-"""Decode one image file to RGB, or fail with an error that names the file and says what to do.
+"""Decode one image file (or its bytes) to RGB, or fail with an error that names it and says what to do.
 
 Grayscale (8/16-bit, float), CMYK, palette and alpha images are converted to RGB and turned upright
 by their EXIF orientation; the format is read from the file's content, not its extension. Truncated
@@ -10,6 +10,7 @@ decoding and converting one image hold at once, per PIL mode, for callers that b
 from __future__ import annotations
 
 import contextlib
+import io
 import re
 import warnings
 from collections.abc import Sequence
@@ -87,10 +88,19 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int | Non
     1/8 scale (libjpeg's DCT scaling, PIL's `draft`) as long as both sides stay at least `min_side`:
     several times faster for photos much larger than the size they are resized to."""
     path = Path(path)
+    return _decode(path, str(path), max_pixels, min_side)
+
+
+def decode_rgb(data: bytes, name: str, max_pixels: int = MAX_PIXELS, min_side: int | None = None) -> Image.Image:
+    """`load_rgb` of an image's bytes (e.g. a sample streamed from a tar shard); errors name it `name`."""
+    return _decode(io.BytesIO(data), name, max_pixels, min_side)
+
+
+def _decode(src: Path | io.BytesIO, path: str, max_pixels: int, min_side: int | None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(src) as img:
                 w, h = img.size
                 if w * h > max_pixels:
                     raise ImageError(

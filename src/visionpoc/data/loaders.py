@@ -7,6 +7,9 @@ augmented (per-image transforms from `data/augment.py`; its batch ops, mixup/cut
 in the training step for both paths); evaluation batches keep the split's order, so predictions line up
 with its files.
 
+A training split streamed from tar shards (`data.source: webdataset`) is read by
+`data/shard_stream.py` instead, on the `stream` pipeline.
+
 Each training image's augmentation is seeded by (train.seed, epoch, sample index) alone: it does not
 depend on the number of DataLoader workers, on which process (rank) draws the sample, or on where a
 resumed run restarts, so an interrupted and resumed run augments exactly like an uninterrupted one.
@@ -33,6 +36,7 @@ from visionpoc.data.images import load_rgb
 from visionpoc.data.sources import Split
 from visionpoc.data.splits import Splits
 from visionpoc.distributed import SINGLE, Dist, EpochSampler, derive_seed, rank_seed
+from visionpoc.errors import ConfigError
 from visionpoc.recovery import shield_worker
 
 log = logging.getLogger(__name__)
@@ -155,7 +159,9 @@ def stream_loader(
 def set_epoch(batches: Batches, epoch: int, skip_batches: int = 0) -> None:
     """Point a train loader at `epoch`'s permutation, skipping the batches a resumed run already did."""
     sampler = getattr(batches, "sampler", None)
-    if isinstance(sampler, EpochSampler):
+    if hasattr(batches, "set_epoch"):  # streamed from shards (`shard_stream.StreamBatches`)
+        batches.set_epoch(epoch, skip_batches)
+    elif isinstance(sampler, EpochSampler):
         bs = getattr(batches, "batch_size", None) or 1
         sampler.epoch, sampler.start = epoch, skip_batches * bs
 
@@ -172,9 +178,16 @@ class Loaders:
     resident_bytes: int = 0  # the prepared store's GPU copy, when it lives on the device
 
 
-def resolve_pipeline(cfg: Config, device: torch.device) -> str:
+def resolve_pipeline(cfg: Config, device: torch.device, streamed: bool = False) -> str:
+    """`data.pipeline`, with `auto` resolved: `prepared` on CUDA, else `stream`; always `stream` for a
+    training split `streamed` from shards, which `prepared` (a store built from image files) refuses."""
+    if streamed and cfg.data.pipeline == "prepared":
+        raise ConfigError(
+            "data.pipeline: prepared builds its store from image files, and data.source: webdataset streams "
+            "the training split from its shards: set data.pipeline=stream (or auto)"
+        )
     if cfg.data.pipeline == "auto":
-        return "prepared" if device.type == "cuda" else "stream"
+        return "prepared" if device.type == "cuda" and not streamed else "stream"
     return cfg.data.pipeline
 
 
@@ -182,7 +195,8 @@ def build_loaders(
     splits: Splits, data_cfg: dict[str, Any], cfg: Config, device: torch.device, d: Dist = SINGLE
 ) -> Loaders:
     """Loaders for one model (its own input size and normalization) over the shared splits."""
-    pipeline = resolve_pipeline(cfg, device)
+    streamed = splits.train.shards is not None
+    pipeline = resolve_pipeline(cfg, device, streamed)
     if pipeline == "prepared":
         from visionpoc.data.prepared import prepared_loaders
 
@@ -190,9 +204,17 @@ def build_loaders(
     bs = cfg.train.batch_size // d.world  # train.batch_size is the global batch
     ebs = cfg.train.eval_batch_size or 2 * bs
     tt, et = train_transform(data_cfg, cfg.train.augment), eval_transform(data_cfg)
+    if streamed:  # read from the shards, never copied to disk
+        from visionpoc.data.shard_stream import stream_batches
+
+        train: Batches = stream_batches(splits.train, tt, bs, True, cfg, device, d)
+        train_eval: Batches = stream_batches(splits.train, et, ebs, False, cfg, device, d)
+    else:
+        train = stream_loader(splits.train, tt, bs, True, cfg, device, d, every_epoch=True)
+        train_eval = stream_loader(splits.train, et, ebs, False, cfg, device, d)
     return Loaders(
-        train=stream_loader(splits.train, tt, bs, True, cfg, device, d, every_epoch=True),
-        train_eval=stream_loader(splits.train, et, ebs, False, cfg, device, d),
+        train=train,
+        train_eval=train_eval,
         val=stream_loader(splits.val, et, ebs, False, cfg, device, d, every_epoch=True),
         test=stream_loader(splits.test, et, ebs, False, cfg, device, d),
         pipeline="stream",

@@ -320,12 +320,13 @@ def prepared_loaders(
             size,
             tuple(data_cfg["input_size"][-2:]),
         )
-    cache = cache_dir_for(cfg.data.root)
-    if not d.main:  # rank 0 builds; the others wait, then reuse it
-        distributed.barrier(d)
+    root = Path(cfg.data.root).expanduser()  # a manifest file or a hub id: the images' own folder
+    cache = cache_dir_for(root if root.is_dir() else splits.train.root)
+    if not d.main:  # rank 0 builds (for longer than the collective timeout, maybe); the others wait, then reuse it
+        distributed.wait_for_main(d)
     store = prepare_store(paths, size, cache, workers=default_workers(cfg.data))
     if d.main:
-        distributed.barrier(d)
+        distributed.wait_for_main(d)
     images = resident(store, device)
     bs = cfg.train.batch_size // d.world  # train.batch_size is the global batch
     ebs = cfg.train.eval_batch_size or 2 * bs

@@ -1,12 +1,15 @@
 """Dataset sources: read a dataset tree into lists of (file, label) for train and test.
 
-Two sources:
+Two tree sources:
 - `stanford_dogs`, the official layout: `Images/<wnid>-<breed>/<wnid>_<n>.jpg`, `Annotation/...`, and
   `train_list.mat` / `test_list.mat` / `file_list.mat` in the root or in `lists/` (scipy.io.loadmat;
   `file_list`, `annotation_list`, 1-based `labels`). A class-folder tree read as `stanford_dogs` is
   recognised (`class_folder_layout`): the error says to read it as `folder`, not to download.
 - `folder`: `root/train/<class>/*` and `root/test/<class>/*` (or `root/val/` as test); classes are the
   sorted train folder names.
+
+`read_dataset` also dispatches to the sources of labelled rows: `manifest` (`manifest.py`), `hf`
+(`hub.py`) and `webdataset` (`shards.py`).
 
 Each class has its folder and its display name (`names.py`: the breed for Stanford Dogs, a map given by
 `data.class_names`).
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visionpoc.config import DataConfig
 from visionpoc.data.names import breed_name as breed_name  # re-exported: where it was first found
 from visionpoc.data.names import default_names, display_names
 from visionpoc.errors import DataError
@@ -40,6 +44,9 @@ class Split:
     root: Path
     files: list[str]
     labels: np.ndarray  # (N,) int64
+    # a split streamed from tar shards (`data/shards.py`): shard name (stem) -> shard, and `files` name
+    # samples in them, `<split>/<shard stem>/<key>.<ext>`, never written to disk
+    shards: dict[str, Path] | None = None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -48,7 +55,7 @@ class Split:
         return self.root / self.files[i]
 
     def subset(self, idx: np.ndarray) -> Split:
-        return Split(self.root, [self.files[i] for i in idx], self.labels[idx])
+        return Split(self.root, [self.files[i] for i in idx], self.labels[idx], self.shards)
 
 
 @dataclass
@@ -62,6 +69,7 @@ class Dataset:
     test: Split
     class_names: list[str]  # what a reader sees: results, reports, `predict`, the demo, exports
     class_folders: list[str]  # where the images are, in the same order
+    val: Split | None = None  # a validation split the source gives (a manifest's `val` rows); else carved
 
     @property
     def num_classes(self) -> int:
@@ -344,14 +352,38 @@ def _check_class_coverage(ds: Dataset) -> None:
             log.warning("class %r has training images but none in the test split; it is not scored", folder)
 
 
-def read_dataset(source: str, root: str | Path, class_names: str | Path | None = None) -> Dataset:
-    """The dataset at `root`; `class_names` (`data.class_names`) maps class folders to display names."""
+SOURCES = ("stanford_dogs", "folder", "manifest", "hf", "webdataset")
+
+
+def read_dataset(
+    source: str,
+    root: str | Path,
+    class_names: str | Path | None = None,
+    options: DataConfig | None = None,
+    seed: int = 0,
+) -> Dataset:
+    """The dataset at `root`; `class_names` (`data.class_names`) maps class folders to display names.
+    `options` (`data`: test fraction, `hf` columns) and `seed` (the test carve-out) serve the `manifest`,
+    `hf` and `webdataset` sources, whose modules (and optional packages) are imported only for them."""
+    opts = options or DataConfig()
     if source == "stanford_dogs":
         ds = read_stanford_dogs(root)
     elif source == "folder":
         ds = read_folder(root)
+    elif source == "manifest":
+        from visionpoc.data.manifest import read_manifest
+
+        ds = read_manifest(root, opts.test_fraction, seed)
+    elif source == "hf":
+        from visionpoc.data.hub import read_hf
+
+        ds = read_hf(str(root), opts, seed)
+    elif source == "webdataset":
+        from visionpoc.data.shards import read_shards
+
+        ds = read_shards(str(root), opts, seed)
     else:
-        raise DataError(f"data.source: unknown source {source!r}; use 'stanford_dogs' or 'folder'")
+        raise DataError(f"data.source: unknown source {source!r}; use one of {', '.join(SOURCES)}")
     if class_names is not None:
         ds.class_names = display_names(ds.class_folders, ds.class_names, class_names)
     return ds

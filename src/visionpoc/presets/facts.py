@@ -178,6 +178,12 @@ def pretrain_data(name_or_tag: str | None) -> str | None:
     return "+".join(found) or None
 
 
+def hf_pretrain_name(hf: str) -> str:
+    """A Hugging Face model id (or folder) read as a timm-style tag for `pretrain_data`:
+    `google/vit-base-patch16-224-in21k` -> `vit_base_patch16_224_in21k` (pretraining: `in21k`)."""
+    return hf.rstrip("/").rpartition("/")[2].replace("-", "_").replace(".", "_")
+
+
 def tagged_name(timm_name: str, tag: str | None = None) -> str:
     """`arch.tag`: with `tag` when given, else the name's own tag, else timm's default tag for `arch`."""
     arch, dot, own = timm_name.partition(".")

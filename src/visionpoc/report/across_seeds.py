@@ -21,8 +21,8 @@ from visionpoc.repeats import Spread, read_repeats, spread
 from visionpoc.report import plots, stats
 from visionpoc.report.build import software_rows
 from visionpoc.report.caveats import Caveat, caveats, learning_checks, seeds_text, why_not_learned
-from visionpoc.report.inputs import align, read_predictions
-from visionpoc.results import ModelResult, RunResults
+from visionpoc.report.inputs import align, read_predictions, shared_classes
+from visionpoc.results import ModelResult, RunResults, load_results
 from visionpoc.runfiles import CONFIG_FILE, REPEATS_FILE, REPORT_HTML
 
 
@@ -111,7 +111,12 @@ def _mcnemar_p(run_dir: Path, a: ModelResult | None, b: ModelResult | None) -> f
     pair = align(pa, pb) if pa is not None and pb is not None else None
     if pair is None or pa is None or pb is None:
         return None
-    return stats.mcnemar(pa.correct[pair[0]], pb.correct[pair[1]]).p_value
+    ca, cb = pa.correct[pair[0]], pb.correct[pair[1]]
+    if a.classes_unknown or b.classes_unknown:  # a deployed model without some classes: only those both know
+        shared = shared_classes(a, b, pa.targets[pair[0]], load_results(run_dir).dataset.class_names)
+        assert shared is not None
+        ca, cb = ca[shared], cb[shared]
+    return stats.mcnemar(ca, cb).p_value if len(ca) else None
 
 
 def _pair(

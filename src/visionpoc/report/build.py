@@ -1,8 +1,8 @@
 """Gather everything the report shows, from the run's files, into one `Report` value.
 
-The order of the fields is the order of the report: summary (with what each model was given, its
-training budget and any linear-probe grid), "is the difference real?", learning curves, where they
-fail, what they look at, caveats, environment. Figures are PNG bytes keyed by a file-safe name; the
+The order of the fields is the order of the report: summary (with each model's price at inference, what
+each model was given, its training budget and any linear-probe grid), "is the difference real?", learning
+curves, where they fail, what they look at, caveats, environment. Figures are PNG bytes keyed by a file-safe name; the
 renderer decides whether they become data URIs (HTML) or files (Markdown).
 """
 
@@ -19,11 +19,12 @@ import yaml
 
 from visionpoc.evaluate import per_class_accuracy
 from visionpoc.repeats import repeats_of
-from visionpoc.report import budget, plots, stats
+from visionpoc.report import budget, plots, price, stats
 from visionpoc.report.budget import BudgetRow, ProbeGrid
 from visionpoc.report.caveats import Caveat, caveats, learning_checks, why_not_learned
-from visionpoc.report.inputs import Predictions, align, read_predictions
+from visionpoc.report.inputs import Predictions, align, read_predictions, shared_classes
 from visionpoc.report.pictures import Picture, disagreement_gallery, what_they_look_at
+from visionpoc.report.price import PriceSection
 from visionpoc.report.stats import Confusion, Interval, McNemar
 from visionpoc.report.tuning import Tuning, read_tuning
 from visionpoc.results import Environment, ModelResult, RunResults, load_results
@@ -82,6 +83,7 @@ class Report:
     tuning: Tuning | None = None  # the hyper-parameter search budget, when the run used `--tuned`
     budget: list[BudgetRow] = field(default_factory=list)  # steps, images, lr source, trials (when recorded)
     probes: list[ProbeGrid] = field(default_factory=list)  # the grid of each model trained as a cached probe
+    price: PriceSection | None = None  # each model's price at inference (CPU latency, memory, file size)
 
     def figure(self, name: str, picture: Picture | bytes | None) -> str | None:
         """Keep a figure under `name` (None when there is nothing to show) and return the name."""
@@ -135,6 +137,12 @@ def _pairwise(rep: Report, preds: dict[str, Predictions]) -> list[Pairwise]:
             pw.notes.append("No test: the two prediction files do not cover the same test images.")
             continue
         ca, cb = pa.correct[pair[0]], pb.correct[pair[1]]
+        shared = shared_classes(base, cand, pa.targets[pair[0]], r.dataset.class_names)
+        if shared is not None:  # a deployed model without some dataset classes: only the classes both know
+            pw.notes.append(_shared_note(base, cand, int((~shared).sum()), int(shared.sum())))
+            ca, cb = ca[shared], cb[shared]
+        if not len(ca):
+            continue
         pw.table = stats.mcnemar(ca, cb)
         pw.diff = stats.bootstrap_difference(ca, cb, N_RESAMPLES)
         nc = r.dataset.num_classes
@@ -160,10 +168,22 @@ def _pairwise(rep: Report, preds: dict[str, Predictions]) -> list[Pairwise]:
             p_holm,
             len(tested),
             under_trained=budget.under_trained(b) + budget.under_trained(a),
-            unequal=budget.unequal(b, a),
+            unequal=[] if a.onnx or b.onnx else budget.unequal(b, a),  # a deployed model had no training budget
             not_learned=not_learned,
+            deployed=a.onnx is not None,
         )
+        if pw.baseline not in not_learned and pw.candidate not in not_learned:
+            pw.verdict = " ".join(filter(None, [pw.verdict, price.latency_clause(a, b, diff)]))
     return out
+
+
+def _shared_note(a: ModelResult, b: ModelResult, left_out: int, kept: int) -> str:
+    """What a paired test restricted to the classes both models know leaves out."""
+    who = "; ".join(f"{m.label} has no output for {', '.join(m.classes_unknown)}" for m in (a, b) if m.classes_unknown)
+    return (
+        f"The paired test counts only the classes both models know ({who}): {kept:,} test images, "
+        f"{left_out:,} left out."
+    )
 
 
 def software_rows(e: Environment) -> list[tuple[str, str]]:
@@ -255,6 +275,8 @@ def build_report(run_dir: str | Path, explain: bool = True) -> Report:
         rep.figure(name, png)
     rep.figure("learning_curves", plots.learning_curves(r.models))
     rep.figure("accuracy_vs_time", plots.accuracy_vs_time(r.models))
+    rep.price = price.section(r.models, {row.m.label: row.test_acc for row in rep.rows if row.test_acc})
+    rep.figure("accuracy_vs_latency", price.accuracy_vs_latency(rep.price))
     rep.confusions = [
         Failures(m.label, stats.confused_pairs(preds[m.label].targets, preds[m.label].preds, r.dataset.class_names))
         for m in r.models

@@ -6,7 +6,8 @@ predictions when the report has them; it comes first, since every other figure o
 noise), pretraining that may have seen the test images (Stanford Dogs is built from ImageNet), a large
 train/test gap, unequal budgets between the models (tuning and planned epochs included), the training
 loop's diagnoses of each model (still improving, overfitting early...), licences that restrict production
-use, a small test set, CPU timings, memory figures of different kinds, failed models.
+use, a small test set, CPU timings, memory figures of different kinds, failed models; a deployed model
+(scored as it is, once across repeats, and the classes it does not share with the dataset).
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from visionpoc.evaluate import Learning, learning, learning_from_accuracy
-from visionpoc.presets.facts import licence_kind, may_have_seen_imagenet, pretrain_data, tagged_name
+from visionpoc.presets.facts import (
+    hf_pretrain_name,
+    licence_kind,
+    may_have_seen_imagenet,
+    pretrain_data,
+    tagged_name,
+)
 from visionpoc.report import budget
 from visionpoc.report.inputs import Predictions
 from visionpoc.results import ModelResult, RunResults
@@ -35,11 +42,11 @@ def _pct(v: float) -> str:
 
 
 def pretraining_source(m: ModelResult) -> str | None:
-    """'ImageNet', 'web-scale', 'other' or 'unknown' for a pretrained model, from its full timm tag (via
-    `presets.may_have_seen_imagenet`); None if trained from scratch."""
+    """'ImageNet', 'web-scale', 'other' or 'unknown' for a pretrained model, from its full timm tag or its
+    Hugging Face id (via `presets.may_have_seen_imagenet`); None if trained from scratch."""
     if not m.pretrained:
         return None
-    name = tagged_name(m.timm, m.pretrained_tag)
+    name = hf_pretrain_name(m.hf) if m.hf else tagged_name(m.timm, m.pretrained_tag)
     seen = may_have_seen_imagenet(name)
     if seen:
         return "ImageNet"
@@ -122,7 +129,7 @@ def overlap(r: RunResults) -> list[Caveat]:
     imagenet = [m for m in ok if sources[m.label] == "ImageNet"]
     web = [m for m in ok if sources[m.label] == "web-scale"]
     unknown = [m for m in ok if sources[m.label] == "unknown"]
-    scratch = [m.label for m in ok if not m.pretrained]
+    scratch = [m.label for m in ok if not m.pretrained and not m.onnx]  # a deployed file: its training is unknown
     out = []
     dogs = r.dataset.source == "stanford_dogs"
     if imagenet:  # only models whose tags name ImageNet: the others are not known to have seen it
@@ -221,7 +228,7 @@ def _tuning(ok: list[ModelResult]) -> list[str]:
 
 
 def budgets(r: RunResults) -> list[Caveat]:
-    ok = [m for m in r.models if m.status == "ok"]
+    ok = [m for m in r.models if m.status == "ok" and not m.onnx]  # a deployed model had no budget here
     if len(ok) < 2:
         return []
     diffs = []
@@ -351,6 +358,35 @@ def licences(r: RunResults) -> list[Caveat]:
     return out
 
 
+def deployed(r: RunResults) -> list[Caveat]:
+    """A deployed model (`onnx:`): scored as it is, never trained here; scored once across repeats; the
+    classes it does not share with the dataset."""
+    out = []
+    for m in r.models:
+        if m.status != "ok" or not m.onnx:
+            continue
+        text = (
+            f"{m.label} is the production model as deployed ({m.onnx}), scored as it is with its own preprocessing "
+            "and class map: it was not trained in this run, so it has no train accuracy, training time or learning "
+            "curve, and its pretraining data is unknown here. With `train.repeats`, it is scored once and the same "
+            "scores stand in every seed: a seed changes nothing in a model that is not trained, so its spread "
+            "across seeds is zero and the differences across seeds measure the candidates' training alone."
+        )
+        if m.classes_unknown:
+            text += (
+                f" It has no output for {len(m.classes_unknown)} of the dataset's classes "
+                f"({', '.join(m.classes_unknown)}): it never predicts them, so their test images count as its "
+                "errors in its own accuracy, and the paired tests against it count only the classes both know."
+            )
+        if m.classes_ignored:
+            text += (
+                f" Its {len(m.classes_ignored)} classes that the dataset lacks ({', '.join(m.classes_ignored)}) are "
+                "dropped: its prediction is its most probable class among the dataset's."
+            )
+        out.append(Caveat(f"Deployed model: {m.label}", text))
+    return out
+
+
 def failures(r: RunResults) -> list[Caveat]:
     return [
         Caveat(f"{m.label} failed", f"{m.label} did not finish: {m.error}. It is absent from the comparison.")
@@ -359,7 +395,7 @@ def failures(r: RunResults) -> list[Caveat]:
     ]
 
 
-CHECKS = (overlap, licences, train_test_gap, budgets, diagnoses, small_test, timing, failures)
+CHECKS = (deployed, overlap, licences, train_test_gap, budgets, diagnoses, small_test, timing, failures)
 
 
 def caveats(

@@ -76,6 +76,16 @@ def align(a: Predictions, b: Predictions) -> tuple[np.ndarray, np.ndarray] | Non
     return ia, ib
 
 
+def shared_classes(a: ModelResult, b: ModelResult, targets: np.ndarray, class_names: list[str]) -> np.ndarray | None:
+    """(N,) bool: the test images whose true class both models know, when a deployed model lacks some of the
+    dataset's classes (`ModelResult.classes_unknown`): a paired test counts only those. None: every image."""
+    unknown = set(a.classes_unknown) | set(b.classes_unknown)
+    if not unknown:
+        return None
+    known = np.array([name not in unknown for name in class_names], dtype=bool)
+    return known[np.asarray(targets, dtype=np.int64)]
+
+
 def test_split_root(dataset: DatasetInfo) -> Path | None:
     """The folder the test split's relative file paths start from (recorded by `compare`), or None if it
     is not on this machine."""

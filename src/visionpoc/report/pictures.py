@@ -129,6 +129,9 @@ def what_they_look_at(r: RunResults, run_dir: Path, preds: dict[str, Predictions
     rows = [("test image", originals, [Caption(f"truth: {names[int(ref.targets[i])]}") for i in picks])]
     notes = []
     for m in ok:
+        if m.onnx:  # a deployed file is scored as it is: no PyTorch module to take gradients or attention from
+            notes.append(f"{m.label}: a deployed model (ONNX), scored as it is; no saliency map.")
+            continue
         try:
             tm = load_trained(run_dir, m.label, r)
         except Exception as e:  # missing weights, a changed timm, a corrupt file: say so and go on

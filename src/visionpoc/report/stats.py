@@ -9,6 +9,8 @@
 - `verdict`: one plain sentence a decision-maker can read, with its uncertainty (and, via `with_budget`,
   whether an under-trained model or an unequal budget may explain the result). When a model did not
   learn (at chance level, or one class for most images), `no_learning` replaces it: no lead is named.
+  When the baseline is the production model as deployed, `deployed_verdict` gives the candidate's signed
+  gain over it.
 - `holm`: Holm's step-down correction when several candidates are tested against the baseline (the
   chance that at least one "win" is a fluke stays at 5%, not 1 - 0.95^k).
 - `across_seeds` / `seeds_verdict`: the same question over repeated trainings (`train.repeats`): the
@@ -230,6 +232,7 @@ def verdict(
     under_trained: list[str] | None = None,
     unequal: list[str] | None = None,
     not_learned: dict[str, str] | None = None,
+    deployed: bool = False,
 ) -> str:
     """One sentence: which model is more accurate on test, by how much, and whether chance explains it.
 
@@ -237,10 +240,14 @@ def verdict(
     With several candidates (`family` > 1), `p_adjusted` (Holm) decides, and both p-values are shown.
     `under_trained` and `unequal` (see `with_budget`) end it with why the comparison may not be fair.
     `not_learned` (label -> why) names the models that did not learn: then `no_learning` speaks instead.
+    `deployed`: the baseline is the production model as deployed (`deployed_verdict`).
     """
     if not_learned and {baseline, candidate} & not_learned.keys():
         return no_learning(baseline, candidate, not_learned, under_trained)
-    sentence = _verdict(baseline, candidate, diff, test, p_adjusted, family)
+    if deployed:
+        sentence = deployed_verdict(baseline, candidate, diff, test, p_adjusted, family)
+    else:
+        sentence = _verdict(baseline, candidate, diff, test, p_adjusted, family)
     gap = test.discordant > 0 and diff.point != 0
     return with_budget(sentence, under_trained or [], unequal or [], gap)
 
@@ -271,6 +278,26 @@ def _verdict(
         f"them apart: the 95% CI on that lead runs from {pts(lead.low, True)} to {pts(lead.high, True)} "
         f"points ({p})."
     )
+
+
+def deployed_verdict(
+    baseline: str, candidate: str, diff: Interval, test: McNemar, p_adjusted: float | None = None, family: int = 1
+) -> str:
+    """The sentence when the baseline is the production model as deployed: the candidate's signed gain over
+    it, its interval and McNemar's p, then what they say ('vit vs the production model as deployed
+    (production): +9.7 points on 1,200 test images (95% CI +6.1 to +13.2 points; McNemar p < 0.001): ...')."""
+    head = f"{candidate} vs the production model as deployed ({baseline}): {pts(diff.point, True)} points on {test.n:,} test images"
+    if test.discordant == 0:
+        return f"{head}: they make exactly the same mistakes, so there is no difference to test."
+    p = _p_text("McNemar", test.p_value, p_adjusted, family)
+    decisive = test.p_value if p_adjusted is None else p_adjusted
+    if decisive < ALPHA and diff.low > 0:
+        tail = f"{candidate} is more accurate, and the difference is unlikely to be chance."
+    elif decisive < ALPHA and diff.high < 0:
+        tail = f"the production model is more accurate than {candidate}, and the difference is unlikely to be chance."
+    else:
+        tail = "this test set cannot tell them apart."
+    return f"{head} (95% CI {pts(diff.low, True)} to {pts(diff.high, True)} points; {p}): {tail}"
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,16 @@ One parent MLflow run per `compare`: the shared settings as params, and as artif
 per model: its settings as params, its scores as metrics, and its learning curves as `epoch/...` metrics by epoch.
 It reads the run's files only, like the report, so a finished run can be logged again later with
 `visionpoc report RUN_DIR --mlflow-uri URI`. MLflow is an extra: `pip install -e '.[mlflow]'`.
+A tracking server (http://...) is asked for its `/health` first: one that is down fails in seconds
+(`TrackingUnavailable`) instead of after the MLflow client's minutes of retries.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +88,11 @@ SETTINGS = (
     "tuned_from",
 )
 """ModelResult fields logged as params (what the model was given)."""
+HEALTH_TIMEOUT_S = 10.0  # one look at a tracking server's /health
+
+
+class TrackingUnavailable(ConnectionError):
+    """The tracking server does not answer."""
 
 
 def require_mlflow(uri: str | None) -> None:
@@ -97,6 +106,21 @@ def require_mlflow(uri: str | None) -> None:
             f"tracking.mlflow_uri is set ({uri}) but MLflow is not installed: "
             "pip install -e '.[mlflow]', or unset tracking.mlflow_uri"
         ) from e
+
+
+def check_server(uri: str) -> None:
+    """Raise `TrackingUnavailable` when the tracking server at an http(s) `uri` cannot be reached (refused,
+    unknown host, timed out); any HTTP answer, even an error page, counts as reachable."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S):
+            return
+    except urllib.error.HTTPError:  # it answered: MLflow's own calls will say what is wrong
+        return
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingUnavailable(f"the MLflow tracking server at {uri} does not answer ({reason})") from None
 
 
 def artifact_location(uri: str) -> str | None:
@@ -145,6 +169,7 @@ def log_run(run_dir: str | Path, uri: str, experiment: str = "visionpoc") -> str
     """Log the finished run in `run_dir` to the MLflow tracking server or store at `uri` under
     `experiment`; returns the parent MLflow run id."""
     require_mlflow(uri)
+    check_server(uri)
     import mlflow
 
     run_dir = Path(run_dir)

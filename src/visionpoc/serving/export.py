@@ -12,7 +12,8 @@ behind; a passing check is saved next to the model (`onnx_check.json`).
 
 The safetensors export holds the weights of a plain `timm.create_model(timm, num_classes=..., **kwargs)`
 (frozen BatchNorm layers are saved as ordinary BatchNorm), so `load_safetensors_export` needs no
-visionpoc code beyond ten lines.
+visionpoc code beyond ten lines. An `hf:` (transformers) model is exported as `save_pretrained` writes
+it, with the class names in its config.json: `AutoModelForImageClassification.from_pretrained(folder)`.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def export_onnx(tm: TrainedModel, folder: Path) -> Path:
         try:
             write(tmp)
         except Exception as e:
-            raise VisionpocError(f"ONNX export of {tm.label!r} ({tm.mcfg.timm}) failed: {type(e).__name__}: {e}") from e
+            raise VisionpocError(f"ONNX export of {tm.label!r} ({tm.mcfg.name}) failed: {type(e).__name__}: {e}") from e
         checks.append(check_onnx(tmp, model, tuple(tm.data_config["input_size"]), label=tm.label))
         if not checks[-1].ok:  # raised inside atomic_write: the temp file goes, model.onnx is never written
             raise VisionpocError(
@@ -203,8 +204,11 @@ def _plain_timm(mcfg: ModelConfig, num_classes: int) -> tuple[nn.Module, dict[st
 
 
 def export_safetensors(tm: TrainedModel, folder: Path) -> Path:
-    """`folder/model.safetensors` (weights of the plain timm model) and `folder/model_config.json`."""
+    """`folder/model.safetensors` (weights of the plain timm model) and `folder/model_config.json`; an
+    `hf:` model's folder is also what `save_pretrained` writes (config.json, preprocessor_config.json)."""
     nc = len(tm.class_names)
+    if tm.mcfg.kind == "hf":
+        return _export_hf(tm, folder)
     plain, kwargs = _plain_timm(tm.mcfg, nc)
     state = {k: v.detach().cpu() for k, v in tm.model.state_dict().items()}
     missing, unexpected = plain.load_state_dict(state, strict=False)
@@ -238,10 +242,35 @@ def export_safetensors(tm: TrainedModel, folder: Path) -> Path:
     return path
 
 
+def _export_hf(tm: TrainedModel, folder: Path) -> Path:
+    """A transformers model: `save_pretrained`'s folder, which `from_pretrained(folder)` reloads offline."""
+    from visionpoc.hfmodels.build import export_pretrained
+
+    path, info = export_pretrained(tm.model, folder, tm.class_names)
+    config = {
+        "format": "visionpoc-safetensors-1",
+        "label": tm.label,
+        "hf": tm.mcfg.hf,
+        "architecture": info["hf"],
+        "num_classes": len(tm.class_names),
+        "finetune": {"policy": tm.mcfg.finetune, "fraction": tm.mcfg.fraction, "pretrained": tm.mcfg.pretrained},
+        "weights": info["weights"],
+        "rebuild": "transformers.AutoModelForImageClassification.from_pretrained(folder); model.eval(); "
+        "logits = model(pixel_values=x).logits",
+    }
+    atomic_write_json(folder / "model_config.json", config)
+    return path
+
+
 def load_safetensors_export(folder: str | Path) -> nn.Module:
-    """Rebuild an exported model with timm (eval mode) from `folder/model_config.json` and its weights."""
+    """Rebuild an exported model (eval mode) from `folder/model_config.json` and its weights: with timm,
+    or with transformers for an `hf:` model (its forward then returns the logits, as timm's does)."""
     folder = Path(folder)
     config = json.loads((folder / "model_config.json").read_text())
+    if config.get("hf"):
+        from visionpoc.hfmodels.build import load_pretrained_export
+
+        return load_pretrained_export(folder)
     model = timm.create_model(
         config["timm"], pretrained=False, num_classes=config["num_classes"], **config["create_kwargs"]
     )

@@ -4,6 +4,7 @@ weights (safetensors), the model's preprocessing config and the class names."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,12 @@ def load_trained(
     results = results or load_results(run_dir)
     mcfg = run_config(run_dir).model(label)
     nc = results.dataset.num_classes
-    model = models.create_model(mcfg, nc, pretrained=False)
+    build = mcfg
+    if mcfg.kind == "hf":  # the architecture the run kept beside the weights: no hub needed
+        from visionpoc.hfmodels.build import architecture_source
+
+        build = dataclasses.replace(mcfg, hf=architecture_source(run_dir / label, mcfg))
+    model = models.create_model(build, nc, pretrained=False)
     models.apply_finetune(model, mcfg)  # same module types (FrozenBatchNorm2d) as when it was saved
     checkpoint.load_weights(model, run_dir / label / checkpoint.BEST, {"timm": mcfg.timm, "num_classes": str(nc)})
     dcfg_path = run_dir / label / DATA_CONFIG_FILE
@@ -54,5 +60,7 @@ def load_trained(
 
 
 def trained_labels(run_dir: str | Path) -> list[str]:
-    """Labels of the models of the run that trained successfully."""
-    return [m.label for m in load_results(run_dir).models if m.status == "ok"]
+    """Labels of the models of the run that trained successfully: not a deployed model (not trained here),
+    nor one `visionpoc evaluate` added from another run (its config.yaml cannot rebuild it)."""
+    own = {m.label for m in run_config(Path(run_dir)).models}
+    return [m.label for m in load_results(run_dir).models if m.status == "ok" and not m.onnx and m.label in own]

@@ -34,7 +34,7 @@ from visionpoc.data.loaders import eval_transform
 from visionpoc.data.sources import IMG_EXTENSIONS
 from visionpoc.errors import VisionpocError
 from visionpoc.results import load_results
-from visionpoc.serving.loading import TrainedModel, load_trained
+from visionpoc.serving.loading import TrainedModel, load_trained, trained_labels
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Predictor:
     ) -> None:
         self.run_dir = Path(run_dir)
         results = load_results(self.run_dir)
-        ok = [m.label for m in results.models if m.status == "ok"]
+        ok = trained_labels(self.run_dir)  # not a deployed file, nor a model `evaluate` added from another run
         wanted = list(labels) if labels else ok
         unknown = [label for label in wanted if label not in ok]
         if unknown:

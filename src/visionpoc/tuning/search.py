@@ -9,13 +9,15 @@ validation accuracy only.
   worker (Optuna's `MaxTrialsCallback`): a rerun tops the study up to it, parallel workers stop together
   (each may finish the trial it is running, so N workers can overshoot by up to N - 1), and failed or
   interrupted trials do not count.
-- Storage: `sqlite:///OUT/tune.db` unless `storage` names another RDB URL; the study is named after the
-  model. Optuna commits each finished trial, so running the same command again continues the same
-  study; Ctrl-C (or SIGTERM) ends the interrupted trial as failed and keeps every finished one.
-  Several processes given the same storage share the study (for SQLite, a 60 s lock timeout lets them
-  take turns); give each its own `--set tune.seed=K` so their first random points differ. Running
-  trials send a heartbeat: the trial of a killed worker is marked failed (and queued again, once) by the
-  next worker that starts a trial after `HEARTBEAT_GRACE_S` of silence.
+- Storage: `sqlite:///OUT/tune.db` unless `storage` names another RDB URL (a plain `postgresql://`
+  takes whichever of psycopg 3 and psycopg2 is installed); the study is named after the model. Optuna commits each
+  finished trial, so running the same command again continues the same study; Ctrl-C (or SIGTERM) ends
+  the interrupted trial as failed and keeps every finished one. Several processes given the same
+  storage share the study (for SQLite, a 60 s lock timeout lets them take turns; a server's pooled
+  connections are pinged before use, so a database restarted between two trials is reconnected to);
+  give each its own `--set tune.seed=K` so their first random points differ. Running trials send a
+  heartbeat every `tune.heartbeat_s`: the trial of a killed worker is marked failed (and queued again,
+  `tune.retries` times) by the next worker that starts a trial after `tune.grace_s` of silence.
 - Never the test split: trials train on splits whose test split is empty (the Stanford Dogs reader
   only checks that the listed test files exist, a stat), and `fit(score_test=False)` never scores test.
 - Space (`cfg.tune`), per model family: lr and weight decay on a log scale, warmup, label smoothing,
@@ -51,7 +53,7 @@ from visionpoc import checkpoint, models, preflight
 from visionpoc.compare import load_data
 from visionpoc.config import Config, ConfigError, ModelConfig, TuneConfig, with_model_changes
 from visionpoc.data.splits import Splits
-from visionpoc.errors import TrainingInterrupted
+from visionpoc.errors import TrainingInterrupted, VisionpocError
 from visionpoc.recovery import stop_on_signals
 from visionpoc.runfiles import TRIALS_DIR, TUNE_DB_FILE
 from visionpoc.train import fit, resolve_device
@@ -75,7 +77,6 @@ RANGES = {
 }
 CHOICES = ("batch_size", "augment")
 MODEL_KWARGS = ("drop_path_rate", "drop_rate")  # suggested settings that are `timm.create_model` arguments
-HEARTBEAT_S, HEARTBEAT_GRACE_S, RETRIES = 60, 180, 1  # a silent RUNNING trial is failed after the grace
 
 
 @dataclass(frozen=True)
@@ -130,21 +131,44 @@ def make_pruner(tc: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def _stale_trial_callback() -> dict[str, Any]:
-    """Queue a stale trial's parameters again, once: `RetryHeartbeatStaleTrialCallback` (Optuna >= 4.9),
-    or its older name."""
+def _stale_trial_callback(retries: int) -> dict[str, Any]:
+    """Queue a stale trial's parameters again, `retries` times at most: `RetryHeartbeatStaleTrialCallback`
+    (Optuna >= 4.9), or its older name."""
+    if retries == 0:
+        return {}
     retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
     if retry is not None:
-        return {"heartbeat_stale_trial_callback": retry(max_retry=RETRIES)}
-    return {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=RETRIES)}
+        return {"heartbeat_stale_trial_callback": retry(max_retry=retries)}
+    return {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=retries)}
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """An RDB storage with trial heartbeats; SQLite waits up to 60 s for a lock so that parallel workers
-    take turns."""
-    from sqlalchemy.exc import SQLAlchemyError
+def storage_url(url: str) -> str:
+    """`url` with a PostgreSQL driver that is installed: a plain `postgresql://` means SQLAlchemy's
+    default driver (psycopg2 before SQLAlchemy 2.1, psycopg 3 since); when that one is missing, the
+    other is named in the URL. The `postgres` extra installs psycopg 3."""
+    import importlib.util
 
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    if u.drivername != "postgresql":
+        return url
+    default = u.get_dialect().driver  # the dialect only: its DBAPI module is imported by create_engine
+    for driver in (default, "psycopg", "psycopg2"):
+        if importlib.util.find_spec(driver) is not None:
+            return url if driver == default else u.set(drivername=f"postgresql+{driver}").render_as_string(False)
+    raise ConfigError(f"--storage {_public_url(url)}: no PostgreSQL driver is installed: pip install -e '.[postgres]'")
+
+
+def open_storage(url: str, tc: TuneConfig) -> optuna.storages.RDBStorage:
+    """An RDB storage with trial heartbeats (`tune.heartbeat_s`, `grace_s`, `retries`). SQLite waits up
+    to 60 s for a lock so that parallel workers take turns; a server's connections are checked before
+    use (`pool_pre_ping`), so a worker reconnects after the database restarted between two trials. A
+    database that cannot be reached is a user error naming the URL (without its password)."""
+    from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+    url = storage_url(url)
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(3):
         try:
             with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
@@ -152,14 +176,21 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                 return optuna.storages.RDBStorage(
                     url,
                     engine_kwargs=kwargs,
-                    heartbeat_interval=HEARTBEAT_S,
-                    grace_period=HEARTBEAT_GRACE_S,
-                    **_stale_trial_callback(),
+                    heartbeat_interval=tc.heartbeat_s,
+                    grace_period=tc.grace_s,
+                    **_stale_trial_callback(tc.retries),
                 )
-        except SQLAlchemyError:  # workers starting together race to create the tables: the loser retries
-            if attempt == 2:
+        except SQLAlchemyError as e:  # workers starting together race to create the tables: the loser retries
+            if attempt < 2:
+                time.sleep(1.0 + attempt)
+            elif isinstance(e, OperationalError):
+                reason = " ".join(str(e.orig).split())
+                raise VisionpocError(
+                    f"cannot open the study's database {_public_url(url)} ({reason}): check that the server "
+                    "runs and the --storage URL, then run the same command again"
+                ) from None
+            else:
                 raise
-            time.sleep(1.0 + attempt)
     raise AssertionError("unreachable")
 
 
@@ -237,6 +268,8 @@ def run_tune(
     out_dir = Path(out_dir)
     optuna_logs_to_root()
     mcfg = cfg.model(label)
+    if mcfg.onnx:
+        raise ConfigError(f"model {label!r} is a deployed file ({mcfg.onnx}): a deployed model is not tuned")
     if cfg.data.val_fraction <= 0:
         raise ConfigError("tune scores trials on the validation split: set data.val_fraction > 0 (e.g. 0.1)")
     preflight.refuse(preflight.model_problems(cfg, [label]))  # a misspelt timm name: said before any trial
@@ -288,7 +321,7 @@ def open_study(url: str, name: str, mcfg: ModelConfig, tc: TuneConfig, epochs: i
     """The study `name` on `url` (created or continued) for model `mcfg`, its stale trials failed and its
     sampler seeded for the trials it already holds."""
     s = optuna.create_study(
-        storage=open_storage(url),
+        storage=open_storage(url, tc),
         study_name=name,
         direction="maximize",
         pruner=make_pruner(tc, epochs),
