@@ -25,6 +25,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from visionpoc.results import cpu_name
+
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 TINY = """\
 data: {{source: stanford_dogs, root: '{root}', val_fraction: 0.2, num_workers: 0, download: false}}
@@ -68,16 +70,6 @@ def start_server(run: Path, port: int) -> subprocess.Popen[bytes]:
             time.sleep(0.2)
     proc.kill()
     raise SystemExit("the server did not answer /health within 120 s")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

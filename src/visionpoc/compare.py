@@ -247,22 +247,7 @@ def run_compare(
     if not d.main:
         ds, splits = data or load_data(cfg)
     device = resolve_device(cfg.train.device, d)
-    results = RunResults(
-        dataset=DatasetInfo(
-            source=ds.source,
-            root=str(ds.root.resolve()),
-            test_root=str(splits.test.root.resolve()),
-            train_size=len(splits.train),
-            val_size=len(splits.val),
-            test_size=len(splits.test),
-            num_classes=splits.num_classes,
-            class_names=splits.class_names,
-        ),
-        models=[],
-        environment=environment(str(device), cfg.train.seed),
-        config=to_dict(cfg),
-        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    )
+    results = new_results(cfg, ds, splits, str(device))
     chosen = [cfg.model(label) for label in labels] if labels else list(cfg.models)
     # a resume that trains some models keeps the others' finished results (in the config's order)
     chosen = [m for m in cfg.models if m in chosen or m.label in done]
@@ -294,6 +279,26 @@ def run_compare(
         if d.main:
             save_results(results, out_dir)
     return results
+
+
+def new_results(cfg: Config, ds: Dataset, splits: Splits, device: str) -> RunResults:
+    """The results of a run of `cfg` on `ds` split as `splits`, on `device`, before any model."""
+    return RunResults(
+        dataset=DatasetInfo(
+            source=ds.source,
+            root=str(ds.root.resolve()),
+            test_root=str(splits.test.root.resolve()),
+            train_size=len(splits.train),
+            val_size=len(splits.val),
+            test_size=len(splits.test),
+            num_classes=splits.num_classes,
+            class_names=splits.class_names,
+        ),
+        models=[],
+        environment=environment(device, cfg.train.seed),
+        config=to_dict(cfg),
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
 def run_repeats(

@@ -28,7 +28,6 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,7 +44,7 @@ from visionpoc.bench.workload import Plan, Spec, build_model, plan, write_jpegs
 from visionpoc.data.prepared import prepare_store
 from visionpoc.data.store_batches import place
 from visionpoc.errors import ConfigError
-from visionpoc.results import environment
+from visionpoc.results import cpu_name, environment
 from visionpoc.runfiles import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -76,9 +75,7 @@ def _guarded(name: str, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[s
 
 def _environment(device: torch.device, smoke: bool) -> dict[str, Any]:
     env = dataclasses.asdict(environment(str(device), seed=0))
-    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("model name")), None)
-    name = env["gpu_name"] or model or platform.processor() or platform.machine()
+    name = env["gpu_name"] or cpu_name()
     return env | {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "smoke": smoke,

@@ -16,7 +16,6 @@ This module sits on the features floor: it reads runs through `serving.loading` 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import json
 import logging
 from dataclasses import dataclass
@@ -25,16 +24,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from visionpoc.config import Config, ModelConfig, PreprocessConfig, save_config, to_dict
+from visionpoc.config import Config, ModelConfig, PreprocessConfig, save_config
 from visionpoc.deployed import spec
 from visionpoc.deployed.spec import Keys
 from visionpoc.errors import ConfigError, VisionpocError
 from visionpoc.evaluate import EvalStats, summarize
 from visionpoc.results import (
-    DatasetInfo,
     ModelResult,
     RunResults,
-    environment,
     load_results,
     save_predictions,
     save_results,
@@ -248,22 +245,9 @@ def _save(
         out.mkdir(parents=True, exist_ok=True)
         own = dataclasses.replace(cfg, models=(dataclasses.replace(mcfg, label=result.label),))
         save_config(own, out / CONFIG_FILE)
-        run = RunResults(
-            dataset=DatasetInfo(
-                source=ds.source,
-                root=str(ds.root.resolve()),
-                test_root=str(splits.test.root.resolve()),
-                train_size=len(splits.train),
-                val_size=len(splits.val),
-                test_size=len(splits.test),
-                num_classes=splits.num_classes,
-                class_names=splits.class_names,
-            ),
-            models=[],
-            environment=environment("cpu", cfg.train.seed),
-            config=to_dict(own),
-            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        )
+        from visionpoc.compare import new_results  # the orchestration floor: compare imports this module lazily
+
+        run = new_results(own, ds, splits, "cpu")
     elif [len(splits.test), splits.class_names] != [run.dataset.test_size, run.dataset.class_names]:
         raise VisionpocError(f"{out}: the data its config names has changed since the run; the model is not added")
     run.models = [m for m in run.models if m.label != result.label] + [result]

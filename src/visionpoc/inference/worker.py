@@ -9,14 +9,13 @@ last run, minus the RSS at that moment. On Linux the kernel's high-water mark (V
 lower bound if importing the runtime peaked higher). It counts the session (weights, graph optimisation,
 the memory arena) and the batches' inputs and outputs, i.e. what a serving process would hold.
 
-It imports only the standard library, NumPy and ONNX Runtime.
+It imports only the standard library, NumPy, ONNX Runtime and `visionpoc.results` (no torch).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -25,18 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from visionpoc.results import cpu_name
+
 DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
-
-
-def cpu_name() -> str:
-    """The CPU's model name ('Intel(R) Xeon(R) Platinum 8480+'), or what the platform says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def usable_cpus() -> int:
