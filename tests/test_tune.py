@@ -205,6 +205,7 @@ def test_compare_tuned_trains_with_the_best_params(study_run: dict[str, Any], tm
     assert "Not tuned" not in html
 
 
+@pytest.mark.slow
 def test_a_second_run_adds_trials_to_the_same_study(study_run: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "out"
     shutil.copytree(study_run["out"], out)  # the module's study stays as it was
@@ -243,6 +244,7 @@ def _fake_fit(curves: list[list[float]], interrupt_at: int | None = None) -> Cal
     return fit
 
 
+@pytest.mark.slow
 def test_a_hopeless_trial_is_pruned(mini_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_config(_config(tmp_path, mini_dogs, epochs=3, pruner="median"))
     monkeypatch.setattr(tune, "fit", _fake_fit([[0.5, 0.6, 0.7], [0.6, 0.7, 0.8], [0.0, 0.0, 0.0]]))
@@ -253,6 +255,7 @@ def test_a_hopeless_trial_is_pruned(mini_dogs: Path, tmp_path: Path, monkeypatch
     assert json.loads((tmp_path / "out" / "tune_summary.json").read_text())["models"]["vit"]["pruned"] == 1
 
 
+@pytest.mark.slow
 def test_an_interrupt_ends_the_study_with_its_finished_trials(
     mini_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -536,6 +539,7 @@ def test_warmup_is_capped_at_the_trials_epochs(
     assert all(t.params["warmup_epochs"] <= 2.0 for t in study.trials)
 
 
+@pytest.mark.slow
 def test_the_cli_prints_the_trial_the_yaml_records_and_honours_timeout(
     mini_dogs: Path,
     tmp_path: Path,
@@ -614,3 +618,18 @@ def test_ctrl_c_in_a_terminal_stops_tuning(mini_dogs: Path, tmp_path: Path) -> N
     study = optuna.load_study(study_name="vit", storage=f"sqlite:///{out / 'tune.db'}")
     assert len(study.trials) <= 3  # stopped, not run to 50
     assert (out / "tuned" / "vit.yaml").is_file()  # the best so far
+
+
+def test_tuned_settings_are_refused_for_another_model_timm_or_hugging_face(tmp_path: Path) -> None:
+    """A tuned file records the model it was tuned for (a timm name, or an `hf:` id or folder): another
+    model under the same label is refused, an `hf:` entry included (its `timm` is empty)."""
+    from visionpoc.config import ModelConfig
+    from visionpoc.errors import ConfigError
+
+    (tmp_path / "tuned").mkdir()
+    (tmp_path / "tuned" / "vit.yaml").write_text(yaml.safe_dump({"label": "vit", "timm": "org/vit-a", "model": {}}))
+    same = Config(models=(ModelConfig(label="vit", hf="org/vit-a"),))
+    assert apply_tuned(same, tmp_path).model("vit").hf == "org/vit-a"
+    for other in (ModelConfig(label="vit", hf="org/vit-b"), ModelConfig(label="vit", timm="vit_tiny_patch16_224")):
+        with pytest.raises(ConfigError, match="was tuned for 'org/vit-a', but model 'vit' is"):
+            apply_tuned(Config(models=(other,)), tmp_path)

@@ -93,7 +93,7 @@ def study_record(study: optuna.Study, mcfg: ModelConfig, storage: str, epochs: i
     devices = sorted({str(t.user_attrs["device"]) for t in trials if "device" in t.user_attrs})
     return {
         "label": mcfg.label,
-        "timm": mcfg.timm,
+        "timm": mcfg.name,  # the model's identifier: its timm name, HF id or folder
         "study": study.study_name,
         "storage": storage,
         "epochs_per_trial": epochs,
@@ -118,7 +118,7 @@ def best_params_yaml(study: optuna.Study, mcfg: ModelConfig, record: dict[str, A
     best = next((t for t in study.get_trials(deepcopy=False) if t.number == best_number), None)
     doc = {
         "label": mcfg.label,
-        "timm": mcfg.timm,
+        "timm": mcfg.name,
         "model": _overrides(best) if best else {},
         "tuning": record,
     }
@@ -228,9 +228,9 @@ def apply_tuned(cfg: Config, tuned_dir: Path, out_dir: Path | None = None) -> Co
             doc = yaml.load(path.read_text(), Loader=BoundedLoader) or {}  # an alias bomb is refused
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
-        if doc.get("timm", m.timm) != m.timm:
+        if doc.get("timm", m.name) != m.name:
             raise ConfigError(
-                f"{path} was tuned for {doc['timm']!r}, but model {m.label!r} is {m.timm!r}: "
+                f"{path} was tuned for {doc['timm']!r}, but model {m.label!r} is {m.name!r}: "
                 "tune it again or remove the file"
             )
         if not doc.get("model") and (doc.get("tuning") or {}).get("tied_value") is not None:

@@ -328,12 +328,12 @@ def open_study(url: str, name: str, mcfg: ModelConfig, tc: TuneConfig, epochs: i
         load_if_exists=True,
     )
     made_for = s.user_attrs.get("timm")
-    if made_for is not None and made_for != mcfg.timm:
+    if made_for is not None and made_for != mcfg.name:
         raise ConfigError(
-            f"study {s.study_name!r} in {_public_url(url)} tunes {made_for!r}, not {mcfg.timm!r}: "
+            f"study {s.study_name!r} in {_public_url(url)} tunes {made_for!r}, not {mcfg.name!r}: "
             "pass another --study name or --storage"
         )
-    s.set_user_attr("timm", mcfg.timm)
+    s.set_user_attr("timm", mcfg.name)  # the key of earlier studies; the value: a timm name, HF id or folder
     with warnings.catch_warnings():  # a killed worker's RUNNING trial: failed (and queued again) now
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(s)
