@@ -13,6 +13,7 @@ from visionpoc.bench import run as bench
 from visionpoc.bench.run import SECTIONS, format_bench, run_bench
 
 
+@pytest.mark.slow
 def test_smoke_bench_reports_every_figure(tmp_path: Path, one_thread: None) -> None:
     out = tmp_path / "bench.json"
     d = run_bench(smoke=True, device="cpu", out=out)
@@ -73,6 +74,7 @@ def test_smoke_bench_reports_every_figure(tmp_path: Path, one_thread: None) -> N
     assert "vit_b16_bs8: out of memory at batch 8, measured with micro-batches of 4" in format_bench(d)
 
 
+@pytest.mark.slow
 def test_on_a_cpu_the_full_bench_measures_the_input_path_and_the_probe(
     monkeypatch: pytest.MonkeyPatch, one_thread: None
 ) -> None:

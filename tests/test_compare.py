@@ -80,6 +80,7 @@ MODEL_FIELDS = {
 }
 
 
+@pytest.mark.slow
 def test_compare_end_to_end(tmp_path: Path, mini_dogs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     assert (

@@ -63,6 +63,7 @@ def test_only_a_failed_collective_of_several_ranks_is_a_peer_failure(monkeypatch
     assert peer_failure(two, ValueError("gloo")) is None
 
 
+@pytest.mark.slow
 def test_heartbeats_name_the_rank_that_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
     master = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=dt.timedelta(seconds=5), wait_for_workers=False)
     monkeypatch.setattr(distributed, "BEAT_S", 0.1)

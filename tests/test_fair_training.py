@@ -284,6 +284,7 @@ def test_an_under_trained_run_is_flagged_in_results_and_report(tmp_path: Path, m
     assert "still improving" in verdict
 
 
+@pytest.mark.slow
 def test_a_probe_without_a_validation_split_keeps_the_lowest_training_loss(tmp_path: Path, fresh_dogs: Path) -> None:
     cfg = load_config(
         _tiny(tmp_path, fresh_dogs, f"  - {{label: probe, {VIT}, finetune: head}}\n"), ["data.val_fraction=0"]

@@ -128,6 +128,7 @@ def test_the_learning_check_tells_guessing_and_collapse_from_learning() -> None:
     assert learning(three, np.array([0, 0, 0, 0, 0, 0, 0, 1, 2]), 3).one_class  # class 0 for 7 of 9 (78%)
 
 
+@pytest.mark.slow
 def test_models_that_answer_one_class_get_a_caveat_and_no_lead(tmp_path: Path) -> None:
     run = write_run(tmp_path / "run", {"lite0": one_class(3, right=0), "mnv3s": one_class(7, right=2)})
     rep = build_report(run, explain=False)

@@ -159,6 +159,7 @@ def live_server(
     thread.join(10)
 
 
+@pytest.mark.slow
 def test_an_upload_whose_client_hung_up_is_never_decoded(live_server: tuple[int, list[int]], mini_dogs: Path) -> None:
     import httpx
 

@@ -178,6 +178,7 @@ def every_preset_run(tmp_path_factory: pytest.TempPathFactory, mini_dogs: Path) 
     return {m["label"]: m for m in res["models"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_every_preset_trains_through_the_same_loop(every_preset_run: dict[str, Any], name: str) -> None:
     m = every_preset_run[name]

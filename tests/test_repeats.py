@@ -137,6 +137,7 @@ def test_commands_that_need_one_run_name_the_seed_folders(
     assert f"visionpoc report {repeats_run}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_an_interrupted_repeat_resumes_and_the_finished_ones_are_kept(
     mini_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

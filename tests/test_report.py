@@ -365,6 +365,7 @@ def test_a_win_that_does_not_survive_holms_correction_is_not_called_one() -> Non
     assert p_is(0.0001) == "p < 0.001" and p_is(0.0123) == "p = 0.0123"
 
 
+@pytest.mark.slow
 def test_several_candidates_get_holm_adjusted_p_values(tmp_path: Path) -> None:
     rep = build_report(make_run(tmp_path / "three", n_models=3), explain=False)
     raw = [pw.table.p_value for pw in rep.pairwise if pw.table]
@@ -580,6 +581,7 @@ def test_the_report_never_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert [n.split(",")[0] for n in notes] == ["a: Grad-CAM", "b: attention rollout"], notes
 
 
+@pytest.mark.slow
 def test_three_models_give_two_pairwise_tests_and_failed_model_is_shown(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path, n_models=3, failed=True)
     rep = build_report(run_dir, explain=False)

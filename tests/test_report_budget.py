@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from test_report import make_run
 from visionpoc.report import write_report
 from visionpoc.report.build import build_report
@@ -66,6 +68,7 @@ def _verdicts(html: str, md: str) -> tuple[str, str]:
     return in_html, in_md[0]
 
 
+@pytest.mark.slow
 def test_a_flagged_model_gets_a_caveat_and_the_verdict_names_it(tmp_path: Path) -> None:
     def flag(a: ModelResult, b: ModelResult) -> None:
         b.flags = [{"code": "still_improving", "message": STILL}]
@@ -152,6 +155,7 @@ def test_the_budget_table_shows_steps_images_lr_source_and_trials(tmp_path: Path
     assert "0.000404" not in html and "0.000404" not in md  # every lr rounded, in the caveat too
 
 
+@pytest.mark.slow
 def test_an_unequal_budget_is_named_in_the_verdict_and_the_caveat(tmp_path: Path) -> None:
     def tune_b(a: ModelResult, b: ModelResult) -> None:
         b.tuned_from, b.tuning_trials, b.lr, b.lr_source = "/out/tuned/b.yaml", 20, 0.0004043878009515106, "tuned"
@@ -247,6 +251,7 @@ def _strip(run: Path, labels: set[str]) -> None:
     path.write_text(json.dumps(data))
 
 
+@pytest.mark.slow
 def test_results_of_an_older_version_still_render(tmp_path: Path) -> None:
     def new_b(a: ModelResult, b: ModelResult) -> None:
         b.optimizer_steps, b.images_seen, b.lr_source, b.tuning_trials = 120, 960, "config", None

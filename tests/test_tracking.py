@@ -63,6 +63,7 @@ def test_report_logs_the_run_to_a_sqlite_store(finished: Path, tmp_path: Path) -
         ]
 
 
+@pytest.mark.slow
 def test_compare_logs_when_the_config_asks(finished: Path, tmp_path: Path) -> None:
     """`compare --resume` of a finished run trains nothing more, then reports and logs it."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -82,6 +83,7 @@ def test_missing_mlflow_fails_before_training(monkeypatch: pytest.MonkeyPatch, t
     assert code == 2 and not out.exists()
 
 
+@pytest.mark.slow
 def test_a_failing_store_keeps_the_run_and_says_how_to_retry(
     finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
