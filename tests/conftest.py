@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from dogs_fixture import make_mini_dogs  # noqa: E402
 from real_weights import LITE0_PACKAGE, convert_lite0, lite0_pth, make_photo_crops  # noqa: E402
-from servers import PostgresServer, postgres_bindir, postgres_missing  # noqa: E402
+from servers import PostgresServer, require_postgres  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -97,12 +96,7 @@ def photo_crops(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def postgres() -> Iterator[PostgresServer]:
     """A throwaway PostgreSQL server on 127.0.0.1 for the whole test run (Debian's `postgresql` package,
     which `.ci/run` installs); `create_database(name)` gives each test its own database."""
-    missing = postgres_missing()
-    if missing:  # CI (VISIONPOC_REQUIRE_POSTGRES=1) fails instead of skipping
-        (pytest.fail if os.environ.get("VISIONPOC_REQUIRE_POSTGRES") == "1" else pytest.skip)(missing)
-    bindir = postgres_bindir()
-    assert bindir is not None
-    server = PostgresServer(bindir)
+    server = PostgresServer(require_postgres())  # CI (VISIONPOC_REQUIRE_POSTGRES=1) fails instead of skipping
     try:
         server.start()
         yield server

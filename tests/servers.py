@@ -2,7 +2,9 @@
 
 - `PostgresServer`: a throwaway PostgreSQL cluster (Debian's `postgresql` package: `initdb`, `pg_ctl`)
   in a temporary folder, on 127.0.0.1 and a free port, trust authentication, durability off (a test
-  database). As root it runs as the `postgres` user (PostgreSQL refuses root).
+  database). As root it runs as the `postgres` user (PostgreSQL refuses root). With a command prefix
+  (`ip netns exec NS`) it runs inside a test host, listening on that host's address and trusting the
+  test subnet; the test process itself reaches it through its Unix socket (a file, in no network).
 - `MlflowServer`: `mlflow server` with a SQLite backend store and a local artifact root, waited for on
   its `/health` page.
 """
@@ -50,14 +52,32 @@ def postgres_missing() -> str:
     return ""
 
 
+def require_postgres() -> Path:
+    """The server binaries' folder; without them or psycopg the test skips, and fails instead when
+    `VISIONPOC_REQUIRE_POSTGRES=1` (as in CI)."""
+    import pytest
+
+    missing = postgres_missing()
+    if missing:
+        (pytest.fail if os.environ.get("VISIONPOC_REQUIRE_POSTGRES") == "1" else pytest.skip)(missing)
+    bindir = postgres_bindir()
+    assert bindir is not None
+    return bindir
+
+
 class PostgresServer:
-    """`initdb`, then `start()` / `stop()` / `restart()` on 127.0.0.1:`port`; `url(db)` for SQLAlchemy."""
+    """`initdb`, then `start()` / `stop()` / `restart()` on `host`:`port`; `url(db)` for SQLAlchemy.
+
+    `prefix` runs the server tools (and so the postmaster) through a command such as `ip netns exec NS`;
+    `trust` is a further subnet (CIDR) allowed in `pg_hba.conf` without a password."""
 
     user = "visionpoc"
 
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, prefix: list[str] | None = None, host: str = "127.0.0.1", trust: str = "") -> None:
         self.bindir = bindir
-        self.port = free_port()
+        self.prefix = prefix or []
+        self.host = host
+        self.port = free_port()  # free here; a fresh namespace has every port free
         self.root = Path(tempfile.mkdtemp(prefix="visionpoc-pg-"))  # not under pytest's 0700 tmp: postgres reads it
         self.data = self.root / "data"
         self.log = self.root / "server.log"
@@ -65,11 +85,16 @@ class PostgresServer:
         if self.as_postgres:
             shutil.chown(self.root, "postgres", "postgres")
         self._run("initdb", "-D", str(self.data), "-U", self.user, "--auth=trust", "-E", "UTF8", "--no-sync")
+        if trust:
+            with (self.data / "pg_hba.conf").open("a") as hba:
+                hba.write(f"host all all {trust} trust\n")
 
-    def _run(self, tool: str, *args: str) -> None:
+    def _run(self, tool: str, *args: str, in_host: bool = True) -> None:
         cmd = [str(self.bindir / tool), *args]
         if self.as_postgres:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        if in_host:
+            cmd = [*self.prefix, *cmd]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=SERVER_START_S, cwd=self.root)
         if done.returncode != 0:
             log = self.log.read_text()[-2000:] if self.log.exists() else ""
@@ -77,13 +102,15 @@ class PostgresServer:
 
     def start(self) -> None:
         opts = (
-            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+            f"-p {self.port} -k {self.root} -c listen_addresses={self.host} "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c log_connections=on"
         )
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", opts, "start")
 
     def stop(self) -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
+        # a signal to the postmaster's pid, then a wait for its pid file: from any namespace, so a server
+        # whose test host is already gone is stopped too
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop", in_host=False)
 
     def restart(self) -> None:
         self.stop()
@@ -93,13 +120,17 @@ class PostgresServer:
         """A new empty database; returns its SQLAlchemy URL (psycopg 3)."""
         import psycopg
 
-        with psycopg.connect(host="127.0.0.1", port=self.port, user=self.user, dbname="postgres") as con:
+        with psycopg.connect(host=str(self.root), port=self.port, user=self.user, dbname="postgres") as con:
             con.autocommit = True
             con.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
     def url(self, db: str) -> str:
-        return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{db}"
+        return f"postgresql+psycopg://{self.user}@{self.host}:{self.port}/{db}"
+
+    def socket_url(self, db: str) -> str:
+        """The same database through the server's Unix socket: for the test process, outside the hosts."""
+        return f"postgresql+psycopg://{self.user}@/{db}?host={self.root}&port={self.port}"
 
     def remove(self) -> None:
         """Stop the server if it runs, and delete its folder."""

@@ -208,6 +208,34 @@ def test_models_policies_and_attention(hf_folders: dict[str, Path]) -> None:
 
 @needs_transformers
 @pytest.mark.slow
+def test_an_hf_model_compiles_and_runs_under_bf16_autocast(hf_folders: dict[str, Path]) -> None:
+    """What the loop does to a model on CUDA, here on the CPU: `torch.compile` traces the loaded HF model
+    (the AOT-autograd path of inductor, without its C++ code generation) to the same logits and gradients
+    as eager, and a bf16-autocast forward and backward give finite bf16 logits and float32 gradients."""
+    mcfg = ModelConfig(label="v", hf=str(hf_folders["vit"]), finetune="full")
+    eager = models.create_model(mcfg, 3)
+    twin = models.create_model(mcfg, 3)
+    twin.load_state_dict(eager.state_dict())
+    compiled = torch.compile(twin, backend="aot_eager")
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for m in (eager, compiled):
+        out = m(x)
+        out.square().mean().backward()
+        grads.append(twin.classifier.weight.grad if m is compiled else eager.classifier.weight.grad)
+        torch.testing.assert_close(out, eager(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    eager.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = eager(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    out.float().square().mean().backward()
+    g = eager.classifier.weight.grad
+    assert g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+@needs_transformers
+@pytest.mark.slow
 def test_preprocessing_follows_the_processor(hf_folders: dict[str, Path], tmp_path: Path) -> None:
     from PIL import Image
     from transformers import AutoImageProcessor

@@ -17,22 +17,20 @@ CPU, GLOO_SOCKET_IFNAME the host's own interface), as on two real machines.
 Both hosts give the same `--out`: a cluster's run folder is on a shared filesystem, since every rank
 reads the best weights back from it to score them (the namespaces share this machine's filesystem). That
 only host A's rank writes in it is shown by an audit hook that records every write of each process
-(`ddp_probe.py`). The namespaces and every process the tests start are removed at teardown; traffic
-stays inside the namespaces. Without root or `ip` the tests skip, and fail instead when
-`VISIONPOC_REQUIRE_NETNS=1` (as in CI).
+(`ddp_probe.py`). The namespaces (`netns.py`) and every process the tests start are removed at
+teardown; traffic stays inside the namespaces. Without root or `ip` the tests skip, and fail instead
+when `VISIONPOC_REQUIRE_NETNS=1` (as in CI).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -40,110 +38,18 @@ import pytest
 import yaml
 
 from dogs_fixture import make_mini_dogs
+from netns import descendants, two_hosts
 from visionpoc.results import load_predictions
 
 pytestmark = pytest.mark.slow
 PROBE = Path(__file__).parent / "ddp_probe.py"
 NET = "10.231.0"  # a private range unlikely to be in use; it exists only inside the test namespaces
-RDZV_PORT = 29400
 EPOCHS = 6
-
-
-class Hosts:
-    """Two namespaces joined by a veth pair: host A (`NET.1`, the rendezvous endpoint) and host B (`NET.2`).
-    Every process started through `torchrun` is remembered and killed (its whole tree) by `close`."""
-
-    def __init__(self, tag: str) -> None:
-        self.ns = {"A": f"vpoc{tag}a", "B": f"vpoc{tag}b"}
-        self.dev = {"A": f"vp{tag}a0", "B": f"vp{tag}b0"}  # interface names: 15 characters at most
-        self.addr = {"A": f"{NET}.1", "B": f"{NET}.2"}
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def up(self) -> None:
-        for h in "AB":
-            _ip("netns", "add", self.ns[h])
-        _ip("link", "add", self.dev["A"], "type", "veth", "peer", "name", self.dev["B"])
-        for h in "AB":
-            _ip("link", "set", self.dev[h], "netns", self.ns[h])
-            _ip("-n", self.ns[h], "addr", "add", f"{self.addr[h]}/24", "dev", self.dev[h])
-            _ip("-n", self.ns[h], "link", "set", "lo", "up")
-            _ip("-n", self.ns[h], "link", "set", self.dev[h], "up")
-
-    def torchrun(self, host: str, args: list[str], log: Path, restarts: int = 0, **env: str) -> subprocess.Popen[bytes]:
-        """`torchrun --nnodes 2 --nproc-per-node 1 ... ARGS` on `host`, its output in `log`."""
-        cmd = [
-            *("ip", "netns", "exec", self.ns[host]),
-            *(sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"),
-            *("--rdzv-backend", "c10d", "--rdzv-endpoint", f"{self.addr['A']}:{RDZV_PORT}", "--rdzv-id", "poc"),
-            # host A holds the rendezvous store; each agent announces its own address (the machine's name
-            # resolves to 127.0.0.1 in every namespace)
-            *("--rdzv-conf", f"is_host={int(host == 'A')}", "--local-addr", self.addr[host]),
-            *("--max-restarts", str(restarts), *args),
-        ]
-        # a fresh store for each attempt: the agents' shared one would hand the restarted workers the
-        # previous attempt's addresses (docs/operations.md)
-        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": self.dev[host], **env}
-        full_env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-        with log.open("wb") as f:
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def lose(self, host: str) -> None:
-        """`host` vanishes: its link goes down first (its peers get no FIN or reset), then every process of
-        it is killed and its namespace deleted."""
-        _ip("-n", self.ns[host], "link", "set", self.dev[host], "down")
-        for proc in self.procs:
-            if self.ns[host] in proc.args:  # type: ignore[operator]
-                _kill_tree(proc.pid)
-        subprocess.run(["ip", "netns", "del", self.ns[host]], check=False)
-
-    def close(self) -> None:
-        for proc in self.procs:
-            _kill_tree(proc.pid)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        for h in "AB":
-            subprocess.run(["ip", "netns", "del", self.ns[h]], check=False, capture_output=True)
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # the process ended meanwhile
-        tree.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    return tree
-
-
-def _descendants(pid: int) -> list[int]:
-    tree, out, todo = _children(), [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(tree.get(p, []))
-    return out
-
-
-def _kill_tree(pid: int) -> None:
-    for p in reversed(_descendants(pid)):
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _worker_of(proc: subprocess.Popen[bytes]) -> int:
     """The pid of the visionpoc worker that `proc`'s torchrun agent started."""
-    for p in _descendants(proc.pid):
+    for p in descendants(proc.pid):
         try:
             cmdline = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
         except OSError:
@@ -151,28 +57,6 @@ def _worker_of(proc: subprocess.Popen[bytes]) -> int:
         if b"visionpoc" in cmdline and b"torch.distributed.run" not in cmdline and b"-c" not in cmdline:
             return p
     raise AssertionError(f"no worker under torchrun {proc.pid}")
-
-
-@contextmanager
-def two_hosts(tag: str) -> Iterator[Hosts]:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        _skip("network namespaces need root and iproute2's `ip`")
-    hosts = Hosts(tag)
-    try:
-        hosts.up()
-    except subprocess.CalledProcessError as e:
-        hosts.close()
-        _skip(f"cannot create network namespaces here: {e.stderr.strip()}")
-    try:
-        yield hosts
-    finally:
-        hosts.close()
-
-
-def _skip(reason: str) -> None:
-    if os.environ.get("VISIONPOC_REQUIRE_NETNS") == "1":
-        pytest.fail(f"{reason} (VISIONPOC_REQUIRE_NETNS=1)")
-    pytest.skip(reason)
 
 
 def _config(path: Path, root: Path) -> Path:
@@ -224,7 +108,7 @@ def two_host_run(setup: tuple[Path, Path]) -> Iterator[dict]:
     run, single, probe = tmp / "run", tmp / "single", tmp / "probe"
     probe.mkdir()
     args = [str(PROBE), "compare", "--config", str(cfg), "--out", str(run), "--no-report"]
-    with two_hosts(str(os.getpid() % 100000)) as hosts:
+    with two_hosts(str(os.getpid() % 100000), NET) as hosts:
         env = {"PROBE_DIR": str(probe), "PROBE_WATCH": str(run)}
         procs = [hosts.torchrun(h, args, tmp / f"host{h}.log", **env) for h in "AB"]
         assert _wait(procs, 240) == [0, 0], [(tmp / f"host{h}.log").read_text()[-3000:] for h in "AB"]
@@ -272,7 +156,7 @@ def test_a_killed_worker_is_restarted_and_the_run_resumes_by_itself(two_host_run
     tmp, cfg = two_host_run["tmp"], two_host_run["cfg"]
     run = tmp / "restarted"
     args = ["-m", "visionpoc", "compare", "--config", str(cfg), "--out", str(run), "--no-report"]
-    with two_hosts(str(os.getpid() % 100000 + 1)) as hosts:
+    with two_hosts(str(os.getpid() % 100000 + 1), NET) as hosts:
         logs = {h: tmp / f"restart{h}.log" for h in "AB"}
         procs = [hosts.torchrun(h, args, logs[h], restarts=1, VISIONPOC_DIST_TIMEOUT_S="20") for h in "AB"]
         _after_first_checkpoint(run, procs)
@@ -303,7 +187,7 @@ def test_a_lost_host_ends_the_run_with_its_resume_command(two_host_run: dict) ->
     tmp, cfg = two_host_run["tmp"], two_host_run["cfg"]
     run, timeout = tmp / "lost", 10
     args = ["-m", "visionpoc", "compare", "--config", str(cfg), "--out", str(run), "--no-report"]
-    with two_hosts(str(os.getpid() % 100000 + 2)) as hosts:
+    with two_hosts(str(os.getpid() % 100000 + 2), NET) as hosts:
         log = tmp / "lostA.log"
         procs = [
             hosts.torchrun(h, args, log if h == "A" else tmp / "lostB.log", VISIONPOC_DIST_TIMEOUT_S=str(timeout))

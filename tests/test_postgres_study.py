@@ -1,10 +1,11 @@
-"""`visionpoc tune --storage postgresql://...` against a real PostgreSQL server (the session's throwaway
-cluster on 127.0.0.1, `postgres` in conftest.py): two workers share one study and stop together; a
-worker killed mid-trial has its trial failed by heartbeat and retried once; the study survives a
+"""`visionpoc tune --storage postgresql://...` against a real PostgreSQL server: two workers on two test
+hosts (network namespaces, `netns.py`) share one study and stop together, the server inside host A on
+host A's address; on the session's throwaway cluster on 127.0.0.1 (`postgres` in conftest.py), a
+worker killed mid-trial has its trial failed by heartbeat and retried once, and the study survives a
 database restart between two trials.
 
-Each worker is its own process with its own `--out` (as on its own machine), on loopback: the trial
-folders it leaves tell which worker ran which trial. Test hooks in the worker script (a barrier before
+Each worker is its own process with its own `--out` (as on its own machine): the trial folders it
+leaves tell which worker ran which trial. Test hooks in the worker script (a barrier before
 tuning, a trial that hangs until killed, a pause between two trials) only decide *when* things happen;
 the tuning, the heartbeats and the database are real. On the fixture's few validation images trials
 often tie, so each score is lowered by 0.001 x its trial number, as in test_tune.py. The same sharing on SQLite, the single-machine
@@ -18,14 +19,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
 
-from servers import PostgresServer, free_port
+from netns import Hosts, two_hosts
+from servers import PostgresServer, free_port, require_postgres
 from visionpoc.config import ConfigError, TuneConfig, load_config
 from visionpoc.errors import VisionpocError
 from visionpoc.tuning import search
@@ -33,6 +36,7 @@ from visionpoc.tuning import search
 TS = optuna.trial.TrialState
 FINISHED = (TS.COMPLETE, TS.PRUNED)
 GRACE_S = 4  # tune.grace_s of these tests (heartbeat every second)
+NET = "10.231.1"  # the test hosts' private subnet (test_multihost.py's is 10.231.0)
 
 WORKER = """
 import sys, time
@@ -95,12 +99,16 @@ def _config(tmp: Path, root: Path) -> Path:
     return path
 
 
-def _worker(out: Path, cfg: Path, seed: int, url: str, trials: int, mode: str, sync: Path) -> subprocess.Popen[str]:
+def _worker(
+    out: Path, cfg: Path, seed: int, url: str, trials: int, mode: str, sync: Path, on: tuple[Hosts, str] | None = None
+) -> subprocess.Popen[str]:
+    """A worker process, here or on test host `on` (hosts, "A" or "B")."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # two workers share 2 cores
-    argv = [str(out), str(cfg), str(seed), url, str(trials), mode, str(sync)]
-    return subprocess.Popen(
-        [sys.executable, "-c", WORKER, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    cmd = [sys.executable, "-c", WORKER, str(out), str(cfg), str(seed), url, str(trials), mode, str(sync)]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    if on is not None:
+        return on[0].popen(on[1], cmd, env=env, **pipes)
+    return subprocess.Popen(cmd, env=env, **pipes)
 
 
 def _wait_for(ready: Callable[[], bool], procs: list[subprocess.Popen[str]], timeout: float = 180) -> None:
@@ -136,29 +144,46 @@ def _ran(out: Path) -> list[int]:
     return sorted(int(d.name) for d in (out / "trials" / "vit").iterdir())
 
 
+@contextmanager
+def _postgres_on_host_a(hosts: Hosts, bindir: Path) -> Iterator[PostgresServer]:
+    """A throwaway server inside host A, listening on host A's address and trusting the hosts' subnet;
+    stopped and removed at the end (before the hosts are), whatever happens."""
+    server = PostgresServer(bindir, prefix=hosts.prefix("A"), host=hosts.addr["A"], trust=hosts.subnet)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
 @pytest.mark.slow
-def test_two_workers_share_one_study_and_stop_together(
-    postgres: PostgresServer, mini_dogs: Path, tmp_path: Path
-) -> None:
-    """The plain `postgresql://` URL of the docs; a target of 6 finished trials, shared: each worker may
-    finish the trial it was running (search.py), so 6 or 7."""
-    url = postgres.create_database("shared").replace("postgresql+psycopg://", "postgresql://")
+def test_two_workers_on_two_hosts_share_one_study_and_stop_together(mini_dogs: Path, tmp_path: Path) -> None:
+    """Host A runs the database server and one worker, host B the other, which reaches the server over
+    the link between them; the plain `postgresql://` URL of the docs; a target of 6 finished trials,
+    shared: each worker may finish the trial it was running (search.py), so 6 or 7."""
+    bindir = require_postgres()
     cfg, sync = _config(tmp_path, mini_dogs), tmp_path / "sync"
     sync.mkdir()
-    hosts = [tmp_path / "host1", tmp_path / "host2"]
-    procs = [_worker(out, cfg, k, url, 6, "barrier", sync) for k, out in enumerate(hosts, 1)]
-    _wait_for(lambda: len(list(sync.glob("ready-*"))) == 2, procs)
-    (sync / "go").touch()
-    for p in procs:
-        _finish(p)
-    study = optuna.load_study(study_name="vit", storage=search.storage_url(url))
-    numbers = sorted(t.number for t in study.trials)
-    assert all(t.state in FINISHED for t in study.trials)  # none failed, none left running
+    outs = {"A": tmp_path / "hostA", "B": tmp_path / "hostB"}
+    with two_hosts(f"{os.getpid() % 100000}p", NET) as hosts, _postgres_on_host_a(hosts, bindir) as db:
+        db.create_database("shared")
+        url = db.url("shared").replace("postgresql+psycopg://", "postgresql://")
+        assert url.startswith(f"postgresql://visionpoc@{hosts.addr['A']}:")
+        procs = [_worker(outs[h], cfg, k, url, 6, "barrier", sync, (hosts, h)) for k, h in enumerate("AB", 1)]
+        _wait_for(lambda: len(list(sync.glob("ready-*"))) == 2, procs)
+        (sync / "go").touch()
+        for p in procs:
+            _finish(p)
+        trials = optuna.load_study(study_name="vit", storage=db.socket_url("shared")).trials
+        connections = db.log.read_text()
+    assert f"connection received: host={hosts.addr['B']} " in connections  # host B's worker, over the link
+    numbers = sorted(t.number for t in trials)
+    assert all(t.state in FINISHED for t in trials)  # none failed, none left running
     assert len(numbers) in (6, 7), numbers
-    ran = [_ran(out) for out in hosts]
+    ran = [_ran(outs[h]) for h in "AB"]
     assert ran[0] and ran[1], ran  # both worked on the study
     assert sorted(ran[0] + ran[1]) == numbers  # no trial lost, none run twice
-    assert all((out / "tuned" / "vit.yaml").is_file() for out in hosts)
+    assert all((out / "tuned" / "vit.yaml").is_file() for out in outs.values())
 
 
 @pytest.mark.slow
