@@ -65,7 +65,7 @@ def plain_plan(smoke: bool) -> PlainPlan:
         tiny = Case("full", "resnet10t", 32), Case("head", "tf_efficientnet_lite0", 32)
         return PlainPlan(tiny, n_images=16, side=(40, 64), batch=4, workers=0, repeats=1)
     cases = Case("full", "resnet18", 128), Case("head", "tf_efficientnet_lite1", 240)
-    return PlainPlan(cases, n_images=160, side=(128, 240), batch=32, workers=2, repeats=5)
+    return PlainPlan(cases, n_images=320, side=(128, 240), batch=32, workers=2, repeats=5)
 
 
 def photo_folder(root: Path, n: int, side: tuple[int, int], seed: int = 0) -> Split:
