@@ -275,6 +275,45 @@ def test_compare_trains_on_each_source(tmp_path: Path, source: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("source", ["manifest", "hf", "webdataset"])
+def test_repeats_tune_report_and_predict_work_on_each_source(tmp_path: Path, source: str) -> None:
+    """Every feature downstream of the data, on each source: two repeats, a one-trial study and
+    `compare --tuned`, the report across seeds, and a prediction from the finished run."""
+    from visionpoc.cli import main
+    from visionpoc.serving.predict import Predictor
+
+    cfg = _compare_config(tmp_path / "c.yaml", _data_for(source, tmp_path))
+    run, tuned = tmp_path / "run", tmp_path / "tuned"
+    assert main(["compare", "--config", str(cfg), "--out", str(run), "--set", "train.repeats=2"]) == 0
+    assert len(json.loads((run / "repeats.json").read_text())["runs"]) == 2
+    for sub in run.glob("seed-*"):
+        assert json.loads((sub / "results.json").read_text())["models"][0]["status"] == "ok"
+    assert "2 seeds" in (run / "report.html").read_text()  # the page across seeds
+    tune = ["tune", "--config", str(cfg), "--model", "cnn", "--trials", "1", "--out", str(tuned)]
+    assert main(tune) == 0 and (tuned / "tuned" / "cnn.yaml").is_file()
+    best = yaml.safe_load((tuned / "tuned" / "cnn.yaml").read_text())["model"]
+    again = [
+        "compare",
+        "--config",
+        str(cfg),
+        "--out",
+        str(tmp_path / "tuned_run"),
+        "--tuned",
+        str(tuned),
+        "--no-report",
+    ]
+    assert main(again) == 0
+    m = json.loads((tmp_path / "tuned_run" / "results.json").read_text())["models"][0]
+    assert m["status"] == "ok" and m["tuned_from"] and m["lr"] == pytest.approx(best["lr"])
+    seed = next(run.glob("seed-*"))
+    image = next(f for f in tmp_path.rglob("*.png") if "run" not in f.parts)
+    row = Predictor(seed).predict_paths([image], top=1)[0]
+    assert "error" not in row, row
+    names = json.loads((seed / "results.json").read_text())["dataset"]["class_names"]
+    assert row["models"][0]["top"][0]["label"] in names
+
+
+@pytest.mark.slow
 def test_a_linear_probe_on_streamed_shards_trains_through_the_backbone(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
