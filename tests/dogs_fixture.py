@@ -22,6 +22,13 @@ BREEDS = [
     ("n02099601", "golden_retriever"),
     ("n02110185", "Siberian_husky"),
 ]
+TINY_VIT = {  # a `models:` entry: a 2-block ViT at 32 px from scratch, fast enough for whole runs in tests
+    "label": "vit",
+    "timm": "vit_tiny_patch16_224",
+    "pretrained": False,
+    "img_size": 32,
+    "model_kwargs": {"depth": 2},
+}
 COLOURS = [(200, 40, 40), (40, 160, 40), (40, 60, 200), (220, 200, 40), (150, 40, 170)]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dogs_fixture import dog_image, make_mini_dogs
+from dogs_fixture import TINY_VIT, dog_image, make_mini_dogs
 from visionpoc import checkpoint
 from visionpoc.cli import main
 from visionpoc.config import load_config
@@ -144,14 +144,6 @@ def test_the_largest_seed_is_accepted_but_not_past_it_with_repeats() -> None:
 
 # ------------------------------------------------------------------------------------------- run folder
 
-VIT = {
-    "label": "vit",
-    "timm": "vit_tiny_patch16_224",
-    "pretrained": False,
-    "img_size": 32,
-    "model_kwargs": {"depth": 2},
-}
-
 
 @pytest.mark.slow
 def test_a_full_disk_stops_the_run_keeps_what_is_done_and_resume_finishes(
@@ -161,7 +153,7 @@ def test_a_full_disk_stops_the_run_keeps_what_is_done_and_resume_finishes(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     root = make_mini_dogs(tmp_path / "dogs")
-    models = [VIT, {**VIT, "label": "vit3"}, {**VIT, "label": "vit4"}]
+    models = [TINY_VIT, {**TINY_VIT, "label": "vit3"}, {**TINY_VIT, "label": "vit4"}]
     cfg = tmp_path / "c.yaml"
     train = {"epochs": 2, "batch_size": 4, "lr": 1e-3, "device": "cpu"}
     data = {"source": "stanford_dogs", "root": str(root), "val_fraction": 0.2, "num_workers": 0, "download": False}

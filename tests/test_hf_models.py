@@ -30,21 +30,20 @@ needs_transformers = pytest.mark.skipif(
 CUSTOM_MEAN, CUSTOM_STD = (0.1, 0.2, 0.3), (0.4, 0.5, 0.6)
 
 
+def tiny_vit_config(size: int = 32, **changes: Any) -> Any:
+    """A 2-layer ViT's config: hidden 32, patch 8, 5 classes (`changes` override any field)."""
+    from transformers import ViTConfig
+
+    fields = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8)
+    return ViTConfig(**{**fields, "image_size": size, "num_labels": 5, **changes})
+
+
 def save_tiny_vit(folder: Path, size: int = 32, mean: tuple[float, ...] = (0.5,) * 3) -> Path:
     """A 2-layer ViT (hidden 32, patch 8) with 5 classes and its processor, as `save_pretrained` writes them."""
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from transformers import ViTForImageClassification, ViTImageProcessor
 
     torch.manual_seed(0)
-    cfg = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=size,
-        patch_size=8,
-        num_labels=5,
-    )
-    ViTForImageClassification(cfg).save_pretrained(folder)
+    ViTForImageClassification(tiny_vit_config(size)).save_pretrained(folder)
     ViTImageProcessor(size={"height": size, "width": size}, image_mean=list(mean), image_std=[0.5] * 3).save_pretrained(
         folder
     )
@@ -389,20 +388,10 @@ def _timm_from_hf(hf_state: dict[str, torch.Tensor], depth: int) -> dict[str, An
 def test_weight_conversion_on_a_tiny_vit(tmp_path: Path) -> None:
     """The conversion the seed's check uses, on a tiny ViT of both libraries: the same logits."""
     import timm
-    from transformers import ViTConfig, ViTForImageClassification
+    from transformers import ViTForImageClassification
 
     torch.manual_seed(0)
-    hf_cfg = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        num_labels=4,
-        layer_norm_eps=1e-6,
-        hidden_act="gelu",
-    )
+    hf_cfg = tiny_vit_config(num_labels=4, layer_norm_eps=1e-6, hidden_act="gelu")
     ViTForImageClassification(hf_cfg).save_pretrained(tmp_path / "vit")
     save_tiny_vit(tmp_path / "proc")  # only its processor
     (tmp_path / "proc" / "preprocessor_config.json").rename(tmp_path / "vit" / "preprocessor_config.json")

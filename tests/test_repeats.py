@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
+from dogs_fixture import TINY_VIT
 from visionpoc.cli import main
 from visionpoc.compare import load_data
 from visionpoc.config import ConfigError, load_config
@@ -30,13 +31,6 @@ CNN = {  # learns in one epoch (the report flags a model at chance level and the
     "fraction": 0.9,
     "img_size": 48,
     "lr": 0.01,
-}
-VIT = {
-    "label": "vit",
-    "timm": "vit_tiny_patch16_224",
-    "pretrained": False,
-    "img_size": 32,
-    "model_kwargs": {"depth": 2},
 }
 
 
@@ -63,7 +57,7 @@ def _config(path: Path, root: Path, models: list[dict], **train_kw: object) -> P
 def repeats_run(mini_dogs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`compare` with two models and repeats=2 from seed 3: folders seed-3 and seed-4, and the report."""
     tmp = tmp_path_factory.mktemp("repeats")
-    cfg = _config(tmp / "c.yaml", mini_dogs, [CNN, VIT], seed=3, repeats=2)
+    cfg = _config(tmp / "c.yaml", mini_dogs, [CNN, TINY_VIT], seed=3, repeats=2)
     assert main(["compare", "--config", str(cfg), "--out", str(tmp / "run")]) == 0
     return tmp / "run"
 
@@ -93,7 +87,7 @@ def test_each_seed_is_a_whole_run_on_the_same_splits(repeats_run: Path) -> None:
 
 def test_the_repeats_share_the_first_seeds_validation_split(mini_dogs: Path, tmp_path: Path) -> None:
     def val_files(**kw: object) -> list[str]:
-        cfg = load_config(_config(tmp_path / "c.yaml", mini_dogs, [VIT]), [f"{k}={v}" for k, v in kw.items()])
+        cfg = load_config(_config(tmp_path / "c.yaml", mini_dogs, [TINY_VIT]), [f"{k}={v}" for k, v in kw.items()])
         _, splits = load_data(cfg)
         return [splits.val.path(i).name for i in range(len(splits.val))]
 
@@ -155,7 +149,7 @@ def test_an_interrupted_repeat_resumes_and_the_finished_ones_are_kept(
 
     monkeypatch.setattr(train, "train_step", step_then_sigterm)
     run = tmp_path / "run"
-    cfg = _config(tmp_path / "c.yaml", mini_dogs, [VIT], repeats=3)
+    cfg = _config(tmp_path / "c.yaml", mini_dogs, [TINY_VIT], repeats=3)
     assert main(["compare", "--config", str(cfg), "--out", str(run), "--no-report"]) == 130
     assert f"Resume with: visionpoc compare --resume {run}\n" in capsys.readouterr().err
     first = (run / "seed-0" / "results.json").stat().st_mtime_ns
@@ -187,13 +181,13 @@ def test_a_single_run_cannot_become_repeats_on_resume(
 ) -> None:
     run = tmp_path / "run"
     (run).mkdir()
-    _config(run / "config.yaml", mini_dogs, [VIT])  # an interrupted single run's saved config
+    _config(run / "config.yaml", mini_dogs, [TINY_VIT])  # an interrupted single run's saved config
     assert main(["compare", "--resume", str(run), "--set", "train.repeats=2"]) == 2
     assert "would change train.repeats" in capsys.readouterr().err
 
 
 def test_repeats_and_split_seed_are_checked(mini_dogs: Path, tmp_path: Path) -> None:
-    cfg = _config(tmp_path / "c.yaml", mini_dogs, [VIT])
+    cfg = _config(tmp_path / "c.yaml", mini_dogs, [TINY_VIT])
     with pytest.raises(ConfigError, match=r"train\.repeats: 0 must be at least 1"):
         load_config(cfg, ["train.repeats=0"])
     with pytest.raises(ConfigError, match=r"data\.split_seed: -1 must be at least 0"):
@@ -396,7 +390,7 @@ def test_the_report_names_partial_failed_and_mixed_seeds(repeats_run: Path, tmp_
 def test_a_misspelt_model_or_a_taken_folder_leaves_nothing_behind(
     mini_dogs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = _config(tmp_path / "c.yaml", mini_dogs, [VIT], repeats=2)
+    cfg = _config(tmp_path / "c.yaml", mini_dogs, [TINY_VIT], repeats=2)
     out = tmp_path / "out"
     assert main(["train", "--config", str(cfg), "--model", "vti", "--out", str(out)]) == 2
     assert "no model labelled 'vti'" in capsys.readouterr().err and not out.exists()

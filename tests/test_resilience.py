@@ -18,20 +18,12 @@ import timm.scheduler
 import torch
 import yaml
 
-from dogs_fixture import make_mini_dogs
+from dogs_fixture import TINY_VIT, make_mini_dogs
 from visionpoc import models, step
 from visionpoc.cli import main
 from visionpoc.config import ModelConfig
 from visionpoc.results import load_predictions
 from visionpoc.runfiles import atomic_write_text
-
-VIT = {
-    "label": "vit",
-    "timm": "vit_tiny_patch16_224",
-    "pretrained": False,
-    "img_size": 32,
-    "model_kwargs": {"depth": 2},
-}
 
 
 def _config(
@@ -52,7 +44,7 @@ def _config(
                     "num_workers": workers,
                     "download": False,
                 },
-                "models": models or [VIT],
+                "models": models or [TINY_VIT],
                 "train": {
                     "epochs": epochs,
                     "batch_size": 4,
@@ -123,8 +115,8 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> Non
 def two_model_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("twomodels")
     root = make_mini_dogs(tmp / "dogs")
-    other = {**VIT, "label": "vit3", "model_kwargs": {"depth": 3}}
-    cfg = _config(tmp / "c.yaml", root, epochs=1, models=[VIT, other])
+    other = {**TINY_VIT, "label": "vit3", "model_kwargs": {"depth": 3}}
+    cfg = _config(tmp / "c.yaml", root, epochs=1, models=[TINY_VIT, other])
     assert main(["compare", "--config", str(cfg), "--out", str(tmp / "run"), "--no-report"]) == 0
     return tmp / "run"
 
@@ -219,7 +211,7 @@ def test_a_batch_that_never_fits_is_a_clear_error(monkeypatch: pytest.MonkeyPatc
 def test_micro_batches_give_the_same_update_as_the_whole_batch() -> None:
     def parts(micro: int | None) -> step.StepParts:
         torch.manual_seed(0)
-        model = models.create_model(ModelConfig(**VIT), num_classes=3)  # type: ignore[arg-type]
+        model = models.create_model(ModelConfig(**TINY_VIT), num_classes=3)  # type: ignore[arg-type]
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         sched = timm.scheduler.CosineLRScheduler(opt, t_initial=10)
         return step.StepParts(
@@ -535,8 +527,8 @@ def test_a_model_failing_during_training_is_recorded_and_the_next_runs(
         return real(p, x, y, where)
 
     monkeypatch.setattr(train, "train_step", fails_for_the_two_block_model)
-    other = {**VIT, "label": "vit3", "model_kwargs": {"depth": 3}}
-    cfg = _config(tmp_path / "c.yaml", mini_dogs, epochs=1, models=[VIT, other])
+    other = {**TINY_VIT, "label": "vit3", "model_kwargs": {"depth": 3}}
+    cfg = _config(tmp_path / "c.yaml", mini_dogs, epochs=1, models=[TINY_VIT, other])
     assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-report"]) == 1
     vit, vit3 = json.loads((tmp_path / "run" / "results.json").read_text())["models"]
     assert vit["status"] == "failed" and vit["error"] == "RuntimeError: loss is NaN (simulated)"

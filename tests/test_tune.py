@@ -25,6 +25,7 @@ import optuna
 import pytest
 import yaml
 
+from dogs_fixture import TINY_VIT
 from visionpoc.compare import run_compare
 from visionpoc.config import Config, load_config
 from visionpoc.data.images import load_rgb
@@ -37,13 +38,6 @@ from visionpoc.tuning import search as tune
 from visionpoc.tuning.search import apply_tuned, run_tune
 
 TS = optuna.trial.TrialState
-VIT = {
-    "label": "vit",
-    "timm": "vit_tiny_patch16_224",
-    "pretrained": False,
-    "img_size": 32,
-    "model_kwargs": {"depth": 2},
-}
 
 
 CNN = {
@@ -56,7 +50,7 @@ CNN = {
 }
 
 
-def _config(tmp: Path, root: Path, models: tuple[dict[str, Any], ...] = (VIT,), **tune_kw: Any) -> Path:
+def _config(tmp: Path, root: Path, models: tuple[dict[str, Any], ...] = (TINY_VIT,), **tune_kw: Any) -> Path:
     path = tmp / "c.yaml"
     path.write_text(
         yaml.safe_dump(
