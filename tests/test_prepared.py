@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from visionpoc.data.loaders import build_loaders, set_epoch
 from visionpoc.data.prepared import CACHE_DIRNAME, cache_dir_for, prepare_store, store_key
 from visionpoc.data.sources import read_stanford_dogs
 from visionpoc.data.splits import make_splits
+from visionpoc.errors import DataError
 
 DCFG = {
     "input_size": (3, 32, 32),
@@ -149,6 +151,23 @@ def test_parallel_build_matches_serial(mini_dogs: Path, tmp_path: Path, monkeypa
     serial = prepare_store(paths, 32, tmp_path / "a", workers=0)
     parallel = prepare_store(paths, 32, tmp_path / "b", workers=2)
     assert serial.key == parallel.key and np.array_equal(np.asarray(serial.images), np.asarray(parallel.images))
+
+
+def test_a_store_the_disk_cannot_hold_is_refused_before_writing(
+    mini_dogs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk under a memory map is a SIGBUS, not an error: the space is checked first."""
+    paths = sorted((mini_dogs / "Images").rglob("*.jpg"))[:4]
+    need = 4 * 3 * 32 * 32
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(prepared.shutil, "disk_usage", lambda _: usage._replace(free=need))
+    with pytest.raises(
+        DataError, match=r"needs 0.00 GiB in .*cache.* free some space there, lower data.prepared_size \(32\)"
+    ):
+        prepare_store(paths, 32, tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("store-*"))
+    monkeypatch.setattr(prepared.shutil, "disk_usage", lambda _: usage._replace(free=2 * need))
+    assert prepare_store(paths, 32, tmp_path / "cache").built
 
 
 def test_cache_dir_falls_back_when_the_dataset_folder_is_not_writable(

@@ -2,7 +2,8 @@
 
 The training images are never written to disk (only val and test are extracted); one epoch reads every
 training sample exactly once; the order changes with the epoch and repeats with the seed; a resumed
-epoch yields the tail of the uninterrupted one; `prepared` is refused for a streamed split; under
+epoch yields the tail of the uninterrupted one; `prepared` builds its store by reading each training
+shard once (equal to decoding the images as files); under
 torchrun (2 processes, gloo) the ranks read disjoint halves that cover the split, in the same number
 of batches."""
 
@@ -12,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +23,10 @@ import torch
 from test_sources_more import _shards
 from visionpoc.config import Config, DataConfig, TrainConfig
 from visionpoc.data.loaders import build_loaders, resolve_pipeline, set_epoch
+from visionpoc.data.prepared import decode_square, prepare_store
 from visionpoc.data.shard_stream import ShardSamples, StreamBatches
 from visionpoc.data.sources import Dataset, read_dataset
 from visionpoc.data.splits import Splits, make_splits
-from visionpoc.errors import ConfigError
 
 pytest.importorskip("webdataset")
 IMAGE_SUFFIXES = {".png", ".jpg"}
@@ -47,18 +49,14 @@ def _order(splits: Splits, epoch: int, seed: int = 0) -> list[int]:
     return [i for _, _, i in samples]
 
 
+DCFG = {"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear", "crop_pct": 1.0}
+
+
 def test_streamed_training_writes_no_training_image(tmp_path: Path) -> None:
     root = _shards(tmp_path / "shards", 3, {"train": 2})  # val and test carved out of the train shards
     ds, splits = _read(root)
     cfg = Config(data=DataConfig(num_workers=0, pipeline="auto"), train=TrainConfig(batch_size=4, device="cpu"))
-    dcfg = {
-        "input_size": (3, 16, 16),
-        "mean": (0.5,) * 3,
-        "std": (0.5,) * 3,
-        "interpolation": "bilinear",
-        "crop_pct": 1.0,
-    }
-    loaders = build_loaders(splits, dcfg, cfg, torch.device("cpu"))
+    loaders = build_loaders(splits, DCFG, cfg, torch.device("cpu"))
     set_epoch(loaders.train, 1)
     assert sum(len(y) for _, y in loaders.train) == len(loaders.train) * 4 > 0
     on_disk = {
@@ -116,12 +114,68 @@ def test_resumed_epoch_yields_the_tail_of_the_uninterrupted_one(tmp_path: Path) 
     assert all(torch.equal(a, b) for a, b in zip(tail, whole[2:], strict=True))  # same images, same augmentation
 
 
-def test_prepared_pipeline_is_refused_for_a_streamed_split() -> None:
+def test_auto_keeps_a_streamed_split_streamed_and_prepared_is_taken_as_asked() -> None:
     cuda = torch.device("cuda")  # resolve_pipeline only looks at the device's type
     assert resolve_pipeline(Config(data=DataConfig(pipeline="auto")), cuda, streamed=True) == "stream"
     assert resolve_pipeline(Config(data=DataConfig(pipeline="auto")), cuda) == "prepared"
-    with pytest.raises(ConfigError, match="data.pipeline=stream"):
-        resolve_pipeline(Config(data=DataConfig(pipeline="prepared")), cuda, streamed=True)
+    assert resolve_pipeline(Config(data=DataConfig(pipeline="prepared")), cuda, streamed=True) == "prepared"
+
+
+def _from_tar(shard: Path, key: str, size: int, tmp: Path) -> np.ndarray:
+    """The store's pixels of one sample, read with the standard library's tarfile and decoded as a file."""
+    with tarfile.open(shard) as tar:
+        data = tar.extractfile(key)
+        assert data is not None
+        (tmp / "one.png").write_bytes(data.read())
+    return decode_square(tmp / "one.png", size)
+
+
+def test_the_prepared_store_reads_each_training_shard_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`data.pipeline: prepared` on a streamed split: the training images come from their shards (each
+    read once), val and test from their extracted files, into one store that equals decoding every image
+    as a file; it is reused, rebuilt when a shard changes, and the same built by two processes."""
+    import visionpoc.data.shard_stream as shard_stream
+
+    root = _shards(tmp_path / "shards", 3, {"train": 2, "test": 1})
+    _, splits = _read(root)
+    reads: list[str] = []
+    real = shard_stream.shard_images
+
+    def counted(shard: Path, *args: object, **kw: object) -> object:
+        reads.append(shard.name)
+        return real(shard, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(shard_stream, "shard_images", counted)
+    files = [s.root / f for s in (splits.val, splits.test) for f in s.files]
+    store = prepare_store(files, 20, tmp_path / "cache", streamed=[splits.train])
+    assert store.built and sorted(reads) == ["train-000000.tar", "train-000001.tar"]  # each training shard once
+    assert len(store.names) == 18 + 9
+    for f in splits.train.files:  # `train/<shard stem>/<key>.png`
+        _, stem, key = f.split("/")
+        expected = _from_tar(root / f"{stem}.tar", key, 20, tmp_path)
+        assert np.array_equal(store.images[store.rows([splits.train.root / f])[0]], expected), f
+    for p in files:
+        assert np.array_equal(store.images[store.rows([p])[0]], decode_square(p, 20))
+    again = prepare_store(files, 20, tmp_path / "cache", streamed=[splits.train])
+    assert not again.built and again.key == store.key
+    parallel = prepare_store(files, 20, tmp_path / "other", workers=2, streamed=[splits.train])
+    assert np.array_equal(parallel.images, store.images)
+    st = (root / "train-000001.tar").stat()
+    os.utime(root / "train-000001.tar", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the shard changed
+    assert prepare_store(files, 20, tmp_path / "cache", streamed=[splits.train]).built
+
+
+def test_prepared_loaders_over_a_streamed_split_train_from_the_store(tmp_path: Path) -> None:
+    root = _shards(tmp_path / "shards", 3, {"train": 2, "test": 1})
+    _, splits = _read(root)
+    data = DataConfig(num_workers=0, pipeline="prepared", prepared_size=20)
+    loaders = build_loaders(splits, DCFG, Config(data=data, train=TrainConfig(batch_size=4)), torch.device("cpu"))
+    assert loaders.pipeline == "prepared"
+    set_epoch(loaders.train, 1)
+    batches = list(loaders.train)
+    assert len(batches) == len(splits.train) // 4 and all(x.shape == (4, 3, 16, 16) for x, _ in batches)
+    assert torch.cat([y for _, y in loaders.test]).tolist() == splits.test.labels.tolist()
+    assert not list(root.rglob("*.png")) or all(".visionpoc-cache" in p.parts for p in root.rglob("*.png"))
 
 
 RANK_SCRIPT = """

@@ -230,6 +230,27 @@ def test_webdataset_bad_cls_names_the_shard_and_key(tmp_path: Path) -> None:
         read_dataset("webdataset", tmp_path, options=DataConfig(num_workers=0))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_data_check_decodes_the_training_images_inside_their_shards(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], workers: int
+) -> None:
+    """`data check --decode` on shards: a training sample that does not decode is named (shard, key),
+    though the training split is never extracted."""
+    from visionpoc.cli import main
+
+    wds = pytest.importorskip("webdataset")
+    root = _shards(tmp_path / "shards", 2, {"train": 2, "test": 1})
+    with wds.TarWriter(str(root / "train-000002.tar")) as sink:
+        sink.write({"__key__": "0_broken", "png": b"not a png", "cls": b"0"})
+        sink.write({"__key__": "1_fine", "png": _png(1, 7), "cls": b"1"})
+    check = ["data", "check", "--source", "webdataset", "--root", str(root), "--decode", "--json"]
+    assert main([*check, "--workers", str(workers)]) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["undecodable"]) == 1 and "train-000002.tar:0_broken.png" in out["undecodable"][0]
+    (root / "train-000002.tar").unlink()
+    assert main(check) == 0 and json.loads(capsys.readouterr().out)["undecodable"] == []
+
+
 # ------------------------------------------------------------------------------------ compare on each
 
 
@@ -314,23 +335,32 @@ def test_repeats_tune_report_and_predict_work_on_each_source(tmp_path: Path, sou
 
 
 @pytest.mark.slow
-def test_a_linear_probe_on_streamed_shards_trains_through_the_backbone(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The feature cache keys and reads image files: on a streamed split the probe's head trains through
-    the frozen backbone instead (said in the log), and the run finishes."""
+@pytest.mark.parametrize("pipeline", ["stream", "prepared"])
+def test_a_linear_probe_and_a_fine_tune_on_shards_on_either_pipeline(tmp_path: Path, pipeline: str) -> None:
+    """Streamed or through the prepared store (built by reading the training shards once), a fine-tune
+    takes the same 4 steps of 4 images, and the linear probe caches its features (keyed on the shards):
+    a second run reads them from the cache."""
     from visionpoc.cli import main
 
-    cfg = _compare_config(tmp_path / "c.yaml", _data_for("webdataset", tmp_path))
+    cfg = _compare_config(tmp_path / "c.yaml", {**_data_for("webdataset", tmp_path), "pipeline": pipeline})
     raw = yaml.safe_load(cfg.read_text())
-    raw["models"][0]["finetune"] = "linear_probe"
+    raw["models"].append({**raw["models"][0], "label": "probe", "finetune": "linear_probe"})
+    raw["probe"] = {"min_steps": 1, "views": 1}
     cfg.write_text(yaml.safe_dump(raw))
-    assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-report"]) == 0
-    m = json.loads((tmp_path / "run" / "results.json").read_text())["models"][0]
-    assert m["status"] == "ok" and m["finetune"] == "head" and m["probe"] is None
-    assert (m["optimizer_steps"], m["images_seen"]) == (4, 16) and m["test_accuracy"] is not None
-    assert m["trainable_params"] < m["params"]
-    assert "streams from tar shards, so the linear probe trains its head through the frozen backbone" in caplog.text
+    caches = []
+    for out in ("run", "again"):
+        assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / out), "--no-report"]) == 0
+        caches.append(json.loads((tmp_path / out / "results.json").read_text())["models"][1]["probe"]["cache"])
+    assert caches == ["miss", "hit"]
+    cnn, probe = json.loads((tmp_path / "again" / "results.json").read_text())["models"]
+    assert cnn["data_pipeline"] == probe["data_pipeline"] == pipeline
+    assert (cnn["optimizer_steps"], cnn["images_seen"]) == (4, 16) and cnn["test_accuracy"] is not None
+    assert probe["status"] == "ok" and probe["finetune"] == "head" and probe["probe"]["grid"]
+    assert probe["test_accuracy"] is not None
+    stores = list((tmp_path / "shards" / ".visionpoc-cache").glob("store-*.npy"))
+    assert len(stores) == (pipeline == "prepared")
+    if pipeline == "prepared":  # 18 training images from the shards, 6 val and 12 test from their files
+        assert np.load(stores[0], mmap_mode="r").shape[0] == 36
 
 
 @pytest.mark.slow

@@ -295,9 +295,14 @@ def _data_check(args: argparse.Namespace) -> int:
         from visionpoc.data.images import undecodable
         from visionpoc.data.loaders import default_workers
 
-        files = [s for s in (ds.train, ds.val, ds.test) if s is not None and s.shards is None]  # not streamed
-        paths = [s.path(i) for s in files for i in range(len(s))]
-        summary["undecodable"] = undecodable(paths, default_workers(DataConfig(num_workers=args.workers)))
+        workers = default_workers(DataConfig(num_workers=args.workers))
+        parts = [s for s in (ds.train, ds.val, ds.test) if s is not None]
+        paths = [s.path(i) for s in parts if s.shards is None for i in range(len(s))]
+        summary["undecodable"] = undecodable(paths, workers)
+        for streamed in (s for s in parts if s.shards is not None):  # webdataset's training split: in its shards
+            from visionpoc.data.shard_stream import undecodable_samples
+
+            summary["undecodable"] += undecodable_samples(streamed, workers)
     if args.json:
         print(json.dumps(summary))
     else:

@@ -59,7 +59,8 @@ class DataConfig:
     """DataLoader workers; null picks min(8, CPU count)."""
     pipeline: Literal["auto", "stream", "prepared"] = "auto"
     """`stream` decodes JPEGs every epoch; `prepared` decodes once into a uint8 store and augments on
-    the device; `auto` uses `prepared` on CUDA and `stream` on the CPU."""
+    the device; `auto` uses `prepared` on CUDA and `stream` on the CPU (and for a training split
+    streamed from tar shards, which `prepared` reads once into its store)."""
     prepared_size: int = 336
     """Side (pixels) of the central square kept in the prepared store; 336 covers Xception's eval crop
     (299 / crop_pct 0.8975 = 333) without upsampling."""

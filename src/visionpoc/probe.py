@@ -11,7 +11,8 @@ model's classifier (standardization included) and scored like any other model, f
 
 Cache key: the model (timm name or `hf:` model, weights file and its stat, kwargs, image size), its preprocessing (data
 config, input path), the views (augmentation, seed, count) and each split's files (path, size, mtime)
-and labels. Any change computes the features again; nothing else does.
+and labels (a split streamed from tar shards: the shards' paths, sizes and mtimes). Any change computes
+the features again; nothing else does.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from torch import nn
 from visionpoc import checkpoint, distributed, models, recovery
 from visionpoc.config import Config, ModelConfig, ProbeConfig
 from visionpoc.data.loaders import Loaders, set_epoch
-from visionpoc.data.prepared import cache_dir_for, store_key
+from visionpoc.data.prepared import dataset_cache_dir, split_key
 from visionpoc.data.splits import Splits
 from visionpoc.distributed import Dist, gather_in_order, shard_of
 from visionpoc.errors import TrainingInterrupted
@@ -99,7 +100,7 @@ def cache_key(cfg: Config, mcfg: ModelConfig, dcfg: dict[str, Any], pipeline: st
     for name in ("train", "val", "test"):
         split = getattr(splits, name)
         labels = hashlib.sha256(np.asarray(split.labels, np.int64).tobytes()).hexdigest()
-        what[name] = [store_key([split.path(i) for i in range(len(split))], 0), labels] if len(split) else None
+        what[name] = [split_key(split), labels] if len(split) else None
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -188,10 +189,10 @@ def compute_features(
     return Features(x, y, seconds)
 
 
-def cached_features(key: str, root: str | Path, compute: Callable[[], Features], d: Dist) -> Features:
-    """The features of `key` from the cache folder of `root`, or `compute()` them and (rank 0) save them.
+def cached_features(key: str, cache: Path, compute: Callable[[], Features], d: Dist) -> Features:
+    """The features of `key` from the `cache` folder, or `compute()` them and (rank 0) save them.
     Rank 0 decides hit or miss for every process (a miss computes with collectives on every rank)."""
-    path = cache_dir_for(root) / "features" / f"{key}.safetensors"
+    path = cache / "features" / f"{key}.safetensors"
     if distributed.broadcast_flag(d, path.is_file()):
         try:
             tensors = load_file(str(path))
@@ -381,7 +382,7 @@ def fit_probe(run: Run, result: ModelResult, score_test: bool, on_epoch: OnEpoch
             run.splits,
             label=label,
         )
-        feats = cached_features(key, cfg.data.root, compute, d)
+        feats = cached_features(key, dataset_cache_dir(cfg, run.splits), compute, d)
     tc = cfg.train
     given = (float(tc.lr or 0.0),)  # build_run resolved it
     pc = cfg.probe if run.lr_source == "policy_default" else replace(cfg.probe, lrs=given)  # a given lr is kept

@@ -653,15 +653,9 @@ def fit(
     run = build_run(for_model(cfg, mcfg), mcfg, splits, out_dir)
     result = new_result(run)
     if mcfg.finetune == "head" and cfg.probe.cache:  # frozen backbone: features once, a grid of heads on them
-        if splits.train.shards is None:
-            from visionpoc.probe import fit_probe  # probe.py builds on this module
+        from visionpoc.probe import fit_probe  # probe.py builds on this module
 
-            return fit_probe(run, result, score_test, on_epoch)
-        log.warning(  # the cache keys and reads image files; a streamed split has none
-            "%s: the training split streams from tar shards, so the linear probe trains its head through the "
-            "frozen backbone every epoch (no feature cache, one LR)",
-            mcfg.label,
-        )
+        return fit_probe(run, result, score_test, on_epoch)
     loop = restore(run, result) if resume else LoopState()
     train_epochs(run, loop, result, on_epoch)
     record_training(run, loop, result)

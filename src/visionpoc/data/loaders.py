@@ -8,7 +8,8 @@ in the training step for both paths); evaluation batches keep the split's order,
 with its files.
 
 A training split streamed from tar shards (`data.source: webdataset`) is read by
-`data/shard_stream.py` instead, on the `stream` pipeline.
+`data/shard_stream.py` instead, on the `stream` pipeline; `data.pipeline: prepared` reads the shards
+once into the prepared store (`data/prepared.py`) and trains from it like any other source.
 
 Each training image's augmentation is seeded by (train.seed, epoch, sample index) alone: it does not
 depend on the number of DataLoader workers, on which process (rank) draws the sample, or on where a
@@ -36,7 +37,6 @@ from visionpoc.data.images import load_rgb
 from visionpoc.data.sources import Split
 from visionpoc.data.splits import Splits
 from visionpoc.distributed import SINGLE, Dist, EpochSampler, derive_seed, rank_seed
-from visionpoc.errors import ConfigError
 from visionpoc.recovery import shield_worker
 
 log = logging.getLogger(__name__)
@@ -179,13 +179,9 @@ class Loaders:
 
 
 def resolve_pipeline(cfg: Config, device: torch.device, streamed: bool = False) -> str:
-    """`data.pipeline`, with `auto` resolved: `prepared` on CUDA, else `stream`; always `stream` for a
-    training split `streamed` from shards, which `prepared` (a store built from image files) refuses."""
-    if streamed and cfg.data.pipeline == "prepared":
-        raise ConfigError(
-            "data.pipeline: prepared builds its store from image files, and data.source: webdataset streams "
-            "the training split from its shards: set data.pipeline=stream (or auto)"
-        )
+    """`data.pipeline`, with `auto` resolved: `prepared` on CUDA, else `stream`. A training split `streamed`
+    from tar shards stays streamed under `auto` (shards say the data is large: the store would copy it
+    all, decoded, to disk); `prepared` set explicitly builds its store by reading the shards once."""
     if cfg.data.pipeline == "auto":
         return "prepared" if device.type == "cuda" and not streamed else "stream"
     return cfg.data.pipeline

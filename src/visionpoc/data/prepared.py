@@ -32,9 +32,10 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +48,13 @@ from tqdm.auto import tqdm
 
 from visionpoc import distributed
 from visionpoc.config import Config
-from visionpoc.data.images import load_rgb
+from visionpoc.data.images import decode_rgb, load_rgb
 from visionpoc.data.loaders import Loaders, default_workers
 from visionpoc.data.sources import Split
 from visionpoc.data.splits import Splits
 from visionpoc.data.store_batches import StoreBatches, Transform, batch_eval_transform, batch_train_transform, place
 from visionpoc.distributed import SINGLE, Dist, EpochSampler
+from visionpoc.errors import DataError
 from visionpoc.recovery import shield_worker
 from visionpoc.runfiles import atomic_write, atomic_write_json
 
@@ -65,7 +67,11 @@ CHUNK = 64  # images per task of a build worker
 
 def decode_square(path: str | Path, size: int) -> np.ndarray:
     """(3, S, S) uint8: the central square of the image at `path`, resized (bicubic) to S x S."""
-    img = load_rgb(path, min_side=size)  # a large JPEG decodes at a reduced scale still >= size
+    return square(load_rgb(path, min_side=size), size)  # a large JPEG decodes at a reduced scale still >= size
+
+
+def square(img: Image.Image, size: int) -> np.ndarray:
+    """(3, S, S) uint8: the central square of `img`, resized (bicubic) to S x S."""
     w, h = img.size
     m = min(w, h)
     box = ((w - m) / 2, (h - m) / 2, (w + m) / 2, (h + m) / 2)  # exact central square, sub-pixel
@@ -107,19 +113,44 @@ def _names(paths: Sequence[Path]) -> tuple[Path, list[str]]:
     return base, sorted({_rel(p, base) for p in paths})
 
 
-def _digest(base: Path, names: list[str], size: int, with_stats: bool) -> str:
+def _digest(base: Path, names: list[str], size: int, with_stats: bool, held: Mapping[str, Held] | None = None) -> str:
+    """`held`: the images that live in a tar shard, by name: the shard's stats stand for theirs."""
     h = hashlib.sha256(f"visionpoc-store v{STORE_VERSION} size={size}\n".encode())
+    held = held or {}
     for name in names:
-        st = (base / name).stat() if with_stats else None
+        st = (held[name][0] if name in held else base / name).stat() if with_stats else None
         line = f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n" if st else f"{name}\n"
         h.update(os.fsencode(line))  # a file name's bytes as the file system gave them, UTF-8 or not
     return h.hexdigest()[:24]
 
 
-def store_key(paths: Sequence[Path], size: int) -> str:
-    """The cache key of a store of `paths` at side `size` (changes when any file changes)."""
-    base, names = _names(paths)
-    return _digest(base, names, size, with_stats=True)
+def store_key(paths: Sequence[Path], size: int, streamed: Sequence[Split] = ()) -> str:
+    """The cache key of a store of `paths` and of the images of the `streamed` splits at side `size`
+    (changes when any file or shard changes)."""
+    base, names, held = _inputs(paths, streamed)
+    return _digest(base, names, size, True, held)
+
+
+def split_key(split: Split) -> str:
+    """A key of `split`'s images (their files', or shards', paths, sizes and mtimes)."""
+    if split.shards is not None:
+        return store_key([], 0, [split])
+    return store_key([split.path(i) for i in range(len(split))], 0)
+
+
+Held = tuple[Path, str]  # an image inside a tar shard: (the shard, its split file `<split>/<shard stem>/<key>.<ext>`)
+
+
+def _inputs(paths: Sequence[Path], streamed: Sequence[Split]) -> tuple[Path, list[str], dict[str, Held]]:
+    """(base, names, where each image of the `streamed` splits is, by name)."""
+    inside = {s.root / f: _held(s, f) for s in streamed for f in s.files}
+    base, names = _names([*paths, *inside])
+    return base, names, {_rel(p, base): held for p, held in inside.items()}
+
+
+def _held(split: Split, file: str) -> Held:
+    assert split.shards is not None, "a split streamed from tar shards"
+    return split.shards[file.split("/")[1]], file
 
 
 def cache_dir_for(root: str | Path) -> Path:
@@ -136,6 +167,13 @@ def cache_dir_for(root: str | Path) -> Path:
         return fallback
 
 
+def dataset_cache_dir(cfg: Config, splits: Splits) -> Path:
+    """The cache folder of the run's dataset (`cache_dir_for`): beside `data.root` when it is a folder,
+    else beside the training images (`data.root` a manifest file, a hub id or a brace pattern of shards)."""
+    root = Path(cfg.data.root).expanduser()
+    return cache_dir_for(root if root.is_dir() else splits.train.root)
+
+
 _WORKER_STORE: np.memmap | None = None  # each build worker's writable map of the temp file
 
 
@@ -145,25 +183,67 @@ def _open_worker_store(path: str) -> None:
     _WORKER_STORE = np.load(path, mmap_mode="r+")
 
 
-def _fill(task: tuple[int, list[str], int]) -> int:
-    start, paths, size = task
+# A build task: rows of image files to decode, or the rows of one tar shard's images (`shard_images`: the
+# shard is read once, start to end, as streaming reads it)
+FileTask = tuple[list[int], list[str], int]  # rows, paths, size
+ShardTask = tuple[Path, str, dict[str, int], int]  # shard, its split (the files' first folder), file -> row, size
+
+
+def _fill_files(store: np.ndarray, task: FileTask) -> int:
+    rows, paths, size = task
+    for row, p in zip(rows, paths, strict=True):
+        store[row] = decode_square(p, size)
+    return len(rows)
+
+
+def _fill_shard(store: np.ndarray, task: ShardTask) -> int:
+    from visionpoc.data.shard_stream import shard_images
+
+    shard, split, rows, size = task
+    done = 0
+    for file, name, data in shard_images(shard, split, rows.__contains__):
+        store[rows[file]] = square(decode_rgb(data, name, min_side=size), size)
+        done += 1
+    if done != len(rows):
+        raise DataError(
+            f"shard {shard}: {len(rows) - done} indexed image(s) not found in it (changed since?); run again"
+        )
+    return done
+
+
+def _fill(task: FileTask | ShardTask) -> int:
     assert _WORKER_STORE is not None
-    for i, p in enumerate(paths):
-        _WORKER_STORE[start + i] = decode_square(p, size)
+    n = _fill_shard(_WORKER_STORE, task) if len(task) == 4 else _fill_files(_WORKER_STORE, task)  # type: ignore[arg-type]
     _WORKER_STORE.flush()
-    return len(paths)
+    return n
 
 
-def _build(target: Path, paths: list[str], size: int, workers: int) -> None:
+def _tasks(base: Path, names: list[str], held: Mapping[str, Held], size: int) -> list[FileTask | ShardTask]:
+    """The build's tasks: images from files in chunks of CHUNK, those in tar shards one task per shard."""
+    files = [(row, str(base / n)) for row, n in enumerate(names) if n not in held]
+    tasks: list[FileTask | ShardTask] = []
+    for s in range(0, len(files), CHUNK):
+        chunk = files[s : s + CHUNK]
+        tasks.append(([r for r, _ in chunk], [p for _, p in chunk], size))
+    by_shard: dict[tuple[Path, str], dict[str, int]] = {}
+    for row, n in enumerate(names):
+        if n in held:
+            shard, file = held[n]
+            by_shard.setdefault((shard, file.split("/")[0]), {})[file] = row
+    tasks += [(shard, split, rows, size) for (shard, split), rows in by_shard.items()]
+    return tasks
+
+
+def _build(target: Path, base: Path, names: list[str], held: Mapping[str, Held], size: int, workers: int) -> None:
+    tasks = _tasks(base, names, held, size)
+
     def write(tmp: Path) -> None:
-        arr: np.memmap = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
-        bar = tqdm(total=len(paths), desc=f"preparing {len(paths)} images at {size}px", unit="img", disable=None)
-        if workers <= 1 or len(paths) <= 2 * CHUNK:
-            for i, p in enumerate(paths):
-                arr[i] = decode_square(p, size)
-                bar.update(1)
+        arr: np.memmap = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(names), 3, size, size))
+        bar = tqdm(total=len(names), desc=f"preparing {len(names)} images at {size}px", unit="img", disable=None)
+        if workers <= 1 or (len(names) <= 2 * CHUNK and not held):
+            for task in tasks:
+                bar.update(_fill_shard(arr, task) if len(task) == 4 else _fill_files(arr, task))  # type: ignore[arg-type]
         else:
-            tasks = [(s, paths[s : s + CHUNK], size) for s in range(0, len(paths), CHUNK)]
             with ProcessPoolExecutor(workers, initializer=_open_worker_store, initargs=(str(tmp),)) as ex:
                 for k in ex.map(_fill, tasks):
                     bar.update(k)
@@ -174,12 +254,19 @@ def _build(target: Path, paths: list[str], size: int, workers: int) -> None:
     atomic_write(target, write)
 
 
-def prepare_store(paths: Sequence[Path], size: int, cache_dir: Path | None = None, workers: int = 0) -> PreparedStore:
-    """The store of `paths` at side `size`: reused from `cache_dir` when its key matches, else built."""
-    base, names = _names(paths)
+def prepare_store(
+    paths: Sequence[Path],
+    size: int,
+    cache_dir: Path | None = None,
+    workers: int = 0,
+    streamed: Sequence[Split] = (),
+) -> PreparedStore:
+    """The store of `paths` and of the images of the `streamed` splits (read from their tar shards, each
+    shard once) at side `size`: reused from `cache_dir` when its key matches, else built."""
+    base, names, held = _inputs(paths, streamed)
     cache = Path(cache_dir) if cache_dir is not None else cache_dir_for(base)
     cache.mkdir(parents=True, exist_ok=True)
-    key = _digest(base, names, size, with_stats=True)
+    key = _digest(base, names, size, True, held)
     npy, meta = cache / f"store-{key}.npy", cache / f"store-{key}.json"
     t0, built = time.perf_counter(), False
     images = _load(npy, meta, key, len(names), size)
@@ -188,7 +275,8 @@ def prepare_store(paths: Sequence[Path], size: int, cache_dir: Path | None = Non
             os.utime(meta)  # last used: pruning keeps the stores in use
     else:
         log.info("building the prepared store %s (%d images at %dx%d)", npy, len(names), size, size)
-        _build(npy, [str(base / n) for n in names], size, workers)
+        _check_space(cache, len(names) * 3 * size * size, size)
+        _build(npy, base, names, held, size, workers)
         names_key = _digest(base, names, size, with_stats=False)
         atomic_write_json(
             meta,
@@ -213,6 +301,17 @@ def prepare_store(paths: Sequence[Path], size: int, cache_dir: Path | None = Non
         dt,
     )
     return PreparedStore(npy, key, size, base, names, images, built, dt if built else 0.0)
+
+
+def _check_space(cache: Path, need: int, size: int) -> None:
+    """Refuse a build the disk cannot hold: the store is written through a memory map, and a full disk
+    under a memory map kills the process (SIGBUS) instead of raising an error."""
+    free = shutil.disk_usage(cache).free
+    if free < need + need // 20:  # 5% to spare
+        raise DataError(
+            f"the prepared store needs {need / 2**30:,.2f} GiB in {cache} and {free / 2**30:,.2f} GiB are free: "
+            f"free some space there, lower data.prepared_size ({size}), or set data.pipeline=stream"
+        )
 
 
 def _load(npy: Path, meta: Path, key: str, n: int, size: int) -> np.ndarray | None:
@@ -312,7 +411,9 @@ def prepared_loaders(
     splits: Splits, data_cfg: dict[str, Any], cfg: Config, device: torch.device, d: Dist = SINGLE
 ) -> Loaders:
     """Loaders for one model over the shared prepared store (built on first use, then reused)."""
-    paths = [s.root / f for s in (splits.train, splits.val, splits.test) for f in s.files]
+    parts = (splits.train, splits.val, splits.test)
+    paths = [s.root / f for s in parts if s.shards is None for f in s.files]
+    streamed = [s for s in parts if s.shards is not None]  # a webdataset training split: read from its shards once
     size = cfg.data.prepared_size
     if size < max(data_cfg["input_size"][-2:]):
         log.warning(
@@ -320,11 +421,10 @@ def prepared_loaders(
             size,
             tuple(data_cfg["input_size"][-2:]),
         )
-    root = Path(cfg.data.root).expanduser()  # a manifest file or a hub id: the images' own folder
-    cache = cache_dir_for(root if root.is_dir() else splits.train.root)
+    cache = dataset_cache_dir(cfg, splits)
     if not d.main:  # rank 0 builds (for longer than the collective timeout, maybe); the others wait, then reuse it
         distributed.wait_for_main(d)
-    store = prepare_store(paths, size, cache, workers=default_workers(cfg.data))
+    store = prepare_store(paths, size, cache, default_workers(cfg.data), streamed)
     if d.main:
         distributed.wait_for_main(d)
     images = resident(store, device)

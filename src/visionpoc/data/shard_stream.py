@@ -25,7 +25,8 @@ from __future__ import annotations
 import functools
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -88,26 +89,9 @@ class ShardSamples(IterableDataset):
     def _encoded(self, shards: list[Path]) -> Iterator[tuple[int, str, bytes]]:
         """(index, name, image bytes) of the split's samples in `shards`, in their stored order; the bytes
         of other members (labels, samples of other splits) are not read out."""
-        from visionpoc.data.shards import _wds
-
-        tar = _wds().tariterators
         for shard in shards:
-            which = functools.partial(self._which, f"{self.prefix}/{shard.stem}/")
-            members = tar.url_opener([{"url": str(shard)}])
-            for f in tar.tar_file_expander(members, select_files=lambda n, w=which: w(n) >= 0, eof_value=None):
-                yield which(f["fname"]), f"{shard.name}:{f['fname']}", f["data"]
-
-    def _which(self, head: str, fname: str) -> int:
-        """The split index of a shard member (`head` names the shard), or -1 for one that is not an image
-        of this split."""
-        from webdataset.tariterators import base_plus_ext
-
-        from visionpoc.data.shards import IMAGE_KEYS
-
-        prefix, ext = base_plus_ext(fname)
-        if not ext or ext.lower() not in IMAGE_KEYS:
-            return -1
-        return self.index.get(f"{head}{prefix}.{ext.lower()}", -1)
+            for file, name, data in shard_images(shard, self.prefix, self.index.__contains__):
+                yield self.index[file], name, data
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, int]]:
         info = torch.utils.data.get_worker_info()
@@ -127,6 +111,72 @@ class ShardSamples(IterableDataset):
                 with seeded_rngs(derive_seed(seed, self.round) if self.round else seed):
                     x = self.transform(img)
             yield x, int(self.labels[i]), i  # outside `seeded_rngs`: the consumer's draws stay its own
+
+
+def shard_images(shard: Path, split: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes]]:
+    """(file, name, image bytes) of the images in `shard` whose split file (`<split>/<shard stem>/<key>.<ext>`,
+    as `shards.scan_shard` names them) is `wanted`, in their stored order; `name` says where it is (errors).
+    The bytes of the other members (labels, unwanted images) are skipped, not read out."""
+    from visionpoc.data.shards import _wds
+
+    tar = _wds().tariterators
+    which = functools.partial(_member_file, f"{split}/{shard.stem}/")
+    members = tar.url_opener([{"url": str(shard)}])
+
+    def keep(fname: str) -> bool:
+        file = which(fname)
+        return file is not None and wanted(file)
+
+    for f in tar.tar_file_expander(members, select_files=keep, eof_value=None):
+        yield str(which(f["fname"])), f"{shard.name}:{f['fname']}", f["data"]
+
+
+def undecodable_samples(split: Split, workers: int = 1) -> list[str]:
+    """The error of every image of a streamed `split` that does not decode (all of them), each shard read
+    once, `workers` shards at a time, with a progress bar (`images.undecodable` for files)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    assert split.shards is not None, "a split streamed from tar shards"
+    files: dict[str, set[str]] = {}
+    for f in split.files:
+        files.setdefault(f.split("/")[1], set()).add(f)
+    tasks = [(split.shards[stem], split.files[0].split("/")[0], frozenset(fs)) for stem, fs in sorted(files.items())]
+    bar = tqdm(total=len(split), desc=f"decoding {len(split)} images in {len(tasks)} shards", unit="img", disable=None)
+    errors: list[str] = []
+    with ProcessPoolExecutor(min(workers, len(tasks))) if workers > 1 and len(tasks) > 1 else nullcontext() as pool:
+        for n, errs in pool.map(_decode_errors, tasks) if pool else map(_decode_errors, tasks):
+            bar.update(n)
+            errors += errs
+    bar.close()
+    return errors
+
+
+def _decode_errors(task: tuple[Path, str, frozenset[str]]) -> tuple[int, list[str]]:
+    shard, split, wanted = task
+    n, errors = 0, []
+    for _, name, data in shard_images(shard, split, wanted.__contains__):
+        n += 1
+        try:
+            decode_rgb(data, name)
+        except DataError as e:
+            errors.append(str(e))
+    if n != len(wanted):
+        errors.append(f"shard {shard}: {len(wanted) - n} indexed image(s) not found in it (changed since?)")
+    return len(wanted), errors
+
+
+def _member_file(head: str, fname: str) -> str | None:
+    """The split file of a shard member (`head` names the split and shard), or None for one that is not an image."""
+    from webdataset.tariterators import base_plus_ext
+
+    from visionpoc.data.shards import IMAGE_KEYS
+
+    prefix, ext = base_plus_ext(fname)
+    if not ext or ext.lower() not in IMAGE_KEYS:
+        return None
+    return f"{head}{prefix}.{ext.lower()}"
 
 
 def _buffer_shuffle(items: Iterator[Any], rng: random.Random, size: int) -> Iterator[Any]:
