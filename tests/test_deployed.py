@@ -409,3 +409,9 @@ def test_evaluate_adds_a_model_to_a_run(
     assert trained_labels(run) == ["cnn", "vit"]  # predict, serve and export leave the deployed file out
     assert main([*args, "--label", "cnn"]) == 2
     assert "already has a model 'cnn' of its own" in capsys.readouterr().err
+    results = json.loads((run / "results.json").read_text())
+    results["models"][1]["status"] = "failed"  # a resume that trains a model again keeps the added one
+    (run / "results.json").write_text(json.dumps(results))
+    assert main(["compare", "--resume", str(run), "--no-report"]) == 0
+    assert [m.label for m in load_results(run).models] == ["cnn", "vit", "production"]
+    assert load_results(run).model("production").test_accuracy == r.model("production").test_accuracy

@@ -12,6 +12,7 @@ the same checks, then the plan.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import shutil
@@ -253,6 +254,9 @@ def run_compare(
     chosen = [m for m in cfg.models if m in chosen or m.label in done]
     if d.main and ds.source == "stanford_dogs":
         warn_imagenet_overlap(chosen)
+    added = [m for m in done.values() if m.label not in {c.label for c in cfg.models}]  # by `evaluate --out`
+    for m in added:
+        log.info("=== %s: added to %s by `visionpoc evaluate`, kept", m.label, out_dir)
     for mcfg in chosen:
         if mcfg.label in done:
             log.info("=== %s: already finished in %s, kept", mcfg.label, out_dir)
@@ -277,7 +281,8 @@ def run_compare(
             result = _failed(mcfg, message)
         results.models.append(result)
         if d.main:
-            save_results(results, out_dir)
+            save_results(dataclasses.replace(results, models=results.models + added), out_dir)
+    results.models += added
     return results
 
 
