@@ -8,7 +8,9 @@ augments them on the device (`StoreBatches`, `gpu_aug`).
 - Where: `<data.root>/.visionpoc-cache/`, else `$XDG_CACHE_HOME/visionpoc` (`~/.cache/visionpoc`) when
   the dataset folder is read-only. Stanford Dogs at the default S=336 takes 20,580 x 331 KiB = 6.5 GiB.
 - Key: a hash of STORE_VERSION, S, and every file's path (relative to the files' common folder),
-  size and mtime_ns. A changed, added or removed image, or another S, gives another key and a rebuild;
+  size and mtime_ns. A training split streamed from tar shards (`data.source: webdataset`) is read from
+  its shards, each once, start to end; its images' names are their split files and the shard's size
+  and mtime stand for theirs. A changed, added or removed image, or another S, gives another key and a rebuild;
   the store it replaces (same files, older content) is deleted, and of the other stores of the same
   folder and S only the last used one is kept (a quick run's subset next to the full set). The key
   reads file stats, not contents: a file replaced by one of the same size with its old mtime kept
@@ -211,9 +213,13 @@ def _fill_shard(store: np.ndarray, task: ShardTask) -> int:
     return done
 
 
+def _run_task(store: np.ndarray, task: FileTask | ShardTask) -> int:
+    return _fill_shard(store, task) if len(task) == 4 else _fill_files(store, task)  # type: ignore[arg-type]
+
+
 def _fill(task: FileTask | ShardTask) -> int:
     assert _WORKER_STORE is not None
-    n = _fill_shard(_WORKER_STORE, task) if len(task) == 4 else _fill_files(_WORKER_STORE, task)  # type: ignore[arg-type]
+    n = _run_task(_WORKER_STORE, task)
     _WORKER_STORE.flush()
     return n
 
@@ -242,7 +248,7 @@ def _build(target: Path, base: Path, names: list[str], held: Mapping[str, Held],
         bar = tqdm(total=len(names), desc=f"preparing {len(names)} images at {size}px", unit="img", disable=None)
         if workers <= 1 or (len(names) <= 2 * CHUNK and not held):
             for task in tasks:
-                bar.update(_fill_shard(arr, task) if len(task) == 4 else _fill_files(arr, task))  # type: ignore[arg-type]
+                bar.update(_run_task(arr, task))
         else:
             with ProcessPoolExecutor(workers, initializer=_open_worker_store, initargs=(str(tmp),)) as ex:
                 for k in ex.map(_fill, tasks):
