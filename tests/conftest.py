@@ -38,10 +38,11 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _price_only_where_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """`compare` ends by measuring each model's price at inference (an ONNX export and a timing process, about
-    2 s a model): only tests marked `price` do; in the others (in this process) it is skipped, as with
-    `inference.enabled: false`."""
+    2 s a model), and `evaluate` measures the model it scores: only tests marked `price` do; in the others (in
+    this process) it is skipped, as with `inference.enabled: false`."""
     if request.node.get_closest_marker("price") is None:
         monkeypatch.setattr("visionpoc.inference.cost.price_runs", lambda cfg, runs: None)
+        monkeypatch.setattr("visionpoc.inference.cost.price_one", lambda run_dir, mcfg, result, icfg: None)
 
 
 @pytest.fixture(scope="session")

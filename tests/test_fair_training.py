@@ -269,6 +269,7 @@ def test_training_flags_from_the_history() -> None:
     assert [f["code"] for f in training_flags(overfit, 1, 1000, "full")] == ["overfits_early"]
 
 
+@pytest.mark.slow
 def test_an_under_trained_run_is_flagged_in_results_and_report(tmp_path: Path, mini_dogs: Path) -> None:
     models_yaml = f"  - {{label: base, {VIT}}}\n  - {{label: cand, {VIT}, lr: 0.003}}\n"
     cfg = load_config(_tiny(tmp_path, mini_dogs, models_yaml, "epochs: 1, batch_size: 4"))

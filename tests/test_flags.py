@@ -160,6 +160,7 @@ def test_models_that_answer_one_class_get_a_caveat_and_no_lead(tmp_path: Path) -
     assert [c.title for c in one.caveats if c.title.startswith("Did not learn")] == ["Did not learn: b"]
 
 
+@pytest.mark.slow
 def test_a_healthy_pair_keeps_the_usual_verdict(tmp_path: Path) -> None:
     run = write_run(tmp_path / "run", {"a": healthy(0.8, 0), "b": healthy(0.6, 1)})
     rep = build_report(run, explain=False)

@@ -208,6 +208,7 @@ def _in_mode(mode: str, n: int) -> tuple[Image.Image, str]:
     return img, ("TIFF" if mode in ("I", "F", "CMYK") else "PNG")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["L", "RGB", "I;16", "I", "F", "RGBA", "P", "CMYK", "LA"])
 def test_decoding_stays_within_the_memory_bound_of_its_mode(tmp_path: Path, mode: str) -> None:
     """The peak resident memory of decoding and converting a 9-megapixel image (VmHWM, which sees

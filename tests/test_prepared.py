@@ -238,6 +238,7 @@ def test_prepared_loaders_batches_order_and_resume(fresh_dogs: Path) -> None:
         assert all(torch.equal(xa, xm) and torch.equal(ya, ym) for (xa, ya), (xm, ym) in zip(a, many, strict=True))
 
 
+@pytest.mark.slow
 def test_training_through_the_store_learns_like_the_stream_path(tmp_path: Path, one_thread: None) -> None:
     root = make_mini_dogs(tmp_path / "dogs")
     models = [

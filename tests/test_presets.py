@@ -197,6 +197,7 @@ def rows() -> list[dict[str, Any]]:
     return presets.list_presets()
 
 
+@pytest.mark.slow
 def test_list_presets_rows(rows: list[dict[str, Any]]) -> None:
     assert [r["name"] for r in rows] == NAMES
     json.dumps(rows)  # `visionpoc models --json`

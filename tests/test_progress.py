@@ -220,6 +220,7 @@ class _SlowFirstCall(nn.Module):
         return self.model(x)
 
 
+@pytest.mark.slow
 def test_predict_latency_leaves_the_first_forward_out(run_dir: Path, mini_dogs: Path) -> None:
     from visionpoc.data.images import load_rgb
 

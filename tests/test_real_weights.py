@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import timm
 import torch
 
@@ -56,6 +57,7 @@ def test_lite0_knows_the_sample_photos_through_timm_and_visionpoc(lite0_weights:
     assert torch.allclose(logits, ref_logits, atol=1e-4), (logits - ref_logits).abs().max().item()
 
 
+@pytest.mark.slow
 def test_photo_crops_are_learnable_from_frozen_lite0_features(lite0_weights: Path, photo_crops: Path) -> None:
     accuracy = converged_probe_accuracy(lite0_weights, photo_crops, img_size=64)
     print(f"converged linear probe on photo_crops at 64 px: test accuracy {accuracy:.4f} (chance 0.125)")

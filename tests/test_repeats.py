@@ -62,6 +62,7 @@ def repeats_run(mini_dogs: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return tmp / "run"
 
 
+@pytest.mark.slow
 def test_each_seed_is_a_whole_run_on_the_same_splits(repeats_run: Path) -> None:
     assert json.loads((repeats_run / "repeats.json").read_text()) == {
         "seeds": [3, 4],
@@ -96,6 +97,7 @@ def test_the_repeats_share_the_first_seeds_validation_split(mini_dogs: Path, tmp
     assert any(val_files(**{"train.seed": s}) != first for s in (4, 5, 6))  # the split does follow the seed
 
 
+@pytest.mark.slow
 def test_the_report_compares_the_seeds(repeats_run: Path) -> None:
     md = (repeats_run / "report.md").read_text()
     html = (repeats_run / "report.html").read_text()
@@ -274,6 +276,7 @@ def test_report_logs_one_mlflow_run_per_seed(repeats_run: Path, tmp_path: Path) 
     ]
 
 
+@pytest.mark.slow
 def test_the_report_of_unfinished_repeats_says_which_seeds_are_missing(repeats_run: Path, tmp_path: Path) -> None:
     import shutil
 
@@ -344,6 +347,7 @@ def _edit_results(run: Path, seed: int, edit) -> None:  # type: ignore[no-untype
     path.write_text(json.dumps(data))
 
 
+@pytest.mark.slow
 def test_the_report_names_partial_failed_and_mixed_seeds(repeats_run: Path, tmp_path: Path) -> None:
     import shutil
 
@@ -402,6 +406,7 @@ def test_a_misspelt_model_or_a_taken_folder_leaves_nothing_behind(
     assert sorted(p.name for p in taken.iterdir()) == ["config.yaml"]  # no tuning records copied into it
 
 
+@pytest.mark.slow
 def test_seed_folders_without_their_list_are_named(repeats_run: Path, tmp_path: Path) -> None:
     import shutil
 

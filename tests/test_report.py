@@ -486,6 +486,7 @@ def test_summary_shows_intervals_for_test_top5_and_train_accuracy(tmp_path: Path
         assert train in md[2] and md[3] == cells[3] and test in md[4] and top5 in md[5]
 
 
+@pytest.mark.slow
 def test_gallery_with_test_images_and_missing_weights(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path, images=True)
     rep = build_report(run_dir)
@@ -551,6 +552,7 @@ def test_saliency_maps_and_every_image_of_a_full_run_decode(tmp_path: Path) -> N
     assert html.count("<img") == len(sizes)  # every <img> has a decodable data URI
 
 
+@pytest.mark.slow
 def test_the_report_never_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Training, optimizers and backward passes all raise: the report (saliency included) still builds."""
     import torch
@@ -749,6 +751,7 @@ def test_environment_section_of_a_cuda_run_names_the_gpu_and_cuda(tmp_path: Path
     assert on_cpu["device"] == "cpu" and "CUDA" not in on_cpu
 
 
+@pytest.mark.slow
 def test_failed_candidate_single_model_and_escaping(tmp_path: Path) -> None:
     from visionpoc.results import load_results
 

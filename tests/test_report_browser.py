@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from browser import BUILD, chromium_page, needs_chromium
 from test_report import make_run
 
 SCREENSHOT = BUILD / "screenshots" / "report.png"
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_report_renders_in_chromium(tmp_path: Path) -> None:
     from visionpoc.report import write_report

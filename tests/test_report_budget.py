@@ -195,6 +195,7 @@ def _grid() -> dict[str, Any]:
     return {"grid": cells, "chosen": chosen, "cache": "hit", "views": 2, "epochs": 30, "feature_dim": 768}
 
 
+@pytest.mark.slow
 def test_the_probe_grid_marks_the_chosen_cell(tmp_path: Path) -> None:
     def probe(a: ModelResult, b: ModelResult) -> None:
         b.finetune, b.lr, b.lr_source, b.weight_decay, b.probe = "head", 1e-2, "probe_grid", 1e-3, _grid()

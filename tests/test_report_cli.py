@@ -30,6 +30,7 @@ def test_cli_report_writes_html_and_markdown(run_dir: Path, tmp_path: Path, caps
     assert sorted(p.name for p in (run / "report_files").glob("*.png"))  # the Markdown's figures
 
 
+@pytest.mark.slow
 def test_cli_compare_ends_with_the_report(mini_dogs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     models = [
         {"label": "tiny_cnn", "timm": "test_resnet", "pretrained": False, "img_size": 32},

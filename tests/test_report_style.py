@@ -80,6 +80,7 @@ def test_scatter_of_identical_models_labels_the_shared_points() -> None:
     assert "same accuracy" in " ".join(t.get_text() for t in fig.axes[1].texts)  # no bars to draw
 
 
+@pytest.mark.slow
 def test_report_figures_fill_the_page_width(tmp_path: Path) -> None:
     rep = build_report(make_run(tmp_path, images=True), explain=False)
     assert {"learning_curves", "accuracy_vs_time", "per_class_b", "disagreements_b"} <= set(rep.figures)

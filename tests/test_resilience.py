@@ -130,6 +130,7 @@ def _unfinish(src: Path, dst: Path, label: str) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_is_a_clear_error(
     two_model_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -146,6 +147,7 @@ def test_truncated_checkpoint_is_a_clear_error(
     assert "last_state.pt is unreadable" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_mismatched_checkpoint_is_a_clear_error(
     two_model_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -156,6 +158,7 @@ def test_mismatched_checkpoint_is_a_clear_error(
     assert "vit3" in err and "wrong run or model" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_resume_keeps_finished_models(two_model_run: Path, tmp_path: Path) -> None:
     run = _unfinish(two_model_run, tmp_path / "run", "vit3")
     before = json.loads((run / "results.json").read_text())["models"][0]
@@ -334,6 +337,7 @@ def straight_run(tmp_path_factory: pytest.TempPathFactory, mini_dogs: Path) -> P
     return tmp / "run"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("workers", "resume_workers"), [(0, 0), (2, 1)])
 def test_a_run_stopped_mid_epoch_resumes_exactly(
     straight_run: Path,

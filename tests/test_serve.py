@@ -485,6 +485,7 @@ def test_uploads_are_decoded_a_few_at_a_time(
     assert peak[0] == 2
 
 
+@pytest.mark.slow
 def test_models_load_once(run_dir: Path, mini_dogs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     built: list[Path] = []
     loaded: list[str] = []

@@ -52,6 +52,7 @@ def server(predictor: Predictor) -> Iterator[str]:
     thread.join(timeout=10)
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_demo_page_in_chromium(server: str, predictor: Predictor, mini_dogs: Path) -> None:
     photo = sorted((mini_dogs / "Images").rglob("*.jpg"))[-1]
@@ -95,6 +96,7 @@ DROP = """([name, b64]) => {
 }"""
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_dropping_a_photo_shows_the_predictions(server: str, predictor: Predictor, mini_dogs: Path) -> None:
     photo = sorted((mini_dogs / "Images").rglob("*.jpg"))[0]
@@ -121,6 +123,7 @@ BROKEN_IMAGES = """Array.from(document.images)
   .map((i) => i.id || i.alt)"""
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_a_refused_upload_leaves_no_broken_image(server: str, mini_dogs: Path) -> None:
     photo = sorted((mini_dogs / "Images").rglob("*.jpg"))[0]
@@ -144,6 +147,7 @@ def test_a_refused_upload_leaves_no_broken_image(server: str, mini_dogs: Path) -
     assert [e for e in errors if "400" not in e] == []  # the refused POST is the only console error
 
 
+@pytest.mark.slow
 def test_real_server_refuses_an_oversized_upload_early(server: str) -> None:
     import httpx
 

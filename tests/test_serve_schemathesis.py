@@ -26,6 +26,7 @@ def api(run_dir: Path, predictor: Predictor) -> schemathesis.BaseSchema:
 OPERATIONS = [("/predict", "POST"), ("/health", "GET")]  # every operation in the schema (checked below)
 
 
+@pytest.mark.slow
 def test_every_operation_is_exercised(api: schemathesis.BaseSchema) -> None:
     found = {(r.ok().path, r.ok().method.upper()) for r in api.get_all_operations()}
     assert found == set(OPERATIONS)
@@ -35,6 +36,7 @@ def test_every_operation_is_exercised(api: schemathesis.BaseSchema) -> None:
 # that fit the schema are rightly refused with a documented 400.
 # schemathesis's own pytest loader (`schemathesis.pytest.from_fixture`) sets a private pytest attribute
 # that pytest 9 no longer has, so the cases come from the operation's Hypothesis strategy instead.
+@pytest.mark.slow
 @pytest.mark.parametrize(("path", "method"), OPERATIONS)
 def test_the_service_answers_as_its_schema_says(api: schemathesis.BaseSchema, path: str, method: str) -> None:
     @given(case=api[path][method].as_strategy())

@@ -128,6 +128,7 @@ def study_run(mini_dogs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     yield {"cfg": cfg, "study": study, "out": tmp / "out", "guard": guard}
 
 
+@pytest.mark.slow
 def test_three_trials_complete_and_best_params_are_saved(study_run: dict[str, Any]) -> None:
     study, out = study_run["study"], study_run["out"]
     assert [t.state for t in study.trials] == [TS.COMPLETE] * 3
@@ -155,6 +156,7 @@ def test_three_trials_complete_and_best_params_are_saved(study_run: dict[str, An
         assert not list(folder.glob("*.safetensors"))
 
 
+@pytest.mark.slow
 def test_the_test_split_is_never_read_while_tuning(study_run: dict[str, Any]) -> None:
     guard, splits = study_run["guard"], tune.tuning_splits(study_run["cfg"])
     val_images = {os.path.realpath(splits.val.path(i)) for i in range(len(splits.val))}
@@ -164,6 +166,7 @@ def test_the_test_split_is_never_read_while_tuning(study_run: dict[str, Any]) ->
     assert not guard.test_files & guard.opened and len(guard.test_files) == 9
 
 
+@pytest.mark.slow
 def test_compare_tuned_trains_with_the_best_params(study_run: dict[str, Any], tmp_path: Path) -> None:
     cfg: Config = study_run["cfg"]
     doc = yaml.safe_load((study_run["out"] / "tuned" / "vit.yaml").read_text())

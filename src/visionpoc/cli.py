@@ -166,6 +166,9 @@ def _evaluate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     ev.add_argument("--source", default=None, help="dataset source (sets data.source), e.g. folder")
     _add_config_args(ev, resume=False)
     ev.add_argument("--no-report", action="store_true", help="skip writing report.html / report.md")
+    ev.add_argument(
+        "--no-price", action="store_true", help="skip measuring its price at inference (as inference.enabled: false)"
+    )
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -177,12 +180,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     from visionpoc.deployed.rescore import run_evaluate
 
     out = args.out or default_out("evaluate")
-    done = run_evaluate(args.model, cfg, out, args.label, args.split, args.preprocess, args.classes, args.model_label)
+    done = run_evaluate(
+        args.model, cfg, out, args.label, args.split, args.preprocess, args.classes, args.model_label, not args.no_price
+    )
     m = done.result
     scores = ", ".join(
         f"{name} accuracy {v:.4f}" for name in ("train", "val", "test") if (v := getattr(m, f"{name}_accuracy"))
     )
     print(f"{m.label} ({m.timm}): {scores or 'nothing scored'}" + (f"; added to {out}" if done.added else ""))
+    if m.inference is not None:
+        from visionpoc.inference.cost import summary
+
+        print(f"price at inference: {summary(m.inference)}")
     if not args.no_report and m.test_accuracy is not None:
         _write_report(out)
     print(f"results: {out / 'results.json'}")

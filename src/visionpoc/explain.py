@@ -14,6 +14,12 @@ overlaid on the image the model saw (`to_pil` recovers it from the normalized te
   channels of the last spatial feature map (timm's `forward_features` output, else the output of the
   last `nn.Conv2d`); ReLU, upsample, normalize. Frozen layers are fine: only d(score)/d(features) is
   needed.
+
+A Hugging Face model (an `hf:` entry, `visionpoc.hfmodels`) gives what its transformers output holds:
+the attention matrices (`output_attentions`, its attention switched to the eager path for the call) for
+rollout, the last spatial hidden state (`output_hidden_states`: a ConvNeXt's or ResNet's last stage,
+a Swin's reshaped one) for Grad-CAM. A ViT-family HF model (patch size and attention heads, global
+attention) gets rollout; the others Grad-CAM.
 """
 
 from __future__ import annotations
@@ -40,8 +46,17 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     ]
 
 
+def _is_hf(model: nn.Module) -> bool:
+    """A transformers model built by `visionpoc.hfmodels` (its whole output is at `hf_output`)."""
+    return callable(getattr(model, "hf_output", None))
+
+
 def is_vit(model: nn.Module) -> bool:
     """A ViT-family model: patch embedding, a stack of blocks, and global self-attention we can read."""
+    if _is_hf(model):
+        config = getattr(model, "config", None)
+        global_attention = not hasattr(config, "window_size")  # Swin's windows are not one token matrix
+        return hasattr(config, "patch_size") and hasattr(config, "num_attention_heads") and global_attention
     return hasattr(model, "patch_embed") and hasattr(model, "blocks") and bool(_attention_modules(model))
 
 
@@ -85,11 +100,33 @@ def _captured_attention(model: nn.Module) -> Iterator[list[torch.Tensor]]:
             h.remove()
 
 
+@contextmanager
+def _eager_attention(model: Any) -> Iterator[None]:
+    """transformers returns attention matrices from its eager attention only (SDPA never forms them)."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+def _hf_attention(model: Any, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each layer's attention (1, heads, N, N) of a transformers model for `x`."""
+    with torch.no_grad(), _eager_attention(model):
+        out = model.hf_output(x, output_attentions=True)
+    return list(getattr(out, "attentions", None) or [])
+
+
 def attention_rollout(model: nn.Module, x: torch.Tensor, head_fusion: str = "mean") -> np.ndarray:
-    """Attention rollout of a timm ViT-family `model` for one image `x` (1, 3, H, W) -> (H, W) in [0, 1]."""
+    """Attention rollout of a ViT-family `model` (timm, or transformers through `visionpoc.hfmodels`) for
+    one image `x` (1, 3, H, W) -> (H, W) in [0, 1]."""
     _check_input(x)
-    with torch.no_grad(), _captured_attention(model) as maps:
-        model(x)
+    if _is_hf(model):
+        maps = _hf_attention(model, x)
+    else:
+        with torch.no_grad(), _captured_attention(model) as maps:
+            model(x)
     maps = [a for a in maps if a.ndim == 4 and a.shape[-1] == a.shape[-2]]  # (1, heads, N, N)
     if not maps:
         raise ValueError(f"{type(model).__name__}: no attention matrix was captured; use grad_cam instead")
@@ -103,17 +140,30 @@ def attention_rollout(model: nn.Module, x: torch.Tensor, head_fusion: str = "mea
         fused = fused / fused.sum(-1, keepdim=True)
         rollout = fused @ rollout
     prefix = int(getattr(model, "num_prefix_tokens", 1))
+    patch = _patch_size(model)
+    if _is_hf(model) and patch is not None:  # ViT: [CLS]; DeiT: [CLS] and the distillation token
+        prefix = n - (x.shape[-2] // patch[0]) * (x.shape[-1] // patch[1])
     has_cls = bool(getattr(model, "has_class_token", prefix > 0))
     scores = rollout[0, prefix:] if has_cls else rollout[prefix:, prefix:].mean(0)  # (num_patches,)
     gh, gw = _patch_grid(model, x, scores.numel())
     return _normalize(_upsample(scores.reshape(gh, gw), (x.shape[-2], x.shape[-1])))
 
 
+def _patch_size(model: nn.Module) -> tuple[int, int] | None:
+    """(rows, cols) of a patch: timm's `patch_embed.patch_size`, or a transformers config's `patch_size`."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is None and _is_hf(model):
+        patch = getattr(getattr(model, "config", None), "patch_size", None)
+    if patch is None:
+        return None
+    return (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[1]))
+
+
 def _patch_grid(model: nn.Module, x: torch.Tensor, num_patches: int) -> tuple[int, int]:
     """The patch grid (rows, cols) for input `x`, checked against the token count."""
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    patch = _patch_size(model)
     if patch is not None:
-        ph, pw = (patch, patch) if isinstance(patch, int) else patch
+        ph, pw = patch
         gh, gw = x.shape[-2] // ph, x.shape[-1] // pw
         if gh * gw == num_patches:
             return gh, gw
@@ -130,8 +180,22 @@ def _last_conv(model: nn.Module) -> nn.Conv2d:
     return convs[-1]
 
 
+def _hf_features_and_logits(model: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A transformers model's last spatial hidden state (1, C, h, w) in the graph, and its logits."""
+    out = model.hf_output(x.detach().clone().requires_grad_(True), output_hidden_states=True)
+    states = getattr(out, "reshaped_hidden_states", None) or getattr(out, "hidden_states", None) or ()
+    spatial = [h for h in states if h.ndim == 4]  # (1, C, h, w); a ViT's are token sequences (1, N, D)
+    if not spatial:
+        raise ValueError(
+            f"{type(model).__name__}: transformers gives no spatial feature map (output_hidden_states) for Grad-CAM"
+        )
+    return spatial[-1], out.logits
+
+
 def _features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The last spatial feature map (1, C, h, w), with gradients enabled, and the logits it gives."""
+    if _is_hf(model):
+        return _hf_features_and_logits(model, x)
     forward_features, forward_head = (
         getattr(model, "forward_features", None),
         getattr(model, "forward_head", None),

@@ -233,8 +233,45 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+PRICE_COLUMNS = (
+    "cpu_latency_batch",
+    "cpu_latency_p50_ms",
+    "cpu_latency_p95_ms",
+    "cpu_throughput_batch",
+    "cpu_throughput_img_s",
+    "cpu_peak_mib",
+    "onnx_file_bytes",
+    "gpu_latency_p50_ms",
+    "gpu_throughput_img_s",
+)
+"""`results.csv`'s columns of the price at inference (the `inference` block's headline figures)."""
+
+
+def price_columns(cost: InferenceCost | None) -> dict[str, Any]:
+    """The `PRICE_COLUMNS` of one model from its `inference` block: ONNX Runtime's CPU latency (p50, p95) at
+    the smallest batch timed, its throughput at the largest, peak memory, file size, and torch's on the GPU
+    when measured; None where not measured (no block, or its `error`)."""
+    if cost is None or cost.error:
+        return dict.fromkeys(PRICE_COLUMNS)
+    lat, thr = cost.latency(), cost.throughput()
+    gpu_lat, gpu_thr = (cost.gpu_batches[0], cost.gpu_batches[-1]) if cost.gpu_batches else (None, None)
+    values = (
+        None if lat is None else lat.batch,
+        None if lat is None else lat.p50_ms,
+        None if lat is None else lat.p95_ms,
+        None if thr is None else thr.batch,
+        None if thr is None else thr.img_s,
+        cost.peak_mib,
+        cost.file_bytes,
+        None if gpu_lat is None else gpu_lat.p50_ms,
+        None if gpu_thr is None else gpu_thr.img_s,
+    )
+    return dict(zip(PRICE_COLUMNS, values, strict=True))
+
+
 def save_results(results: RunResults, out_dir: Path) -> Path:
-    """Atomically write `results.json` and a flat `results.csv` (one row per model)."""
+    """Atomically write `results.json` and a flat `results.csv` (one row per model, with the headline figures
+    of its price at inference: `PRICE_COLUMNS`)."""
     out_dir = Path(out_dir)
     data = _finite(dataclasses.asdict(results))
     path = atomic_write_json(out_dir / RESULTS_FILE, data)
@@ -261,9 +298,11 @@ def save_results(results: RunResults, out_dir: Path) -> Path:
         "eval_img_s",
         "latency_ms_b1",
         "peak_memory_gib",
+        *PRICE_COLUMNS,
     ]
     rows = [",".join(cols)]
-    for m in data["models"]:
+    for m, model in zip(data["models"], results.models, strict=True):
+        m = {**m, **_finite(price_columns(model.inference))}
         rows.append(",".join("" if m.get(c) is None else str(m[c]).replace(",", ";") for c in cols))
     atomic_write_text(out_dir / RESULTS_CSV, "\n".join(rows) + "\n")
     return path

@@ -632,7 +632,7 @@ def record_scores(run: Run, result: ModelResult, train: EvalStats, val: EvalStat
         if run.mcfg.kind == "hf":  # its architecture beside the weights: predict, serve and export stay offline
             from visionpoc.hfmodels.build import save_architecture
 
-            save_architecture(run.model, run.out_dir)
+            save_architecture(run.model, run.out_dir, run.dcfg)
 
 
 def fit(

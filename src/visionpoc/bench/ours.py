@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from visionpoc import models
-from visionpoc.bench.workload import NUM_CLASSES, Plan, Spec, build_model, timed
-from visionpoc.config import ModelConfig
+from visionpoc.bench.workload import NUM_CLASSES, Plan, Spec, build_model, model_config, timed
 from visionpoc.data.loaders import ImageDataset, train_transform
 from visionpoc.data.prepared import PreparedStore, prepare_store, split_batches
 from visionpoc.data.sources import Split
@@ -112,7 +111,7 @@ def ours(
 ) -> dict[str, Any]:
     """Our loop's img/s fed by the prepared store and by a synthetic batch already on the device."""
     model = build_model(spec).to(device)
-    dcfg = models.data_config(model, ModelConfig(label=spec.label, timm=spec.timm, img_size=spec.size))
+    dcfg = models.data_config(model, model_config(spec))
     cl = device.type == "cuda" and not models.is_transformer(model)
     if cl:
         model = model.to(memory_format=torch.channels_last)
@@ -142,7 +141,7 @@ def ours(
     return {
         "name": spec.label,
         "peer": spec.peer or spec.label,
-        "timm": spec.timm,
+        "timm": spec.hf or spec.timm,  # the model (an `hf:` one included)
         "finetune": spec.finetune,
         "bs": spec.batch,
         "size": spec.size,

@@ -34,6 +34,7 @@ class Spec:
     batch: int
     kwargs: dict[str, Any] = field(default_factory=dict)
     peer: str | None = None  # the peer rows it is compared with (a variant of another spec); None: its own
+    hf: str | None = None  # a transformers model (an `hf:` folder or cached hub id) instead of `timm`
 
 
 @dataclass(frozen=True)
@@ -92,17 +93,23 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def build_model(spec: Spec) -> nn.Module:
-    """`spec`'s timm model (random weights) with our fine-tuning policy applied."""
-    mcfg = ModelConfig(
+def model_config(spec: Spec) -> ModelConfig:
+    """`spec` as a `models:` entry: random weights, at its size, `top_fraction` the top 10%."""
+    return ModelConfig(
         label=spec.label,
-        timm=spec.timm,
+        timm="" if spec.hf else spec.timm,
+        hf=spec.hf,
         pretrained=False,
         finetune=spec.finetune,  # type: ignore[arg-type]
         fraction=0.1,
         img_size=spec.size,
         model_kwargs=spec.kwargs,
     )
+
+
+def build_model(spec: Spec) -> nn.Module:
+    """`spec`'s timm (or transformers) model, random weights, with our fine-tuning policy applied."""
+    mcfg = model_config(spec)
     model = models.create_model(mcfg, NUM_CLASSES)
     models.apply_finetune(model, mcfg)
     return model

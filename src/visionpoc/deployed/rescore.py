@@ -10,6 +10,9 @@ predictions); a finished run's folder gets the model added to its results (under
 earlier evaluation of that label, never one of the run's own models), scored on that run's own splits, so
 that `visionpoc report` puts it beside the run's models with the paired tests. `--split test` scores
 validation and test (as `compare` does), `val` or `train` that split alone (its column of the table).
+The model's price at inference is measured as `compare` measures it (`inference.cost.price_one`, under the
+`inference` settings of the config in use: the run's own when the model joins a run), unless
+`inference.enabled` is false or `--no-price` is given.
 This module sits on the features floor: it reads runs through `serving.loading` and data through `compare`.
 """
 
@@ -204,10 +207,11 @@ def run_evaluate(
     preprocess: str | None = None,
     classes: str | None = None,
     model_label: str | None = None,
+    price: bool = True,
 ) -> Evaluated:
     """Score `model` on `split` of `cfg.data` (or, when `out` is a finished run, of that run's data) and
     write the results in `out` under `label` (`Evaluated.added`: the model joined that run). `model_label`:
-    which model of a run folder."""
+    which model of a run folder; `price` false: its price at inference is not measured."""
     from visionpoc.compare import load_data
     from visionpoc.data.loaders import default_workers
 
@@ -233,6 +237,11 @@ def run_evaluate(
         if name == "test":
             (out / label).mkdir(parents=True, exist_ok=True)
             save_predictions(out / label / PREDICTIONS_FILE, stats.targets, stats.probs, splits.test.files)
+    result.inference = None  # a run's model came with its source run's block: not this evaluation's measurement
+    if price and cfg.inference.enabled:
+        from visionpoc.inference.cost import price_one  # imported only when measuring, as `compare` does
+
+        result.inference = price_one(source_run, mcfg, result, cfg.inference)
     _save(out, cfg, ds, splits, run, result, mcfg)
     return Evaluated(out, result, run is not None)
 

@@ -1,13 +1,16 @@
 """A `transformers` image classifier as a visionpoc model: built with a new head (`create`), given a
 logits-only forward and timm's attributes (`pretrained_cfg`, `get_classifier`), its processor mapped
-onto timm's data config (`processor_data_config`), its architecture kept in the run (`save_architecture`)
-and exported as a `save_pretrained` folder (`export_pretrained`, `load_pretrained_export`)."""
+onto timm's data config (`processor_data_config`) and back at the size it trained at (`processor_at`), its
+architecture kept in the run (`save_architecture`) and exported as a `save_pretrained` folder
+(`export_pretrained`, `load_pretrained_export`). Its whole transformers output (attentions, hidden states)
+is at `hf_output`, for the saliency maps."""
 
 from __future__ import annotations
 
 import functools
 import inspect
 import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,9 +95,14 @@ def _logits_class(base: Any) -> type:
     the (B, classes) logits, and which names its classifier as timm models do."""
     interpolates = "interpolate_pos_encoding" in inspect.signature(base.forward).parameters
 
-    def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    def hf_output(self: Any, x: torch.Tensor, **flags: Any) -> Any:
+        """transformers' whole output for the batch (`flags` such as `output_attentions=True`), at the
+        size the model is trained at (position embeddings interpolated where it needs them)."""
         extra = {"interpolate_pos_encoding": True} if interpolates and self.visionpoc_interpolate else {}
-        out = base.forward(self, pixel_values=x, **extra)
+        return base.forward(self, pixel_values=x, **extra, **flags)
+
+    def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+        out = hf_output(self, x)
         return out.logits if hasattr(out, "logits") else out[0]  # (B, C)
 
     def get_classifier(self: Any) -> nn.Module:
@@ -102,7 +110,8 @@ def _logits_class(base: Any) -> type:
         linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
         return linears[-1] if linears else head  # `Sequential(Flatten, Linear)`: its Linear
 
-    return type(base.__name__, (base,), {"forward": forward, "get_classifier": get_classifier})
+    methods = {"forward": forward, "hf_output": hf_output, "get_classifier": get_classifier}
+    return type(base.__name__, (base,), methods)
 
 
 def as_visionpoc(model: Any, processor: Any, mcfg: ModelConfig, rev: str | None) -> nn.Module:
@@ -178,15 +187,46 @@ def processor_data_config(p: Any) -> dict[str, Any]:
     }
 
 
+def processor_at(processor: Any, dcfg: dict[str, Any]) -> Any:
+    """`processor`, or a copy whose resize and crop give the input of `dcfg` (the data config the model
+    was trained and scored with: an entry's `img_size` changes its input size, and the crop follows at
+    the same `crop_pct`), so that `AutoImageProcessor.from_pretrained` on a saved folder feeds the model
+    what it learnt from. Everything else (mean, std, resample) stays the processor's."""
+    h, w = (int(v) for v in dcfg["input_size"][-2:])
+    if processor_data_config(processor)["input_size"][-2:] == (h, w):
+        return processor
+    pct = float(dcfg.get("crop_pct") or 1.0)
+    size = _pair(getattr(processor, "size", None), "height", "width", "shortest_edge")
+    crop = getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None) is not None
+    changes: dict[str, Any] = {"crop_size": {"height": h, "width": w}} if crop else {}
+    if "height" in size:  # a squash: timm resizes to input / crop_pct, then crops the input's size
+        changes["size"] = (
+            {"height": math.floor(h / pct), "width": math.floor(w / pct)} if crop else {"height": h, "width": w}
+        )
+    else:  # the short side: to input / crop_pct then a crop; ConvNeXt's own crop_pct does the same from its size
+        changes["size"] = {"shortest_edge": math.floor(h / pct) if crop else h}
+    resized = type(processor).from_dict({**processor.to_dict(), **changes})
+    got = processor_data_config(resized)
+    wanted = ((3, h, w), dcfg.get("crop_mode", got["crop_mode"]), round(pct, 3))
+    if (got["input_size"], got["crop_mode"], round(got["crop_pct"], 3)) != wanted:  # e.g. ConvNeXt from 384 px
+        log.warning(
+            "%s cannot say the input visionpoc used (%s); it gives %s: preprocess with the run's data_config.json",
+            type(processor).__name__,
+            wanted,
+            (got["input_size"], got["crop_mode"], got["crop_pct"]),
+        )
+    return resized
+
+
 # --------------------------------------------------------------------------------------- run files
 
 
-def save_architecture(model: Any, model_dir: Path) -> Path:
-    """`model_dir/hf/`: config.json (the new head's size included) and preprocessor_config.json, so a
-    run's model rebuilds offline, without the hub."""
+def save_architecture(model: Any, model_dir: Path, dcfg: dict[str, Any]) -> Path:
+    """`model_dir/hf/`: config.json (the new head's size included) and preprocessor_config.json at the
+    input size the model was trained at (`dcfg`), so a run's model rebuilds offline, without the hub."""
     folder = model_dir / ARCH_DIR
     model.config.save_pretrained(folder)
-    model.hf_processor.save_pretrained(folder)
+    processor_at(model.hf_processor, dcfg).save_pretrained(folder)
     return folder
 
 
@@ -199,22 +239,48 @@ def architecture_source(model_dir: Path, mcfg: ModelConfig) -> str:
     return str(mcfg.hf)
 
 
-def export_pretrained(model: Any, folder: Path, class_names: list[str]) -> tuple[Path, dict[str, Any]]:
+def _positions_at(model: Any, plain: nn.Module, state: dict[str, torch.Tensor], side: tuple[int, int]) -> None:
+    """`state`'s position embeddings resampled, in place, to `plain`'s (the trained input size `side`),
+    as the model's own `interpolate_pos_encoding` did at every step: the export needs no flag at its forward."""
+    for key, target in plain.state_dict().items():
+        if key not in state or state[key].shape == target.shape:
+            continue
+        owner = model.get_submodule(key.rpartition(".")[0])
+        resample = getattr(owner, "interpolate_pos_encoding", None)
+        if not key.endswith("position_embeddings") or not callable(resample):
+            raise VisionpocError(
+                f"{type(model).__name__}: {key} is {tuple(state[key].shape)} for the processor's size and "
+                f"{tuple(target.shape)} at the {side[0]}x{side[1]} input it trained at; visionpoc cannot resample "
+                "it: export with --format onnx, or train without img_size"
+            )
+        with torch.no_grad():
+            state[key] = resample(torch.zeros(target.shape), *side).detach().cpu()  # (1, prefix + patches, D)
+
+
+def export_pretrained(
+    model: Any, folder: Path, class_names: list[str], dcfg: dict[str, Any]
+) -> tuple[Path, dict[str, Any]]:
     """`folder/` as `save_pretrained` writes it (config.json with the class names, model.safetensors,
-    preprocessor_config.json) from a clean copy of the architecture (frozen layers as ordinary ones)."""
+    preprocessor_config.json) from a clean copy of the architecture (frozen layers as ordinary ones), at
+    the input size the model was trained at (`dcfg`): a model that interpolated its position embeddings
+    to an `img_size` is saved with them resampled and that `image_size`, its processor at that size."""
     tf = transformers_module()
     config = model.config.__class__.from_dict(model.config.to_dict())
     config.id2label = dict(enumerate(class_names))
     config.label2id = {n: i for i, n in enumerate(class_names)}
+    side = (int(dcfg["input_size"][-2]), int(dcfg["input_size"][-1]))
+    if getattr(model, "visionpoc_interpolate", False):
+        config.image_size = side[0] if isinstance(config.image_size, int) else list(side)
     with _quiet(tf):
         plain = tf.AutoModelForImageClassification.from_config(config, dtype=torch.float32)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    _positions_at(model, plain, state, side)
     missing, unexpected = plain.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # FrozenBatchNorm2d has none
     if missing or unexpected:
         raise VisionpocError(f"the trained weights do not fit {type(plain).__name__}: {missing[:5]}, {unexpected[:5]}")
     plain.save_pretrained(folder)
-    model.hf_processor.save_pretrained(folder)
+    processor_at(model.hf_processor, dcfg).save_pretrained(folder)
     info = {"hf": type(plain).__name__, "weights": "model.safetensors"}
     return folder / "model.safetensors", info
 

@@ -8,7 +8,7 @@ with torch on the GPU when CUDA is available (`gpu`). A model that cannot be exp
 
 `price_runs` fills the blocks a run lacks (a resumed run keeps the ones it has). The repeats of a run
 (`train.repeats`) share one architecture per label: the first seed's figures stand for the others
-(`measured_in` names that folder).
+(`measured_in` names that folder). `price_one` measures the one model `visionpoc evaluate` scores.
 """
 
 from __future__ import annotations
@@ -71,12 +71,13 @@ def measure_onnx(path: Path, shape: tuple[int, ...], icfg: InferenceConfig) -> I
 
 
 def price_model(run_dir: Path, mcfg: ModelConfig, result: ModelResult, icfg: InferenceConfig) -> InferenceCost:
-    """`result`'s price at inference; never raises for the model's sake (the reason goes in `error`)."""
+    """`result`'s price at inference; never raises for the model's sake (the reason goes in `error`). A trained
+    model is the one `run_dir` holds under `mcfg.label`."""
     try:
         if mcfg.kind == "onnx":
             path = Path(result.onnx or mcfg.onnx or "").expanduser()
             return measure_onnx(path, image_shape(mcfg), icfg)
-        return _trained(run_dir, result.label, icfg)
+        return _trained(run_dir, mcfg.label, icfg)
     except Exception as e:  # the export or the runtime: a note for this model, not the end of the run
         message = str(e) if isinstance(e, VisionpocError) else f"{type(e).__name__}: {e}"
         log.warning("[%s] price at inference not measured: %s", result.label, message)
@@ -123,6 +124,14 @@ def summary(cost: InferenceCost) -> str:
     return "; ".join(parts)
 
 
+def price_one(run_dir: Path, mcfg: ModelConfig, result: ModelResult, icfg: InferenceConfig) -> InferenceCost:
+    """`price_model` with its log lines: the price of one model (`result.label`), as `price_runs` measures it."""
+    log.info("[%s] price at inference: timing on this machine's CPU with ONNX Runtime", result.label)
+    cost = price_model(run_dir, mcfg, result, icfg)
+    log.info("[%s] %s", result.label, summary(cost))
+    return cost
+
+
 def price_runs(cfg: Config, runs: list[tuple[Path, RunResults]]) -> None:
     """Fill the missing `inference` block of every successful model of each (folder, results) run, and save
     each run's results; a label measured in an earlier run (the first repeat) is copied, not measured again."""
@@ -142,10 +151,8 @@ def price_runs(cfg: Config, runs: list[tuple[Path, RunResults]]) -> None:
             elif mcfg is None:
                 m.inference = InferenceCost(error=f"{m.label!r} is not in the run's config: nothing to measure")
             else:
-                log.info("[%s] price at inference: timing on this machine's CPU with ONNX Runtime", m.label)
-                m.inference = price_model(run_dir, mcfg, m, cfg.inference)
+                m.inference = price_one(run_dir, mcfg, m, cfg.inference)
                 measured[m.label] = (m.inference, run_dir)
-                log.info("[%s] %s", m.label, summary(m.inference))
             changed = True
         if changed:
             save_results(results, run_dir)

@@ -4,9 +4,9 @@ One run's intervals and McNemar test measure the test set's noise for those trai
 measure the training's (the new head's initialisation, data order, augmentation, dropout). This page
 gives each model's mean and spread across seeds next to the test set's own sampling error, each
 candidate's per-seed difference to the baseline with a paired t-test over seeds and a sentence, McNemar
-per seed, a figure, and a link to each seed's full report (`seed-<s>/report.html`). A model that did not
-learn in some seed (chance level, or one class for most images) gets a caveat naming those seeds, and its
-comparisons name no lead.
+per seed, a figure, each model's price at inference (measured once: it does not depend on the seed), and a
+link to each seed's full report (`seed-<s>/report.html`). A model that did not learn in some seed (chance
+level, or one class for most images) gets a caveat naming those seeds, and its comparisons name no lead.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from visionpoc.report import plots, stats
 from visionpoc.report.build import software_rows
 from visionpoc.report.caveats import Caveat, caveats, learning_checks, seeds_text, why_not_learned
 from visionpoc.report.inputs import align, read_predictions, shared_classes
+from visionpoc.report.price import PriceSection, section
 from visionpoc.results import ModelResult, RunResults, load_results
 from visionpoc.runfiles import CONFIG_FILE, REPEATS_FILE, REPORT_HTML
 
@@ -71,6 +72,8 @@ class SeedsReport:
     config_yaml: str
     figures: dict[str, bytes] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    price: PriceSection | None = None  # each model's price at inference, from the first seed that has it
+    price_seed: dict[str, str] = field(default_factory=dict)  # label -> the seed folder its price was measured in
 
 
 def _by_label(runs: list[RunResults | None], label: str) -> list[ModelResult | None]:
@@ -180,6 +183,25 @@ def _verdicts(
             p.verdict = stats.seeds_verdict(
                 p.baseline, p.candidate, p.diff, p.p_holm, max(len(tested), 1), not_learned=not_learned
             )
+
+
+def _price(
+    per_label: dict[str, list[ModelResult | None]], dirs: list[Path]
+) -> tuple[PriceSection | None, dict[str, str]]:
+    """Each model's price at inference, once: the block of the first seed that has one measured (else the
+    first seed's note), and the seed folder it was measured in. None when no model has a measured block."""
+    chosen: list[ModelResult] = []
+    where: dict[str, str] = {}
+    for label, ms in per_label.items():
+        seeded = [(m, d) for m, d in zip(ms, dirs, strict=True) if m is not None]
+        pick = next((x for x in seeded if x[0].inference is not None and not x[0].inference.error), None)
+        pick = pick or next((x for x in seeded if x[0].inference is not None), None) or next(iter(seeded), None)
+        if pick is not None:
+            m, d = pick
+            chosen.append(m)
+            where[label] = Path(m.inference.measured_in).name if m.inference and m.inference.measured_in else d.name
+    sec = section(chosen, {})
+    return (sec if sec.machine else None), where
 
 
 def _environment(first: RunResults, seeds: list[int]) -> list[tuple[str, str]]:
@@ -308,6 +330,7 @@ def build_seeds_report(run_dir: str | Path) -> SeedsReport:
     world = max((m.world_size for r in finished for m in r.models), default=1)
     resume = resume_hint(command, run_dir, repeats.labels[0] if repeats.labels else None, world)
     rep.notes = _notes(rep, runs, first, labels, resume)
+    rep.price, rep.price_seed = _price(per_label, repeats.dirs)
     png = plots.seeds_strip([row.label for row in rows], [row.per_seed for row in rows], repeats.seeds)
     if png is not None:
         rep.figures["test_accuracy_by_seed"] = png

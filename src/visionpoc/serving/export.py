@@ -246,7 +246,7 @@ def _export_hf(tm: TrainedModel, folder: Path) -> Path:
     """A transformers model: `save_pretrained`'s folder, which `from_pretrained(folder)` reloads offline."""
     from visionpoc.hfmodels.build import export_pretrained
 
-    path, info = export_pretrained(tm.model, folder, tm.class_names)
+    path, info = export_pretrained(tm.model, folder, tm.class_names, tm.data_config)
     config = {
         "format": "visionpoc-safetensors-1",
         "label": tm.label,
