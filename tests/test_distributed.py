@@ -79,7 +79,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str, Pat
         root,
         2,
         {"epochs": 2, "lr": 1e-3, "warmup_epochs": 0.5, "augment": "basic", "deterministic": True},
+        probe={"min_steps": 20},
     )
+    doc = yaml.safe_load(cfg.read_text())  # a cached linear probe too: features sharded, then gathered
+    doc["models"].append({**doc["models"][0], "label": "head", "finetune": "head", "model_kwargs": {"depth": 1}})
+    cfg.write_text(yaml.safe_dump(doc))
     ddp, single, probe = tmp / "ddp", tmp / "single", tmp / "probe"
     probe.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PROBE_DIR": str(probe), "PROBE_WATCH": str(ddp)}
@@ -91,6 +95,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str, Pat
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.rmtree(root / ".visionpoc-cache", ignore_errors=True)  # the single process computes its own features
     subprocess.run(
         [sys.executable, "-m", "visionpoc", "compare", "--config", str(cfg), "--out", str(single), "--no-report"],
         check=True,
@@ -257,31 +262,16 @@ def test_repeats_under_torchrun(tmp_path: Path) -> None:
     assert _probe(probe, 1)["writes"] == []
 
 
-def test_the_cached_linear_probe_under_torchrun_equals_one_process(tmp_path: Path) -> None:
+def test_the_cached_linear_probe_under_torchrun_equals_one_process(runs: tuple[Path, Path, str, Path, Path]) -> None:
     """Each process computes its shard's features; gathered back in sample order, they give the same
     grid, the same chosen head and the same test predictions as one process."""
-    root = make_mini_dogs(tmp_path / "dogs")
-    cfg = _config(tmp_path / "c.yaml", root, 1, {"epochs": 2}, probe={"min_steps": 20})
-    doc = yaml.safe_load(cfg.read_text())
-    doc["models"][0]["finetune"] = "head"
-    cfg.write_text(yaml.safe_dump(doc))
-    commands = {"ddp": [*TORCHRUN[:-1], "-m", "visionpoc"], "single": [sys.executable, "-m", "visionpoc"]}
-    for name, cmd in commands.items():
-        shutil.rmtree(root / ".visionpoc-cache", ignore_errors=True)  # each run computes its own features
-        proc = subprocess.run(
-            [*cmd, "compare", "--config", str(cfg), "--out", str(tmp_path / name), "--no-report"],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    ddp, single = _model(tmp_path / "ddp"), _model(tmp_path / "single")
+    run_ddp, run_single = runs[0], runs[1]
+    ddp, single = (json.loads((r / "results.json").read_text())["models"][1] for r in (run_ddp, run_single))
     assert ddp["world_size"] == 2 and ddp["finetune"] == "head" and ddp["probe"]["cache"] == "miss"
     assert single["probe"]["cache"] == "miss"
     accuracies = [[g["val_accuracy"] for g in m["probe"]["grid"]] for m in (ddp, single)]
     assert accuracies[0] == pytest.approx(accuracies[1]) and ddp["probe"]["chosen"] == single["probe"]["chosen"]
     assert ddp["test_accuracy"] == single["test_accuracy"]
-    a = load_predictions(tmp_path / "ddp" / "vit" / "test_predictions.npz")
-    b = load_predictions(tmp_path / "single" / "vit" / "test_predictions.npz")
+    a = load_predictions(run_ddp / "head" / "test_predictions.npz")
+    b = load_predictions(run_single / "head" / "test_predictions.npz")
     assert list(a["files"]) == list(b["files"]) and np.allclose(a["probs"], b["probs"], atol=1e-5)

@@ -185,7 +185,7 @@ def _after_first_checkpoint(run: Path, procs: list[subprocess.Popen[bytes]]) -> 
 
 def test_a_lost_host_ends_the_run_with_its_resume_command(two_host_run: dict) -> None:
     tmp, cfg = two_host_run["tmp"], two_host_run["cfg"]
-    run, timeout = tmp / "lost", 10
+    run, timeout = tmp / "lost", 6
     args = ["-m", "visionpoc", "compare", "--config", str(cfg), "--out", str(run), "--no-report"]
     with two_hosts(str(os.getpid() % 100000 + 2), NET) as hosts:
         log = tmp / "lostA.log"
