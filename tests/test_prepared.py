@@ -17,7 +17,7 @@ from torchvision.transforms import InterpolationMode
 from dogs_fixture import make_mini_dogs
 from visionpoc.compare import run_compare
 from visionpoc.config import load_config
-from visionpoc.data import prepared
+from visionpoc.data import prepared, store_batches
 from visionpoc.data.images import load_rgb
 from visionpoc.data.loaders import build_loaders, set_epoch
 from visionpoc.data.prepared import CACHE_DIRNAME, cache_dir_for, prepare_store, store_key
@@ -277,15 +277,15 @@ def test_the_gpu_copy_is_uploaded_once_per_process(
         uploads.append(str(device))
         return torch.from_numpy(np.array(images))
 
-    monkeypatch.setattr(prepared, "place", fake_place)
-    monkeypatch.setattr(prepared, "_RESIDENT", {})
+    monkeypatch.setattr(store_batches, "place", fake_place)
+    monkeypatch.setattr(store_batches, "_RESIDENT", {})
     paths = all_paths(fresh_dogs)
     a = prepare_store(paths, 32, tmp_path / "a", workers=1)
     b = prepare_store(paths[:4], 32, tmp_path / "b", workers=1)
     gpu = torch.device("cuda", 0)
-    first = prepared.resident(a, gpu)
-    assert prepared.resident(a, gpu) is first and uploads == ["cuda:0"]  # the second model: no upload
+    first = store_batches.resident(a, gpu)
+    assert store_batches.resident(a, gpu) is first and uploads == ["cuda:0"]  # the second model: no upload
     assert isinstance(first, torch.Tensor) and torch.equal(first, torch.from_numpy(np.array(a.images)))
-    prepared.resident(b, gpu)  # another store replaces the first
-    assert uploads == ["cuda:0", "cuda:0"] and len(prepared._RESIDENT) == 1
-    assert prepared.resident(a, torch.device("cpu")) is a.images  # on the CPU: the memory map, no copy
+    store_batches.resident(b, gpu)  # another store replaces the first
+    assert uploads == ["cuda:0", "cuda:0"] and len(store_batches._RESIDENT) == 1
+    assert store_batches.resident(a, torch.device("cpu")) is a.images  # on the CPU: the memory map, no copy

@@ -27,9 +27,9 @@ from torch import nn
 from visionpoc import models
 from visionpoc.bench.workload import NUM_CLASSES, Plan, Spec, build_model, model_config, timed
 from visionpoc.data.loaders import ImageDataset, train_transform
-from visionpoc.data.prepared import PreparedStore, prepare_store, split_batches
+from visionpoc.data.prepared import PreparedStore, prepare_store
 from visionpoc.data.sources import Split
-from visionpoc.data.store_batches import batch_train_transform, place
+from visionpoc.data.store_batches import batch_train_transform, place, split_batches
 from visionpoc.recovery import StopRequest
 from visionpoc.step import StepParts
 from visionpoc.timing import sync

@@ -194,7 +194,7 @@ def build_loaders(
     streamed = splits.train.shards is not None
     pipeline = resolve_pipeline(cfg, device, streamed)
     if pipeline == "prepared":
-        from visionpoc.data.prepared import prepared_loaders
+        from visionpoc.data.store_batches import prepared_loaders
 
         return prepared_loaders(splits, data_cfg, cfg, device, d)
     bs = cfg.train.batch_size // d.world  # train.batch_size is the global batch

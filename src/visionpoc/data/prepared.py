@@ -23,8 +23,8 @@ augments them on the device (`StoreBatches`, `gpu_aug`).
   random-resized-crop samples inside that square (the image's far left/right edges are never seen).
   Eval needs S >= floor(input / crop_pct) to be exact: Xception's 299 / 0.8975 asks for 333, hence the
   default S=336 (at S=320 its eval crop would be upsampled by 4%).
-- Loaders: `split_batches` and `prepared_loaders` turn the store and the splits into `Loaders`; where
-  the store is placed and how batches are gathered and augmented on the device is `data/store_batches.py`.
+- Loaders: `data/store_batches.py` turns the store and the splits into `Loaders` (`prepared_loaders`),
+  places the store and gathers and augments batches on the device.
 """
 
 from __future__ import annotations
@@ -41,21 +41,15 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from visionpoc import distributed
 from visionpoc.config import Config
 from visionpoc.data.images import decode_rgb, load_rgb
-from visionpoc.data.loaders import Loaders, default_workers
 from visionpoc.data.sources import Split
 from visionpoc.data.splits import Splits
-from visionpoc.data.store_batches import StoreBatches, Transform, batch_eval_transform, batch_train_transform, place
-from visionpoc.distributed import SINGLE, Dist, EpochSampler
 from visionpoc.errors import DataError
 from visionpoc.recovery import shield_worker
 from visionpoc.runfiles import atomic_write, atomic_write_json
@@ -363,88 +357,3 @@ def _remove(meta: Path) -> None:
     log.info("removing the outdated prepared store %s", meta.with_suffix(".npy"))
     meta.unlink(missing_ok=True)
     meta.with_suffix(".npy").unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------------------------- loaders
-
-
-def split_batches(
-    store: PreparedStore,
-    images: torch.Tensor | np.ndarray,
-    split: Split,
-    transform: Transform,
-    batch_size: int,
-    device: torch.device,
-    train: bool,
-    seed: int = 0,
-    d: Dist = SINGLE,
-) -> StoreBatches:
-    """StoreBatches over `split`: shuffled and without a last short batch for training, in order for eval."""
-    sampler = EpochSampler(len(split), seed, d, shuffle=train)
-    rows = store.rows([split.root / f for f in split.files])
-    return StoreBatches(
-        images,
-        rows,
-        split.labels,
-        batch_size,
-        transform,
-        device,
-        sampler,
-        drop_last=train and len(sampler) > batch_size,
-    )
-
-
-_RESIDENT: dict[tuple[str, str], torch.Tensor] = {}  # the last store placed on a GPU, by (store key, device)
-
-
-def resident(store: PreparedStore, device: torch.device) -> torch.Tensor | np.ndarray:
-    """The store on `device` when it fits there (else its host memory map), uploaded once per process:
-    the models of a `compare` and the trials of a `tune` share one GPU copy. A different store
-    replaces it (its GPU memory is released first)."""
-    if device.type != "cuda":
-        return store.images
-    key = (store.key, str(device))
-    if key not in _RESIDENT:
-        _RESIDENT.clear()  # its memory goes back to PyTorch's cache, which `place` counts as free
-        images = place(store.images, device)
-        if not isinstance(images, torch.Tensor):
-            return images
-        _RESIDENT[key] = images
-    return _RESIDENT[key]
-
-
-def prepared_loaders(
-    splits: Splits, data_cfg: dict[str, Any], cfg: Config, device: torch.device, d: Dist = SINGLE
-) -> Loaders:
-    """Loaders for one model over the shared prepared store (built on first use, then reused)."""
-    parts = (splits.train, splits.val, splits.test)
-    paths = [s.root / f for s in parts if s.shards is None for f in s.files]
-    streamed = [s for s in parts if s.shards is not None]  # a webdataset training split: read from its shards once
-    size = cfg.data.prepared_size
-    if size < max(data_cfg["input_size"][-2:]):
-        log.warning(
-            "data.prepared_size=%d is below the model's input size %s: crops are upsampled",
-            size,
-            tuple(data_cfg["input_size"][-2:]),
-        )
-    cache = dataset_cache_dir(cfg, splits)
-    if not d.main:  # rank 0 builds (for longer than the collective timeout, maybe); the others wait, then reuse it
-        distributed.wait_for_main(d)
-    store = prepare_store(paths, size, cache, default_workers(cfg.data), streamed)
-    if d.main:
-        distributed.wait_for_main(d)
-    images = resident(store, device)
-    bs = cfg.train.batch_size // d.world  # train.batch_size is the global batch
-    ebs = cfg.train.eval_batch_size or 2 * bs
-    et = batch_eval_transform(data_cfg)
-    aug = cfg.train.augment  # `none`: shuffled, not augmented; `strong`: RandAugment on the batch too
-    tt = et if aug == "none" else batch_train_transform(data_cfg, rand_augment=aug == "strong")
-    seed = cfg.train.seed
-    return Loaders(
-        train=split_batches(store, images, splits.train, tt, bs, device, True, seed, d),
-        train_eval=split_batches(store, images, splits.train, et, ebs, device, False, seed, d),
-        val=split_batches(store, images, splits.val, et, ebs, device, False, seed, d),
-        test=split_batches(store, images, splits.test, et, ebs, device, False, seed, d),
-        pipeline="prepared",
-        resident_bytes=images.nbytes if isinstance(images, torch.Tensor) else 0,
-    )

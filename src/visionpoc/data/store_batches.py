@@ -6,7 +6,9 @@ that gathers a split's batches from it and augments them on the device (`StoreBa
   and copied without blocking. On the CPU the store stays a memory map.
 - Transforms: `batch_train_transform` / `batch_eval_transform` wrap `gpu_aug` for whole uint8 batches
   (the per-image PIL transforms of the stream path are `augment.train_transform` / `eval_transform`).
-Building and caching the store, and the loaders over it, live in `data/prepared.py`.
+- Loaders: `prepared_loaders` builds (or reuses) the shared store for a model's splits and gives the four
+  passes a run needs over it (`split_batches`); `resident` keeps one GPU copy per process.
+Building and caching the store live in `data/prepared.py`.
 """
 
 from __future__ import annotations
@@ -21,8 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from visionpoc import distributed
+from visionpoc.config import Config
 from visionpoc.data import gpu_aug
-from visionpoc.distributed import EpochSampler, derive_seed
+from visionpoc.data.loaders import Loaders, default_workers
+from visionpoc.data.prepared import PreparedStore, dataset_cache_dir, prepare_store
+from visionpoc.data.sources import Split
+from visionpoc.data.splits import Splits
+from visionpoc.distributed import SINGLE, Dist, EpochSampler, derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -138,3 +146,88 @@ def batch_train_transform(data_cfg: dict[str, Any], rand_augment: bool = False) 
 
 def batch_eval_transform(data_cfg: dict[str, Any]) -> Transform:
     return lambda x, g: gpu_aug.eval_batch(x, data_cfg)
+
+
+# --------------------------------------------------------------------------------------------- loaders
+
+
+def split_batches(
+    store: PreparedStore,
+    images: torch.Tensor | np.ndarray,
+    split: Split,
+    transform: Transform,
+    batch_size: int,
+    device: torch.device,
+    train: bool,
+    seed: int = 0,
+    d: Dist = SINGLE,
+) -> StoreBatches:
+    """StoreBatches over `split`: shuffled and without a last short batch for training, in order for eval."""
+    sampler = EpochSampler(len(split), seed, d, shuffle=train)
+    rows = store.rows([split.root / f for f in split.files])
+    return StoreBatches(
+        images,
+        rows,
+        split.labels,
+        batch_size,
+        transform,
+        device,
+        sampler,
+        drop_last=train and len(sampler) > batch_size,
+    )
+
+
+_RESIDENT: dict[tuple[str, str], torch.Tensor] = {}  # the last store placed on a GPU, by (store key, device)
+
+
+def resident(store: PreparedStore, device: torch.device) -> torch.Tensor | np.ndarray:
+    """The store on `device` when it fits there (else its host memory map), uploaded once per process:
+    the models of a `compare` and the trials of a `tune` share one GPU copy. A different store
+    replaces it (its GPU memory is released first)."""
+    if device.type != "cuda":
+        return store.images
+    key = (store.key, str(device))
+    if key not in _RESIDENT:
+        _RESIDENT.clear()  # its memory goes back to PyTorch's cache, which `place` counts as free
+        images = place(store.images, device)
+        if not isinstance(images, torch.Tensor):
+            return images
+        _RESIDENT[key] = images
+    return _RESIDENT[key]
+
+
+def prepared_loaders(
+    splits: Splits, data_cfg: dict[str, Any], cfg: Config, device: torch.device, d: Dist = SINGLE
+) -> Loaders:
+    """Loaders for one model over the shared prepared store (built on first use, then reused)."""
+    parts = (splits.train, splits.val, splits.test)
+    paths = [s.root / f for s in parts if s.shards is None for f in s.files]
+    streamed = [s for s in parts if s.shards is not None]  # a webdataset training split: read from its shards once
+    size = cfg.data.prepared_size
+    if size < max(data_cfg["input_size"][-2:]):
+        log.warning(
+            "data.prepared_size=%d is below the model's input size %s: crops are upsampled",
+            size,
+            tuple(data_cfg["input_size"][-2:]),
+        )
+    cache = dataset_cache_dir(cfg, splits)
+    if not d.main:  # rank 0 builds (for longer than the collective timeout, maybe); the others wait, then reuse it
+        distributed.wait_for_main(d)
+    store = prepare_store(paths, size, cache, default_workers(cfg.data), streamed)
+    if d.main:
+        distributed.wait_for_main(d)
+    images = resident(store, device)
+    bs = cfg.train.batch_size // d.world  # train.batch_size is the global batch
+    ebs = cfg.train.eval_batch_size or 2 * bs
+    et = batch_eval_transform(data_cfg)
+    aug = cfg.train.augment  # `none`: shuffled, not augmented; `strong`: RandAugment on the batch too
+    tt = et if aug == "none" else batch_train_transform(data_cfg, rand_augment=aug == "strong")
+    seed = cfg.train.seed
+    return Loaders(
+        train=split_batches(store, images, splits.train, tt, bs, device, True, seed, d),
+        train_eval=split_batches(store, images, splits.train, et, ebs, device, False, seed, d),
+        val=split_batches(store, images, splits.val, et, ebs, device, False, seed, d),
+        test=split_batches(store, images, splits.test, et, ebs, device, False, seed, d),
+        pipeline="prepared",
+        resident_bytes=images.nbytes if isinstance(images, torch.Tensor) else 0,
+    )
