@@ -9,16 +9,11 @@ tests/test_report.py does; nothing trains there.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +21,10 @@ import numpy as np
 import optuna
 import pytest
 import timm
-import torch
 import yaml
 from torch import nn
 
 from test_report import _model
-from test_resilience import _config as resilience_config
 from test_tune import _config as tune_config
 from test_tune import _fake_fit, no_plots  # noqa: F401  (a fixture)
 from visionpoc import models, recovery, train
@@ -339,48 +332,3 @@ def test_a_worker_dying_after_a_stop_request_is_an_interruption() -> None:
     with pytest.raises(RuntimeError, match="exited unexpectedly"), recovery.stop_on_signals():
         raise died  # no stop asked for: a worker's death is the model's failure
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-
-
-@pytest.mark.slow
-def test_sigterm_to_the_process_group_stops_like_ctrl_c(tmp_path: Path) -> None:
-    """`timeout`, Slurm and `kill -- -PGID` signal every process of the group, DataLoader workers
-    included: the run checkpoints, stops with exit code 130 and the resume command, and resumes."""
-    from dogs_fixture import make_mini_dogs
-
-    root = make_mini_dogs(tmp_path / "dogs", train_per_class=30, test_per_class=4, size=(64, 48))
-    cfg = resilience_config(tmp_path / "c.yaml", root, epochs=4, workers=2)
-    run = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "visionpoc", "compare", "--config", str(cfg), "--no-report", "--out", str(run)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while not (run / "vit" / "history.json").exists():  # the first epoch is done: workers are busy
-            assert proc.poll() is None and time.time() < deadline, "the run ended before its first epoch was saved"
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGTERM)  # the session's group: the main process and its workers
-        _, err = proc.communicate(timeout=120)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group
-        proc.wait(timeout=30)
-    assert proc.returncode == 130, err
-    assert "Resume with: visionpoc compare --resume" in err and "Traceback" not in err
-    assert "checkpoint saved in" in err and "DataLoader worker" not in err, err  # the clean stop, not a crash
-    stop = re.search(r"stopped in epoch (\d+) after (\d+) batches|stopped after epoch (\d+)", err)
-    assert stop, err
-    where = (int(stop[1]), int(stop[2])) if stop[1] else (int(stop[3]) + 1, 0)
-    state = torch.load(run / "vit" / "last_state.pt", weights_only=True)
-    assert (state["epoch"], state["progress"]["batches"]) == where  # saved at the stop
-    results = run / "results.json"
-    assert not results.exists() or all(m["status"] == "ok" for m in json.loads(results.read_text())["models"])
-    resumed = subprocess.run(
-        [sys.executable, "-m", "visionpoc", "compare", "--resume", str(run), "--no-report"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    (m,) = json.loads(results.read_text())["models"]
-    assert m["status"] == "ok" and m["epochs_run"] == 4

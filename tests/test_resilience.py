@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -77,22 +79,37 @@ def _metrics(run: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+def test_sigterm_to_the_process_group_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    """`timeout`, Slurm and `kill -- -PGID` signal every process of the group, DataLoader workers included:
+    the run checkpoints where it stopped, exits with 130 and the resume command (no worker crash), and the
+    resumed run ends with the uninterrupted run's exact numbers."""
     root = make_mini_dogs(tmp_path / "dogs", train_per_class=30, test_per_class=4, size=(64, 48))
     cfg = _config(tmp_path / "c.yaml", root, epochs=4, workers=1)  # DataLoader workers: exact all the same
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
     cmd = [sys.executable, "-m", "visionpoc", "compare", "--config", str(cfg), "--no-report"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([*cmd, "--out", str(interrupted)], stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    while not (interrupted / "vit" / "history.json").exists():  # the first epoch is done
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first epoch was saved"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(interrupted)], stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        deadline = time.time() + 120
+        while not (interrupted / "vit" / "history.json").exists():  # the first epoch is done: workers are busy
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its first epoch was saved"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGTERM)  # the session's group: the main process and its worker
+        _, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group
+        proc.wait(timeout=30)
     assert proc.returncode == 130, err
     assert "Resume with: visionpoc compare --resume" in err and "Traceback" not in err
+    assert "checkpoint saved in" in err and "DataLoader worker" not in err, err  # the clean stop, not a crash
+    stop = re.search(r"stopped in epoch (\d+) after (\d+) batches|stopped after epoch (\d+)", err)
+    assert stop, err
+    where = (int(stop[1]), int(stop[2])) if stop[1] else (int(stop[3]) + 1, 0)
     state = torch.load(interrupted / "vit" / "last_state.pt", weights_only=True)
+    assert (state["epoch"], state["progress"]["batches"]) == where  # saved at the stop
     assert state["epoch"] < 4 or state["progress"]["batches"] > 0, "stopped before the last epoch ended"
     assert not (interrupted / "results.json").exists()  # the model did not finish: nothing claims it did
 
