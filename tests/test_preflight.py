@@ -174,6 +174,13 @@ def test_dry_run_prints_the_plan_and_writes_nothing(
     assert "3 epochs x 1 step = 3 optimizer steps" in text  # 15 // 8
     assert "xception: legacy_xception.tf_in1k, policy production (finetune top_fraction)" in text
     assert "lr 0.001 (the preset's policy)" in text and "time: no estimate" in text
+    assert "input: stream on cpu: each image decoded and augmented every epoch" in text
+    prepared = ["--set", "data.pipeline=prepared", "--set", "data.prepared_size=64"]
+    stores = set(mini_dogs.rglob("store-*"))
+    assert main(["compare", "--config", str(cfg), "--out", str(out), "--dry-run", *prepared]) == 0
+    text = capsys.readouterr().out  # 27 images of the three splits, 3 x 64 x 64 bytes each: 0.3 MiB
+    assert "input: prepared store on cpu: 27 images decoded once at 64 px, 0.3 MiB on disk" in text
+    assert set(mini_dogs.rglob("store-*")) == stores  # the dry run builds nothing
     assert main(["train", "--config", str(cfg), "--model", "vit", "--out", str(out), "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert "1 model(s)" in text and "vit: vit_tiny_patch16_224" in text and "cnn:" not in text

@@ -224,3 +224,17 @@ def test_ranks_stream_disjoint_halves_that_cover_the_split(tmp_path: Path) -> No
         assert not set(a["read"]) & set(b["read"]) and sorted(a["read"] + b["read"]) == list(range(n))
         orders.append(a["read"] + b["read"])
     assert orders[0] != orders[1]
+
+
+def test_the_dry_run_says_how_the_shards_are_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from test_sources_more import _compare_config
+    from visionpoc.cli import main
+
+    root = _shards(tmp_path / "shards", 3, {"train": 2, "test": 1})
+    cfg = _compare_config(tmp_path / "c.yaml", {"source": "webdataset", "root": str(root)})
+    assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "run"), "--dry-run"]) == 0
+    assert "input: stream on cpu: the training split streamed from its tar shards" in capsys.readouterr().out
+    prepared = ["--set", "data.pipeline=prepared", "--set", "data.prepared_size=32"]
+    assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "run"), "--dry-run", *prepared]) == 0
+    assert "input: prepared store on cpu: 27 images decoded once at 32 px" in capsys.readouterr().out
+    assert not list(root.rglob("store-*")) and not (tmp_path / "run").exists()

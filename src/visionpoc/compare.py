@@ -123,7 +123,29 @@ def check(cfg: Config, labels: list[str] | None) -> tuple[Dataset, Splits] | Non
 def dry_run(command: str, cfg: Config, out_dir: Path, resume: bool, labels: list[str] | None) -> preflight.Plan:
     """`--dry-run`: the checks of `run`, then its plan; nothing trains and nothing is written."""
     data = check(cfg, labels)
-    return preflight.plan(command, cfg, out_dir, labels, None if data is None else data[1], resume)
+    p = preflight.plan(command, cfg, out_dir, labels, None if data is None else data[1], resume)
+    return dataclasses.replace(p, input=input_plan(cfg, data[1]) if data is not None else "")
+
+
+def input_plan(cfg: Config, splits: Splits) -> str:
+    """How the images reach the models (`data.pipeline` as the run resolves it on its device) and, for the
+    prepared store, what it holds and its size on disk (built once beside the data, then reused)."""
+    from visionpoc.data.loaders import resolve_pipeline
+    from visionpoc.data.prepared import CACHE_DIRNAME
+
+    device = resolve_device(cfg.train.device)
+    streamed = splits.train.shards is not None
+    if resolve_pipeline(cfg, device, streamed) == "stream":
+        where = "the training split streamed from its tar shards, " if streamed else ""
+        return f"stream on {device}: {where}each image decoded and augmented every epoch (data.pipeline)"
+    n, side = len(splits.train) + len(splits.val) + len(splits.test), cfg.data.prepared_size
+    size = n * 3 * side * side  # bytes: uint8 (3, S, S) per image
+    size_text = f"{size / 2**30:,.2f} GiB" if size >= 2**30 else f"{size / 2**20:,.1f} MiB"
+    return (
+        f"prepared store on {device}: {n} images decoded once at {side} px, {size_text} on disk in "
+        f"{CACHE_DIRNAME}/ beside the data (else ~/.cache/visionpoc; reused by every model and later run), "
+        "augmented on the device"
+    )
 
 
 def _train(

@@ -284,6 +284,7 @@ class Plan:
     models: list[ModelPlan]
     repeats: int
     early_stop: int | None
+    input: str = ""  # the input path and, for the prepared store, its size on disk (`compare.input_plan`)
 
 
 def loop_steps(n_train: int, batch_size: int) -> int:
@@ -401,6 +402,8 @@ def format_plan(p: Plan) -> str:
     where = f"resuming {p.out_dir}" if p.resume else f"the run would write {p.out_dir}"
     lines = [f"dry run of visionpoc {p.command}: nothing trains, nothing is written ({where})"]
     lines.append(f"data: {p.data}")
+    if p.input:
+        lines.append(f"input: {p.input}")
     seeds = f", {p.repeats} times (train.repeats: one seed each)" if p.repeats > 1 else ""
     lines.append(f"{len(p.models)} model(s), one after the other through the same loop{seeds}:")
     for m in p.models:
