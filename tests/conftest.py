@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -8,6 +9,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # several test processes share the cores: one thread each (and
+    os.environ["OMP_NUM_THREADS"] = "1"  # for the processes a test starts), or OpenMP's threads spin
+    torch.set_num_threads(1)  # against each other's and every run slows several-fold
 
 from dogs_fixture import make_mini_dogs  # noqa: E402
 from real_weights import LITE0_PACKAGE, convert_lite0, lite0_pth, make_photo_crops  # noqa: E402
