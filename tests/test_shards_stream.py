@@ -9,6 +9,7 @@ of batches."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -238,3 +239,24 @@ def test_the_dry_run_says_how_the_shards_are_read(tmp_path: Path, capsys: pytest
     assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "run"), "--dry-run", *prepared]) == 0
     assert "input: prepared store on cpu: 27 images decoded once at 32 px" in capsys.readouterr().out
     assert not list(root.rglob("store-*")) and not (tmp_path / "run").exists()
+
+
+def test_shards_written_by_tar_with_dot_slash_names_stream_and_prepare(tmp_path: Path) -> None:
+    """`tar -cf train-0.tar -C samples .` names its members `./key.png`: they are indexed, streamed and
+    prepared like webdataset.TarWriter's `key.png`."""
+    from test_sources_more import _png
+
+    root = tmp_path / "shards"
+    root.mkdir()
+    for split, n in (("train", 12), ("test", 6)):
+        with tarfile.open(root / f"{split}-0.tar", "w") as tar:
+            for i in range(n):
+                for ext, data in (("png", _png(i % 3, i)), ("cls", str(i % 3).encode())):
+                    info = tarfile.TarInfo(f"./{i:03d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    _, splits = _read(root, val_fraction=0.25)
+    assert len(splits.train) == 9 and len(splits.test) == 6
+    assert sorted(_order(splits, 1)) == list(range(9))  # every training sample streamed
+    store = prepare_store([], 16, tmp_path / "cache", streamed=[splits.train])
+    assert store.images.shape == (9, 3, 16, 16) and all(store.images.reshape(9, -1).max(1) > 0)

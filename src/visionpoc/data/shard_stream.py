@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -176,7 +177,7 @@ def _member_file(head: str, fname: str) -> str | None:
     prefix, ext = base_plus_ext(fname)
     if not ext or ext.lower() not in IMAGE_KEYS:
         return None
-    return f"{head}{prefix}.{ext.lower()}"
+    return os.path.normpath(f"{head}{prefix}.{ext.lower()}")  # as `shards.scan_shard` names it (`./key.jpg`)
 
 
 def _buffer_shuffle(items: Iterator[Any], rng: random.Random, size: int) -> Iterator[Any]:
