@@ -275,3 +275,52 @@ def test_the_cached_linear_probe_under_torchrun_equals_one_process(runs: tuple[P
     a = load_predictions(run_ddp / "head" / "test_predictions.npz")
     b = load_predictions(run_single / "head" / "test_predictions.npz")
     assert list(a["files"]) == list(b["files"]) and np.allclose(a["probs"], b["probs"], atol=1e-5)
+
+
+UNREADABLE_ON_RANK_1 = """
+import os, sys
+from visionpoc import cli, probe
+
+real = probe.load_file
+def load_file(path):
+    if os.environ["RANK"] == "1":  # this process's copy of the cache is damaged (or not on its file system)
+        raise OSError("injected: unreadable on rank 1")
+    return real(path)
+probe.load_file = load_file
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_feature_cache_one_rank_cannot_read_is_computed_again_by_all(tmp_path: Path) -> None:
+    """Rank 0 reads the cached features, rank 1 cannot: both compute them again (with their collectives),
+    instead of rank 1 computing alone and waiting for a rank 0 that never joins."""
+    root = make_mini_dogs(tmp_path / "dogs")
+    cfg = _config(tmp_path / "c.yaml", root, 1, {"epochs": 1}, probe={"min_steps": 4})
+    doc = yaml.safe_load(cfg.read_text())
+    doc["models"][0]["finetune"] = "head"
+    doc["inference"] = {"enabled": False}  # not what this test is about
+    cfg.write_text(yaml.safe_dump(doc))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VISIONPOC_DIST_TIMEOUT_S": "30"}
+    args = ["compare", "--config", str(cfg), "--no-report"]
+    first = subprocess.run(
+        [sys.executable, "-m", "visionpoc", *args, "--out", str(tmp_path / "first")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert _model(tmp_path / "first")["probe"]["cache"] == "miss"  # the cache is now written
+    script = tmp_path / "unreadable.py"
+    script.write_text(UNREADABLE_ON_RANK_1)
+    proc = subprocess.run(
+        [*TORCHRUN[:-1], str(script), *args, "--out", str(tmp_path / "ddp")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "injected: unreadable on rank 1" in proc.stderr
+    m = _model(tmp_path / "ddp")
+    assert (m["status"], m["world_size"], m["probe"]["cache"]) == ("ok", 2, "miss")

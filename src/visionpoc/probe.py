@@ -191,18 +191,15 @@ def compute_features(
 
 def cached_features(key: str, cache: Path, compute: Callable[[], Features], d: Dist) -> Features:
     """The features of `key` from the `cache` folder, or `compute()` them and (rank 0) save them.
-    Rank 0 decides hit or miss for every process (a miss computes with collectives on every rank)."""
+    Every process reads them, or every process computes them (with collectives): a cache entry that one
+    process cannot read (damaged, or absent from its file system) is computed again by all."""
     path = cache / "features" / f"{key}.safetensors"
     if distributed.broadcast_flag(d, path.is_file()):
-        try:
-            tensors = load_file(str(path))
-            meta = json.loads(path.with_suffix(".json").read_text())
-            x = {p: tensors[f"{p}.x"] for p in PARTS}
-            y = {p: tensors[f"{p}.y"] for p in PARTS}
+        hit = _read_features(path)
+        if all(distributed.all_gather(d, hit is not None)):
+            assert hit is not None
             log.info("probe features: cache hit (%s)", path)
-            return Features(x, y, {k: float(v) for k, v in meta["seconds"].items()}, hit=True)
-        except (OSError, KeyError, ValueError) as e:  # a damaged cache entry: computed again
-            log.warning("probe features: %s unreadable (%s): computing them again", path, e)
+            return hit
     feats = compute()
     if d.main:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,6 +207,19 @@ def cached_features(key: str, cache: Path, compute: Callable[[], Features], d: D
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
         atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps({"seconds": feats.seconds})))
     return feats
+
+
+def _read_features(path: Path) -> Features | None:
+    """The cached features at `path`, or None (with a warning) when they cannot be read."""
+    try:
+        tensors = load_file(str(path))
+        meta = json.loads(path.with_suffix(".json").read_text())
+        x = {p: tensors[f"{p}.x"] for p in PARTS}
+        y = {p: tensors[f"{p}.y"] for p in PARTS}
+        return Features(x, y, {k: float(v) for k, v in meta["seconds"].items()}, hit=True)
+    except (OSError, KeyError, ValueError) as e:  # a damaged cache entry: computed again
+        log.warning("probe features: %s unreadable (%s): computing them again", path, e)
+        return None
 
 
 # ------------------------------------------------------------------------------------------ the grid of heads
