@@ -59,6 +59,7 @@ def _config(path: Path, root: Path, depth: int, train: dict, **sections: dict) -
                     }
                 ],
                 "train": {"batch_size": 4, "device": "cpu", **train},
+                "inference": {"enabled": False},  # the price is not what these runs are about
                 **sections,
             }
         )
@@ -298,7 +299,6 @@ def test_a_feature_cache_one_rank_cannot_read_is_computed_again_by_all(tmp_path:
     cfg = _config(tmp_path / "c.yaml", root, 1, {"epochs": 1}, probe={"min_steps": 4})
     doc = yaml.safe_load(cfg.read_text())
     doc["models"][0]["finetune"] = "head"
-    doc["inference"] = {"enabled": False}  # not what this test is about
     cfg.write_text(yaml.safe_dump(doc))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VISIONPOC_DIST_TIMEOUT_S": "30"}
     args = ["compare", "--config", str(cfg), "--no-report"]

@@ -71,6 +71,7 @@ def _config(path: Path, root: Path) -> Path:
                     **{"batch_size": 4, "device": "cpu", "epochs": EPOCHS, "lr": 1e-3, "warmup_epochs": 0.5},
                     **{"augment": "basic", "deterministic": True},
                 },
+                "inference": {"enabled": False},  # the price is not what these runs are about
             }
         )
     )

@@ -56,6 +56,7 @@ def _config(
                     "device": "cpu",
                     **train_kw,
                 },
+                "inference": {"enabled": False},  # the price is not what these runs are about
             }
         )
     )
