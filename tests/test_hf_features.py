@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_hf_models import needs_transformers, save_tiny_convnext, save_tiny_vit
-from visionpoc.config import load_config
+from test_hf_models import compare_hf_models, needs_transformers, save_tiny_convnext, save_tiny_vit
 
 VIT_AT, CNX_AT = 32, 24  # the sizes trained at; the processors say 64 (ViT) and 32 (ConvNeXt)
 
@@ -22,21 +21,13 @@ VIT_AT, CNX_AT = 32, 24  # the sizes trained at; the processors say 64 (ViT) and
 def sized_run(tmp_path_factory: pytest.TempPathFactory, mini_dogs: Path) -> Path:
     """`compare` of a tiny ViT whose processor says 64 px, trained at 32, and a ConvNeXt (short side 32,
     crop_pct 0.8) trained at 24: one epoch each on the miniature dogs."""
-    from visionpoc.compare import run_compare
-
     base = tmp_path_factory.mktemp("hf_sized")
     vit, cnx = save_tiny_vit(base / "vit", size=64), save_tiny_convnext(base / "cnx")
-    cfg = base / "hf.yaml"
-    cfg.write_text(
-        f"data: {{source: stanford_dogs, root: '{mini_dogs}', val_fraction: 0.2, num_workers: 0, download: false}}\n"
-        "models:\n"
-        f"  - {{label: vit_hf, hf: '{vit}', img_size: {VIT_AT}, lr: 0.003}}\n"
-        f"  - {{label: cnx_hf, hf: '{cnx}', img_size: {CNX_AT}, finetune: top_fraction, fraction: 0.5}}\n"
-        "train: {epochs: 1, batch_size: 6, warmup_epochs: 0.0}\n"
-    )
-    results = run_compare(load_config(cfg), base / "run")
-    assert [m.status for m in results.models] == ["ok"] * 2, [m.error for m in results.models]
-    return base / "run"
+    models = [
+        f"{{label: vit_hf, hf: '{vit}', img_size: {VIT_AT}, lr: 0.003}}",
+        f"{{label: cnx_hf, hf: '{cnx}', img_size: {CNX_AT}, finetune: top_fraction, fraction: 0.5}}",
+    ]
+    return compare_hf_models(base, mini_dogs, models, "{epochs: 1, batch_size: 6, warmup_epochs: 0.0}")
 
 
 @needs_transformers

@@ -274,20 +274,31 @@ def test_offline_missing_hub_id_is_a_weights_error(tmp_path: Path, monkeypatch: 
 @pytest.fixture(scope="module")
 def hf_run(tmp_path_factory: pytest.TempPathFactory, mini_dogs: Path, hf_folders: dict[str, Path]) -> Path:
     """`compare` of the tiny ViT (full fine-tuning) and ConvNeXt (top half) on the miniature dogs."""
+
+    return compare_hf_models(
+        tmp_path_factory.mktemp("hf_run"),
+        mini_dogs,
+        [
+            f"{{label: vit_hf, hf: '{hf_folders['vit']}', lr: 0.003, head_init_scale: null}}",
+            f"{{label: cnx_hf, hf: '{hf_folders['cnx']}', finetune: top_fraction, fraction: 0.5, lr: 0.003}}",
+            f"{{label: vit_probe, hf: '{hf_folders['vit']}', finetune: head}}",  # the cached linear probe
+        ],
+        "{epochs: 4, batch_size: 6, warmup_epochs: 0.5, label_smoothing: 0.0}",
+    )
+
+
+def compare_hf_models(base: Path, mini_dogs: Path, models: list[str], train: str) -> Path:
+    """`compare` of the `models` (YAML flow mappings) with `train` settings on the miniature dogs, into
+    `base/run`; every model must finish."""
     from visionpoc.compare import run_compare
 
-    base = tmp_path_factory.mktemp("hf_run")
     cfg = base / "hf.yaml"
     cfg.write_text(
         f"data: {{source: stanford_dogs, root: '{mini_dogs}', val_fraction: 0.2, num_workers: 0, download: false}}\n"
-        "models:\n"
-        f"  - {{label: vit_hf, hf: '{hf_folders['vit']}', lr: 0.003, head_init_scale: null}}\n"
-        f"  - {{label: cnx_hf, hf: '{hf_folders['cnx']}', finetune: top_fraction, fraction: 0.5, lr: 0.003}}\n"
-        f"  - {{label: vit_probe, hf: '{hf_folders['vit']}', finetune: head}}\n"  # the cached linear probe
-        "train: {epochs: 4, batch_size: 6, warmup_epochs: 0.5, label_smoothing: 0.0}\n"
+        "models:\n" + "".join(f"  - {m}\n" for m in models) + f"train: {train}\n"
     )
     results = run_compare(load_config(cfg), base / "run")
-    assert [m.status for m in results.models] == ["ok"] * 3, [m.error for m in results.models]
+    assert [m.status for m in results.models] == ["ok"] * len(models), [m.error for m in results.models]
     return base / "run"
 
 

@@ -135,18 +135,18 @@ def test_the_prepared_store_reads_each_training_shard_once(tmp_path: Path, monke
     """`data.pipeline: prepared` on a streamed split: the training images come from their shards (each
     read once), val and test from their extracted files, into one store that equals decoding every image
     as a file; it is reused, rebuilt when a shard changes, and the same built by two processes."""
-    import visionpoc.data.shard_stream as shard_stream
+    import visionpoc.data.prepared as prepared
 
     root = _shards(tmp_path / "shards", 3, {"train": 2, "test": 1})
     _, splits = _read(root)
     reads: list[str] = []
-    real = shard_stream.shard_images
+    real = prepared.shard_images
 
     def counted(shard: Path, *args: object, **kw: object) -> object:
         reads.append(shard.name)
         return real(shard, *args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(shard_stream, "shard_images", counted)
+    monkeypatch.setattr(prepared, "shard_images", counted)
     files = [s.root / f for s in (splits.val, splits.test) for f in s.files]
     store = prepare_store(files, 20, tmp_path / "cache", streamed=[splits.train])
     assert store.built and sorted(reads) == ["train-000000.tar", "train-000001.tar"]  # each training shard once

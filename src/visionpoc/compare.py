@@ -131,7 +131,7 @@ def input_plan(cfg: Config, splits: Splits) -> str:
     """How the images reach the models (`data.pipeline` as the run resolves it on its device) and, for the
     prepared store, what it holds and its size on disk (built once beside the data, then reused)."""
     from visionpoc.data.loaders import resolve_pipeline
-    from visionpoc.data.prepared import CACHE_DIRNAME
+    from visionpoc.data.prepared import CACHE_DIRNAME, store_bytes
 
     device = resolve_device(cfg.train.device)
     streamed = splits.train.shards is not None
@@ -139,7 +139,7 @@ def input_plan(cfg: Config, splits: Splits) -> str:
         where = "the training split streamed from its tar shards, " if streamed else ""
         return f"stream on {device}: {where}each image decoded and augmented every epoch (data.pipeline)"
     n, side = len(splits.train) + len(splits.val) + len(splits.test), cfg.data.prepared_size
-    size = n * 3 * side * side  # bytes: uint8 (3, S, S) per image
+    size = store_bytes(n, side)
     size_text = f"{size / 2**30:,.2f} GiB" if size >= 2**30 else f"{size / 2**20:,.1f} MiB"
     return (
         f"prepared store on {device}: {n} images decoded once at {side} px, {size_text} on disk in "

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from visionpoc.config import Config
 from visionpoc.data.images import decode_rgb, load_rgb
+from visionpoc.data.shard_stream import shard_images, shard_stem
 from visionpoc.data.sources import Split
 from visionpoc.data.splits import Splits
 from visionpoc.errors import DataError
@@ -146,7 +147,7 @@ def _inputs(paths: Sequence[Path], streamed: Sequence[Split]) -> tuple[Path, lis
 
 def _held(split: Split, file: str) -> Held:
     assert split.shards is not None, "a split streamed from tar shards"
-    return split.shards[file.split("/")[1]], file
+    return split.shards[shard_stem(file)], file
 
 
 def cache_dir_for(root: str | Path) -> Path:
@@ -193,8 +194,6 @@ def _fill_files(store: np.ndarray, task: FileTask) -> int:
 
 
 def _fill_shard(store: np.ndarray, task: ShardTask) -> int:
-    from visionpoc.data.shard_stream import shard_images
-
     shard, split, rows, size = task
     done = 0
     for file, name, data in shard_images(shard, split, rows.__contains__):
@@ -275,7 +274,7 @@ def prepare_store(
             os.utime(meta)  # last used: pruning keeps the stores in use
     else:
         log.info("building the prepared store %s (%d images at %dx%d)", npy, len(names), size, size)
-        _check_space(cache, len(names) * 3 * size * size, size)
+        _check_space(cache, store_bytes(len(names), size), size)
         _build(npy, base, names, held, size, workers)
         names_key = _digest(base, names, size, with_stats=False)
         atomic_write_json(
@@ -301,6 +300,11 @@ def prepare_store(
         dt,
     )
     return PreparedStore(npy, key, size, base, names, images, built, dt if built else 0.0)
+
+
+def store_bytes(n: int, size: int) -> int:
+    """The size on disk of a store of `n` images at side `size`: uint8 (3, S, S) each (plus a small header)."""
+    return n * 3 * size * size
 
 
 def _check_space(cache: Path, need: int, size: int) -> None:

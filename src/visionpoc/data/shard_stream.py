@@ -57,7 +57,7 @@ class ShardSamples(IterableDataset):
         self.transform, self.seed, self.d = transform, seed, d
         self.index = {f: i for i, f in enumerate(split.files)}
         self.labels = split.labels
-        holding = {f.split("/")[1] for f in split.files}  # `<split>/<shard stem>/<key>.<ext>`
+        holding = {shard_stem(f) for f in split.files}
         self.shards = [p for stem, p in sorted(split.shards.items()) if stem in holding]
         self.prefix = split.files[0].split("/")[0] if split.files else ""
         self.epoch, self.round = 0, 0
@@ -79,13 +79,13 @@ class ShardSamples(IterableDataset):
         """The split's sample count in each shard (by stem)."""
         counts = dict.fromkeys((p.stem for p in self.shards), 0)
         for f in self.index:
-            counts[f.split("/")[1]] += 1
+            counts[shard_stem(f)] += 1
         return counts
 
     def rank_indices(self) -> list[int]:
         """The split indices this rank's shards hold (what an unshuffled pass yields, in some order)."""
         stems = {p.stem for p in self.rank_shards()}
-        return sorted(i for f, i in self.index.items() if f.split("/")[1] in stems)
+        return sorted(i for f, i in self.index.items() if shard_stem(f) in stems)
 
     def _encoded(self, shards: list[Path]) -> Iterator[tuple[int, str, bytes]]:
         """(index, name, image bytes) of the split's samples in `shards`, in their stored order; the bytes
@@ -112,6 +112,12 @@ class ShardSamples(IterableDataset):
                 with seeded_rngs(derive_seed(seed, self.round) if self.round else seed):
                     x = self.transform(img)
             yield x, int(self.labels[i]), i  # outside `seeded_rngs`: the consumer's draws stay its own
+
+
+def shard_stem(file: str) -> str:
+    """The shard that holds a streamed split's `file` (`<split>/<shard stem>/<key>.<ext>`, as
+    `shards.scan_shard` names it): its stem."""
+    return file.split("/")[1]
 
 
 def shard_images(shard: Path, split: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes]]:
@@ -142,7 +148,7 @@ def undecodable_samples(split: Split, workers: int = 1) -> list[str]:
     assert split.shards is not None, "a split streamed from tar shards"
     files: dict[str, set[str]] = {}
     for f in split.files:
-        files.setdefault(f.split("/")[1], set()).add(f)
+        files.setdefault(shard_stem(f), set()).add(f)
     tasks = [(split.shards[stem], split.files[0].split("/")[0], frozenset(fs)) for stem, fs in sorted(files.items())]
     bar = tqdm(total=len(split), desc=f"decoding {len(split)} images in {len(tasks)} shards", unit="img", disable=None)
     errors: list[str] = []
